@@ -1,0 +1,300 @@
+"""The bundle file: layout, writing and authenticated reading.
+
+Layout (all integers big-endian; docs/FORMAT.md is the normative description):
+
+    magic        8 bytes   b"\\x89MCLOAK\\n"
+    version      u16       format version (1)
+    length       u32       manifest length in bytes
+    manifest     length    canonical JSON (see manifest.py)
+    header MAC   32        HMAC-SHA256 over everything above, key derived from the model key
+    sections               each section's chunks in manifest order (stream.py)
+    trailer      100       only when the manifest names a signer: b"MCSG" + public key + signature
+
+A bundle is read through a read-only mmap, so opening a multi-GB file costs no memory until
+sections are decrypted, and decryption writes straight into the caller's buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from modelcloak.bundle import signing, stream
+from modelcloak.bundle.errors import (
+    BundleError,
+    NotABundleError,
+    SignatureError,
+    TamperedError,
+    UnsupportedVersionError,
+    WrongKeyError,
+)
+from modelcloak.bundle.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_MANIFEST_BYTES,
+    SALT_SIZE,
+    Manifest,
+    SectionEntry,
+    build_manifest,
+    parse_manifest,
+)
+
+MAGIC = b"\x89MCLOAK\n"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+_PREFIX = struct.Struct(">8sHI")
+MAC_SIZE = 32
+
+
+def key_id(master_key: bytes | memoryview) -> str:
+    """Public identifier of a model key: lets a device pick the right key without revealing it."""
+    return stream.derive(master_key, b"", "key-id", 8).hex()
+
+
+@dataclass(frozen=True)
+class SectionSource:
+    """Plaintext for one section, produced lazily so large models are streamed, not held twice."""
+
+    name: str
+    size: int
+    pieces: Callable[[], Iterable[bytes | memoryview]]
+
+
+def write_bundle(
+    path: str | Path,
+    *,
+    master_key: bytes | memoryview,
+    key_spec: dict[str, Any],
+    scheme: str,
+    sections: Sequence[SectionSource],
+    extra: dict[str, Any],
+    signer: Ed25519PrivateKey | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Encrypt `sections` into a new bundle at `path`; the file appears only once complete."""
+    from cryptography.hazmat.primitives import serialization
+
+    if len(master_key) != stream.KEY_SIZE:
+        raise BundleError(f"model key must be {stream.KEY_SIZE} bytes, got {len(master_key)}")
+    salt = os.urandom(SALT_SIZE)
+    signer_public = (
+        signer.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) if signer else None
+    )
+    manifest = build_manifest(
+        format_version=FORMAT_VERSION,
+        scheme=scheme,
+        key_spec={**key_spec, "id": key_id(master_key)},
+        salt=salt,
+        chunk_size=chunk_size,
+        sections=[SectionEntry(s.name, s.size) for s in sections],
+        signer_public_key=signer_public,
+        extra=extra,
+    )
+    manifest_bytes = manifest.to_bytes()
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"manifest is {len(manifest_bytes)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    header = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes)) + manifest_bytes
+    mac = hmac.new(stream.derive(master_key, salt, "header-mac"), header, hashlib.sha256).digest()
+    manifest_digest = hashlib.sha256(header).digest()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False)
+    try:
+        with handle:
+            handle.write(header)
+            handle.write(mac)
+            section_digests = []
+            for index, source in enumerate(sections):
+                digest = hashlib.sha256()
+                section_key = stream.derive(master_key, salt, "section/" + source.name)
+                for chunk in stream.encrypt_section(
+                    section_key, manifest_digest, index, source.size, source.pieces(), chunk_size
+                ):
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    if progress:
+                        progress(len(chunk) - stream.TAG_SIZE)
+                section_digests.append(digest.digest())
+            if signer is not None:
+                message = signing.signed_message(hashlib.sha256(header + mac).digest(), section_digests)
+                handle.write(signing.make_trailer(signer, message))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+class Bundle:
+    """A parsed bundle whose layout has been checked; nothing is decrypted until asked."""
+
+    def __init__(self, data: memoryview, source: str, owner: mmap.mmap | None = None) -> None:
+        self._owner = owner
+        self._data = data
+        self.source = source
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Bundle":
+        path = Path(path)
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size == 0:
+                    raise NotABundleError(f"{path} is empty, not a modelcloak bundle")
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise BundleError(f"bundle file {path} does not exist") from None
+        except IsADirectoryError:
+            raise BundleError(f"{path} is a directory, not a bundle file") from None
+        except PermissionError:
+            raise BundleError(f"no permission to read {path}") from None
+        return cls(memoryview(mapped), str(path), mapped)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<memory>") -> "Bundle":
+        return cls(memoryview(data), source)
+
+    def _parse(self) -> None:
+        data = self._data
+        if len(data) < _PREFIX.size or bytes(data[:8]) != MAGIC:
+            raise NotABundleError(f"{self.source} is not a modelcloak bundle (bad magic bytes)")
+        _, version, manifest_len = _PREFIX.unpack(data[: _PREFIX.size])
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedVersionError(
+                f"{self.source} uses bundle format version {version}; this modelcloak reads version(s) "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
+        if manifest_len > MAX_MANIFEST_BYTES:
+            raise TamperedError(f"{self.source}: manifest length {manifest_len} exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+        header_end = _PREFIX.size + manifest_len
+        if len(data) < header_end + MAC_SIZE:
+            raise TamperedError(f"{self.source} is truncated inside its header ({len(data)} bytes)")
+        self.header = bytes(data[:header_end])
+        self.mac = bytes(data[header_end : header_end + MAC_SIZE])
+        self.manifest: Manifest = parse_manifest(self.header[_PREFIX.size :], version)
+        self._manifest_digest = hashlib.sha256(self.header).digest()
+
+        offset = header_end + MAC_SIZE
+        self._ranges: dict[str, tuple[int, int, int]] = {}
+        for index, entry in enumerate(self.manifest.sections):
+            length = stream.ciphertext_size(entry.size, self.manifest.chunk_size)
+            self._ranges[entry.name] = (index, offset, length)
+            offset += length
+        expected = offset + (signing.TRAILER_SIZE if self.manifest.signer_public_key else 0)
+        if len(data) < expected:
+            raise TamperedError(
+                f"{self.source} is truncated: the manifest describes {expected} bytes, the file has {len(data)}"
+            )
+        if len(data) > expected:
+            raise TamperedError(f"{self.source} has {len(data) - expected} unexpected bytes after its last section")
+        self._sections_end = offset
+
+    def layout(self) -> list[tuple[str, int, int]]:
+        """(part, start, end) byte ranges of the file, for `inspect` and for tamper tests."""
+        header_end = len(self.header)
+        parts = [
+            ("prefix", 0, _PREFIX.size),
+            ("manifest", _PREFIX.size, header_end),
+            ("header-mac", header_end, header_end + MAC_SIZE),
+        ]
+        parts += [(f"section:{name}", start, start + length) for name, (_, start, length) in self._ranges.items()]
+        if self.signed:
+            parts.append(("signature", self._sections_end, len(self._data)))
+        return parts
+
+    @property
+    def signed(self) -> bool:
+        return self.manifest.signer_public_key is not None
+
+    def signer_fingerprint(self) -> str | None:
+        key = self.manifest.signer_public_key
+        return signing.fingerprint(key) if key else None
+
+    def verify_signature(self, trusted: Sequence[bytes] | None = None, require: bool = False) -> str | None:
+        """Check the owner signature before any decryption; return the signer's fingerprint.
+
+        `trusted` lists acceptable signer public keys; when given (or when `require` is set), an
+        unsigned bundle or one signed by another key is refused. Without it, a signed bundle is
+        still checked for integrity against the key it names.
+        """
+        signer = self.manifest.signer_public_key
+        if signer is None:
+            if trusted or require:
+                raise SignatureError(f"{self.source} is not signed, and this device requires an owner signature")
+            return None
+        if trusted and signer not in trusted:
+            raise SignatureError(
+                f"{self.source} is signed by {signing.fingerprint(signer)}, which is not a trusted signer"
+            )
+        digests = [
+            hashlib.sha256(self._data[start : start + length]).digest() for _, start, length in self._ranges.values()
+        ]
+        message = signing.signed_message(hashlib.sha256(self.header + self.mac).digest(), digests)
+        signing.verify_trailer(bytes(self._data[self._sections_end :]), signer, message)
+        return signing.fingerprint(signer)
+
+    def check_key(self, master_key: bytes | memoryview) -> None:
+        """Authenticate the header with the key; tell a wrong key apart from a modified header."""
+        offered = key_id(master_key) if len(master_key) == stream.KEY_SIZE else "invalid"
+        mac_key = stream.derive(master_key, self.manifest.salt, "header-mac")
+        if hmac.compare_digest(hmac.new(mac_key, self.header, hashlib.sha256).digest(), self.mac):
+            return
+        if offered != self.manifest.key_id:
+            raise WrongKeyError(
+                f"wrong key for {self.source}: the bundle names key id {self.manifest.key_id}, "
+                f"the key offered has id {offered} (or the manifest's key id was altered)"
+            )
+        raise TamperedError(f"{self.source}: header authentication failed (the manifest or its MAC was modified)")
+
+    def decrypt_section_into(self, name: str, master_key: bytes | memoryview, out: memoryview) -> None:
+        """Decrypt section `name` into `out` (exactly its plaintext size). Call check_key first."""
+        entry = self.manifest.section(name)
+        if len(out) != entry.size:
+            raise BundleError(f"buffer for section {name!r} is {len(out)} bytes, the section holds {entry.size}")
+        index, start, length = self._ranges[name]
+        section_key = stream.derive(master_key, self.manifest.salt, "section/" + name)
+        stream.decrypt_section_into(
+            section_key,
+            self._manifest_digest,
+            index,
+            name,
+            self._data[start : start + length],
+            out,
+            self.manifest.chunk_size,
+        )
+
+    def close(self) -> None:
+        try:
+            self._data.release()
+        except BufferError:
+            pass  # a caller still holds an export of the view; it is released with that export
+        if self._owner is not None:
+            try:
+                self._owner.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping is released when it goes away
+            self._owner = None
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,272 @@
+"""`modelcloak` commands. Every failure the user can act on is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelcloak.errors import ModelcloakError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Protect neural networks shipped to machines you do not control.",
+)
+out = Console()
+err = Console(stderr=True)
+
+KeyFileOpt = Annotated[Optional[Path], typer.Option("--key-file", help="File holding the 256-bit model key.")]
+KeyEnvOpt = Annotated[Optional[str], typer.Option("--key-env", help="Environment variable holding the key (hex/base64).")]
+PassEnvOpt = Annotated[
+    Optional[str], typer.Option("--passphrase-env", help="Environment variable holding a passphrase (scrypt-derived key).")
+]
+PassPromptOpt = Annotated[bool, typer.Option("--passphrase", help="Prompt for a passphrase.")]
+
+
+def _key_provider(key_file: Path | None, key_env: str | None, passphrase_env: str | None, passphrase: bool):
+    from modelcloak.keys import EnvKey, KeyFile, KeyProviderError, Passphrase
+
+    chosen = [x for x in (key_file, key_env, passphrase_env, passphrase or None) if x]
+    if len(chosen) != 1:
+        raise KeyProviderError("give exactly one key source: --key-file, --key-env, --passphrase-env or --passphrase")
+    if key_file:
+        return KeyFile(key_file)
+    if key_env:
+        return EnvKey(key_env)
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise KeyProviderError(f"environment variable {passphrase_env} is not set")
+        return Passphrase(value)
+    return Passphrase(typer.prompt("Passphrase", hide_input=True))
+
+
+@app.command()
+def protect(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write.")],
+    scheme: Annotated[str, typer.Option(help="Protection scheme.")] = "seal",
+    key_file: KeyFileOpt = None,
+    key_env: KeyEnvOpt = None,
+    passphrase_env: PassEnvOpt = None,
+    passphrase: PassPromptOpt = False,
+    sign_key: Annotated[Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM) to sign with.")] = None,
+    label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
+) -> None:
+    """Seal MODEL into an encrypted, optionally signed bundle."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from modelcloak.protect import protect as do_protect
+
+    if output.exists() and not force:
+        raise ModelcloakError(f"{output} already exists; pass --force to overwrite it")
+    if output.resolve() == model.resolve():
+        raise ModelcloakError("the bundle path must differ from the model path")
+    provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("encrypting", total=None)
+        manifest = do_protect(
+            model, output, key=provider, scheme=scheme, signer=sign_key, label=label,
+            progress=lambda n: bar.advance(task, n),
+        )
+    signed = "signed" if manifest.signer_public_key else "unsigned"
+    out.print(f"wrote {output} ({output.stat().st_size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
+
+
+def _load_inputs(path: Path) -> dict[str, Any] | Any:
+    import numpy as np
+
+    if not path.exists():
+        raise ModelcloakError(f"input file {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ModelcloakError(f"{path} is not a readable .npy/.npz file ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        return {name: loaded[name] for name in loaded.files}
+
+
+@app.command()
+def run(
+    bundle: Annotated[Path, typer.Argument(help="Sealed bundle.")],
+    inputs: Annotated[Path, typer.Argument(help=".npy (single input) or .npz (one array per input name).")],
+    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save outputs to .npz instead of printing.")] = None,
+    key_file: KeyFileOpt = None,
+    key_env: KeyEnvOpt = None,
+    passphrase_env: PassEnvOpt = None,
+    passphrase: PassPromptOpt = False,
+    backend: Annotated[str, typer.Option(help="onnxruntime or openvino.")] = "onnxruntime",
+    trusted_signer: Annotated[
+        Optional[list[Path]], typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory.")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
+) -> None:
+    """Verify and decrypt BUNDLE in memory and run it on INPUTS."""
+    import numpy as np
+
+    from modelcloak.runtime import load
+
+    feeds = _load_inputs(inputs)
+    if output is not None and output.suffix != ".npz":
+        raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
+    provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
+    with load(bundle, key=provider, backend=backend, trusted_signers=trusted_signer, threads=threads,
+              cache_policy="strict" if strict else "override") as session:
+        results = session.run(feeds)
+    if output is not None:
+        np.savez(output, **results)
+        out.print(f"wrote {len(results)} output(s) to {output}")
+        return
+    for name, value in results.items():
+        out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
+        out.print(np.array2string(value, threshold=200, precision=5), highlight=False)
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to describe (no key needed).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+) -> None:
+    """Show a bundle's manifest and what its scheme does and does not protect."""
+    from modelcloak.bundle import Bundle, SignatureError
+    from modelcloak.schemes import claims_for
+
+    with Bundle.open(bundle) as sealed:
+        manifest = sealed.manifest
+        try:
+            signer = sealed.verify_signature()
+            signature = f"valid, by {signer}" if signer else "unsigned"
+        except SignatureError as exc:
+            signature = f"INVALID: {exc}"
+    if as_json:
+        out.print_json(json.dumps(manifest.document))
+        return
+    doc = manifest.document
+    table = Table(show_header=False, box=None)
+    table.add_row("bundle", str(bundle))
+    table.add_row("format version", str(manifest.format_version))
+    table.add_row("scheme", manifest.scheme)
+    key = manifest.key
+    kdf = key.get("kdf")
+    kdf_text = f", {kdf.get('name')} n={kdf.get('n')} r={kdf.get('r')} p={kdf.get('p')}" if isinstance(kdf, dict) else ""
+    table.add_row("key", f"id {manifest.key_id} ({key.get('provider')}{kdf_text})")
+    table.add_row("signature", signature)
+    created = doc.get("created", {})
+    table.add_row("created", f"{created.get('at', '?')} by {created.get('tool', '?')}" + (f" [{created['label']}]" if created.get("label") else ""))
+    for kind in ("inputs", "outputs"):
+        for spec in doc.get("model", {}).get(kind, []):
+            table.add_row(kind[:-1], f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')}")
+    for entry in manifest.sections:
+        table.add_row("section", f"{entry.name}: {entry.size:,} bytes encrypted")
+    table.add_row("policy", json.dumps(doc.get("policy", {})))
+    out.print(table)
+    claims = claims_for(manifest.scheme)
+    if claims:
+        out.print(f"\n[bold]{manifest.scheme}[/bold]: {claims.summary}")
+        out.print("[green]protects against:[/green]")
+        for line in claims.protects:
+            out.print(f"  + {line}", highlight=False)
+        out.print("[red]does not protect against:[/red]")
+        for line in claims.does_not_protect:
+            out.print(f"  - {line}", highlight=False)
+
+
+@app.command()
+def doctor() -> None:
+    """Show on-disk caches that could leak a model, and this machine's memory protections."""
+    from modelcloak import hygiene
+    from modelcloak.runtime import cacheguard
+
+    table = Table(title="inference caches")
+    for column in ("stack", "setting", "now", "risk", "guard action"):
+        table.add_column(column)
+    findings = cacheguard.scan()
+    for finding in findings:
+        table.add_row(finding.stack, finding.setting, finding.found, "YES" if finding.risk else "no", finding.action)
+    out.print(table)
+    memory = Table(title="memory protections")
+    memory.add_column("capability")
+    memory.add_column("available")
+    for name, value in hygiene.memory_capabilities().items():
+        memory.add_row(name, str(value))
+    out.print(memory)
+    risky = sum(f.risk for f in findings)
+    out.print(f"{risky} cache setting(s) would write to disk; `modelcloak run` overrides them (or refuses with --strict).")
+
+
+@app.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the key.")],
+    signing: Annotated[bool, typer.Option("--signing", help="Make an Ed25519 signing key pair (PATH and PATH.pub).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key.")] = False,
+) -> None:
+    """Create a random 256-bit model key file (mode 0600), or an owner signing key pair."""
+    if signing:
+        from modelcloak.bundle.signing import fingerprint, generate_signing_key
+
+        public = generate_signing_key(path, overwrite=force)
+        out.print(f"wrote {path} and {path}.pub ({fingerprint(public)})")
+        return
+    from modelcloak.keys import generate_key_file
+
+    generate_key_file(path, overwrite=force)
+    out.print(f"wrote {path} (mode 600)")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's model, key and bundle.")] = Path("modelcloak-demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs for the MNIST CNN.")] = 3,
+) -> None:
+    """Train a small CNN on real MNIST digits, seal it, and compare sealed and plain accuracy."""
+    from modelcloak.zoo.demo import run_demo
+
+    run_demo(workdir, out, epochs=epochs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors and exit code 2, tracebacks only with --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MODELCLOAK_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="modelcloak", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("modelcloak: aborted", highlight=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        err.print(f"modelcloak: error: {exc.format_message()} (see modelcloak --help)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ModelcloakError as exc:
+        if debug:
+            raise
+        err.print(f"modelcloak: error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # last resort: still one line, with the way to see more
+        if debug:
+            raise
+        err.print(
+            f"modelcloak: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)",
+            highlight=False, soft_wrap=True, markup=False,
+        )
+        sys.exit(1)

@@ -1,0 +1,147 @@
+"""Inference backends that take a model from memory: onnxruntime (default) and OpenVINO.
+
+Both receive the weightless graph plus a view of the decrypted weights; neither is given a path,
+so nothing is read from or written to disk on the way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from modelcloak.model import external_records
+from modelcloak.runtime import cacheguard
+from modelcloak.runtime.errors import SessionError
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+class Backend(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def _weight_arrays(graph: onnx.ModelProto, weights: memoryview) -> tuple[list[str], list[np.ndarray]]:
+    names, arrays = [], []
+    for tensor, offset, length in external_records(graph):
+        if offset + length > len(weights):
+            raise SessionError(f"weight {tensor.name!r} lies outside the weights section")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        array = np.frombuffer(weights, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+        names.append(tensor.name)
+        arrays.append(array.reshape(tuple(tensor.dims)))
+    return names, arrays
+
+
+class OrtBackend:
+    """onnxruntime session built from graph bytes; weights handed over as in-memory initializers.
+
+    onnxruntime copies the initializers into its own allocator (`add_external_initializers`), so the
+    caller may wipe its decrypted buffer as soon as the session exists.
+    """
+
+    def __init__(
+        self,
+        graph: onnx.ModelProto,
+        weights: memoryview,
+        *,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None,
+        threads: int | None,
+        cache_policy: str,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        names, arrays = _weight_arrays(graph, weights)
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        if names:
+            options.add_external_initializers(names, values)
+        cacheguard.guard_ort_session_options(options, cache_policy)
+        guarded = []
+        for provider in providers or ["CPUExecutionProvider"]:
+            if isinstance(provider, tuple):
+                name, provider_options = provider
+                guarded.append((name, cacheguard.guard_provider_options(name, dict(provider_options), cache_policy)))
+            else:
+                guarded.append((provider, cacheguard.guard_provider_options(provider, {}, cache_policy)))
+        try:
+            self._session = ort.InferenceSession(graph.SerializeToString(), options, providers=guarded)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise SessionError(f"onnxruntime could not build the model: {_first_line(exc)}") from None
+        finally:
+            del values, arrays
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        self.providers = self._session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._session.run(None, feeds)
+        except Exception as exc:
+            raise SessionError(f"inference failed: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OpenVinoBackend:
+    """OpenVINO compiled model read from ONNX bytes in memory, with its model cache disabled.
+
+    OpenVINO's Python API has no zero-copy path for ONNX weights, so a transient in-memory copy of
+    the full model is serialised for `read_model`; it is never written to disk.
+    """
+
+    def __init__(self, graph: onnx.ModelProto, weights: memoryview, *, device: str, cache_policy: str) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise SessionError("the OpenVINO backend needs OpenVINO: pip install 'modelcloak[openvino]'") from None
+        full = onnx.ModelProto()
+        full.CopyFrom(graph)
+        by_name = dict(zip(*_weight_arrays(graph, weights)))
+        for tensor in full.graph.initializer:
+            if tensor.name in by_name:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = by_name[tensor.name].tobytes()
+        core = ov.Core()
+        properties = cacheguard.guard_openvino_properties(cacheguard.openvino_properties(), cache_policy)
+        try:
+            core.set_property(properties)
+            model = core.read_model(full.SerializeToString())
+            self._compiled = core.compile_model(model, device, properties)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long traces
+            raise SessionError(f"OpenVINO could not build the model: {_first_line(exc)}") from None
+        finally:
+            del full
+        self.input_names = [port.get_any_name() for port in self._compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self._compiled.outputs]
+        self._request = self._compiled.create_infer_request()
+        self.providers = [f"OpenVINO:{device}"]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            result = self._request.infer(feeds)
+        except Exception as exc:
+            raise SessionError(f"inference failed: {_first_line(exc)}") from None
+        return [np.array(result[port]) for port in self._compiled.outputs]
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

@@ -1,0 +1,179 @@
+"""Device side: open a sealed bundle and run it, with plaintext only in memory.
+
+Order matters and is the security argument: caches are neutralised and the process hardened
+before any runtime initialises; the signature is checked before anything is decrypted; the key is
+checked against the header MAC before the sections; decrypted bytes live in buffers that are
+excluded from core dumps and wiped as soon as the backend holds its own copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from modelcloak import hygiene
+from modelcloak.bundle import Bundle
+from modelcloak.bundle.signing import load_public_key
+from modelcloak.keys import KeyProvider
+from modelcloak.runtime import cacheguard
+from modelcloak.runtime.backends import BACKENDS, OpenVinoBackend, OrtBackend
+from modelcloak.runtime.errors import SessionError
+
+
+@dataclass
+class LoadReport:
+    """What happened while loading, for `modelcloak run --verbose` and the benchmarks."""
+
+    signer: str | None = None
+    key_id: str = ""
+    backend: str = ""
+    providers: list[str] = field(default_factory=list)
+    cache_findings: int = 0
+    hardening: dict[str, bool] = field(default_factory=dict)
+    buffer_kinds: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class SealedSession:
+    """A loaded protected model. `run` takes a dict of arrays (or one array for one input)."""
+
+    def __init__(self, backend: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
+        self._backend = backend
+        self.manifest = manifest_document
+        self.report = report
+        self.input_names: list[str] = list(backend.input_names)
+        self.output_names: list[str] = list(backend.output_names)
+        self._input_dtypes = {
+            spec["name"]: np.dtype(spec["dtype"]) for spec in manifest_document.get("model", {}).get("inputs", [])
+        }
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        if self._backend is None:
+            raise SessionError("session is closed")
+        if not isinstance(inputs, dict):
+            if len(self.input_names) != 1:
+                raise SessionError(f"model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); pass a dict")
+            inputs = {self.input_names[0]: inputs}
+        missing = [n for n in self.input_names if n not in inputs]
+        unknown = [n for n in inputs if n not in self.input_names]
+        if missing or unknown:
+            raise SessionError(
+                "input names do not match the model: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing {', '.join(missing)}" if missing else "",
+                        f"unknown {', '.join(unknown)}" if unknown else "",
+                    )
+                    if part
+                )
+            )
+        feeds = {}
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            expected = self._input_dtypes.get(name)
+            if expected is not None and array.dtype != expected:
+                if not np.can_cast(array.dtype, expected, casting="same_kind"):
+                    raise SessionError(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
+                array = array.astype(expected)
+            feeds[name] = np.ascontiguousarray(array)
+        outputs = self._backend.run(feeds)
+        return dict(zip(self.output_names, outputs))
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> "SealedSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(
+    bundle: str | Path,
+    *,
+    key: KeyProvider,
+    backend: str = "onnxruntime",
+    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+    device: str = "CPU",
+    threads: int | None = None,
+    trusted_signers: Sequence[bytes | str | Path] | None = None,
+    require_signature: bool = False,
+    cache_policy: str = "override",
+) -> SealedSession:
+    """Open a sealed bundle with a key from `key` and return a session ready to run.
+
+    `trusted_signers` (public keys or PEM files) makes the owner signature mandatory and pins who
+    may have signed; `cache_policy` is "override" (neutralise caches, warn), "strict" (refuse to
+    start when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
+    """
+    if backend not in BACKENDS:
+        raise SessionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    report = LoadReport(backend=backend)
+    clock = time.perf_counter
+    started = clock()
+    report.cache_findings = len([f for f in cacheguard.apply(cache_policy) if f.risk])
+    report.hardening = hygiene.harden_process()
+    trusted = [load_public_key(s) if not isinstance(s, bytes) else s for s in trusted_signers or []]
+
+    with Bundle.open(bundle) as sealed:
+        if sealed.manifest.scheme != "seal":
+            raise SessionError(f"bundle scheme {sealed.manifest.scheme!r} cannot be loaded by this runtime")
+        report.signer = sealed.verify_signature(trusted or None, require=require_signature)
+        report.seconds["verify"] = clock() - started
+        master = key.key_for(sealed.manifest.key)
+        graph_buffer = weights_buffer = None
+        try:
+            report.buffer_kinds["key"] = master.kind
+            sealed.check_key(master.view())
+            report.key_id = sealed.manifest.key_id
+            graph_entry = sealed.manifest.section("graph")
+            weights_entry = sealed.manifest.section("weights")
+            graph_buffer = hygiene.weights_buffer(graph_entry.size)
+            weights_buffer = hygiene.weights_buffer(weights_entry.size)
+            report.buffer_kinds["weights"] = weights_buffer.kind
+            mark = clock()
+            sealed.decrypt_section_into("graph", master.view(), graph_buffer.view())
+            sealed.decrypt_section_into("weights", master.view(), weights_buffer.view())
+            report.seconds["decrypt"] = clock() - mark
+            master.close()
+            graph = _parse_graph(graph_buffer.view())
+            mark = clock()
+            weights_view = weights_buffer.view()
+            try:
+                if backend == "onnxruntime":
+                    runner: Any = OrtBackend(
+                        graph, weights_view, providers=providers, threads=threads, cache_policy=cache_policy
+                    )
+                else:
+                    runner = OpenVinoBackend(graph, weights_view, device=device, cache_policy=cache_policy)
+            finally:
+                weights_view.release()
+            report.seconds["build"] = clock() - mark
+        finally:
+            master.close()
+            for buffer in (graph_buffer, weights_buffer):
+                if buffer is not None:
+                    buffer.close()
+    report.providers = list(runner.providers)
+    report.seconds["total"] = clock() - started
+    return SealedSession(runner, sealed.manifest.document, report)
+
+
+def _parse_graph(view: memoryview) -> onnx.ModelProto:
+    graph = onnx.ModelProto()
+    try:
+        graph.ParseFromString(view)
+    except (DecodeError, RuntimeError, ValueError):
+        raise SessionError("decrypted graph is not a valid ONNX model (the bundle was produced incorrectly)") from None
+    return graph

@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from modelcloak.errors import ModelcloakError
+
+try:  # recent typer releases vendor click under typer._click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses the click package
+    from click.exceptions import ClickException
+from typer import Abort
 
 app = typer.Typer(
     add_completion=False,
@@ -247,10 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         command.main(args=args, prog_name="modelcloak", standalone_mode=False)
-    except click.exceptions.Abort:
+    except Abort:
         err.print("modelcloak: aborted", highlight=False)
         sys.exit(130)
-    except click.ClickException as exc:
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `modelcloak`: show help, not an error
+            out.print(command.get_help(command.make_context("modelcloak", ["--help"], resilient_parsing=True)), highlight=False)
+            return
         if debug:
             raise
         err.print(f"modelcloak: error: {exc.format_message()} (see modelcloak --help)", highlight=False, soft_wrap=True)

@@ -56,6 +56,7 @@ class OrtBackend:
         providers: Sequence[str | tuple[str, dict[str, Any]]] | None,
         threads: int | None,
         cache_policy: str,
+        session_config: dict[str, Any] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -63,6 +64,13 @@ class OrtBackend:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        for name, value in (session_config or {}).items():
+            # SessionOptions attributes by name, anything else as a session config entry; the cache
+            # guard below then removes whatever would write the model to disk.
+            if hasattr(options, name) and not name.startswith("_"):
+                setattr(options, name, value)
+            else:
+                options.add_session_config_entry(name, str(value))
         names, arrays = _weight_arrays(graph, weights)
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         if names:
@@ -116,7 +124,10 @@ class OpenVinoBackend:
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = by_name[tensor.name].tobytes()
         core = ov.Core()
-        properties = cacheguard.guard_openvino_properties(cacheguard.openvino_properties(), cache_policy)
+        # f32 keeps results equal to onnxruntime's; CPU plugins otherwise may pick bf16/f16.
+        properties = cacheguard.guard_openvino_properties(
+            {**cacheguard.openvino_properties(), "INFERENCE_PRECISION_HINT": "f32"}, cache_policy
+        )
         try:
             core.set_property(properties)
             model = core.read_model(full.SerializeToString())
@@ -132,7 +143,7 @@ class OpenVinoBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            result = self._request.infer(feeds)
+            result = self._request.infer({port: feeds[port.get_any_name()] for port in self._compiled.inputs})
         except Exception as exc:
             raise SessionError(f"inference failed: {_first_line(exc)}") from None
         return [np.array(result[port]) for port in self._compiled.outputs]

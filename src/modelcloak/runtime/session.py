@@ -48,8 +48,10 @@ class SealedSession:
         self._backend = backend
         self.manifest = manifest_document
         self.report = report
-        self.input_names: list[str] = list(backend.input_names)
-        self.output_names: list[str] = list(backend.output_names)
+        # Names come from the signed manifest: OpenVINO may rename tensors when it folds nodes.
+        signature = manifest_document.get("model", {})
+        self.input_names: list[str] = [s["name"] for s in signature.get("inputs", [])] or list(backend.input_names)
+        self.output_names: list[str] = [s["name"] for s in signature.get("outputs", [])] or list(backend.output_names)
         self._input_dtypes = {
             spec["name"]: np.dtype(spec["dtype"]) for spec in manifest_document.get("model", {}).get("inputs", [])
         }
@@ -110,12 +112,14 @@ def load(
     trusted_signers: Sequence[bytes | str | Path] | None = None,
     require_signature: bool = False,
     cache_policy: str = "override",
+    session_config: dict[str, Any] | None = None,
 ) -> SealedSession:
     """Open a sealed bundle with a key from `key` and return a session ready to run.
 
     `trusted_signers` (public keys or PEM files) makes the owner signature mandatory and pins who
-    may have signed; `cache_policy` is "override" (neutralise caches, warn), "strict" (refuse to
-    start when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
+    may have signed. `session_config` sets onnxruntime SessionOptions attributes or config
+    entries. `cache_policy` is "override" (neutralise caches, warn), "strict" (refuse to start
+    when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
     """
     if backend not in BACKENDS:
         raise SessionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -153,7 +157,12 @@ def load(
             try:
                 if backend == "onnxruntime":
                     runner: Any = OrtBackend(
-                        graph, weights_view, providers=providers, threads=threads, cache_policy=cache_policy
+                        graph,
+                        weights_view,
+                        providers=providers,
+                        threads=threads,
+                        cache_policy=cache_policy,
+                        session_config=session_config,
                     )
                 else:
                     runner = OpenVinoBackend(graph, weights_view, device=device, cache_policy=cache_policy)

@@ -1,0 +1,5 @@
+"""`python -m modelcloak` runs the CLI."""
+
+from modelcloak.cli import main
+
+main()

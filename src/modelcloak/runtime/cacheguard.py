@@ -340,12 +340,10 @@ def _warning_text(finding: CacheFinding) -> str:
 
 
 def _strict_message(findings: list[CacheFinding], context: str) -> str:
-    named = "; ".join(f"{f.setting} ({_shown(f.found, 80)})" for f in findings)
-    return _shown(
-        f"cache policy 'strict': {context} would write plaintext model artefacts to disk: {named}. "
-        "Remove these settings, or use policy 'override' to neutralise them",
-        limit=4000,
-    )
+    # Every setting is named in full; only the values shown beside them are shortened.
+    named = "; ".join(f"{_shown(f.setting)} ({_shown(f.found, 60)})" for f in findings)
+    return (f"cache policy 'strict': {context} would write plaintext model artefacts to disk: {named}. "
+            "Remove these settings, or use policy 'override' to neutralise them")
 
 
 def _enforce(checks: list[_Check], policy: str, warn: Callable[[str], None] | None,
@@ -616,6 +614,14 @@ _ORT_CONFIG_RULES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _session_config_entry(so: onnxruntime.SessionOptions, key: str) -> str | None:
+    """A session config entry, or None when it was never set (onnxruntime raises for those)."""
+    try:
+        return so.get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime's Fail derives from RuntimeError
+        return None
+
+
 def _ort_session_checks(so: onnxruntime.SessionOptions) -> list[_Check]:
     checks: list[_Check] = []
     path = so.optimized_model_filepath
@@ -634,11 +640,8 @@ def _ort_session_checks(so: onnxruntime.SessionOptions) -> list[_Check]:
             "set enable_profiling=False", "user", "a profile naming every node, its operator and shapes"),
             stop_profiling))
     for key, safe, stores in _ORT_CONFIG_RULES:
-        try:
-            value = so.get_session_config_entry(key)
-        except Exception:  # onnxruntime raises RuntimeError (Fail) for a key that was never set
-            continue
-        if value in (safe, ""):
+        value = _session_config_entry(so, key)
+        if value is None or value in (safe, ""):
             continue
 
         def reset(key: str = key, safe: str = safe) -> None:

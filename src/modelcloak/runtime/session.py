@@ -38,6 +38,8 @@ class LoadReport:
     cache_findings: int = 0
     hardening: dict[str, bool] = field(default_factory=dict)
     buffer_kinds: dict[str, str] = field(default_factory=dict)
+    # VmFlags of each buffer's mapping read from /proc/self/smaps while it held plaintext.
+    buffer_flags: dict[str, set[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,6 +152,7 @@ def load(
             sealed.decrypt_section_into("graph", master.view(), graph_buffer.view())
             sealed.decrypt_section_into("weights", master.view(), weights_buffer.view())
             report.seconds["decrypt"] = clock() - mark
+            report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
             master.close()
             graph = _parse_graph(graph_buffer.view())
             mark = clock()
@@ -177,6 +180,13 @@ def load(
     report.providers = list(runner.providers)
     report.seconds["total"] = clock() - started
     return SealedSession(runner, sealed.manifest.document, report)
+
+
+def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:
+    try:
+        return {name: hygiene.mapping_flags(buffer.address) for name, buffer in buffers.items()}
+    except hygiene.HygieneError:
+        return {}  # no /proc/self/smaps (not Linux): nothing to report, nothing to fail
 
 
 def _parse_graph(view: memoryview) -> onnx.ModelProto:

@@ -1,8 +1,8 @@
 """Sealed load vs plain load of the same >=100 MB ONNX model, side by side in one run.
 
-Each sample is a fresh Python process (so peak RSS is that load's alone), alternating plain,
-sealed and sealed+signed; we report medians. Also: single-core decryption throughput and
-inference latency sealed vs plain.
+Each load sample is a fresh Python process (so peak RSS is that load's alone), alternating plain,
+sealed and sealed+signed; we report medians. Also: single-core decryption throughput, and
+inference latency of a plain and a sealed session interleaved in one process.
 
     python benchmarks/bench_seal.py --runs 7            # writes benchmarks/out/seal.{json,csv,png}
 """
@@ -46,15 +46,7 @@ else:
     run = lambda x: sealed.run(x)["logits"]
 load_s = time.perf_counter() - start
 peak = hwm_kib()
-latency = {}
-for batch in (1, 32):
-    x = np.random.default_rng(0).standard_normal((batch, %(width)d)).astype(np.float32)
-    run(x)
-    times = []
-    for _ in range(30):
-        t = time.perf_counter(); run(x); times.append(time.perf_counter() - t)
-    latency[batch] = sorted(times)[len(times) // 2]
-print(json.dumps({"load_s": load_s, "peak_kib": peak, "base_kib": base, "latency": latency,
+print(json.dumps({"load_s": load_s, "peak_kib": peak, "base_kib": base,
                   "checksum": float(run(np.ones((1, %(width)d), np.float32)).sum())}))
 """
 
@@ -117,6 +109,34 @@ def decrypt_throughput(bundle: Path, key_path: Path, repeats: int = 7) -> dict[s
     return {"reused_buffer": statistics.median(warm), "fresh_buffer_incl_alloc_and_faults": statistics.median(cold)}
 
 
+def latency_side_by_side(model_path: Path, bundle: Path, key_path: Path, rounds: int = 15, per_round: int = 10) -> dict:
+    """Median inference latency of a plain and a sealed session in one process, interleaved."""
+    import onnxruntime as ort
+
+    from modelcloak.keys import KeyFile
+    from modelcloak.runtime import load
+
+    plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    sealed = load(bundle, key=KeyFile(key_path))
+    results = {}
+    for batch in (1, 32):
+        x = np.random.default_rng(0).standard_normal((batch, SIZES[0])).astype(np.float32)
+        runners = {"plain": lambda: plain.run(None, {"x": x}), "sealed": lambda: sealed.run(x)}
+        times: dict[str, list[float]] = {"plain": [], "sealed": []}
+        for runner in runners.values():
+            runner()
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    runner()
+                    times[name].append(time.perf_counter() - start)
+        results[f"batch{batch}"] = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        results[f"batch{batch}"]["ratio"] = results[f"batch{batch}"]["sealed"] / results[f"batch{batch}"]["plain"]
+    sealed.close()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -163,25 +183,22 @@ def main() -> None:
             "load_s": median(mode, "load_s"),
             "peak_rss_mib": median(mode, "peak_kib") / 1024,
             "load_rss_mib": statistics.median((s["peak_kib"] - s["base_kib"]) / 1024 for s in samples[mode]),
-            "latency_b1_ms": median(mode, "latency", "1") * 1e3,
-            "latency_b32_ms": median(mode, "latency", "32") * 1e3,
         }
     for mode in ("sealed", "signed"):
         summary[f"{mode}_vs_plain"] = {
             "load_time_ratio": summary[mode]["load_s"] / summary["plain"]["load_s"],
             "peak_rss_ratio": summary[mode]["peak_rss_mib"] / summary["plain"]["peak_rss_mib"],
-            "latency_b1_ratio": summary[mode]["latency_b1_ms"] / summary["plain"]["latency_b1_ms"],
-            "latency_b32_ratio": summary[mode]["latency_b32_ms"] / summary["plain"]["latency_b32_ms"],
         }
+    summary["latency_ms_side_by_side"] = latency_side_by_side(model_path, bundle, key_path)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seal.json").write_text(json.dumps(summary, indent=2))
     with open(args.out / "seal.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["mode", "run", "load_s", "peak_rss_mib", "latency_b1_ms", "latency_b32_ms"])
+        writer.writerow(["mode", "run", "load_s", "peak_rss_mib", "load_rss_mib"])
         for mode in modes:
             for index, s in enumerate(samples[mode]):
                 writer.writerow([mode, index, f"{s['load_s']:.4f}", f"{s['peak_kib'] / 1024:.1f}",
-                                 f"{s['latency']['1'] * 1e3:.3f}", f"{s['latency']['32'] * 1e3:.3f}"])
+                                 f"{(s['peak_kib'] - s['base_kib']) / 1024:.1f}"])
     plot(samples, summary, args.out / "seal.png")
     print(json.dumps(summary, indent=2))
 
@@ -196,14 +213,21 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     panels = [
         ("load time (s)", lambda s: s["load_s"]),
-        ("peak RSS (MiB)", lambda s: s["peak_kib"] / 1024),
-        ("latency, batch 32 (ms)", lambda s: s["latency"]["32"] * 1e3),
+        ("peak RSS (MiB, whole process)", lambda s: s["peak_kib"] / 1024),
     ]
     for axis, (title, getter) in zip(axes, panels):
         data = [[getter(s) for s in samples[m]] for m in modes]
         axis.boxplot(data, tick_labels=modes)
         axis.set_title(title)
         axis.set_ylim(bottom=0)
+    latency = summary["latency_ms_side_by_side"]
+    batches = list(latency)
+    width = 0.38
+    for offset, name in ((-width / 2, "plain"), (width / 2, "sealed")):
+        axes[2].bar([i + offset for i in range(len(batches))], [latency[b][name] for b in batches], width, label=name)
+    axes[2].set_xticks(range(len(batches)), batches)
+    axes[2].set_title("median inference latency (ms)")
+    axes[2].legend()
     fig.suptitle(f"sealed vs plain, {summary['model_bytes'] / 1e6:.0f} MB model, {summary['runs']} runs each "
                  f"(decrypt {summary['decrypt_gb_per_s_one_core']['fresh_buffer_incl_alloc_and_faults']:.1f} GB/s/core)")
     fig.tight_layout()

@@ -211,18 +211,28 @@ def test_sections_cannot_be_swapped(tmp_path, key_file):
         read_everything(tmp_path / "swapped.mcb", key_file)
 
 
+def reader(ciphertext: bytes):
+    def read(offset: int, destination: memoryview) -> None:
+        piece = ciphertext[offset : offset + len(destination)]
+        if len(piece) != len(destination):
+            raise TamperedError("short read")
+        destination[:] = piece
+
+    return read
+
+
 def test_final_chunk_flag_stops_truncation_at_a_chunk_boundary():
     key, digest = bytes(32), hashlib.sha256(b"manifest").digest()
     plain = bytes(range(256)) * 48  # 3 chunks of 4096
     chunks = list(stream.encrypt_section(key, digest, 0, len(plain), [plain], CHUNK))
     assert len(chunks) == 3
     out = bytearray(len(plain))
-    stream.decrypt_section_into(key, digest, 0, "s", memoryview(b"".join(chunks)), memoryview(out), CHUNK)
+    stream.decrypt_section_into(key, digest, 0, "s", reader(b"".join(chunks)), memoryview(out), CHUNK)
     assert bytes(out) == plain
     # Drop the last chunk and pretend the section was two chunks long: chunk 1 was not sealed as final.
     short = bytearray(2 * CHUNK)
     with pytest.raises(TamperedError, match="chunk 1 of 2"):
-        stream.decrypt_section_into(key, digest, 0, "s", memoryview(b"".join(chunks[:2])), memoryview(short), CHUNK)
+        stream.decrypt_section_into(key, digest, 0, "s", reader(b"".join(chunks[:2])), memoryview(short), CHUNK)
 
 
 def test_wrong_key_is_named(sealed, other_key_file):

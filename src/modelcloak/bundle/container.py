@@ -10,15 +10,14 @@ Layout (all integers big-endian; docs/FORMAT.md is the normative description):
     sections               each section's chunks in manifest order (stream.py)
     trailer      100       only when the manifest names a signer: b"MCSG" + public key + signature
 
-A bundle is read through a read-only mmap, so opening a multi-GB file costs no memory until
-sections are decrypted, and decryption writes straight into the caller's buffer.
+A bundle is read with positional reads through one chunk-sized buffer, so neither the file nor
+its ciphertext becomes resident, and decryption writes straight into the caller's buffer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import mmap
 import os
 import struct
 import tempfile
@@ -138,13 +137,46 @@ def write_bundle(
     return manifest
 
 
+class _Source:
+    """Positional reads from a file (pread: ciphertext never becomes resident) or from bytes."""
+
+    def __init__(self, fd: int | None, data: memoryview | None, size: int) -> None:
+        self._fd, self._data, self.size = fd, data, size
+
+    def read_into(self, offset: int, destination: memoryview) -> None:
+        if self._data is not None:
+            destination[:] = self._data[offset : offset + len(destination)]
+            return
+        done = 0
+        while done < len(destination):
+            count = os.preadv(self._fd, [destination[done:]], offset + done)
+            if count <= 0:
+                raise TamperedError("bundle file shrank while it was being read")
+            done += count
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.read_into(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._data is not None:
+            self._data.release()
+            self._data = None
+
+
+_HASH_BLOCK = 1 << 20
+
+
 class Bundle:
     """A parsed bundle whose layout has been checked; nothing is decrypted until asked."""
 
-    def __init__(self, data: memoryview, source: str, owner: mmap.mmap | None = None) -> None:
-        self._owner = owner
-        self._data = data
-        self.source = source
+    def __init__(self, source: _Source, name: str) -> None:
+        self._source = source
+        self.source = name
         try:
             self._parse()
         except BaseException:
@@ -155,28 +187,31 @@ class Bundle:
     def open(cls, path: str | Path) -> "Bundle":
         path = Path(path)
         try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size == 0:
-                    raise NotABundleError(f"{path} is empty, not a modelcloak bundle")
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise BundleError(f"bundle file {path} does not exist") from None
         except IsADirectoryError:
             raise BundleError(f"{path} is a directory, not a bundle file") from None
         except PermissionError:
             raise BundleError(f"no permission to read {path}") from None
-        return cls(memoryview(mapped), str(path), mapped)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            os.close(fd)
+            raise NotABundleError(f"{path} is empty, not a modelcloak bundle")
+        return cls(_Source(fd, None, size), str(path))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<memory>") -> "Bundle":
-        return cls(memoryview(data), source)
+        return cls(_Source(None, memoryview(data), len(data)), source)
 
     def _parse(self) -> None:
-        data = self._data
-        if len(data) < _PREFIX.size or bytes(data[:8]) != MAGIC:
+        size = self._source.size
+        if size < _PREFIX.size:
+            raise NotABundleError(f"{self.source} is not a modelcloak bundle (too short)")
+        prefix = self._source.read(0, _PREFIX.size)
+        if prefix[:8] != MAGIC:
             raise NotABundleError(f"{self.source} is not a modelcloak bundle (bad magic bytes)")
-        _, version, manifest_len = _PREFIX.unpack(data[: _PREFIX.size])
+        _, version, manifest_len = _PREFIX.unpack(prefix)
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedVersionError(
                 f"{self.source} uses bundle format version {version}; this modelcloak reads version(s) "
@@ -185,10 +220,10 @@ class Bundle:
         if manifest_len > MAX_MANIFEST_BYTES:
             raise TamperedError(f"{self.source}: manifest length {manifest_len} exceeds the {MAX_MANIFEST_BYTES}-byte limit")
         header_end = _PREFIX.size + manifest_len
-        if len(data) < header_end + MAC_SIZE:
-            raise TamperedError(f"{self.source} is truncated inside its header ({len(data)} bytes)")
-        self.header = bytes(data[:header_end])
-        self.mac = bytes(data[header_end : header_end + MAC_SIZE])
+        if size < header_end + MAC_SIZE:
+            raise TamperedError(f"{self.source} is truncated inside its header ({size} bytes)")
+        self.header = prefix + self._source.read(_PREFIX.size, manifest_len)
+        self.mac = self._source.read(header_end, MAC_SIZE)
         self.manifest: Manifest = parse_manifest(self.header[_PREFIX.size :], version)
         self._manifest_digest = hashlib.sha256(self.header).digest()
 
@@ -199,12 +234,10 @@ class Bundle:
             self._ranges[entry.name] = (index, offset, length)
             offset += length
         expected = offset + (signing.TRAILER_SIZE if self.manifest.signer_public_key else 0)
-        if len(data) < expected:
-            raise TamperedError(
-                f"{self.source} is truncated: the manifest describes {expected} bytes, the file has {len(data)}"
-            )
-        if len(data) > expected:
-            raise TamperedError(f"{self.source} has {len(data) - expected} unexpected bytes after its last section")
+        if size < expected:
+            raise TamperedError(f"{self.source} is truncated: the manifest describes {expected} bytes, the file has {size}")
+        if size > expected:
+            raise TamperedError(f"{self.source} has {size - expected} unexpected bytes after its last section")
         self._sections_end = offset
 
     def layout(self) -> list[tuple[str, int, int]]:
@@ -217,7 +250,7 @@ class Bundle:
         ]
         parts += [(f"section:{name}", start, start + length) for name, (_, start, length) in self._ranges.items()]
         if self.signed:
-            parts.append(("signature", self._sections_end, len(self._data)))
+            parts.append(("signature", self._sections_end, self._source.size))
         return parts
 
     @property
@@ -227,6 +260,16 @@ class Bundle:
     def signer_fingerprint(self) -> str | None:
         key = self.manifest.signer_public_key
         return signing.fingerprint(key) if key else None
+
+    def _digest(self, start: int, length: int) -> bytes:
+        digest = hashlib.sha256()
+        block = bytearray(min(length, _HASH_BLOCK))
+        view = memoryview(block)
+        for offset in range(0, length, _HASH_BLOCK):
+            part = view[: min(_HASH_BLOCK, length - offset)]
+            self._source.read_into(start + offset, part)
+            digest.update(part)
+        return digest.digest()
 
     def verify_signature(self, trusted: Sequence[bytes] | None = None, require: bool = False) -> str | None:
         """Check the owner signature before any decryption; return the signer's fingerprint.
@@ -244,11 +287,10 @@ class Bundle:
             raise SignatureError(
                 f"{self.source} is signed by {signing.fingerprint(signer)}, which is not a trusted signer"
             )
-        digests = [
-            hashlib.sha256(self._data[start : start + length]).digest() for _, start, length in self._ranges.values()
-        ]
+        digests = [self._digest(start, length) for _, start, length in self._ranges.values()]
         message = signing.signed_message(hashlib.sha256(self.header + self.mac).digest(), digests)
-        signing.verify_trailer(bytes(self._data[self._sections_end :]), signer, message)
+        trailer = self._source.read(self._sections_end, self._source.size - self._sections_end)
+        signing.verify_trailer(trailer, signer, message)
         return signing.fingerprint(signer)
 
     def check_key(self, master_key: bytes | memoryview) -> None:
@@ -269,29 +311,20 @@ class Bundle:
         entry = self.manifest.section(name)
         if len(out) != entry.size:
             raise BundleError(f"buffer for section {name!r} is {len(out)} bytes, the section holds {entry.size}")
-        index, start, length = self._ranges[name]
+        index, start, _ = self._ranges[name]
         section_key = stream.derive(master_key, self.manifest.salt, "section/" + name)
         stream.decrypt_section_into(
             section_key,
             self._manifest_digest,
             index,
             name,
-            self._data[start : start + length],
+            lambda offset, destination: self._source.read_into(start + offset, destination),
             out,
             self.manifest.chunk_size,
         )
 
     def close(self) -> None:
-        try:
-            self._data.release()
-        except BufferError:
-            pass  # a caller still holds an export of the view; it is released with that export
-        if self._owner is not None:
-            try:
-                self._owner.close()
-            except BufferError:
-                pass  # a caller still holds a view; the mapping is released when it goes away
-            self._owner = None
+        self._source.close()
 
     def __enter__(self) -> "Bundle":
         return self

@@ -13,7 +13,7 @@ never exists twice in plaintext.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -101,21 +101,24 @@ def decrypt_section_into(
     manifest_digest: bytes,
     section_index: int,
     section_name: str,
-    ciphertext: memoryview,
+    read_ciphertext: Callable[[int, memoryview], None],
     out: memoryview,
     chunk_size: int,
 ) -> None:
-    """Decrypt a whole section into `out` (exactly the plaintext size), chunk by chunk, in place."""
+    """Decrypt a whole section into `out` (exactly the plaintext size), chunk by chunk, in place.
+
+    `read_ciphertext(offset, destination)` fills `destination` with the section's ciphertext from
+    `offset`; reading through one reused chunk buffer keeps the ciphertext out of resident memory.
+    """
     aead = AESGCM(section_key)
     size = len(out)
     total = chunk_count(size, chunk_size)
-    if len(ciphertext) != ciphertext_size(size, chunk_size):
-        raise TamperedError(f"section {section_name!r} has {len(ciphertext)} ciphertext bytes, expected {ciphertext_size(size, chunk_size)}")
+    sealed_buffer = bytearray(min(size, chunk_size) + TAG_SIZE)
     for index in range(total):
         start = index * chunk_size
         plain_len = min(chunk_size, size - start)
-        cstart = index * (chunk_size + TAG_SIZE)
-        sealed = ciphertext[cstart : cstart + plain_len + TAG_SIZE]
+        sealed = memoryview(sealed_buffer)[: plain_len + TAG_SIZE]
+        read_ciphertext(index * (chunk_size + TAG_SIZE), sealed)
         ad = _associated_data(manifest_digest, section_index, index, index == total - 1)
         try:
             aead.decrypt_into(_nonce(index), sealed, ad, out[start : start + plain_len])

@@ -121,7 +121,7 @@ def latency_side_by_side(model_path: Path, bundle: Path, key_path: Path, rounds:
     results = {}
     for batch in (1, 32):
         x = np.random.default_rng(0).standard_normal((batch, SIZES[0])).astype(np.float32)
-        runners = {"plain": lambda: plain.run(None, {"x": x}), "sealed": lambda: sealed.run(x)}
+        runners = {"plain": lambda x=x: plain.run(None, {"x": x}), "sealed": lambda x=x: sealed.run(x)}
         times: dict[str, list[float]] = {"plain": [], "sealed": []}
         for runner in runners.values():
             runner()
@@ -158,9 +158,19 @@ def main() -> None:
             order = modes if run % 2 == 0 else modes[::-1]
             for mode in order:
                 result = subprocess.run(
-                    [sys.executable, "-c", child, mode, str(model_path), str(bundle if mode != "signed" else signed),
-                     str(key_path), str(signer_pub)],
-                    capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        "-c",
+                        child,
+                        mode,
+                        str(model_path),
+                        str(bundle if mode != "signed" else signed),
+                        str(key_path),
+                        str(signer_pub),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 samples[mode].append(json.loads(result.stdout.strip().splitlines()[-1]))
                 progress.advance(task)
@@ -197,8 +207,15 @@ def main() -> None:
         writer.writerow(["mode", "run", "load_s", "peak_rss_mib", "load_rss_mib"])
         for mode in modes:
             for index, s in enumerate(samples[mode]):
-                writer.writerow([mode, index, f"{s['load_s']:.4f}", f"{s['peak_kib'] / 1024:.1f}",
-                                 f"{(s['peak_kib'] - s['base_kib']) / 1024:.1f}"])
+                writer.writerow(
+                    [
+                        mode,
+                        index,
+                        f"{s['load_s']:.4f}",
+                        f"{s['peak_kib'] / 1024:.1f}",
+                        f"{(s['peak_kib'] - s['base_kib']) / 1024:.1f}",
+                    ]
+                )
     plot(samples, summary, args.out / "seal.png")
     print(json.dumps(summary, indent=2))
 
@@ -228,8 +245,10 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     axes[2].set_xticks(range(len(batches)), batches)
     axes[2].set_title("median inference latency (ms)")
     axes[2].legend()
-    fig.suptitle(f"sealed vs plain, {summary['model_bytes'] / 1e6:.0f} MB model, {summary['runs']} runs each "
-                 f"(decrypt {summary['decrypt_gb_per_s_one_core']['fresh_buffer_incl_alloc_and_faults']:.1f} GB/s/core)")
+    fig.suptitle(
+        f"sealed vs plain, {summary['model_bytes'] / 1e6:.0f} MB model, {summary['runs']} runs each "
+        f"(decrypt {summary['decrypt_gb_per_s_one_core']['fresh_buffer_incl_alloc_and_faults']:.1f} GB/s/core)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

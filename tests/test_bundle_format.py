@@ -6,10 +6,9 @@ import hashlib
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,11 +21,10 @@ from modelcloak.bundle import (
     TamperedError,
     UnsupportedVersionError,
     WrongKeyError,
+    stream,
 )
-from modelcloak.bundle import stream
 from modelcloak.bundle.manifest import parse_manifest
 from modelcloak.keys import Passphrase
-from modelcloak.model import load_model
 from modelcloak.protect import protect
 
 CHUNK = 4096  # the smallest allowed chunk, so the test model spans several chunks per section
@@ -195,9 +193,13 @@ def test_sections_cannot_be_swapped(tmp_path, key_file):
     path = tmp_path / "two.mcb"
     try:
         write_bundle(
-            path, master_key=master.view(), key_spec=spec, scheme="test",
+            path,
+            master_key=master.view(),
+            key_spec=spec,
+            scheme="test",
             sections=[SectionSource("a", 5000, lambda: [b"a" * 5000]), SectionSource("b", 5000, lambda: [b"b" * 5000])],
-            extra={}, chunk_size=CHUNK,
+            extra={},
+            chunk_size=CHUNK,
         )
     finally:
         master.close()
@@ -341,8 +343,10 @@ def _sealed_bytes(tmp_path_factory, mlp_model, key) -> bytes:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutation=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=4),
-       cut=st.one_of(st.none(), st.integers(min_value=0)))
+@given(
+    mutation=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(min_value=0)),
+)
 def test_any_mutation_is_refused_never_garbage(tmp_path_factory, mlp, key_file, mutation, cut):
     original = _sealed_bytes(tmp_path_factory, mlp, key_file)
     data = bytearray(original)
@@ -359,11 +363,13 @@ def test_any_mutation_is_refused_never_garbage(tmp_path_factory, mlp, key_file, 
 
 
 @settings(max_examples=200, deadline=None)
-@given(document=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=6),
-    max_leaves=20,
-))
+@given(
+    document=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=6),
+        max_leaves=20,
+    )
+)
 def test_manifest_parser_only_raises_manifest_error(document):
     import json
 

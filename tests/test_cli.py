@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from conftest import reference_outputs
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True, text=True, timeout=180, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
         input=stdin,
     )
 
@@ -36,8 +41,16 @@ def owner(tmp_path, mlp):
     (tmp_path / "mlp.onnx").write_bytes(mlp.SerializeToString())
     assert cli("keygen", str(tmp_path / "model.key")).returncode == 0
     assert cli("keygen", "--signing", str(tmp_path / "owner.pem")).returncode == 0
-    result = cli("protect", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "mlp.mcb"),
-                 "--key-file", str(tmp_path / "model.key"), "--sign-key", str(tmp_path / "owner.pem"))
+    result = cli(
+        "protect",
+        str(tmp_path / "mlp.onnx"),
+        "-o",
+        str(tmp_path / "mlp.mcb"),
+        "--key-file",
+        str(tmp_path / "model.key"),
+        "--sign-key",
+        str(tmp_path / "owner.pem"),
+    )
     assert result.returncode == 0, result.stderr
     assert "signed" in result.stdout
     return tmp_path
@@ -46,8 +59,17 @@ def owner(tmp_path, mlp):
 def test_protect_run_round_trip_npy_and_npz(owner, mlp):
     x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     np.save(owner / "x.npy", x)
-    result = cli("run", str(owner / "mlp.mcb"), str(owner / "x.npy"), "--key-file", str(owner / "model.key"),
-                 "--trusted-signer", str(owner / "owner.pem.pub"), "-o", str(owner / "y.npz"))
+    result = cli(
+        "run",
+        str(owner / "mlp.mcb"),
+        str(owner / "x.npy"),
+        "--key-file",
+        str(owner / "model.key"),
+        "--trusted-signer",
+        str(owner / "owner.pem.pub"),
+        "-o",
+        str(owner / "y.npz"),
+    )
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(owner / "y.npz")["logits"], reference_outputs(mlp, x))
     np.savez(owner / "x.npz", x=x)
@@ -80,11 +102,27 @@ def test_doctor_lists_caches(tmp_path):
 def test_passphrase_from_environment(tmp_path, mlp):
     (tmp_path / "m.onnx").write_bytes(mlp.SerializeToString())
     env = {"PW": "a long passphrase"}
-    assert cli("protect", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.mcb"), "--passphrase-env", "PW", env=env).returncode == 0
+    assert (
+        cli(
+            "protect", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.mcb"), "--passphrase-env", "PW", env=env
+        ).returncode
+        == 0
+    )
     np.save(tmp_path / "x.npy", np.zeros((1, 16), np.float32))
-    assert cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--passphrase-env", "PW", env=env).returncode == 0
-    one_line_error(cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--passphrase-env", "PW",
-                       env={"PW": "another passphrase"}), "wrong key")
+    assert (
+        cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--passphrase-env", "PW", env=env).returncode == 0
+    )
+    one_line_error(
+        cli(
+            "run",
+            str(tmp_path / "m.mcb"),
+            str(tmp_path / "x.npy"),
+            "--passphrase-env",
+            "PW",
+            env={"PW": "another passphrase"},
+        ),
+        "wrong key",
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,8 +177,10 @@ def test_tampered_bundle_uses_the_signature_first(owner):
     data[len(data) // 2] ^= 1
     (owner / "t.mcb").write_bytes(bytes(data))
     np.save(owner / "x.npy", np.zeros((1, 16), np.float32))
-    one_line_error(cli("run", str(owner / "t.mcb"), str(owner / "x.npy"), "--key-file", str(owner / "model.key")),
-                   "owner signature is invalid")
+    one_line_error(
+        cli("run", str(owner / "t.mcb"), str(owner / "x.npy"), "--key-file", str(owner / "model.key")),
+        "owner signature is invalid",
+    )
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,6 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.hygiene import (
     HygieneError,
     SecureBuffer,
-    harden_process,
     mapping_flags,
     mapping_name,
     memory_capabilities,

@@ -31,7 +31,10 @@ _RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"[^"]+", (?:[^,]+, )?"(?P<path
 
 def _model_with_canaries(seed: int = 7):
     rng = np.random.default_rng(seed)
-    weights = [(rng.standard_normal((64, 256)) * 0.1).astype(np.float32), (rng.standard_normal((256, 10)) * 0.1).astype(np.float32)]
+    weights = [
+        (rng.standard_normal((64, 256)) * 0.1).astype(np.float32),
+        (rng.standard_normal((256, 10)) * 0.1).astype(np.float32),
+    ]
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w0"], ["h"], name=NODE_CANARY),
@@ -54,7 +57,11 @@ def _model_with_canaries(seed: int = 7):
 
 
 def _cache_enabling_environment(tree: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEO_", "CUDA_CACHE", "ORT_", "TORCHINDUCTOR", "TRITON"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NEO_", "CUDA_CACHE", "ORT_", "TORCHINDUCTOR", "TRITON"))
+    }
     for sub in ("home", "tmp", "xdg-cache", "work", "work/cl_cache"):
         (tree / sub).mkdir(parents=True, exist_ok=True)
     env.update(
@@ -94,7 +101,9 @@ def _written_files(trace: Path) -> set[Path]:
 def _leaks(files: set[Path], canaries: list[bytes]) -> dict[str, int]:
     found: dict[str, int] = {}
     for path in sorted(files):
-        if str(path).startswith(("/proc/", "/sys/")) or (str(path).startswith("/dev/") and not str(path).startswith("/dev/shm/")):
+        if str(path).startswith(("/proc/", "/sys/")) or (
+            str(path).startswith("/dev/") and not str(path).startswith("/dev/shm/")
+        ):
             continue
         if not path.is_file():
             continue
@@ -119,8 +128,21 @@ def _run_traced(tmp_path: Path, backend: str, policy: str, optimized: bool) -> t
     tree = tmp_path / "device"
     env = _cache_enabling_environment(tree)
     trace = tmp_path / "strace.log"
-    command = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=open,openat,openat2,creat,rename,renameat,renameat2",
-               sys.executable, str(PROBE), str(bundle), str(key.path), backend, policy]
+    command = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        str(trace),
+        "-e",
+        "trace=open,openat,openat2,creat,rename,renameat,renameat2",
+        sys.executable,
+        str(PROBE),
+        str(bundle),
+        str(key.path),
+        backend,
+        policy,
+    ]
     if optimized:
         command.append(str(tree / "tmp" / "optimized.onnx"))
     result = subprocess.run(command, cwd=tree / "work", env=env, capture_output=True, text=True, timeout=300)
@@ -152,9 +174,22 @@ def test_strict_policy_refuses_to_start_with_caches_enabled(tmp_path):
     env = _cache_enabling_environment(tmp_path / "device")
     np.save(tmp_path / "x.npy", np.ones((1, 64), np.float32))
     result = subprocess.run(
-        [sys.executable, "-m", "modelcloak", "run", str(tmp_path / "model.mcb"),
-         str(tmp_path / "x.npy"), "--key-file", str(key.path), "--strict"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path / "device" / "work",
+        [
+            sys.executable,
+            "-m",
+            "modelcloak",
+            "run",
+            str(tmp_path / "model.mcb"),
+            str(tmp_path / "x.npy"),
+            "--key-file",
+            str(key.path),
+            "--strict",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path / "device" / "work",
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

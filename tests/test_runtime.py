@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_mlp, reference_outputs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import make_mlp, reference_outputs
 from modelcloak import hygiene
-from modelcloak.bundle import BundleError, SignatureError, TamperedError, WrongKeyError
+from modelcloak.bundle import SignatureError, TamperedError, WrongKeyError
 from modelcloak.keys import EnvKey, KeyProviderError
 from modelcloak.protect import protect
 from modelcloak.runtime import SessionError, load
@@ -133,3 +133,38 @@ def test_large_model_with_many_chunks(tmp_path, key_file):
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
     with load(path, key=key_file) as session:
         np.testing.assert_array_equal(session.run(x)["logits"], reference_outputs(big, x))
+
+
+def test_model_with_external_data_files_is_streamed_in(tmp_path, key_file):
+    import onnx
+
+    model = make_mlp((64, 512, 256, 10), seed=5)
+    expected_input = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    expected = reference_outputs(model, expected_input)
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save_model(model, source / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=1024)
+    assert (source / "m.data").stat().st_size > 100_000
+    protect(source / "m.onnx", tmp_path / "m.mcb", key=key_file)
+    with load(tmp_path / "m.mcb", key=key_file) as session:
+        np.testing.assert_array_equal(session.run(expected_input)["logits"], expected)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, key_file):
+    import onnx
+
+    from modelcloak.model import ModelError
+
+    model = make_mlp(seed=6)
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save_model(model, source / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=1024)
+    tampered = onnx.load(source / "m.onnx", load_external_data=False)
+    for tensor in tampered.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../etc/passwd"
+    onnx.save_model(tampered, source / "evil.onnx")
+    with pytest.raises(ModelError, match="outside"):
+        protect(source / "evil.onnx", tmp_path / "evil.mcb", key=key_file)
+    assert not (tmp_path / "evil.mcb").exists()

@@ -280,7 +280,7 @@ class SecureBuffer:
 
 def _alive(v: memoryview) -> bool:
     try:
-        v.nbytes
+        _ = v.nbytes  # raises once the view has been released
     except ValueError:
         return False
     return True

@@ -61,7 +61,9 @@ def protect(
     """
     if scheme not in SCHEMES:
         if scheme in PLANNED_SCHEMES:
-            raise ModelcloakError(f"scheme {scheme!r} is not available in this version yet; available: {', '.join(SCHEMES)}")
+            raise ModelcloakError(
+                f"scheme {scheme!r} is not available in this version yet; available: {', '.join(SCHEMES)}"
+            )
         raise ModelcloakError(f"unknown scheme {scheme!r}; available: {', '.join(SCHEMES)}")
     base_dir = Path(model).parent if isinstance(model, (str, Path)) else None
     proto = load_model(model)

@@ -218,7 +218,9 @@ class Bundle:
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
         if manifest_len > MAX_MANIFEST_BYTES:
-            raise TamperedError(f"{self.source}: manifest length {manifest_len} exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+            raise TamperedError(
+                f"{self.source}: manifest length {manifest_len} exceeds the {MAX_MANIFEST_BYTES}-byte limit"
+            )
         header_end = _PREFIX.size + manifest_len
         if size < header_end + MAC_SIZE:
             raise TamperedError(f"{self.source} is truncated inside its header ({size} bytes)")
@@ -235,7 +237,9 @@ class Bundle:
             offset += length
         expected = offset + (signing.TRAILER_SIZE if self.manifest.signer_public_key else 0)
         if size < expected:
-            raise TamperedError(f"{self.source} is truncated: the manifest describes {expected} bytes, the file has {size}")
+            raise TamperedError(
+                f"{self.source} is truncated: the manifest describes {expected} bytes, the file has {size}"
+            )
         if size > expected:
             raise TamperedError(f"{self.source} has {size - expected} unexpected bytes after its last section")
         self._sections_end = offset

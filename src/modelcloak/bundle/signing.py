@@ -63,7 +63,9 @@ def generate_signing_key(private_path: Path, *, overwrite: bool = False) -> byte
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return public
 
 

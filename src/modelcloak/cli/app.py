@@ -31,9 +31,12 @@ out = Console()
 err = Console(stderr=True)
 
 KeyFileOpt = Annotated[Optional[Path], typer.Option("--key-file", help="File holding the 256-bit model key.")]
-KeyEnvOpt = Annotated[Optional[str], typer.Option("--key-env", help="Environment variable holding the key (hex/base64).")]
+KeyEnvOpt = Annotated[
+    Optional[str], typer.Option("--key-env", help="Environment variable holding the key (hex/base64).")
+]
 PassEnvOpt = Annotated[
-    Optional[str], typer.Option("--passphrase-env", help="Environment variable holding a passphrase (scrypt-derived key).")
+    Optional[str],
+    typer.Option("--passphrase-env", help="Environment variable holding a passphrase (scrypt-derived key)."),
 ]
 PassPromptOpt = Annotated[bool, typer.Option("--passphrase", help="Prompt for a passphrase.")]
 
@@ -65,7 +68,9 @@ def protect(
     key_env: KeyEnvOpt = None,
     passphrase_env: PassEnvOpt = None,
     passphrase: PassPromptOpt = False,
-    sign_key: Annotated[Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM) to sign with.")] = None,
+    sign_key: Annotated[
+        Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM) to sign with.")
+    ] = None,
     label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
 ) -> None:
@@ -79,15 +84,27 @@ def protect(
     if output.resolve() == model.resolve():
         raise ModelcloakError("the bundle path must differ from the model path")
     provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=err, transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
         task = bar.add_task("encrypting", total=None)
         manifest = do_protect(
-            model, output, key=provider, scheme=scheme, signer=sign_key, label=label,
+            model,
+            output,
+            key=provider,
+            scheme=scheme,
+            signer=sign_key,
+            label=label,
             progress=lambda n: bar.advance(task, n),
         )
     signed = "signed" if manifest.signer_public_key else "unsigned"
-    out.print(f"wrote {output} ({output.stat().st_size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
+    size = output.stat().st_size
+    out.print(f"wrote {output} ({size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
 
 
 def _load_inputs(path: Path) -> dict[str, Any] | Any:
@@ -109,14 +126,17 @@ def _load_inputs(path: Path) -> dict[str, Any] | Any:
 def run(
     bundle: Annotated[Path, typer.Argument(help="Sealed bundle.")],
     inputs: Annotated[Path, typer.Argument(help=".npy (single input) or .npz (one array per input name).")],
-    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save outputs to .npz instead of printing.")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Save outputs to .npz instead of printing.")
+    ] = None,
     key_file: KeyFileOpt = None,
     key_env: KeyEnvOpt = None,
     passphrase_env: PassEnvOpt = None,
     passphrase: PassPromptOpt = False,
     backend: Annotated[str, typer.Option(help="onnxruntime or openvino.")] = "onnxruntime",
     trusted_signer: Annotated[
-        Optional[list[Path]], typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory.")
+        Optional[list[Path]],
+        typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
@@ -130,8 +150,14 @@ def run(
     if output is not None and output.suffix != ".npz":
         raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
     provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
-    with load(bundle, key=provider, backend=backend, trusted_signers=trusted_signer, threads=threads,
-              cache_policy="strict" if strict else "override") as session:
+    with load(
+        bundle,
+        key=provider,
+        backend=backend,
+        trusted_signers=trusted_signer,
+        threads=threads,
+        cache_policy="strict" if strict else "override",
+    ) as session:
         results = session.run(feeds)
     if output is not None:
         np.savez(output, **results)
@@ -168,11 +194,17 @@ def inspect(
     table.add_row("scheme", manifest.scheme)
     key = manifest.key
     kdf = key.get("kdf")
-    kdf_text = f", {kdf.get('name')} n={kdf.get('n')} r={kdf.get('r')} p={kdf.get('p')}" if isinstance(kdf, dict) else ""
+    kdf_text = (
+        f", {kdf.get('name')} n={kdf.get('n')} r={kdf.get('r')} p={kdf.get('p')}" if isinstance(kdf, dict) else ""
+    )
     table.add_row("key", f"id {manifest.key_id} ({key.get('provider')}{kdf_text})")
     table.add_row("signature", signature)
     created = doc.get("created", {})
-    table.add_row("created", f"{created.get('at', '?')} by {created.get('tool', '?')}" + (f" [{created['label']}]" if created.get("label") else ""))
+    table.add_row(
+        "created",
+        f"{created.get('at', '?')} by {created.get('tool', '?')}"
+        + (f" [{created['label']}]" if created.get("label") else ""),
+    )
     for kind in ("inputs", "outputs"):
         for spec in doc.get("model", {}).get(kind, []):
             table.add_row(kind[:-1], f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')}")
@@ -211,13 +243,17 @@ def doctor() -> None:
         memory.add_row(name, str(value))
     out.print(memory)
     risky = sum(f.risk for f in findings)
-    out.print(f"{risky} cache setting(s) would write to disk; `modelcloak run` overrides them (or refuses with --strict).")
+    out.print(
+        f"{risky} cache setting(s) would write to disk; `modelcloak run` overrides them (or refuses with --strict)."
+    )
 
 
 @app.command()
 def keygen(
     path: Annotated[Path, typer.Argument(help="Where to write the key.")],
-    signing: Annotated[bool, typer.Option("--signing", help="Make an Ed25519 signing key pair (PATH and PATH.pub).")] = False,
+    signing: Annotated[
+        bool, typer.Option("--signing", help="Make an Ed25519 signing key pair (PATH and PATH.pub).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key.")] = False,
 ) -> None:
     """Create a random 256-bit model key file (mode 0600), or an owner signing key pair."""
@@ -235,7 +271,9 @@ def keygen(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's model, key and bundle.")] = Path("modelcloak-demo"),
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's model, key and bundle.")] = Path(
+        "modelcloak-demo"
+    ),
     epochs: Annotated[int, typer.Option(help="Training epochs for the MNIST CNN.")] = 3,
 ) -> None:
     """Train a small CNN on real MNIST digits, seal it, and compare sealed and plain accuracy."""
@@ -257,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except ClickException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `modelcloak`: show help, not an error
-            out.print(command.get_help(command.make_context("modelcloak", ["--help"], resilient_parsing=True)), highlight=False)
+            out.print(
+                command.get_help(command.make_context("modelcloak", ["--help"], resilient_parsing=True)),
+                highlight=False,
+            )
             return
         if debug:
             raise
@@ -275,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err.print(
             f"modelcloak: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)",
-            highlight=False, soft_wrap=True, markup=False,
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
         )
         sys.exit(1)

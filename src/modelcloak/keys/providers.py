@@ -186,7 +186,9 @@ class Passphrase(KeyProvider):
                 raise KeyProviderError(f"bundle's scrypt parameter {name}={value!r} is outside the accepted range")
             params[name] = value
         if params["n"] < _SCRYPT_MIN_N or params["n"] & (params["n"] - 1):
-            raise KeyProviderError(f"bundle's scrypt parameter n={params['n']} must be a power of two >= {_SCRYPT_MIN_N}")
+            raise KeyProviderError(
+                f"bundle's scrypt parameter n={params['n']} must be a power of two >= {_SCRYPT_MIN_N}"
+            )
         try:
             salt = base64.b64decode(kdf.get("salt", ""), validate=True)
         except (binascii.Error, ValueError, TypeError):

@@ -78,6 +78,8 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
                 "modelcloak.model.export_torch (or torch.onnx.export) first"
             )
         model = _parse(path.read_bytes(), str(path))
+        validate(model, path)
+        return model
     validate(model)
     return model
 
@@ -95,8 +97,12 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     return model
 
 
-def validate(model: onnx.ModelProto) -> None:
-    """Run onnx.checker and the checks onnxruntime would otherwise fail on later, with clear messages."""
+def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Run onnx.checker and the checks onnxruntime would otherwise fail on later, with clear messages.
+
+    With `path`, the checker works on the file, so external data is resolved next to it (and
+    models over 2 GB, which cannot be checked in memory, are checked too).
+    """
     if not model.graph.node:
         raise ModelError("model has an empty graph")
     if model.ir_version > MAX_ORT_IR_VERSION:
@@ -105,8 +111,7 @@ def validate(model: onnx.ModelProto) -> None:
             "re-export with an older opset/IR version"
         )
     try:
-        # In-memory check: external data files are not opened here but when weights are streamed.
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if path is not None else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelError(f"model failed ONNX validation: {first}") from None
@@ -127,7 +132,9 @@ def signature(model: onnx.ModelProto) -> Signature:
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"graph value {value.name!r} has an unsupported element type {tensor_type.elem_type}") from None
+            raise ModelError(
+                f"graph value {value.name!r} has an unsupported element type {tensor_type.elem_type}"
+            ) from None
         dims: list[int | str | None] = []
         for dim in tensor_type.shape.dim:
             if dim.HasField("dim_value"):
@@ -150,7 +157,9 @@ def _tensor_bytes(tensor: TensorProto, base_dir: Path | None) -> bytes | memoryv
             raise ModelError(f"initializer {tensor.name!r} uses external data but the model was not loaded from a file")
         location = (base_dir / info.get("location", "")).resolve()
         if base_dir.resolve() not in location.parents:
-            raise ModelError(f"initializer {tensor.name!r} points outside the model's directory: {info.get('location')}")
+            raise ModelError(
+                f"initializer {tensor.name!r} points outside the model's directory: {info.get('location')}"
+            )
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else location.stat().st_size - offset
         with open(location, "rb") as handle:

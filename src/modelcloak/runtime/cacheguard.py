@@ -158,11 +158,26 @@ class _EnvRule:
     subdir: str = ""
 
 
-def _force(stack: str, var: str, value: str, stores: str, *, safe: Iterable[str] = (),
-           default_on: bool = False, default_found: str = "") -> _EnvRule:
-    return _EnvRule(stack, var, "force", stores, value=value,
-                    safe=frozenset({value.lower(), *(s.lower() for s in safe)}),
-                    default_on=default_on, default_found=default_found)
+def _force(
+    stack: str,
+    var: str,
+    value: str,
+    stores: str,
+    *,
+    safe: Iterable[str] = (),
+    default_on: bool = False,
+    default_found: str = "",
+) -> _EnvRule:
+    return _EnvRule(
+        stack,
+        var,
+        "force",
+        stores,
+        value=value,
+        safe=frozenset({value.lower(), *(s.lower() for s in safe)}),
+        default_on=default_on,
+        default_found=default_found,
+    )
 
 
 def _unset(stack: str, var: str, stores: str) -> _EnvRule:
@@ -170,8 +185,7 @@ def _unset(stack: str, var: str, stores: str) -> _EnvRule:
 
 
 def _redirect(stack: str, var: str, subdir: str, stores: str, default_found: str) -> _EnvRule:
-    return _EnvRule(stack, var, "redirect", stores, default_on=True, default_found=default_found,
-                    subdir=subdir)
+    return _EnvRule(stack, var, "redirect", stores, default_on=True, default_found=default_found, subdir=subdir)
 
 
 _NEO = "Intel OpenCL/Level Zero (NEO)"
@@ -204,45 +218,102 @@ _ENV_RULES: tuple[_EnvRule, ...] = (
     # by cl_cache_dir (OpenCL) / l0_cache_dir (Level Zero), default ./cl_cache / ./l0_cache relative
     # to the working directory, used whenever it exists. So the legacy variables are pointed at a
     # path that can never exist.
-    _force(_NEO, "NEO_CACHE_PERSISTENT", "0", _KERNELS, default_on=True,
-           default_found="on by default in current drivers: ~/.cache/neo_compiler_cache"),
+    _force(
+        _NEO,
+        "NEO_CACHE_PERSISTENT",
+        "0",
+        _KERNELS,
+        default_on=True,
+        default_found="on by default in current drivers: ~/.cache/neo_compiler_cache",
+    ),
     _unset(_NEO, "NEO_CACHE_DIR", _KERNELS),
-    _force(_NEO, "cl_cache_dir", NO_CACHE_PATH, "compiled OpenCL kernels (legacy cache)",
-           default_on=True, default_found="legacy drivers cache in ./cl_cache whenever it exists"),
-    _force(_NEO, "l0_cache_dir", NO_CACHE_PATH, "compiled Level Zero kernels (legacy cache)",
-           default_on=True, default_found="legacy drivers cache in ./l0_cache whenever it exists"),
+    _force(
+        _NEO,
+        "cl_cache_dir",
+        NO_CACHE_PATH,
+        "compiled OpenCL kernels (legacy cache)",
+        default_on=True,
+        default_found="legacy drivers cache in ./cl_cache whenever it exists",
+    ),
+    _force(
+        _NEO,
+        "l0_cache_dir",
+        NO_CACHE_PATH,
+        "compiled Level Zero kernels (legacy cache)",
+        default_on=True,
+        default_found="legacy drivers cache in ./l0_cache whenever it exists",
+    ),
     # CUDA driver JIT cache (ComputeCache in ~/.nv): on by default.
-    _force(_CUDA, "CUDA_CACHE_DISABLE", "1", "JIT-compiled kernels (PTX to SASS)", default_on=True,
-           default_found="cache on by default in ~/.nv/ComputeCache"),
+    _force(
+        _CUDA,
+        "CUDA_CACHE_DISABLE",
+        "1",
+        "JIT-compiled kernels (PTX to SASS)",
+        default_on=True,
+        default_found="cache on by default in ~/.nv/ComputeCache",
+    ),
     _unset(_CUDA, "CUDA_CACHE_PATH", "JIT-compiled kernels (PTX to SASS)"),
     # PyTorch's NVRTC "jiterator" kernel cache (ATen/native/cuda/JitLoops.cuh): on by default.
-    _force(_TORCH_JIT, "USE_PYTORCH_KERNEL_CACHE", "0", "NVRTC-compiled elementwise kernels",
-           default_on=True, default_found="cache on by default in ~/.cache/torch/kernels"),
+    _force(
+        _TORCH_JIT,
+        "USE_PYTORCH_KERNEL_CACHE",
+        "0",
+        "NVRTC-compiled elementwise kernels",
+        default_on=True,
+        default_found="cache on by default in ~/.cache/torch/kernels",
+    ),
     _unset(_TORCH_JIT, "PYTORCH_KERNEL_CACHE_PATH", "NVRTC-compiled elementwise kernels"),
     # TorchInductor (torch/_inductor/config.py, torch/_functorch/config.py, torch/compiler/config.py).
     # Only "1" and "0" are understood. TORCHINDUCTOR_FORCE_DISABLE_CACHES comes first in the
     # precedence list it shares with TORCH_COMPILE_FORCE_DISABLE_CACHES, so setting it wins.
-    _force(_INDUCTOR, "TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1", "compiled FX graphs and kernels",
-           default_on=True, default_found="caches enabled by default"),
-    _force(_INDUCTOR, "TORCHINDUCTOR_FX_GRAPH_CACHE", "0", "compiled FX graphs (model structure)",
-           default_on=True, default_found="on by default"),
-    _force(_INDUCTOR, "TORCHINDUCTOR_AUTOGRAD_CACHE", "0", "compiled AOTAutograd graphs",
-           default_on=True, default_found="on by default"),
+    _force(
+        _INDUCTOR,
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES",
+        "1",
+        "compiled FX graphs and kernels",
+        default_on=True,
+        default_found="caches enabled by default",
+    ),
+    _force(
+        _INDUCTOR,
+        "TORCHINDUCTOR_FX_GRAPH_CACHE",
+        "0",
+        "compiled FX graphs (model structure)",
+        default_on=True,
+        default_found="on by default",
+    ),
+    _force(
+        _INDUCTOR,
+        "TORCHINDUCTOR_AUTOGRAD_CACHE",
+        "0",
+        "compiled AOTAutograd graphs",
+        default_on=True,
+        default_found="on by default",
+    ),
     _force(_INDUCTOR, "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "0", "compiled FX graphs, sent to a remote cache"),
     _force(_INDUCTOR, "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "0", "compiled graphs, sent to a remote cache"),
     _force(_INDUCTOR, "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE", "0", "autotuning results, sent to a remote cache"),
-    _force(_INDUCTOR, "TORCHINDUCTOR_BUNDLED_AUTOTUNE_REMOTE_CACHE", "0",
-           "autotuning results, sent to a remote cache"),
+    _force(_INDUCTOR, "TORCHINDUCTOR_BUNDLED_AUTOTUNE_REMOTE_CACHE", "0", "autotuning results, sent to a remote cache"),
     _force(_INDUCTOR, "TORCHINDUCTOR_DUMP_MEMOIZER_CACHE", "0", "a JSON dump of the memoizer cache"),
     _force(_INDUCTOR, "TORCH_COMPILE_DEBUG", "0", "debug traces: FX graphs and generated code"),
     _force(_INDUCTOR, "TORCH_COMPILE_DEBUG_SAVE_REAL", "0", "real tensors (weights) in debug traces"),
     # Inductor writes generated code to its cache dir even with every cache flag off (it compiles
     # from files), default /tmp/torchinductor_<user>: the only fix is to move that directory.
-    _redirect(_INDUCTOR, "TORCHINDUCTOR_CACHE_DIR", "inductor", "generated kernel code (model structure)",
-              "writes generated code to /tmp/torchinductor_<user>"),
+    _redirect(
+        _INDUCTOR,
+        "TORCHINDUCTOR_CACHE_DIR",
+        "inductor",
+        "generated kernel code (model structure)",
+        "writes generated code to /tmp/torchinductor_<user>",
+    ),
     # Triton (python/triton/knobs.py): the cache has no off switch.
-    _redirect(_TRITON, "TRITON_CACHE_DIR", "triton", "compiled Triton kernels",
-              "cache on, in $TRITON_HOME/.triton/cache (default ~/.triton/cache)"),
+    _redirect(
+        _TRITON,
+        "TRITON_CACHE_DIR",
+        "triton",
+        "compiled Triton kernels",
+        "cache on, in $TRITON_HOME/.triton/cache (default ~/.triton/cache)",
+    ),
     _force(_TRITON, "TRITON_KERNEL_DUMP", "0", "kernel IR dumps (TTIR, TTGIR, PTX)"),
     _unset(_TRITON, "TRITON_DUMP_DIR", "kernel IR dumps"),
     _unset(_TRITON, "TRITON_CACHE_MANAGER", "compiled kernels, wherever a custom manager puts them"),
@@ -263,21 +334,47 @@ _ENV_RULES: tuple[_EnvRule, ...] = (
     _unset(_ORT_MIGX, "ORT_MIGRAPHX_SAVE_COMPILED_PATH", "compiled MIGraphX programs (.mxr)"),
     _unset(_ORT_MIGX, "ORT_MIGRAPHX_MODEL_CACHE_PATH", "compiled MIGraphX programs (.mxr)"),
     # MIOpen kernel cache (~/.cache/miopen), on by default; documented value "true".
-    _force(_MIOPEN, "MIOPEN_DISABLE_CACHE", "true", "compiled convolution kernels", safe=("1", "yes", "on"),
-           default_on=True, default_found="cache on by default in ~/.cache/miopen"),
+    _force(
+        _MIOPEN,
+        "MIOPEN_DISABLE_CACHE",
+        "true",
+        "compiled convolution kernels",
+        safe=("1", "yes", "on"),
+        default_on=True,
+        default_found="cache on by default in ~/.cache/miopen",
+    ),
     # Intel NPU user-mode driver: caches compiled models unless the variable is set to empty.
-    _force(_NPU, "ZE_INTEL_NPU_CACHE_DIR", "", "compiled NPU models (weights included)", default_on=True,
-           default_found="cache on by default in ~/.cache/ze_intel_npu_cache"),
+    _force(
+        _NPU,
+        "ZE_INTEL_NPU_CACHE_DIR",
+        "",
+        "compiled NPU models (weights included)",
+        default_on=True,
+        default_found="cache on by default in ~/.cache/ze_intel_npu_cache",
+    ),
     # Mesa disk cache (GL, Vulkan and rusticl OpenCL). MESA_GLSL_* are the pre-22.1 names; only a
     # user value is corrected there, since current Mesa warns when the old names are set.
-    _force(_MESA, "MESA_SHADER_CACHE_DISABLE", "true", "compiled shaders and compute kernels",
-           safe=("1", "yes", "y"), default_on=True, default_found="cache on by default in ~/.cache/mesa_shader_cache"),
+    _force(
+        _MESA,
+        "MESA_SHADER_CACHE_DISABLE",
+        "true",
+        "compiled shaders and compute kernels",
+        safe=("1", "yes", "y"),
+        default_on=True,
+        default_found="cache on by default in ~/.cache/mesa_shader_cache",
+    ),
     _force(_MESA, "MESA_GLSL_CACHE_DISABLE", "true", "compiled shaders (Mesa before 22.1)", safe=("1", "yes", "y")),
     _unset(_MESA, "MESA_SHADER_CACHE_DIR", "compiled shaders and compute kernels"),
     _unset(_MESA, "MESA_GLSL_CACHE_DIR", "compiled shaders (Mesa before 22.1)"),
     # NVIDIA proprietary GL driver shader cache ($HOME/.nv/GLCache), on by default for non-root.
-    _force(_NVGL, "__GL_SHADER_DISK_CACHE", "0", "compiled shaders", default_on=True,
-           default_found="cache on by default in ~/.nv/GLCache"),
+    _force(
+        _NVGL,
+        "__GL_SHADER_DISK_CACHE",
+        "0",
+        "compiled shaders",
+        default_on=True,
+        default_found="cache on by default in ~/.nv/GLCache",
+    ),
     _unset(_NVGL, "__GL_SHADER_DISK_CACHE_PATH", "compiled shaders"),
 )
 
@@ -324,9 +421,7 @@ def _shown(value: Any, limit: int = 160) -> str:
 
 def _check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise CacheGuardError(
-            f"unknown cache policy {policy!r}: use one of {', '.join(repr(p) for p in POLICIES)}"
-        )
+        raise CacheGuardError(f"unknown cache policy {policy!r}: use one of {', '.join(repr(p) for p in POLICIES)}")
 
 
 def _stderr_warn(message: str) -> None:
@@ -342,12 +437,13 @@ def _warning_text(finding: CacheFinding) -> str:
 def _strict_message(findings: list[CacheFinding], context: str) -> str:
     # Every setting is named in full; only the values shown beside them are shortened.
     named = "; ".join(f"{_shown(f.setting)} ({_shown(f.found, 60)})" for f in findings)
-    return (f"cache policy 'strict': {context} would write plaintext model artefacts to disk: {named}. "
-            "Remove these settings, or use policy 'override' to neutralise them")
+    return (
+        f"cache policy 'strict': {context} would write plaintext model artefacts to disk: {named}. "
+        "Remove these settings, or use policy 'override' to neutralise them"
+    )
 
 
-def _enforce(checks: list[_Check], policy: str, warn: Callable[[str], None] | None,
-             context: str) -> list[CacheFinding]:
+def _enforce(checks: list[_Check], policy: str, warn: Callable[[str], None] | None, context: str) -> list[CacheFinding]:
     """Carry out a policy over checks; returns the findings that were at risk."""
     risky = [check for check in checks if check.finding.risk]
     if policy == "off":
@@ -404,15 +500,18 @@ def _is_private_dir(path: str) -> bool:
         info = os.lstat(path)
     except OSError:
         return False
-    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
-            and (info.st_mode & 0o077) == 0)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and (info.st_mode & 0o077) == 0
 
 
 def _memory_root(environ: Mapping[str, str], mounts: list[tuple[str, str]]) -> str | None:
     """Where private scratch directories go: /dev/shm, else $XDG_RUNTIME_DIR, if memory-backed."""
     for candidate in ("/dev/shm", environ.get("XDG_RUNTIME_DIR", "")):
-        if (candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK)
-                and _is_memory_backed(candidate, mounts)):
+        if (
+            candidate
+            and os.path.isdir(candidate)
+            and os.access(candidate, os.W_OK | os.X_OK)
+            and _is_memory_backed(candidate, mounts)
+        ):
             return candidate
     return None
 
@@ -451,17 +550,20 @@ def _env_checks(environ: Mapping[str, str], cwd: Path | None, scratch: _Scratch 
     def setter(var: str, value: str) -> Callable[[], None]:
         def fix() -> None:
             environ[var] = value  # type: ignore[index]  # apply() passes a MutableMapping
+
         return fix
 
     def remover(var: str) -> Callable[[], None]:
         def fix() -> None:
             environ.pop(var, None)  # type: ignore[attr-defined]
+
         return fix
 
     def redirector(var: str, subdir: str) -> Callable[[], None]:
         def fix() -> None:
             if scratch is not None:
                 environ[var] = scratch.subdir(subdir)  # type: ignore[index]
+
         return fix
 
     for rule in _ENV_RULES:
@@ -483,23 +585,36 @@ def _env_checks(environ: Mapping[str, str], cwd: Path | None, scratch: _Scratch 
             finding = CacheFinding(rule.stack, rule.var, shown, True, f"unset {rule.var}", "user", rule.stores)
             checks.append(_Check(finding, remover(rule.var)))
         else:  # redirect
-            why = ("Triton cannot disable its cache" if rule.stack == _TRITON
-                   else "Inductor writes generated code even with its caches off")
+            why = (
+                "Triton cannot disable its cache"
+                if rule.stack == _TRITON
+                else "Inductor writes generated code even with its caches off"
+            )
             where = "on tmpfs" if memory_root else "in the temp directory (no tmpfs found: still on disk)"
             action = f"set {rule.var} to a fresh private 0700 directory {where}, removed at exit ({why})"
             if value is not None and _is_private_dir(value):
                 memory = _is_memory_backed(value, mounts)
                 found = f"{rule.var}={_shown(value)} (private {'tmpfs' if memory else 'on-disk'} directory)"
                 if memory:
-                    checks.append(_Check(CacheFinding(rule.stack, rule.var, found, False, "nothing",
-                                                      "default", rule.stores)))
+                    checks.append(
+                        _Check(CacheFinding(rule.stack, rule.var, found, False, "nothing", "default", rule.stores))
+                    )
                     continue
                 if memory_root is None:
                     # The best this machine allows: creating another one would change nothing.
-                    checks.append(_Check(CacheFinding(
-                        rule.stack, rule.var, found, True,
-                        "keep it: no memory-backed filesystem here (it is removed at exit)", "default",
-                        rule.stores)))
+                    checks.append(
+                        _Check(
+                            CacheFinding(
+                                rule.stack,
+                                rule.var,
+                                found,
+                                True,
+                                "keep it: no memory-backed filesystem here (it is removed at exit)",
+                                "default",
+                                rule.stores,
+                            )
+                        )
+                    )
                     continue
                 finding = CacheFinding(rule.stack, rule.var, found, True, action, "default", rule.stores)
             else:
@@ -525,10 +640,13 @@ def _env_checks(environ: Mapping[str, str], cwd: Path | None, scratch: _Scratch 
             found = f"{folder} exists ({cached} cached kernel file{'s' if cached != 1 else ''})"
             if not in_use:
                 found += f"; unused: {var} points elsewhere"
-            action = (f"set {var}={NO_CACHE_PATH} so drivers stop using it; the folder is left in place "
-                      "(delete it yourself if it holds kernels of a protected model)")
-            finding = CacheFinding(_NEO, f"./{folder_name}", found, in_use, action, "filesystem",
-                                   "compiled kernels (legacy NEO cache)")
+            action = (
+                f"set {var}={NO_CACHE_PATH} so drivers stop using it; the folder is left in place "
+                "(delete it yourself if it holds kernels of a protected model)"
+            )
+            finding = CacheFinding(
+                _NEO, f"./{folder_name}", found, in_use, action, "filesystem", "compiled kernels (legacy NEO cache)"
+            )
             checks.append(_Check(finding, setter(var, NO_CACHE_PATH)))
     return checks
 
@@ -593,8 +711,10 @@ def apply(
     if policy != "off" and target is os.environ:
         emit = warn or _stderr_warn
         for stack in _late_stacks(findings):
-            emit(f"{stack} was initialised before the cache guard ran; settings it has already read "
-                 "are not affected (run the guard before importing or starting any runtime)")
+            emit(
+                f"{stack} was initialised before the cache guard ran; settings it has already read "
+                "are not affected (run the guard before importing or starting any runtime)"
+            )
     return findings
 
 
@@ -626,19 +746,43 @@ def _ort_session_checks(so: onnxruntime.SessionOptions) -> list[_Check]:
     checks: list[_Check] = []
     path = so.optimized_model_filepath
     if path:
+
         def clear_path() -> None:
             so.optimized_model_filepath = ""
-        checks.append(_Check(CacheFinding(
-            _ORT, "optimized_model_filepath", f"optimized_model_filepath={_shown(path)}", True,
-            "set optimized_model_filepath to the empty string", "user",
-            "the optimised model, weights included"), clear_path))
+
+        checks.append(
+            _Check(
+                CacheFinding(
+                    _ORT,
+                    "optimized_model_filepath",
+                    f"optimized_model_filepath={_shown(path)}",
+                    True,
+                    "set optimized_model_filepath to the empty string",
+                    "user",
+                    "the optimised model, weights included",
+                ),
+                clear_path,
+            )
+        )
     if so.enable_profiling:
+
         def stop_profiling() -> None:
             so.enable_profiling = False
-        checks.append(_Check(CacheFinding(
-            _ORT, "enable_profiling", f"enable_profiling=True (prefix {_shown(so.profile_file_prefix)})", True,
-            "set enable_profiling=False", "user", "a profile naming every node, its operator and shapes"),
-            stop_profiling))
+
+        checks.append(
+            _Check(
+                CacheFinding(
+                    _ORT,
+                    "enable_profiling",
+                    f"enable_profiling=True (prefix {_shown(so.profile_file_prefix)})",
+                    True,
+                    "set enable_profiling=False",
+                    "user",
+                    "a profile naming every node, its operator and shapes",
+                ),
+                stop_profiling,
+            )
+        )
     for key, safe, stores in _ORT_CONFIG_RULES:
         value = _session_config_entry(so, key)
         if value is None or value in (safe, ""):
@@ -646,9 +790,14 @@ def _ort_session_checks(so: onnxruntime.SessionOptions) -> list[_Check]:
 
         def reset(key: str = key, safe: str = safe) -> None:
             so.add_session_config_entry(key, safe)
+
         shown_safe = f'"{safe}"' if safe else "the empty string"
-        checks.append(_Check(CacheFinding(
-            _ORT, key, f"{key}={_shown(value)}", True, f"set {key} to {shown_safe}", "user", stores), reset))
+        checks.append(
+            _Check(
+                CacheFinding(_ORT, key, f"{key}={_shown(value)}", True, f"set {key} to {shown_safe}", "user", stores),
+                reset,
+            )
+        )
     return checks
 
 
@@ -688,28 +837,40 @@ def _writes(value: Any) -> bool:
 # Per provider: flags that must be off, and path options that must go. Names from the providers'
 # *_execution_provider_info.cc option tables; MIGraphX has used three spellings over releases.
 _PROVIDER_RULES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
-    "tensorrtexecutionprovider": (_ORT_TRT, {
-        "trt_engine_cache_enable": _TRT_ENGINE,
-        "trt_timing_cache_enable": "TensorRT timing cache (layer shapes)",
-        "trt_dump_subgraphs": "ONNX subgraphs, weights included",
-        "trt_dump_ep_context_model": "an EP context model embedding TensorRT engines",
-    }, {
-        "trt_engine_cache_path": _TRT_ENGINE,
-        "trt_timing_cache_path": "TensorRT timing cache",
-        "trt_ep_context_file_path": "an EP context model embedding TensorRT engines",
-    }),
-    "migraphxexecutionprovider": (_ORT_MIGX, {
-        "migraphx_save_compiled_model": "compiled MIGraphX programs (.mxr, weights included)",
-        "migx_save_compiled_model": "compiled MIGraphX programs (.mxr, weights included)",
-    }, {
-        "migraphx_save_compiled_path": "compiled MIGraphX programs (.mxr)",
-        "migraphx_save_model_name": "compiled MIGraphX programs (.mxr)",
-        "migx_save_model_name": "compiled MIGraphX programs (.mxr)",
-        "migraphx_model_cache_dir": "compiled MIGraphX programs (.mxr)",
-    }),
-    "openvinoexecutionprovider": (_ORT_OV, {}, {
-        "cache_dir": "compiled OpenVINO blobs (weights included)",
-    }),
+    "tensorrtexecutionprovider": (
+        _ORT_TRT,
+        {
+            "trt_engine_cache_enable": _TRT_ENGINE,
+            "trt_timing_cache_enable": "TensorRT timing cache (layer shapes)",
+            "trt_dump_subgraphs": "ONNX subgraphs, weights included",
+            "trt_dump_ep_context_model": "an EP context model embedding TensorRT engines",
+        },
+        {
+            "trt_engine_cache_path": _TRT_ENGINE,
+            "trt_timing_cache_path": "TensorRT timing cache",
+            "trt_ep_context_file_path": "an EP context model embedding TensorRT engines",
+        },
+    ),
+    "migraphxexecutionprovider": (
+        _ORT_MIGX,
+        {
+            "migraphx_save_compiled_model": "compiled MIGraphX programs (.mxr, weights included)",
+            "migx_save_compiled_model": "compiled MIGraphX programs (.mxr, weights included)",
+        },
+        {
+            "migraphx_save_compiled_path": "compiled MIGraphX programs (.mxr)",
+            "migraphx_save_model_name": "compiled MIGraphX programs (.mxr)",
+            "migx_save_model_name": "compiled MIGraphX programs (.mxr)",
+            "migraphx_model_cache_dir": "compiled MIGraphX programs (.mxr)",
+        },
+    ),
+    "openvinoexecutionprovider": (
+        _ORT_OV,
+        {},
+        {
+            "cache_dir": "compiled OpenVINO blobs (weights included)",
+        },
+    ),
 }
 
 # OpenVINO properties that make a plugin write compiled blobs. CACHE_DIR is the core property;
@@ -735,9 +896,21 @@ def _openvino_tree_checks(tree: dict[str, Any], stack: str, prefix: str) -> list
 
             def blank(tree: dict[str, Any] = tree, key: str = key) -> None:
                 tree[key] = ""
-            checks.append(_Check(CacheFinding(
-                stack, name, f"{name}={_shown(value)}", True, f"set {name} to the empty string", "user",
-                _OPENVINO_CACHE_KEYS[key]), blank))
+
+            checks.append(
+                _Check(
+                    CacheFinding(
+                        stack,
+                        name,
+                        f"{name}={_shown(value)}",
+                        True,
+                        f"set {name} to the empty string",
+                        "user",
+                        _OPENVINO_CACHE_KEYS[key],
+                    ),
+                    blank,
+                )
+            )
         elif isinstance(value, str) and any(k in value for k in _OPENVINO_CACHE_KEYS):
             # e.g. DEVICE_PROPERTIES given as a string: JSON can be rewritten, anything else cannot.
             try:
@@ -749,11 +922,16 @@ def _openvino_tree_checks(tree: dict[str, Any], stack: str, prefix: str) -> list
                 for check in inner:
                     fix = check.fix
 
-                    def refix(fix: Callable[[], None] | None = fix, tree: dict[str, Any] = tree,
-                              key: str = key, parsed: dict[str, Any] = parsed) -> None:
+                    def refix(
+                        fix: Callable[[], None] | None = fix,
+                        tree: dict[str, Any] = tree,
+                        key: str = key,
+                        parsed: dict[str, Any] = parsed,
+                    ) -> None:
                         if fix is not None:
                             fix()
                         tree[key] = json.dumps(parsed)
+
                     checks.append(_Check(check.finding, refix))
             else:
                 raise CacheGuardError(
@@ -788,17 +966,17 @@ def _openvino_ep_load_config_checks(options: dict[str, Any]) -> list[_Check]:
                 )
             return []
         if any(key in text for key in _OPENVINO_CACHE_KEYS):
-            raise CacheGuardError(
-                f"{_ORT_OV}: load_config mentions a cache directory but is not valid JSON; fix it"
-            )
+            raise CacheGuardError(f"{_ORT_OV}: load_config mentions a cache directory but is not valid JSON; fix it")
         return []
     checks = _openvino_tree_checks(parsed, _ORT_OV, "load_config.")
     wrapped = []
     for check in checks:
+
         def refix(fix: Callable[[], None] | None = check.fix, parsed: dict[str, Any] = parsed) -> None:
             if fix is not None:
                 fix()
             options["load_config"] = json.dumps(parsed)
+
         wrapped.append(_Check(check.finding, refix))
     return wrapped
 
@@ -827,16 +1005,28 @@ def guard_provider_options(
     checks: list[_Check] = []
     for key, stores in flags.items():
         if key in guarded and _writes(guarded[key]):
+
             def off(key: str = key) -> None:
                 guarded[key] = False
-            checks.append(_Check(CacheFinding(
-                stack, key, f"{key}={_shown(guarded[key])}", True, f"set {key}=False", "user", stores), off))
+
+            checks.append(
+                _Check(
+                    CacheFinding(stack, key, f"{key}={_shown(guarded[key])}", True, f"set {key}=False", "user", stores),
+                    off,
+                )
+            )
     for key, stores in paths.items():
         if key in guarded and str(guarded[key]) != "":
+
             def drop(key: str = key) -> None:
                 guarded.pop(key, None)
-            checks.append(_Check(CacheFinding(
-                stack, key, f"{key}={_shown(guarded[key])}", True, f"remove {key}", "user", stores), drop))
+
+            checks.append(
+                _Check(
+                    CacheFinding(stack, key, f"{key}={_shown(guarded[key])}", True, f"remove {key}", "user", stores),
+                    drop,
+                )
+            )
     if stack == _ORT_OV and policy != "off":
         checks.extend(_openvino_ep_load_config_checks(guarded))
     _enforce(checks, policy, warn, f"the {provider} options")

@@ -63,7 +63,9 @@ class SealedSession:
             raise SessionError("session is closed")
         if not isinstance(inputs, dict):
             if len(self.input_names) != 1:
-                raise SessionError(f"model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); pass a dict")
+                raise SessionError(
+                    f"model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); pass a dict"
+                )
             inputs = {self.input_names[0]: inputs}
         missing = [n for n in self.input_names if n not in inputs]
         unknown = [n for n in inputs if n not in self.input_names]

@@ -53,7 +53,7 @@ def run_demo(workdir: Path, console: Console, epochs: int = 3) -> DemoResult:
     """Train the small MNIST CNN, seal it into `workdir`, and compare sealed with plain inference.
 
     Writes `model.onnx` (the plain model, owner side), `model.key` (a fresh 256-bit key,
-    mode 0600; replaced if the demo ran here before) and `model.mcloak` (the sealed bundle) into
+    mode 0600; replaced if the demo ran here before) and `model.mcb` (the sealed bundle) into
     `workdir`, prints progress and a result table on `console`, and returns the measurements.
     """
     from modelcloak.runtime import cacheguard
@@ -77,7 +77,7 @@ def run_demo(workdir: Path, console: Console, epochs: int = 3) -> DemoResult:
     workdir.mkdir(parents=True, exist_ok=True)
     model_path = workdir / "model.onnx"
     key_path = workdir / "model.key"
-    bundle_path = workdir / "model.mcloak"
+    bundle_path = workdir / "model.mcb"
     seconds: dict[str, float] = {}
     clock = time.perf_counter
 

@@ -229,22 +229,24 @@ def doctor() -> None:
     from modelcloak import hygiene
     from modelcloak.runtime import cacheguard
 
-    table = Table(title="inference caches")
-    for column in ("stack", "setting", "now", "risk", "guard action"):
-        table.add_column(column)
     findings = cacheguard.scan()
-    for finding in findings:
-        table.add_row(finding.stack, finding.setting, finding.found, "YES" if finding.risk else "no", finding.action)
-    out.print(table)
+    out.print("[bold]inference caches[/bold] (what could write the model to disk, and what `run` does about it)")
+    for finding in sorted(findings, key=lambda f: not f.risk):
+        mark = "[red]writes[/red]" if finding.risk else "[green]safe[/green]  "
+        out.print(f" {mark} [bold]{finding.setting}[/bold] ({finding.stack})", highlight=False)
+        out.print(f"        now: {finding.found}", highlight=False, markup=False)
+        out.print(f"        run: {finding.action}", highlight=False, markup=False)
     memory = Table(title="memory protections")
     memory.add_column("capability")
     memory.add_column("available")
     for name, value in hygiene.memory_capabilities().items():
         memory.add_row(name, str(value))
     out.print(memory)
-    risky = sum(f.risk for f in findings)
+    chosen = sum(f.risk and f.origin != "default" for f in findings)
+    defaults = sum(f.risk and f.origin == "default" for f in findings)
     out.print(
-        f"{risky} cache setting(s) would write to disk; `modelcloak run` overrides them (or refuses with --strict)."
+        f"{defaults} cache(s) on by default: `modelcloak run` switches them off. "
+        f"{chosen} cache(s) switched on here: `run` overrides them with a warning, `run --strict` refuses to start."
     )
 
 

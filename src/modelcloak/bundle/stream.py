@@ -12,43 +12,23 @@ never exists twice in plaintext.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterable, Iterator
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from modelcloak.bundle.errors import TamperedError
+from modelcloak.enclave import sealing
+from modelcloak.enclave.sealing import KEY_SIZE, TAG_SIZE, chunk_count, ciphertext_size, derive
 
-TAG_SIZE = 16
-KEY_SIZE = 32
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_AD_LAYOUT = struct.Struct(">32sIQB")  # manifest digest, section index, chunk index, final flag
-
-
-def derive(master_key: bytes | memoryview, salt: bytes, label: str, length: int = KEY_SIZE) -> bytes:
-    """HKDF-SHA256 of the master key for one purpose (`label`) within one bundle (`salt`)."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=b"modelcloak/v1/" + label.encode())
-    return hkdf.derive(bytes(master_key))
-
-
-def chunk_count(size: int, chunk_size: int) -> int:
-    """Number of chunks for a section; an empty section still has one (empty, final) chunk."""
-    return max(1, -(-size // chunk_size))
-
-
-def ciphertext_size(size: int, chunk_size: int) -> int:
-    return size + chunk_count(size, chunk_size) * TAG_SIZE
-
-
-def _nonce(chunk_index: int) -> bytes:
-    return _NONCE_PREFIX + struct.pack(">Q", chunk_index)
-
-
-def _associated_data(manifest_digest: bytes, section_index: int, chunk_index: int, final: bool) -> bytes:
-    return _AD_LAYOUT.pack(manifest_digest, section_index, chunk_index, 1 if final else 0)
+__all__ = [
+    "KEY_SIZE",
+    "TAG_SIZE",
+    "chunk_count",
+    "ciphertext_size",
+    "decrypt_section_into",
+    "derive",
+    "encrypt_section",
+]
 
 
 def _rechunk(pieces: Iterable[bytes | memoryview], chunk_size: int) -> Iterator[bytes | memoryview]:
@@ -87,10 +67,10 @@ def encrypt_section(
     index = 0
     for index, chunk in enumerate(_rechunk(pieces, chunk_size)):
         produced += len(chunk)
-        ad = _associated_data(manifest_digest, section_index, index, index == total - 1)
-        yield aead.encrypt(_nonce(index), bytes(chunk) if isinstance(chunk, memoryview) else chunk, ad)
+        ad = sealing.associated_data(manifest_digest, section_index, index, index == total - 1)
+        yield aead.encrypt(sealing.nonce(index), bytes(chunk) if isinstance(chunk, memoryview) else chunk, ad)
     if size == 0:
-        yield aead.encrypt(_nonce(0), b"", _associated_data(manifest_digest, section_index, 0, True))
+        yield aead.encrypt(sealing.nonce(0), b"", sealing.associated_data(manifest_digest, section_index, 0, True))
         return
     if produced != size or index != total - 1:
         raise ValueError(f"section plaintext was {produced} bytes, the manifest announced {size}")
@@ -105,25 +85,10 @@ def decrypt_section_into(
     out: memoryview,
     chunk_size: int,
 ) -> None:
-    """Decrypt a whole section into `out` (exactly the plaintext size), chunk by chunk, in place.
-
-    `read_ciphertext(offset, destination)` fills `destination` with the section's ciphertext from
-    `offset`; reading through one reused chunk buffer keeps the ciphertext out of resident memory.
-    """
-    aead = AESGCM(section_key)
-    size = len(out)
-    total = chunk_count(size, chunk_size)
-    sealed_buffer = bytearray(min(size, chunk_size) + TAG_SIZE)
-    for index in range(total):
-        start = index * chunk_size
-        plain_len = min(chunk_size, size - start)
-        sealed = memoryview(sealed_buffer)[: plain_len + TAG_SIZE]
-        read_ciphertext(index * (chunk_size + TAG_SIZE), sealed)
-        ad = _associated_data(manifest_digest, section_index, index, index == total - 1)
-        try:
-            aead.decrypt_into(_nonce(index), sealed, ad, out[start : start + plain_len])
-        except InvalidTag:
-            raise TamperedError(
-                f"section {section_name!r} chunk {index} of {total} failed authentication "
-                "(bytes modified, reordered, truncated or spliced from another bundle)"
-            ) from None
+    """The enclave's chunk decryption, with failures reported as the bundle room's TamperedError."""
+    try:
+        sealing.decrypt_section_into(
+            section_key, manifest_digest, section_index, section_name, read_ciphertext, out, chunk_size
+        )
+    except sealing.ChunkAuthenticationError as exc:
+        raise TamperedError(str(exc)) from None

@@ -66,6 +66,7 @@ class SectionSource:
     name: str
     size: int
     pieces: Callable[[], Iterable[bytes | memoryview]]
+    key: str = "host"  # "enclave": sealed under the enclave key instead of the model key
 
 
 def write_bundle(
@@ -79,12 +80,23 @@ def write_bundle(
     signer: Ed25519PrivateKey | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Callable[[int], None] | None = None,
+    enclave_key: bytes | memoryview | None = None,
+    enclave_key_spec: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Encrypt `sections` into a new bundle at `path`; the file appears only once complete."""
+    """Encrypt `sections` into a new bundle at `path`; the file appears only once complete.
+
+    Sections whose `key` is "enclave" are sealed under `enclave_key`, which the host never holds;
+    the enclave authenticates the manifest through those sections' associated data.
+    """
     from cryptography.hazmat.primitives import serialization
 
     if len(master_key) != stream.KEY_SIZE:
         raise BundleError(f"model key must be {stream.KEY_SIZE} bytes, got {len(master_key)}")
+    needs_enclave_key = any(s.key == "enclave" for s in sections)
+    if needs_enclave_key and (enclave_key is None or len(enclave_key) != stream.KEY_SIZE):
+        raise BundleError(f"sections sealed for the enclave need a {stream.KEY_SIZE}-byte enclave key")
+    if needs_enclave_key:
+        extra = {**extra, "enclave_key": {**(enclave_key_spec or {}), "id": key_id(enclave_key)}}
     salt = os.urandom(SALT_SIZE)
     signer_public = (
         signer.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) if signer else None
@@ -95,7 +107,7 @@ def write_bundle(
         key_spec={**key_spec, "id": key_id(master_key)},
         salt=salt,
         chunk_size=chunk_size,
-        sections=[SectionEntry(s.name, s.size) for s in sections],
+        sections=[SectionEntry(s.name, s.size, s.key) for s in sections],
         signer_public_key=signer_public,
         extra=extra,
     )
@@ -116,7 +128,8 @@ def write_bundle(
             section_digests = []
             for index, source in enumerate(sections):
                 digest = hashlib.sha256()
-                section_key = stream.derive(master_key, salt, "section/" + source.name)
+                scope_key = enclave_key if source.key == "enclave" else master_key
+                section_key = stream.derive(scope_key, salt, "section/" + source.name)
                 for chunk in stream.encrypt_section(
                     section_key, manifest_digest, index, source.size, source.pieces(), chunk_size
                 ):
@@ -313,6 +326,8 @@ class Bundle:
     def decrypt_section_into(self, name: str, master_key: bytes | memoryview, out: memoryview) -> None:
         """Decrypt section `name` into `out` (exactly its plaintext size). Call check_key first."""
         entry = self.manifest.section(name)
+        if entry.key != "host":
+            raise BundleError(f"section {name!r} is sealed for the enclave; the host cannot decrypt it")
         if len(out) != entry.size:
             raise BundleError(f"buffer for section {name!r} is {len(out)} bytes, the section holds {entry.size}")
         index, start, _ = self._ranges[name]
@@ -326,6 +341,14 @@ class Bundle:
             out,
             self.manifest.chunk_size,
         )
+
+    def section_ciphertext(self, name: str) -> bytes:
+        """The raw sealed chunks of a section, to hand to the enclave that holds its key."""
+        _, start, length = self._ranges[self.manifest.section(name).name]
+        return self._source.read(start, length)
+
+    def section_index(self, name: str) -> int:
+        return self._ranges[self.manifest.section(name).name][0]
 
     def close(self) -> None:
         self._source.close()

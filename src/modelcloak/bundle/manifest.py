@@ -22,6 +22,7 @@ MIN_CHUNK_SIZE = 4 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 SALT_SIZE = 32
+KEY_SCOPES = ("host", "enclave")
 _SECTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
 
@@ -47,6 +48,7 @@ class SectionEntry:
 
     name: str
     size: int
+    key: str = "host"  # "host": the model key; "enclave": the key only the enclave receives
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ def build_manifest(
                 "salt": b64encode(salt),
                 "chunk_size": chunk_size,
             },
-            "sections": [{"name": s.name, "size": s.size} for s in sections],
+            "sections": [
+                {"name": s.name, "size": s.size, **({"key": s.key} if s.key != "host" else {})} for s in sections
+            ],
             "signature": None
             if signer_public_key is None
             else {"algorithm": "Ed25519", "public_key": b64encode(signer_public_key)},
@@ -163,7 +167,14 @@ def parse_manifest(raw: bytes, format_version: int) -> Manifest:
             raise ManifestError(f"manifest section {name!r} has an impossible size {size}")
         if any(s.name == name for s in sections):
             raise ManifestError(f"manifest lists section {name!r} twice")
-        sections.append(SectionEntry(name, size))
+        scope = entry.get("key", "host")
+        if scope not in KEY_SCOPES:
+            raise ManifestError(f"manifest section {name!r} names an unknown key scope {scope!r}")
+        sections.append(SectionEntry(name, size, scope))
+    if any(s.key == "enclave" for s in sections):
+        enclave_key = _require(document, "enclave_key", dict)
+        if not re.fullmatch(r"[0-9a-f]{16}", str(enclave_key.get("id", ""))):
+            raise ManifestError("manifest enclave_key id must be 16 lowercase hex digits")
     signature = document.get("signature")
     signer: bytes | None = None
     if signature is not None:

@@ -21,8 +21,8 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.keys import KeyProvider
 from modelcloak.model import ModelError, externalize_weights, load_model, signature, weight_pieces
 
-SCHEMES = ("seal",)
-PLANNED_SCHEMES = ("split", "fhe", "lock")
+SCHEMES = ("seal", "split")
+PLANNED_SCHEMES = ("fhe", "lock")
 
 
 def check_runnable(model: onnx.ModelProto) -> None:
@@ -52,12 +52,19 @@ def protect(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
+    cut: dict[str, Any] | None = None,
+    enclave_key: KeyProvider | None = None,
 ) -> Manifest:
-    """Seal `model` into a bundle at `out` with a key from `key`; return the written manifest.
+    """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
     `signer` is an Ed25519 private key or a path to its PEM file; devices can then require the
     owner's signature. `verify` builds the model once in onnxruntime so unsupported models are
     refused here rather than on the device.
+
+    Scheme `split` also needs `cut` (one selector: {"after_node": name}, {"tensors": [names]},
+    {"last": N} or {"index": I}) and `enclave_key`, the key only the enclave will receive; the
+    private part is sealed under it and `policy` ({"output": "label" | "topk:K" | "scores",
+    "query_budget": int, "rate_limit_per_s": float}) is enforced by the enclave.
     """
     if scheme not in SCHEMES:
         if scheme in PLANNED_SCHEMES:
@@ -65,6 +72,12 @@ def protect(
                 f"scheme {scheme!r} is not available in this version yet; available: {', '.join(SCHEMES)}"
             )
         raise ModelcloakError(f"unknown scheme {scheme!r}; available: {', '.join(SCHEMES)}")
+    if scheme == "split" and (cut is None or enclave_key is None):
+        raise ModelcloakError(
+            "scheme 'split' needs a cut (--cut-after/--cut-tensors/--cut-last/--cut-index) and an enclave key"
+        )
+    if scheme != "split" and (cut is not None or enclave_key is not None):
+        raise ModelcloakError(f"a cut and an enclave key only apply to scheme 'split', not {scheme!r}")
     base_dir = Path(model).parent if isinstance(model, (str, Path)) else None
     proto = load_model(model)
     if verify and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
@@ -72,10 +85,7 @@ def protect(
     if signer is not None and not hasattr(signer, "sign"):
         signer = load_private_key(Path(signer))
 
-    graph, records, weights_size = externalize_weights(proto)
-    graph_bytes = graph.SerializeToString()
-    del graph
-    extra = {
+    extra: dict[str, Any] = {
         "created": {
             "at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             "tool": f"modelcloak {__version__}",
@@ -86,16 +96,30 @@ def protect(
             **signature(proto).to_json(),
             "opsets": {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import},
             "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-            "weight_bytes": weights_size,
         },
         "policy": dict(policy or {}),
     }
-    sections = [
-        SectionSource("graph", len(graph_bytes), lambda: [graph_bytes]),
-        SectionSource("weights", weights_size, lambda: weight_pieces(proto, records, base_dir)),
-    ]
+    if scheme == "split":
+        from modelcloak.enclave.policy import parse_policy
+        from modelcloak.model.cut import find_cut, split_model
+
+        extra["policy"] = parse_policy(extra["policy"]).to_json()
+        chosen = find_cut(proto, **cut)
+        public, private = split_model(proto, chosen)
+        private_bytes = private.SerializeToString()
+        del private
+        extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
+        sections, weights_size = _graph_sections(public, "public.", None)
+        sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
+    else:
+        sections, weights_size = _graph_sections(proto, "", base_dir)
+    extra["model"]["weight_bytes"] = weights_size
+
     master, key_spec = key.new_key()
+    enclave_master = enclave_spec = None
     try:
+        if enclave_key is not None:
+            enclave_master, enclave_spec = enclave_key.new_key()
         return write_bundle(
             out,
             master_key=master.view(),
@@ -106,6 +130,20 @@ def protect(
             signer=signer,
             chunk_size=chunk_size,
             progress=progress,
+            enclave_key=enclave_master.view() if enclave_master else None,
+            enclave_key_spec=enclave_spec,
         )
     finally:
         master.close()
+        if enclave_master is not None:
+            enclave_master.close()
+
+
+def _graph_sections(model: onnx.ModelProto, prefix: str, base_dir: Path | None) -> tuple[list[SectionSource], int]:
+    """The weightless graph and its weights as two host-key sections (`graph`, `weights`)."""
+    graph, records, weights_size = externalize_weights(model)
+    graph_bytes = graph.SerializeToString()
+    return [
+        SectionSource(prefix + "graph", len(graph_bytes), lambda: [graph_bytes]),
+        SectionSource(prefix + "weights", weights_size, lambda: weight_pieces(model, records, base_dir)),
+    ], weights_size

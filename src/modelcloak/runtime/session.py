@@ -90,8 +90,10 @@ class SealedSession:
                     raise SessionError(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
                 array = array.astype(expected)
             feeds[name] = np.ascontiguousarray(array)
-        outputs = self._backend.run(feeds)
-        return dict(zip(self.output_names, outputs))
+        return self._compute(feeds)
+
+    def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self._backend.run(feeds)))
 
     def close(self) -> None:
         if self._backend is not None:
@@ -103,6 +105,36 @@ class SealedSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SplitSession(SealedSession):
+    """A split bundle: the public part runs here, the private part in the enclave process.
+
+    The host sees the boundary tensors and whatever the enclave's output policy returns
+    (labels by default), never the private part's weights or graph.
+    """
+
+    def __init__(self, backend: Any, enclave: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
+        super().__init__(backend, manifest_document, report)
+        self.enclave = enclave
+        self._boundary = [spec["name"] for spec in manifest_document.get("split", {}).get("boundary", [])]
+        self._public_outputs = list(backend.output_names)
+        self.output_names = list(enclave.info.output_names)
+
+    def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        public = dict(zip(self._public_outputs, self._backend.run(feeds)))
+        # A graph input that only the private part reads crosses the boundary unchanged.
+        crossing = {name: public[name] if name in public else feeds[name] for name in self._boundary}
+        return self.enclave.infer(crossing)
+
+    def close(self) -> None:
+        super().close()
+        if self.enclave is not None:
+            self.enclave.close()
+            self.enclave = None
+
+
+_PREFIXES = {"seal": "", "split": "public."}
 
 
 def load(
@@ -117,13 +149,20 @@ def load(
     require_signature: bool = False,
     cache_policy: str = "override",
     session_config: dict[str, Any] | None = None,
+    enclave_key_file: str | Path | None = None,
+    enclave_key_env: str | None = None,
+    enclave_threads: int | None = None,
+    enclave_timeout: float = 10.0,
 ) -> SealedSession:
-    """Open a sealed bundle with a key from `key` and return a session ready to run.
+    """Open a protected bundle with a key from `key` and return a session ready to run.
 
     `trusted_signers` (public keys or PEM files) makes the owner signature mandatory and pins who
     may have signed. `session_config` sets onnxruntime SessionOptions attributes or config
     entries. `cache_policy` is "override" (neutralise caches, warn), "strict" (refuse to start
     when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
+
+    Split bundles also start the enclave process, which reads its own key from
+    `enclave_key_file` or `enclave_key_env`; this process never sees that key.
     """
     if backend not in BACKENDS:
         raise SessionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -135,53 +174,109 @@ def load(
     trusted = [load_public_key(s) if not isinstance(s, bytes) else s for s in trusted_signers or []]
 
     with Bundle.open(bundle) as sealed:
-        if sealed.manifest.scheme != "seal":
-            raise SessionError(f"bundle scheme {sealed.manifest.scheme!r} cannot be loaded by this runtime")
+        scheme = sealed.manifest.scheme
+        if scheme not in _PREFIXES:
+            raise SessionError(f"bundle scheme {scheme!r} cannot be loaded by this version of modelcloak")
+        if scheme == "split" and not (enclave_key_file or enclave_key_env):
+            raise SessionError(
+                "this is a split bundle: give the enclave its key (--enclave-key-file or --enclave-key-env)"
+            )
         report.signer = sealed.verify_signature(trusted or None, require=require_signature)
         report.seconds["verify"] = clock() - started
-        master = key.key_for(sealed.manifest.key)
-        graph_buffer = weights_buffer = None
-        try:
-            report.buffer_kinds["key"] = master.kind
-            sealed.check_key(master.view())
-            report.key_id = sealed.manifest.key_id
-            graph_entry = sealed.manifest.section("graph")
-            weights_entry = sealed.manifest.section("weights")
-            graph_buffer = hygiene.weights_buffer(graph_entry.size)
-            weights_buffer = hygiene.weights_buffer(weights_entry.size)
-            report.buffer_kinds["weights"] = weights_buffer.kind
-            mark = clock()
-            sealed.decrypt_section_into("graph", master.view(), graph_buffer.view())
-            sealed.decrypt_section_into("weights", master.view(), weights_buffer.view())
-            report.seconds["decrypt"] = clock() - mark
-            report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
-            master.close()
-            graph = _parse_graph(graph_buffer.view())
-            mark = clock()
-            weights_view = weights_buffer.view()
-            try:
-                if backend == "onnxruntime":
-                    runner: Any = OrtBackend(
-                        graph,
-                        weights_view,
-                        providers=providers,
-                        threads=threads,
-                        cache_policy=cache_policy,
-                        session_config=session_config,
-                    )
-                else:
-                    runner = OpenVinoBackend(graph, weights_view, device=device, cache_policy=cache_policy)
-            finally:
-                weights_view.release()
-            report.seconds["build"] = clock() - mark
-        finally:
-            master.close()
-            for buffer in (graph_buffer, weights_buffer):
-                if buffer is not None:
-                    buffer.close()
+        runner = _open_graph(
+            sealed,
+            key,
+            _PREFIXES[scheme],
+            report,
+            backend=backend,
+            providers=providers,
+            device=device,
+            threads=threads,
+            cache_policy=cache_policy,
+            session_config=session_config,
+        )
+        if scheme == "split":
+            header, private = sealed.header, sealed.section_ciphertext("private")
+    if scheme == "seal":
+        report.providers = list(runner.providers)
+        report.seconds["total"] = clock() - started
+        return SealedSession(runner, sealed.manifest.document, report)
+
+    from modelcloak.runtime.enclave_client import EnclaveClient
+
+    key_args = ["--key-file", str(enclave_key_file)] if enclave_key_file else ["--key-env", str(enclave_key_env)]
+    mark = clock()
+    enclave = EnclaveClient()
+    try:
+        enclave.start(key_args, threads=enclave_threads)
+        enclave.load(header, private, timeout=max(enclave_timeout, 30.0))
+    except BaseException:
+        enclave.close()
+        runner.close()
+        raise
+    del private
+    report.seconds["enclave_start"] = clock() - mark
     report.providers = list(runner.providers)
     report.seconds["total"] = clock() - started
-    return SealedSession(runner, sealed.manifest.document, report)
+    return SplitSession(runner, enclave, sealed.manifest.document, report)
+
+
+def _open_graph(
+    sealed: Bundle,
+    key: KeyProvider,
+    prefix: str,
+    report: LoadReport,
+    *,
+    backend: str,
+    providers: Sequence[str | tuple[str, dict[str, Any]]] | None,
+    device: str,
+    threads: int | None,
+    cache_policy: str,
+    session_config: dict[str, Any] | None,
+) -> Any:
+    """Decrypt `<prefix>graph` and `<prefix>weights` into wiped, non-dumpable buffers and build a backend."""
+    clock = time.perf_counter
+    master = key.key_for(sealed.manifest.key)
+    graph_buffer = weights_buffer = None
+    try:
+        report.buffer_kinds["key"] = master.kind
+        sealed.check_key(master.view())
+        report.key_id = sealed.manifest.key_id
+        graph_entry = sealed.manifest.section(prefix + "graph")
+        weights_entry = sealed.manifest.section(prefix + "weights")
+        graph_buffer = hygiene.weights_buffer(graph_entry.size)
+        weights_buffer = hygiene.weights_buffer(weights_entry.size)
+        report.buffer_kinds["weights"] = weights_buffer.kind
+        mark = clock()
+        sealed.decrypt_section_into(graph_entry.name, master.view(), graph_buffer.view())
+        sealed.decrypt_section_into(weights_entry.name, master.view(), weights_buffer.view())
+        report.seconds["decrypt"] = clock() - mark
+        report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
+        master.close()
+        graph = _parse_graph(graph_buffer.view())
+        mark = clock()
+        weights_view = weights_buffer.view()
+        try:
+            if backend == "onnxruntime":
+                runner: Any = OrtBackend(
+                    graph,
+                    weights_view,
+                    providers=providers,
+                    threads=threads,
+                    cache_policy=cache_policy,
+                    session_config=session_config,
+                )
+            else:
+                runner = OpenVinoBackend(graph, weights_view, device=device, cache_policy=cache_policy)
+        finally:
+            weights_view.release()
+        report.seconds["build"] = clock() - mark
+        return runner
+    finally:
+        master.close()
+        for buffer in (graph_buffer, weights_buffer):
+            if buffer is not None:
+                buffer.close()
 
 
 def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:

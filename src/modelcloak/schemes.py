@@ -33,6 +33,27 @@ CLAIMS: dict[str, SchemeClaims] = {
             "copies made inside onnxruntime/OpenVINO memory, which modelcloak cannot wipe (dumps stay off)",
         ),
     ),
+    "split": SchemeClaims(
+        summary=(
+            "public layers run here in onnxruntime; the private layers run in a separate enclave process "
+            "that alone holds their key and enforces the output policy from the signed manifest"
+        ),
+        protects=(
+            "the private layers' weights and graph: sealed under a key the host process never receives",
+            "the output policy (label by default), query budget and rate limit: the host cannot change them "
+            "without breaking the enclave section's authentication",
+            "other users, the disk and crash dumps, with the `process` backend (non-dumpable enclave, "
+            "seccomp filter: no file opens, exec or network after loading)",
+            "everything `seal` protects, for the public part",
+        ),
+        does_not_protect=(
+            "root on the device with the `process` backend: only a hardware TEE (SGX, Nitro) keeps root "
+            "out of the enclave's memory",
+            "the public layers: they run in plaintext on the host by design",
+            "extraction by queries within the budget: measure it with `modelcloak eval extraction`",
+            "the boundary activations and the shapes at the cut, which the host sees",
+        ),
+    ),
 }
 
 

@@ -73,8 +73,28 @@ def protect(
     ] = None,
     label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
+    cut_after: Annotated[Optional[str], typer.Option("--cut-after", help="split: last public node.")] = None,
+    cut_tensors: Annotated[
+        Optional[str], typer.Option("--cut-tensors", help="split: comma-separated boundary tensors.")
+    ] = None,
+    cut_last: Annotated[
+        Optional[int], typer.Option("--cut-last", help="split: keep the last N layers private.")
+    ] = None,
+    cut_index: Annotated[
+        Optional[int], typer.Option("--cut-index", help="split: candidate number from `splits`.")
+    ] = None,
+    enclave_key_file: Annotated[
+        Optional[Path], typer.Option("--enclave-key-file", help="split: key that only the enclave receives.")
+    ] = None,
+    output_policy: Annotated[
+        str, typer.Option("--output-policy", help="split: label, topk:K or scores (weakens protection).")
+    ] = "label",
+    query_budget: Annotated[
+        Optional[int], typer.Option("--query-budget", help="split: samples one enclave session may answer.")
+    ] = None,
+    rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", help="split: samples per second.")] = None,
 ) -> None:
-    """Seal MODEL into an encrypted, optionally signed bundle."""
+    """Protect MODEL into an encrypted, optionally signed bundle (seal, or split with --cut-*)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from modelcloak.protect import protect as do_protect
@@ -84,6 +104,27 @@ def protect(
     if output.resolve() == model.resolve():
         raise ModelcloakError("the bundle path must differ from the model path")
     provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
+    selectors = {
+        "after_node": cut_after,
+        "tensors": [t for t in cut_tensors.split(",") if t] if cut_tensors else None,
+        "last": cut_last,
+        "index": cut_index,
+    }
+    selectors = {name: value for name, value in selectors.items() if value is not None}
+    split_options: dict[str, Any] = {}
+    if scheme == "split":
+        from modelcloak.keys import KeyFile
+
+        if len(selectors) != 1:
+            raise ModelcloakError(
+                "scheme split needs exactly one of --cut-after, --cut-tensors, --cut-last, --cut-index"
+            )
+        if enclave_key_file is None:
+            raise ModelcloakError("scheme split needs --enclave-key-file (create one with `modelcloak keygen`)")
+        policy = {"output": output_policy, "query_budget": query_budget, "rate_limit_per_s": rate_limit}
+        split_options = {"cut": selectors, "enclave_key": KeyFile(enclave_key_file), "policy": policy}
+    elif selectors or enclave_key_file:
+        raise ModelcloakError("--cut-* and --enclave-key-file only apply to --scheme split")
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -101,6 +142,7 @@ def protect(
             signer=sign_key,
             label=label,
             progress=lambda n: bar.advance(task, n),
+            **split_options,
         )
     signed = "signed" if manifest.signer_public_key else "unsigned"
     size = output.stat().st_size
@@ -140,6 +182,12 @@ def run(
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
+    enclave_key_file: Annotated[
+        Optional[Path], typer.Option("--enclave-key-file", help="split bundles: the enclave's key file.")
+    ] = None,
+    enclave_key_env: Annotated[
+        Optional[str], typer.Option("--enclave-key-env", help="split bundles: variable holding the enclave key.")
+    ] = None,
 ) -> None:
     """Verify and decrypt BUNDLE in memory and run it on INPUTS."""
     import numpy as np
@@ -157,6 +205,8 @@ def run(
         trusted_signers=trusted_signer,
         threads=threads,
         cache_policy="strict" if strict else "override",
+        enclave_key_file=enclave_key_file,
+        enclave_key_env=enclave_key_env,
     ) as session:
         results = session.run(feeds)
     if output is not None:
@@ -221,6 +271,23 @@ def inspect(
         out.print("[red]does not protect against:[/red]")
         for line in claims.does_not_protect:
             out.print(f"  - {line}", highlight=False)
+
+
+@app.command()
+def splits(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> None:
+    """List every candidate cut of MODEL with the private part's size, FLOPs and boundary size."""
+    from modelcloak.model import load_model
+    from modelcloak.model.cut import candidate_cuts, describe_cut_table
+
+    rows = describe_cut_table(candidate_cuts(load_model(model)))
+    if not rows:
+        raise ModelcloakError(f"{model} has no valid cut (no node after which a weighted private part remains)")
+    table = Table(title=f"candidate cuts of {model.name} (use --cut-index N with protect --scheme split)")
+    for column in rows[0]:
+        table.add_column(str(column), overflow="fold")
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
+    out.print(table)
 
 
 @app.command()

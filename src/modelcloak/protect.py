@@ -100,10 +100,13 @@ def protect(
         "policy": dict(policy or {}),
     }
     if scheme == "split":
-        from modelcloak.enclave.policy import parse_policy
+        from modelcloak.enclave.policy import PolicyError, parse_policy
         from modelcloak.model.cut import find_cut, split_model
 
-        extra["policy"] = parse_policy(extra["policy"]).to_json()
+        try:
+            extra["policy"] = parse_policy(extra["policy"]).to_json()
+        except PolicyError as exc:
+            raise ModelcloakError(f"invalid output policy: {exc}") from None
         chosen = find_cut(proto, **cut)
         public, private = split_model(proto, chosen)
         private_bytes = private.SerializeToString()

@@ -121,11 +121,14 @@ class SplitSession(SealedSession):
         self._public_outputs = list(backend.output_names)
         self.output_names = list(enclave.info.output_names)
 
-    def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def boundary(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the public part: the tensors that cross to the enclave (what the host can see)."""
         public = dict(zip(self._public_outputs, self._backend.run(feeds)))
         # A graph input that only the private part reads crosses the boundary unchanged.
-        crossing = {name: public[name] if name in public else feeds[name] for name in self._boundary}
-        return self.enclave.infer(crossing)
+        return {name: public[name] if name in public else feeds[name] for name in self._boundary}
+
+    def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.enclave.infer(self.boundary(feeds))
 
     def close(self) -> None:
         super().close()

@@ -1,0 +1,1 @@
+"""The evaluation room: per-split timing, accuracy, extraction attacks, reports and plots."""

@@ -1,0 +1,178 @@
+"""`modelcloak bench-splits`: what each cut costs, measured through the real enclave process.
+
+For every candidate cut (or a chosen list) we build a real split bundle, start its enclave and
+time, at each batch size: the whole model in onnxruntime (the reference), the public part, the
+private part computed locally (what the enclave's executor costs), the enclave call (private part
+plus the boundary round trip), and the total through `SplitSession.run`. Medians of interleaved
+repetitions; the boundary round trip is the enclave call minus the local private time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from modelcloak.errors import ModelcloakError
+from modelcloak.keys import generate_key_file
+from modelcloak.model import load_model, signature
+from modelcloak.model.cut import candidate_cuts, split_model
+from modelcloak.protect import protect
+from modelcloak.runtime import load
+
+FIELDS = (
+    "cut",
+    "after_node",
+    "batch",
+    "whole_ms",
+    "public_ms",
+    "private_ms",
+    "enclave_call_ms",
+    "boundary_round_trip_ms",
+    "total_ms",
+    "total_vs_whole",
+    "enclave_start_s",
+    "boundary_bytes_per_sample",
+    "private_parameters",
+)
+
+
+def _random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in signature(model).inputs:
+        shape = [batch if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(spec.shape)]
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)  # valid ids for any vocabulary
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _median_ms(call: Callable[[], Any], repeats: int) -> float:
+    call()  # warm-up: first runs allocate arenas
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_splits(
+    model: str | Path | onnx.ModelProto,
+    *,
+    cuts: Sequence[int] | None = None,
+    batches: Sequence[int] = (1, 64),
+    repeats: int = 20,
+    threads: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time every chosen cut at every batch size; one row per (cut, batch)."""
+    import onnxruntime as ort
+
+    proto = load_model(model)
+    candidates = candidate_cuts(proto)
+    if not candidates:
+        raise ModelcloakError("the model has no valid cut")
+    chosen = list(range(len(candidates))) if cuts is None else list(cuts)
+    for index in chosen:
+        if not 0 <= index < len(candidates):
+            raise ModelcloakError(f"cut index {index} is out of range (0..{len(candidates) - 1})")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    whole = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="modelcloak-bench-") as scratch:
+        folder = Path(scratch)
+        host_key, enclave_key = generate_key_file(folder / "host.key"), generate_key_file(folder / "enclave.key")
+        for index in chosen:
+            cut = candidates[index]
+            if on_step:
+                on_step(f"cut {index} after {cut.after_node}")
+            _, private = split_model(proto, cut)
+            local_private = ort.InferenceSession(
+                private.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            bundle = folder / f"cut{index}.mcb"
+            protect(
+                proto, bundle, key=host_key, scheme="split", cut={"index": index}, enclave_key=enclave_key, verify=False
+            )
+            with load(
+                bundle, key=host_key, threads=threads, enclave_key_file=enclave_key.path, enclave_threads=threads
+            ) as session:
+                for batch in batches:
+                    feeds = _random_inputs(proto, batch)
+                    crossing = session.boundary(feeds)
+                    timings = {
+                        "whole_ms": lambda f=feeds: whole.run(None, f),
+                        "public_ms": lambda f=feeds: session.boundary(f),
+                        "private_ms": lambda c=crossing, p=local_private: p.run(None, c),
+                        "enclave_call_ms": lambda c=crossing: session.enclave.infer(c),
+                        "total_ms": lambda f=feeds: session.run(f),
+                    }
+                    measured = {name: _median_ms(call, repeats) for name, call in timings.items()}
+                    rows.append(
+                        {
+                            "cut": index,
+                            "after_node": cut.after_node,
+                            "batch": batch,
+                            **{k: round(v, 4) for k, v in measured.items()},
+                            "boundary_round_trip_ms": round(
+                                max(0.0, measured["enclave_call_ms"] - measured["private_ms"]), 4
+                            ),
+                            "total_vs_whole": round(measured["total_ms"] / measured["whole_ms"], 3),
+                            "enclave_start_s": round(session.report.seconds.get("enclave_start", float("nan")), 3),
+                            "boundary_bytes_per_sample": cut.boundary_bytes,
+                            "private_parameters": cut.private_parameters,
+                        }
+                    )
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str) -> dict[str, Path]:
+    """CSV, JSON and a PNG of latency per cut (stacked public / private / boundary vs whole)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "splits.csv", "json": out_dir / "splits.json", "png": out_dir / "splits.png"}
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps(rows, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({row["batch"] for row in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for axis, batch in zip(axes[0], batches):
+        subset = [row for row in rows if row["batch"] == batch]
+        labels = [str(row["cut"]) for row in subset]
+        public = [row["public_ms"] for row in subset]
+        private = [row["private_ms"] for row in subset]
+        boundary = [row["boundary_round_trip_ms"] for row in subset]
+        axis.bar(labels, public, label="public (host)")
+        axis.bar(labels, private, bottom=public, label="private (enclave executor)")
+        axis.bar(labels, boundary, bottom=[p + q for p, q in zip(public, private)], label="boundary round trip")
+        axis.plot(labels, [row["whole_ms"] for row in subset], "k--", marker="o", label="whole model, onnxruntime")
+        axis.set_xlabel("cut index (later = smaller private part)")
+        axis.set_ylabel("median latency (ms)")
+        axis.set_title(f"batch {batch}")
+        axis.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=110)
+    plt.close(fig)
+    return paths

@@ -233,3 +233,100 @@ def test_keygen_refuses_to_overwrite(tmp_path):
     one_line_error(cli("keygen", str(tmp_path / "k")), "already exists")
     assert (tmp_path / "k").read_bytes() == before
     assert oct((tmp_path / "k").stat().st_mode & 0o777) == "0o600"
+
+
+def test_split_through_the_cli(tmp_path, mlp):
+    (tmp_path / "m.onnx").write_bytes(mlp.SerializeToString())
+    listed = cli("splits", str(tmp_path / "m.onnx"))
+    assert listed.returncode == 0, listed.stderr
+    assert "candidate cuts" in listed.stdout
+    for name in ("host.key", "enclave.key"):
+        assert cli("keygen", str(tmp_path / name)).returncode == 0
+    made = cli(
+        "protect",
+        str(tmp_path / "m.onnx"),
+        "-o",
+        str(tmp_path / "s.mcb"),
+        "--scheme",
+        "split",
+        "--cut-last",
+        "1",
+        "--key-file",
+        str(tmp_path / "host.key"),
+        "--enclave-key-file",
+        str(tmp_path / "enclave.key"),
+    )
+    assert made.returncode == 0, made.stderr
+    shown = cli("inspect", str(tmp_path / "s.mcb"))
+    assert "split" in shown.stdout and "enclave" in shown.stdout and "root" in shown.stdout
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ran = cli(
+        "run",
+        str(tmp_path / "s.mcb"),
+        str(tmp_path / "x.npy"),
+        "--key-file",
+        str(tmp_path / "host.key"),
+        "--enclave-key-file",
+        str(tmp_path / "enclave.key"),
+        "-o",
+        str(tmp_path / "y.npz"),
+    )
+    assert ran.returncode == 0, ran.stderr
+    labels = next(iter(np.load(tmp_path / "y.npz").values()))
+    np.testing.assert_array_equal(labels, reference_outputs(mlp, x).argmax(-1))
+    one_line_error(
+        cli("run", str(tmp_path / "s.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key")),
+        "enclave",
+    )
+    one_line_error(
+        cli(
+            "protect",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "t.mcb"),
+            "--scheme",
+            "split",
+            "--key-file",
+            str(tmp_path / "host.key"),
+            "--enclave-key-file",
+            str(tmp_path / "enclave.key"),
+        ),
+        "exactly one of --cut-after",
+    )
+    one_line_error(
+        cli(
+            "protect",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "t.mcb"),
+            "--scheme",
+            "split",
+            "--cut-last",
+            "1",
+            "--output-policy",
+            "everything",
+            "--key-file",
+            str(tmp_path / "host.key"),
+            "--enclave-key-file",
+            str(tmp_path / "enclave.key"),
+        ),
+        "invalid output policy",
+    )
+    one_line_error(
+        cli(
+            "protect",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "t.mcb"),
+            "--scheme",
+            "split",
+            "--cut-after",
+            "nonexistent",
+            "--key-file",
+            str(tmp_path / "host.key"),
+            "--enclave-key-file",
+            str(tmp_path / "enclave.key"),
+        ),
+        "nonexistent",
+    )

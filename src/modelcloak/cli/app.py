@@ -290,6 +290,87 @@ def splits(model: Annotated[Path, typer.Argument(help="ONNX model file.")]) -> N
     out.print(table)
 
 
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ModelcloakError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command("bench-splits")
+def bench_splits(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    cuts: Annotated[Optional[str], typer.Option(help="Comma-separated cut indices (default: all).")] = None,
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
+    repeats: Annotated[int, typer.Option(help="Timed calls per measurement (median).")] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads, both sides.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for splits.csv/json/png.")] = Path("bench-splits"),
+) -> None:
+    """Time every cut through the real enclave: public, private, boundary, start-up, total vs whole model."""
+    from rich.progress import Progress
+
+    from modelcloak.eval.splits import bench_splits as run_bench
+    from modelcloak.eval.splits import write_report
+    from modelcloak.model import load_model
+    from modelcloak.model.cut import candidate_cuts
+
+    chosen = _int_list(cuts, "--cuts")
+    batch_sizes = _int_list(batches, "--batches") or [1]
+    if repeats < 1 or any(b < 1 for b in batch_sizes):
+        raise ModelcloakError("--repeats and --batches must be positive")
+    total = len(chosen) if chosen is not None else len(candidate_cuts(load_model(model)))
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("cuts", total=total)
+
+        def step(label: str) -> None:
+            bar.update(task, description=label)
+            bar.advance(task, 0)
+
+        rows = run_bench(
+            model,
+            cuts=chosen,
+            batches=batch_sizes,
+            repeats=repeats,
+            threads=threads,
+            on_step=lambda label: (step(label), bar.advance(task)),
+        )
+    paths = write_report(rows, out_dir, f"latency per cut: {model.name}")
+    table = Table(title=f"bench-splits {model.name} (medians, ms)")
+    for column in (
+        "cut",
+        "batch",
+        "whole_ms",
+        "public_ms",
+        "private_ms",
+        "boundary_round_trip_ms",
+        "total_ms",
+        "total_vs_whole",
+        "enclave_start_s",
+    ):
+        table.add_column(column.replace("_ms", "").replace("_", " "))
+    for row in rows:
+        table.add_row(
+            *(
+                str(row[c])
+                for c in (
+                    "cut",
+                    "batch",
+                    "whole_ms",
+                    "public_ms",
+                    "private_ms",
+                    "boundary_round_trip_ms",
+                    "total_ms",
+                    "total_vs_whole",
+                    "enclave_start_s",
+                )
+            )
+        )
+    out.print(table)
+    out.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")
+
+
 @app.command()
 def doctor() -> None:
     """Show on-disk caches that could leak a model, and this machine's memory protections."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 import split_models
+
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts
 from modelcloak.protect import protect

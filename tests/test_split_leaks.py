@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_mlp
+
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import find_cut, split_model
 from modelcloak.protect import protect
@@ -84,7 +84,12 @@ def _host(split_bundle, mode: str, tmp_path: Path) -> tuple[int, int, int, subpr
     env = {**os.environ, "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
     child = subprocess.Popen(
         [sys.executable, str(PROBE), str(bundle), str(host_key), str(enclave_key), mode, str(private_file)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     line = child.stdout.readline().split()
     assert line and line[0] == "ready", child.stderr.read()

@@ -2,5 +2,5 @@
 
 Rules: this package imports nothing from the rest of modelcloak (host code may import from here,
 never the reverse), so it can be deployed alone inside a TEE (Gramine-SGX, a Nitro enclave) with
-only its third-party dependencies: `cryptography`, `numpy` and `onnxruntime`.
+only its third-party dependencies: `cryptography`, `numpy`, `onnxruntime` and (Linux) `pyseccomp`.
 """

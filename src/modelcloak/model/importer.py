@@ -68,11 +68,14 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
         path = Path(source)
         if not path.exists():
             raise ModelError(f"model file {path} does not exist")
-        if path.is_dir():
-            raise ModelError(
-                f"{path} is a directory; Keras/TensorFlow SavedModel import is not available yet, pass an .onnx file"
-            )
-        if path.suffix.lower() in {".pt", ".pth", ".keras", ".h5", ".pb", ".tflite"}:
+        if path.suffix.lower() in {".keras", ".h5"} or path.is_dir():
+            # Keras 3 on its PyTorch backend, converted in memory (an optional extra).
+            from modelcloak.model.keras_import import load_keras
+
+            model = load_keras(path)
+            validate(model)
+            return model
+        if path.suffix.lower() in {".pt", ".pth", ".pb", ".tflite"}:
             raise ModelError(
                 f"{path.name}: only ONNX files are imported directly; export PyTorch modules with "
                 "modelcloak.model.export_torch (or torch.onnx.export) first"

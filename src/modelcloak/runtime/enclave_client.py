@@ -1,0 +1,608 @@
+"""Host side of the enclave: start the process, hand it the sealed private part, query it.
+
+The host never holds the enclave key: the enclave reads it itself (key file or environment
+variable named in `key_args`). The client starts one enclave per session over a socket pair,
+sends LOAD once, then multiplexes requests from any number of threads by request id. Every
+call has a deadline: a dead, hung or misbehaving enclave becomes an `EnclaveError` with one
+clear line within the timeout, and `restart()` starts a fresh process and re-sends the last LOAD.
+
+    with EnclaveClient() as enclave:
+        enclave.start(["--key-file", "enclave.key"], threads=2)
+        info = enclave.load(bundle.header, bundle.section_ciphertext("private"))
+        labels = enclave.infer({"h": activations})["label"]
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelcloak.enclave import protocol
+from modelcloak.enclave.policy import OutputPolicy
+from modelcloak.enclave.protocol import ErrorCode, MsgType, ProtocolError, TensorSpec
+from modelcloak.runtime.errors import EnclaveError
+
+__all__ = ["EnclaveClient", "EnclaveError", "EnclaveInfo", "EnclaveStats"]
+
+EnclaveStats = protocol.Stats
+_READ_POLL_S = 0.25  # how often the reader thread checks whether the client is closing
+_LOAD_PIECE = 1 << 20  # LOAD_DATA frames carry at most 1 MiB (less if the enclave's limit is lower)
+
+# How each refusal reads to a user: policy and input refusals, bundle refusals, the rest.
+_REFUSED = {
+    ErrorCode.BUDGET_EXHAUSTED,
+    ErrorCode.RATE_LIMITED,
+    ErrorCode.BAD_INPUT,
+    ErrorCode.BAD_TENSOR,
+    ErrorCode.BAD_STATE,
+    ErrorCode.FRAME_TOO_LARGE,
+    ErrorCode.MALFORMED_FRAME,
+    ErrorCode.UNKNOWN_TYPE,
+}
+_BUNDLE_REFUSED = {ErrorCode.AUTH_FAILED, ErrorCode.BAD_HEADER, ErrorCode.BAD_POLICY, ErrorCode.BAD_MODEL}
+
+
+@dataclass(frozen=True)
+class EnclaveInfo:
+    """What the enclave reported in READY, plus what the host measured."""
+
+    inputs: tuple[TensorSpec, ...]  # what infer() takes
+    outputs: tuple[TensorSpec, ...]  # what infer() returns under the policy ("label", "topk" or raw outputs)
+    private_outputs: tuple[TensorSpec, ...]  # the private part's own outputs
+    policy: OutputPolicy
+    started_at: float  # Unix time the enclave process started
+    ready_seconds: float  # process start to READY, measured inside the enclave
+    load_seconds: float  # LOAD sent to READY received, measured here
+    sandbox: frozenset[str]  # hardening measures in force: seccomp, non_dumpable, ...
+    pid: int | None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if abs(value - round(value, 1)) < 1e-9 else f"{value:.3g}"
+
+
+def _refusal(payload: bytes | bytearray) -> EnclaveError:
+    try:
+        code, message = protocol.decode_error(payload)
+    except ProtocolError as exc:
+        return EnclaveError(f"enclave sent a malformed frame: {exc}")
+    if code == ErrorCode.WRONG_KEY:
+        return EnclaveError(message, code)  # already reads "wrong enclave key: ..."
+    if code == ErrorCode.KEY_UNAVAILABLE:
+        return EnclaveError(message, code)
+    if code in _REFUSED:
+        return EnclaveError(f"enclave refused: {message}", code)
+    if code in _BUNDLE_REFUSED:
+        return EnclaveError(f"enclave refused the bundle: {message}", code)
+    return EnclaveError(f"enclave error ({protocol.error_name(code)}): {message}", code)
+
+
+class _Pending:
+    __slots__ = ("event", "msg_type", "payload", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.msg_type: int | None = None
+        self.payload: bytearray | None = None
+        self.error: EnclaveError | None = None
+
+
+class _Connection:
+    """One enclave process and its socket: a reader thread routes replies to waiting requests."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, max_frame_bytes: int) -> None:
+        self.proc = proc
+        self.max_frame_bytes = max_frame_bytes
+        self._rsock = sock
+        self._rsock.settimeout(_READ_POLL_S)
+        # A second socket object on the same connection so a sender's timeout never disturbs the
+        # reader; both are in timeout mode, so the shared descriptor is consistently non-blocking.
+        self._wsock = sock.dup()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {0: _Pending()}  # request id 0: HELLO or a start-up error
+        self._next_id = 1
+        self.broken: str | None = None  # why this connection can no longer be used
+        self._closing = False
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
+        self._reader = threading.Thread(target=self._read_loop, name=f"enclave-{proc.pid}-reader", daemon=True)
+        self._stderr = threading.Thread(target=self._stderr_loop, name=f"enclave-{proc.pid}-stderr", daemon=True)
+        self._reader.start()
+        self._stderr.start()
+
+    # -- process state -------------------------------------------------------------------------
+
+    def exit_code(self, wait: float = 0.0) -> int | None:
+        try:
+            return self.proc.wait(timeout=wait) if wait else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _process_state(self) -> str | None:
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as fh:
+                return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+        except (OSError, IndexError):
+            return None
+
+    def _last_words(self) -> str:
+        self._stderr.join(timeout=0.5)  # the process is gone: its stderr ends promptly
+        return next((line for line in reversed(self.stderr_tail) if line.strip()), "")
+
+    def _death(self, wait: float = 1.0) -> str:
+        """Why the connection ended, from the exit status (and the enclave's last stderr line)."""
+        code = self.exit_code(wait)
+        if code is None:
+            return "enclave closed its connection"
+        if code == 0:
+            return "enclave process exited (exit code 0)"
+        tail = self._last_words()
+        return f"enclave process died (exit code {code})" + (f"; it said: {tail}" if tail else "")
+
+    def timeout_error(self, timeout: float) -> EnclaveError:
+        state = self._process_state()
+        hint = " (the process is stopped)" if state in ("T", "t") else ""
+        return EnclaveError(f"enclave did not answer within {_seconds(timeout)} s{hint}")
+
+    # -- threads ---------------------------------------------------------------------------------
+
+    def _stderr_loop(self) -> None:
+        stream = self.proc.stderr
+        if stream is None:
+            return
+        for raw in iter(stream.readline, b""):
+            self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
+
+    def _recv_exact(self, count: int) -> bytearray | None:
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        done = 0
+        while done < count:
+            try:
+                got = self._rsock.recv_into(view[done:])
+            except TimeoutError:
+                if self._closing:
+                    return None
+                continue
+            except OSError:
+                return None
+            if got == 0:
+                return None
+            done += got
+        return buffer
+
+    def _read_loop(self) -> None:
+        reason: str | None = None
+        try:
+            while True:
+                head = self._recv_exact(protocol.HEADER_SIZE)
+                if head is None:
+                    break
+                length, msg_type, request_id = protocol.decode_header(head)
+                if length < protocol.FRAME_OVERHEAD or length > self.max_frame_bytes:
+                    reason = f"enclave sent a malformed frame: length {length} outside 9..{self.max_frame_bytes}"
+                    break
+                if msg_type not in protocol.ENCLAVE_TO_HOST:
+                    reason = f"enclave sent a malformed frame: unknown message type 0x{msg_type:02x}"
+                    break
+                payload = self._recv_exact(length - protocol.FRAME_OVERHEAD)
+                if payload is None:
+                    break
+                self._deliver(msg_type, request_id, payload)
+        except Exception as exc:  # never let the reader die silently: waiters would hang to their timeout
+            reason = f"enclave connection failed ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            # A desynchronised or lying enclave cannot be trusted to answer anything else.
+            self.kill()
+        self._fail_all(reason)
+
+    def _deliver(self, msg_type: int, request_id: int, payload: bytearray) -> None:
+        with self._lock:
+            pending = self._pending.get(request_id)
+        if pending is None or pending.event.is_set():
+            return  # a late reply to a request that timed out, or an unsolicited notice
+        pending.msg_type, pending.payload = msg_type, payload
+        pending.event.set()
+
+    def _fail_all(self, reason: str | None) -> None:
+        """Fail every waiting request: with `reason` (a protocol violation) or, if None, the end of the process."""
+        ended = reason is None
+        if reason is None:
+            reason = "enclave connection was closed" if self._closing else self._death()
+        with self._lock:
+            if self.broken is None:
+                self.broken = reason
+            waiting = list(self._pending.items())
+            self._pending.clear()
+        for request_id, pending in waiting:
+            if not pending.event.is_set():
+                # Request id 0 is the start-up wait for HELLO; wait_hello words that case itself.
+                suffix = " while serving a request" if ended and request_id else ""
+                pending.error = EnclaveError(reason + suffix)
+                pending.event.set()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def wait_hello(self, timeout: float) -> protocol.Hello:
+        with self._lock:
+            pending = self._pending.get(0)
+        if pending is None:
+            raise EnclaveError(self.broken or "enclave connection is closed")
+        if not pending.event.wait(timeout):
+            raise EnclaveError(f"enclave did not start within {_seconds(timeout)} s")
+        with self._lock:
+            self._pending.pop(0, None)
+        if pending.error is not None:
+            code = self.exit_code(1.0)
+            if code is None:
+                raise pending.error
+            tail = self._last_words()
+            raise EnclaveError(
+                f"enclave process exited during start (exit code {code})" + (f": {tail}" if tail else "")
+            )
+        if pending.msg_type == MsgType.ERROR:
+            assert pending.payload is not None
+            raise _refusal(pending.payload)
+        if pending.msg_type != MsgType.HELLO:
+            raise EnclaveError(f"enclave sent a malformed frame: expected HELLO, got message type {pending.msg_type}")
+        try:
+            assert pending.payload is not None
+            return protocol.decode_hello(pending.payload)
+        except ProtocolError as exc:
+            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+
+    def request(
+        self, build: Callable[[int], Iterable[bytes | memoryview]], expect: MsgType, timeout: float
+    ) -> bytearray:
+        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id."""
+        deadline = time.monotonic() + timeout
+        pending = _Pending()
+        with self._lock:
+            if self.broken is not None:
+                raise EnclaveError(f"{self.broken}; call restart()")
+            request_id = self._next_id
+            self._next_id += 1
+            self._pending[request_id] = pending
+        try:
+            self._send(build(request_id), deadline, timeout)
+            if not pending.event.wait(max(0.0, deadline - time.monotonic())):
+                raise self.timeout_error(timeout)
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.payload is not None
+        if pending.msg_type == MsgType.ERROR:
+            raise _refusal(pending.payload)
+        if pending.msg_type != expect:
+            name = MsgType(pending.msg_type).name if pending.msg_type in protocol.ENCLAVE_TO_HOST else pending.msg_type
+            raise EnclaveError(f"enclave sent a malformed frame: expected {expect.name}, got {name}")
+        return pending.payload
+
+    def _send(self, frames: Iterable[bytes | memoryview], deadline: float, timeout: float) -> None:
+        """Send whole frames. Running out of time between frames leaves the stream in step (the
+        enclave treats a LOAD cut short that way as interrupted); inside a frame it does not."""
+        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise self.timeout_error(timeout)
+        try:
+            for frame in frames:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self.timeout_error(timeout)
+                self._wsock.settimeout(remaining)
+                try:
+                    self._wsock.sendall(frame)
+                except TimeoutError:
+                    with self._lock:
+                        if self.broken is None:
+                            self.broken = "enclave stopped reading its input and the connection is out of step"
+                    raise self.timeout_error(timeout) from None
+        except OSError:
+            # The enclave end is gone; the reader thread is about to say why.
+            self._reader.join(timeout=max(0.0, min(1.5, deadline - time.monotonic())))
+            raise EnclaveError((self.broken or self._death()) + " while serving a request") from None
+        finally:
+            self._send_lock.release()
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closing = True
+        for sock in (self._rsock, self._wsock):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=2.0)
+        self._stderr.join(timeout=2.0)
+        for sock in (self._rsock, self._wsock):
+            sock.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    """Finalizer: an enclave whose client was dropped without close() must not outlive it."""
+    if proc.poll() is None:
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+class EnclaveClient:
+    """A session's enclave process. Thread-safe for load/infer/stats/ping; start/restart/close are not
+    meant to race with each other (calls in flight during them fail with EnclaveError)."""
+
+    def __init__(
+        self,
+        *,
+        command: Sequence[str] | None = None,
+        max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`command` replaces `python -m modelcloak.enclave` (e.g. a Gramine launcher); `--fd`,
+        the key arguments and options are appended to it."""
+        self._command = list(command) if command else [sys.executable, "-m", "modelcloak.enclave"]
+        self._max_frame_bytes = max_frame_bytes
+        self._extra_args = list(extra_args)
+        self._env = dict(env) if env is not None else None
+        self._conn: _Connection | None = None
+        self._last_proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._hello: protocol.Hello | None = None
+        self._info: EnclaveInfo | None = None
+        self._start_args: tuple[list[str], int | None, float] | None = None
+        self._last_load: tuple[bytes, bytes | bytearray | memoryview, float] | None = None
+        self._lifecycle = threading.RLock()
+
+    # -- properties ----------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._conn.proc.pid if self._conn else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the current (or, after close(), the last) enclave process; None while it runs."""
+        return self._last_proc.poll() if self._last_proc is not None else None
+
+    @property
+    def info(self) -> EnclaveInfo:
+        if self._info is None:
+            raise EnclaveError("no model is loaded in the enclave; call load() first")
+        return self._info
+
+    @property
+    def key_id(self) -> str | None:
+        """The enclave key's public id, as announced in HELLO (compare with a manifest's enclave_key.id)."""
+        return self._hello.key_id if self._hello else None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, key_args: list[str], *, threads: int | None = None, start_timeout: float = 10.0) -> None:
+        """Spawn the enclave and wait for its HELLO (it has read its key and is ready for LOAD)."""
+        with self._lifecycle:
+            if self._conn is not None and self._conn.proc.poll() is None:
+                raise EnclaveError("the enclave is already running; use restart() for a fresh one")
+            self._teardown()
+            self._start_args = (list(key_args), threads, start_timeout)
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            argv = [*self._command, "--fd", str(child.fileno()), *key_args]
+            argv += ["--max-frame-bytes", str(self._max_frame_bytes)]
+            if threads:
+                argv += ["--threads", str(threads)]
+            argv += self._extra_args
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=(child.fileno(),),
+                    close_fds=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env=self._env,
+                )
+            except OSError as exc:
+                parent.close()
+                raise EnclaveError(f"cannot start the enclave ({argv[0]}): {exc.strerror or exc}") from None
+            finally:
+                child.close()  # only the enclave holds that end now: its death is our end of input
+            self._finalizer = weakref.finalize(self, _kill_quietly, proc)
+            self._last_proc = proc
+            self._conn = _Connection(proc, parent, self._max_frame_bytes)
+            try:
+                self._hello = self._conn.wait_hello(start_timeout)
+                if self._hello.protocol_version != protocol.PROTOCOL_VERSION:
+                    raise EnclaveError(
+                        f"enclave speaks protocol version {self._hello.protocol_version}, "
+                        f"this host speaks {protocol.PROTOCOL_VERSION}"
+                    )
+            except BaseException:
+                # An enclave that reported a start-up error is about to exit on its own: let it,
+                # so its exit status (e.g. 2 for a refused key) is what `returncode` shows.
+                self._teardown(grace=1.0)
+                raise
+
+    def load(self, header: bytes, ciphertext: bytes | bytearray | memoryview, timeout: float = 30.0) -> EnclaveInfo:
+        """Send the bundle header and the enclave section's ciphertext; return what READY says."""
+        conn, hello = self._require_running()
+        piece = max(1, min(_LOAD_PIECE, hello.max_frame_bytes - protocol.FRAME_OVERHEAD))
+        data = memoryview(ciphertext).cast("B")
+        first = protocol.encode_load(header, len(data))
+        if protocol.FRAME_OVERHEAD + len(first) > hello.max_frame_bytes:
+            raise EnclaveError(f"the bundle header ({len(header)} bytes) exceeds the enclave's frame limit")
+
+        def frames(request_id: int) -> Iterable[bytes]:
+            # One buffer per whole frame, built lazily: at most one piece is copied at a time.
+            yield protocol.encode_frame(MsgType.LOAD, request_id, first)
+            for start in range(0, len(data), piece):
+                yield protocol.encode_frame(MsgType.LOAD_DATA, request_id, data[start : start + piece])
+
+        began = time.monotonic()
+        payload = conn.request(frames, MsgType.READY, timeout)
+        try:
+            ready = protocol.decode_ready(payload)
+        except ProtocolError as exc:
+            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+        self._last_load = (bytes(header), ciphertext, timeout)
+        self._info = EnclaveInfo(
+            inputs=ready.inputs,
+            outputs=ready.results,
+            private_outputs=ready.private_outputs,
+            policy=ready.policy,
+            started_at=ready.started_at,
+            ready_seconds=ready.ready_seconds,
+            load_seconds=time.monotonic() - began,
+            sandbox=ready.sandbox,
+            pid=conn.proc.pid,
+        )
+        return self._info
+
+    def restart(self) -> EnclaveInfo | None:
+        """Kill the enclave, start a fresh one with the same arguments and re-send the last LOAD.
+
+        The fresh process has a fresh per-session query budget: budgets that must survive
+        restarts belong to the licence service, not to the enclave process.
+        """
+        with self._lifecycle:
+            if self._start_args is None:
+                raise EnclaveError("restart() needs a previous start()")
+            key_args, threads, start_timeout = self._start_args
+            last_load = self._last_load
+            self._teardown()
+            self.start(key_args, threads=threads, start_timeout=start_timeout)
+            if last_load is None:
+                return None
+            header, ciphertext, timeout = last_load
+            return self.load(header, ciphertext, timeout=timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """SHUTDOWN (the enclave wipes and exits 0), or kill it if it does not comply in time."""
+        with self._lifecycle:
+            conn = self._conn
+            if conn is None:
+                return
+            if conn.proc.poll() is None and conn.broken is None:
+                try:
+                    conn.request(lambda rid: [protocol.encode_frame(MsgType.SHUTDOWN, rid)], MsgType.BYE, timeout)
+                    conn.proc.wait(timeout=timeout)
+                except (EnclaveError, subprocess.TimeoutExpired):
+                    pass
+            self._teardown()
+
+    def _teardown(self, grace: float = 0.0) -> None:
+        conn, self._conn = self._conn, None
+        self._info = None
+        self._hello = None
+        if conn is None:
+            return
+        if grace:
+            conn.exit_code(grace)
+        conn.kill()
+        try:
+            conn.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        conn.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
+    def __enter__(self) -> EnclaveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _require_running(self) -> tuple[_Connection, protocol.Hello]:
+        conn, hello = self._conn, self._hello
+        if conn is None or hello is None:
+            raise EnclaveError("the enclave is not running; call start() first")
+        return conn, hello
+
+    def infer(self, feeds: Mapping[str, np.ndarray], timeout: float = 10.0) -> dict[str, np.ndarray]:
+        """Run the private part on `feeds` (by input name); returns what the policy allows, by name."""
+        conn, hello = self._require_running()
+        info = self.info
+        names = set(info.input_names)
+        missing = [n for n in info.input_names if n not in feeds]
+        unknown = [n for n in feeds if n not in names]
+        if missing or unknown:
+            parts = ([f"missing {', '.join(map(repr, missing))}"] if missing else []) + (
+                [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
+            )
+            raise EnclaveError("inputs do not match the enclave's private part: " + "; ".join(parts))
+        tensors = []
+        for spec in info.inputs:
+            array = np.asarray(feeds[spec.name])
+            if spec.dtype is not None and array.dtype != spec.dtype:
+                if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+                    raise EnclaveError(f"input {spec.name!r} must be {spec.dtype.name}, got {array.dtype.name}")
+                array = array.astype(spec.dtype)
+            tensors.append((spec.name, array))
+        try:
+            payload = protocol.encode_tensors(tensors)
+        except ProtocolError as exc:
+            raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
+        if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
+            raise EnclaveError(
+                f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
+                "send smaller batches or start the enclave with a larger max_frame_bytes"
+            )
+        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, timeout)
+        try:
+            return dict(protocol.decode_tensors(reply))
+        except ProtocolError as exc:
+            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+
+    def stats(self, timeout: float = 10.0) -> EnclaveStats:
+        """Samples and requests served, requests refused, budget and budget left (None = unlimited)."""
+        conn, _ = self._require_running()
+        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, timeout)
+        try:
+            return protocol.decode_stats(reply)
+        except ProtocolError as exc:
+            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+
+    def ping(self, payload_bytes: int = 0, timeout: float = 10.0) -> float:
+        """Round trip of a PING carrying `payload_bytes` (echoed back); seconds. For health checks and benchmarks."""
+        conn, _ = self._require_running()
+        body = os.urandom(payload_bytes) if payload_bytes else b""
+        began = time.perf_counter()
+        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, timeout)
+        elapsed = time.perf_counter() - began
+        if bytes(reply) != body:
+            raise EnclaveError("enclave sent a malformed frame: PONG does not echo the PING payload")
+        return elapsed

@@ -371,6 +371,26 @@ def bench_splits(
     out.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")
 
 
+@app.command("enclave-manifest")
+def enclave_manifest(
+    output: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Gramine manifest template.")] = Path(
+        "modelcloak-enclave.manifest.template"
+    ),
+    threads: Annotated[int, typer.Option(help="onnxruntime threads inside the enclave.")] = 4,
+    connect: Annotated[str, typer.Option(help="HOST:PORT the enclave dials to reach its host.")] = "127.0.0.1:7878",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a Gramine-SGX manifest template that runs this enclave entry point inside SGX."""
+    import sys
+
+    from modelcloak.enclave.gramine import render_manifest
+
+    if output.exists() and not force:
+        raise ModelcloakError(f"{output} already exists; pass --force to overwrite it")
+    output.write_text(render_manifest(sys.executable, connect=connect, threads=threads))
+    out.print(f"wrote {output}; build it with gramine-manifest and gramine-sgx-sign (docs/ENCLAVE.md)")
+
+
 @app.command()
 def doctor() -> None:
     """Show on-disk caches that could leak a model, and this machine's memory protections."""

@@ -550,16 +550,14 @@ def eval_extraction(
     for column in ("cut", "policy", "attack", "budget", "answered", "accuracy", "fidelity"):
         table.add_column(column)
     for r in rows:
-        table.add_row(
-            str(r.cut),
-            r.policy,
-            r.attack,
-            str(r.budget),
-            str(r.queries_answered),
-            f"{r.accuracy:.3f}",
-            f"{r.fidelity:.3f}",
-        )
+        shown = (f"{r.accuracy:.3f}", f"{r.fidelity:.3f}") if r.applicable else ("n/a", "n/a")
+        table.add_row(str(r.cut_name or r.cut), r.policy, r.attack, str(r.budget), str(r.queries_answered), *shown)
     out.print(table)
+    if report:
+        out.print(f"wrote {out_dir / 'extraction.md'}, {out_dir / 'extraction.csv'} and {out_dir / 'extraction.png'}")
+    else:
+        paths = extraction.write_report(rows, out_dir, title=f"extraction attacks on {bundle.name}")
+        out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 @app.command()

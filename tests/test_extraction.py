@@ -313,3 +313,54 @@ def test_mnist_report_end_to_end(tmp_path: Path) -> None:
     assert all((tmp_path / f"extraction.{kind}").exists() for kind in ("md", "csv", "png"))
     knockoff = [r for r in rows if r.attack == "knockoff" and r.budget == 50][0]
     assert knockoff.cut_name == "last-layer" and knockoff.queries_answered == 50 and knockoff.fidelity > 0.5
+
+
+# --- recommend: where to stop ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def measured(task: DigitsTask):
+    from modelcloak.eval.recommend import Targets, recommend
+
+    return recommend(
+        task.model,
+        pool_x=task.pool_x,
+        test_x=task.test_x,
+        test_y=task.test_y,
+        targets=Targets(attack_budget=50, max_fidelity=1.0, max_latency_ratio=1e9),
+        repeats=3,
+    )
+
+
+def test_recommend_measures_every_cut_and_picks_the_cheapest(measured):
+    assert len(measured.cuts) >= 2
+    for advice in measured.cuts:
+        assert 0.0 <= advice.attacker_fidelity <= 1.0 and advice.latency_ratio > 0
+    assert measured.chosen is not None
+    assert measured.chosen.latency_ratio == min(a.latency_ratio for a in measured.cuts)
+
+
+def test_recommend_says_when_no_cut_meets_the_target(task, measured):
+    from modelcloak.eval.recommend import Targets, choose
+
+    strict = choose(task.model, measured.cuts, Targets(attack_budget=50, max_fidelity=0.05, max_latency_ratio=1e9))
+    assert strict.chosen is None
+    assert all("attacker fidelity" in " ".join(a.reasons) for a in strict.cuts)
+    text = " ".join(strict.suggestions)
+    assert "query budget" in text and "fhe" in text and "lock" in text
+
+
+def test_recommend_respects_the_enclave_memory_budget(task, measured):
+    from modelcloak.eval.recommend import Targets, choose
+
+    smallest = min(a.private_weight_bytes for a in measured.cuts)
+    fits = choose(
+        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest)
+    )
+    assert fits.chosen is not None and fits.chosen.private_weight_bytes == smallest
+    too_small = choose(
+        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest - 1)
+    )
+    assert too_small.chosen is None
+    assert all("enclave budget" in " ".join(a.reasons) for a in too_small.cuts)
+    assert any("memory budget" in idea for idea in too_small.suggestions)

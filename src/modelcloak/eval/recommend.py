@@ -64,7 +64,12 @@ class Recommendation:
 
 
 def _suggestions(model: onnx.ModelProto, advice: list[CutAdvice], targets: Targets) -> list[str]:
-    dense_only = {n.op_type for n in model.graph.node[-4:]} <= {"Gemm", "MatMul", "Add", "Relu", "Softmax", "Identity"}
+    from modelcloak.model.cut import split_model
+
+    cuts = candidate_cuts(model)
+    smallest_private = split_model(model, cuts[-1])[1] if cuts else None
+    dense_ops = {"Gemm", "MatMul", "Add", "Relu", "Softmax", "Identity", "Flatten", "Reshape"}
+    dense_only = smallest_private is not None and {n.op_type for n in smallest_private.graph.node} <= dense_ops
     ideas = []
     if all(a.attacker_fidelity > targets.max_fidelity for a in advice):
         ideas.append(
@@ -138,14 +143,6 @@ def recommend(
             )
             knockoff = [r for r in results if r.attack == "knockoff"]
             best = max(knockoff, key=lambda r: r.fidelity)
-            ratio = timing[index]["total_vs_whole"]
-            reasons = []
-            if best.fidelity > targets.max_fidelity:
-                reasons.append(f"attacker fidelity {best.fidelity:.2f} > {targets.max_fidelity:.2f}")
-            if ratio > targets.max_latency_ratio:
-                reasons.append(f"latency {ratio:.2f}x > {targets.max_latency_ratio:.2f}x")
-            if cut.private_weight_bytes > targets.enclave_memory_bytes:
-                reasons.append(f"private part {cut.private_weight_bytes:,} B > enclave budget")
             advice.append(
                 CutAdvice(
                     index,
@@ -153,13 +150,27 @@ def recommend(
                     cut.private_parameters,
                     cut.private_weight_bytes,
                     cut.boundary_bytes,
-                    ratio,
+                    timing[index]["total_vs_whole"],
                     best.fidelity,
                     best.accuracy,
-                    not reasons,
-                    reasons,
+                    meets=False,
                 )
             )
+    return choose(proto, advice, targets)
+
+
+def choose(model: onnx.ModelProto, measured: list[CutAdvice], targets: Targets) -> Recommendation:
+    """Judge measured cuts against `targets` (no new measurement): the cheapest cut meeting all."""
+    advice = []
+    for a in measured:
+        reasons = []
+        if a.attacker_fidelity > targets.max_fidelity:
+            reasons.append(f"attacker fidelity {a.attacker_fidelity:.2f} > {targets.max_fidelity:.2f}")
+        if a.latency_ratio > targets.max_latency_ratio:
+            reasons.append(f"latency {a.latency_ratio:.2f}x > {targets.max_latency_ratio:.2f}x")
+        if a.private_weight_bytes > targets.enclave_memory_bytes:
+            reasons.append(f"private part {a.private_weight_bytes:,} B > enclave budget")
+        advice.append(CutAdvice(**{**a.to_json(), "meets": not reasons, "reasons": reasons}))
     meeting = [a for a in advice if a.meets]
     chosen = min(meeting, key=lambda a: (a.latency_ratio, a.private_weight_bytes)) if meeting else None
-    return Recommendation(targets, advice, chosen, [] if chosen else _suggestions(proto, advice, targets))
+    return Recommendation(targets, advice, chosen, [] if chosen else _suggestions(model, advice, targets))

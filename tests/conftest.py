@@ -60,3 +60,32 @@ def key_file(tmp_path: Path) -> KeyFile:
 @pytest.fixture
 def other_key_file(tmp_path: Path) -> KeyFile:
     return generate_key_file(tmp_path / "other.key")
+
+
+_CORE_LIMIT_AT_START = __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_hardening():
+    """`modelcloak.load()` hardens the whole process (non-dumpable, no core files). Tests (and
+    module fixtures) that load in-process would otherwise leave the pytest process hardened for
+    every later test, so put back the state the session started with."""
+    import ctypes
+    import resource
+
+    core_limit = _CORE_LIMIT_AT_START
+    yield
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(3, 0, 0, 0, 0) == 0:  # PR_GET_DUMPABLE
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+    if resource.getrlimit(resource.RLIMIT_CORE) != core_limit:
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, core_limit)
+        except (ValueError, OSError):
+            pass  # raising a hard limit needs root; the tests that care skip with a reason
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Run the memory-hygiene tests first: they need a process whose hard core-file limit was never
+    lowered, and an in-process `load()` lowers it irreversibly without CAP_SYS_RESOURCE."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_hygiene.py" else 1)

@@ -325,7 +325,7 @@ def _features(
 
 # lr 3e-3 as measured for this CNN in zoo/demo.py; batch 64 rather than 32 runs an epoch ~2x faster here.
 _MNIST_LR = 3e-3
-_MNIST_FINETUNE_LR = 3e-3  # flexible: the same rate as fixed; lower rates (1e-3) ended lower here
+_MNIST_FINETUNE_LR = 1e-3  # flexible: continue from the fixed model at a lower rate
 _MNIST_BATCH = 64
 _MNIST_PUBLIC_EPOCHS = 3  # pre-training on the public digits 0-4: ~99% on them after 3 epochs
 _MNIST_EPOCHS = {"fixed": 5, "flexible": 5}  # flexible: fine-tuning epochs after the fixed ones
@@ -554,7 +554,7 @@ def _encode(encoder: Any, texts: Sequence[str], run: _Run, description: str) -> 
 _IMAGE_SIZE = 64  # 28x28 digits upsampled; 64 px keeps CPU time low (96 px is ~4x slower here)
 _IMAGE_TUNE_FROM = 11  # first fine-tuned block: stage 6 (blocks 11-14) and stage 7 (block 15)
 _IMAGE_HEAD_LR = 1e-3
-_IMAGE_FINETUNE_LR = 3e-4  # flexible: the unfrozen blocks, the head convolution and the head
+_IMAGE_FINETUNE_LR = 3e-4  # flexible: the unfrozen blocks and the head convolution
 _IMAGE_BATCH = 64
 _IMAGE_EPOCHS = {"fixed": 20, "flexible": 5}  # flexible: fine-tuning epochs after the fixed ones
 _IMAGE_HIDDEN = 128
@@ -625,7 +625,12 @@ def _run_image(run: _Run) -> list[AccuracyResult]:
     epochs = run.epochs_for(_IMAGE_EPOCHS["flexible"])
     start = time.perf_counter()
     _fit(
-        [{"params": [p for m in (*tuned, head) for p in m.parameters()], "lr": _IMAGE_FINETUNE_LR}],
+        [
+            {"params": [p for m in tuned for p in m.parameters()], "lr": _IMAGE_FINETUNE_LR},
+            # The head keeps its fixed-mode rate: at 3e-4 it barely moved and flexible ended
+            # 3 points lower (94.4% vs 97.6% with 1e-3, seed 0).
+            {"params": head.parameters(), "lr": _IMAGE_HEAD_LR},
+        ],
         lambda idx: loss_fn(head(suffix(cached_train[idx])), y_train[idx]),
         n_train,
         epochs=epochs,

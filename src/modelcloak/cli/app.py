@@ -323,50 +323,23 @@ def bench_splits(
     total = len(chosen) if chosen is not None else len(candidate_cuts(load_model(model)))
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("cuts", total=total)
-
-        def step(label: str) -> None:
-            bar.update(task, description=label)
-            bar.advance(task, 0)
-
+        # Called as each cut starts: name it and count it.
         rows = run_bench(
             model,
             cuts=chosen,
             batches=batch_sizes,
             repeats=repeats,
             threads=threads,
-            on_step=lambda label: (step(label), bar.advance(task)),
+            on_step=lambda label: bar.update(task, description=label, advance=1),
         )
     paths = write_report(rows, out_dir, f"latency per cut: {model.name}")
+    columns = ("cut", "batch", "whole_ms", "public_ms", "private_ms", "boundary_round_trip_ms", "total_ms",
+               "total_vs_whole", "enclave_start_s")  # fmt: skip
     table = Table(title=f"bench-splits {model.name} (medians, ms)")
-    for column in (
-        "cut",
-        "batch",
-        "whole_ms",
-        "public_ms",
-        "private_ms",
-        "boundary_round_trip_ms",
-        "total_ms",
-        "total_vs_whole",
-        "enclave_start_s",
-    ):
+    for column in columns:
         table.add_column(column.replace("_ms", "").replace("_", " "))
     for row in rows:
-        table.add_row(
-            *(
-                str(row[c])
-                for c in (
-                    "cut",
-                    "batch",
-                    "whole_ms",
-                    "public_ms",
-                    "private_ms",
-                    "boundary_round_trip_ms",
-                    "total_ms",
-                    "total_vs_whole",
-                    "enclave_start_s",
-                )
-            )
-        )
+        table.add_row(*(str(row[c]) for c in columns))
     out.print(table)
     out.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")
 

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from modelcloak.enclave.sandbox import KeyUnavailable
+from modelcloak.enclave.sandbox import parse_key_text as enclave_parse_key_text
 from modelcloak.hygiene import SecureBuffer, secret_buffer
 from modelcloak.keys.errors import KeyProviderError
 
@@ -34,26 +36,14 @@ def _into_secret(material: bytes | bytearray) -> SecureBuffer:
 
 
 def parse_key_text(text: bytes, origin: str) -> bytearray:
-    """Accept a key as 32 raw bytes, 64 hex digits or base64 of 32 bytes (surrounding whitespace ignored)."""
-    if len(text) == KEY_SIZE:
-        return bytearray(text)
-    stripped = text.strip()
-    decoded: bytes | None = None
-    if len(stripped) == 2 * KEY_SIZE:
-        try:
-            decoded = binascii.unhexlify(stripped)
-        except binascii.Error:
-            decoded = None
-    if decoded is None:
-        try:
-            decoded = base64.b64decode(stripped, validate=True)
-        except (binascii.Error, ValueError):
-            decoded = None
-    if decoded is None or len(decoded) != KEY_SIZE:
-        raise KeyProviderError(
-            f"{origin} does not hold a 256-bit key (expected 32 raw bytes, 64 hex digits or base64 of 32 bytes)"
-        )
-    return bytearray(decoded)
+    """Accept a key as 32 raw bytes, 64 hex digits or base64 of 32 bytes (surrounding whitespace ignored).
+
+    The enclave owns the parser (it may not import host code); the host reuses it.
+    """
+    try:
+        return enclave_parse_key_text(text, origin)
+    except KeyUnavailable as exc:
+        raise KeyProviderError(str(exc)) from None
 
 
 class KeyProvider(ABC):

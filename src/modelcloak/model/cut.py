@@ -59,7 +59,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper
 
 from modelcloak.model.errors import ModelError
-from modelcloak.model.importer import TensorSpec
+from modelcloak.model.importer import TensorSpec, shape_dims
 
 # Ops whose output is not a function of their inputs: treated as dynamic so their values are
 # computed once, on one side, and crossed like activations instead of being drawn twice.
@@ -1006,15 +1006,7 @@ def _value_type(value: onnx.ValueInfoProto) -> tuple[int, list[int | str | None]
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         return (tensor_type.elem_type, None)
-    dims: list[int | str | None] = []
-    for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            dims.append(int(dim.dim_value))
-        elif dim.HasField("dim_param"):
-            dims.append(dim.dim_param)
-        else:
-            dims.append(None)
-    return (tensor_type.elem_type, dims)
+    return (tensor_type.elem_type, shape_dims(tensor_type))
 
 
 def _complete(entry: tuple[int, list | None] | None) -> bool:

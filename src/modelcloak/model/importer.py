@@ -124,6 +124,19 @@ def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
         raise ModelError("model must have at least one graph input and one output")
 
 
+def shape_dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
+    """A tensor type's dims: ints where fixed, names where symbolic, None where unknown."""
+    dims: list[int | str | None] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
 def signature(model: onnx.ModelProto) -> Signature:
     """Inputs (excluding initializers listed as inputs, as older exporters do) and outputs."""
     initializer_names = {t.name for t in model.graph.initializer}
@@ -138,15 +151,7 @@ def signature(model: onnx.ModelProto) -> Signature:
             raise ModelError(
                 f"graph value {value.name!r} has an unsupported element type {tensor_type.elem_type}"
             ) from None
-        dims: list[int | str | None] = []
-        for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.HasField("dim_param"):
-                dims.append(dim.dim_param)
-            else:
-                dims.append(None)
-        return TensorSpec(value.name, dtype, tuple(dims))
+        return TensorSpec(value.name, dtype, tuple(shape_dims(tensor_type)))
 
     inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializer_names)
     outputs = tuple(spec(v) for v in model.graph.output)

@@ -1,0 +1,1 @@
+"""The owner backend: models, devices, licences, key release, usage metering (`modelcloak serve`)."""

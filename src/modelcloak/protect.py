@@ -6,9 +6,12 @@ only how to encrypt sections, the model room only how to read graphs.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import json
 import platform
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,9 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.keys import KeyProvider
 from modelcloak.model import ModelError, externalize_weights, load_model, signature, weight_pieces
 
-SCHEMES = ("seal", "split")
-PLANNED_SCHEMES = ("fhe", "lock")
+SCHEMES = ("seal", "split", "lock")
+PLANNED_SCHEMES = ("fhe",)
+LOCK_SALT_SIZE = 16
 
 
 def check_runnable(model: onnx.ModelProto) -> None:
@@ -54,6 +58,8 @@ def protect(
     progress: Callable[[int], None] | None = None,
     cut: dict[str, Any] | None = None,
     enclave_key: KeyProvider | None = None,
+    lock_to: Sequence[Any] = (),
+    lock_method: str = "uniform-shift",
 ) -> Manifest:
     """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
@@ -65,6 +71,11 @@ def protect(
     {"last": N} or {"index": I}) and `enclave_key`, the key only the enclave will receive; the
     private part is sealed under it and `policy` ({"output": "label" | "topk:K" | "scores",
     "query_budget": int, "rate_limit_per_s": float}) is enforced by the enclave.
+
+    Scheme `lock` is `seal` with the weights also locked to the devices in `lock_to` (their
+    exported lock keys, `modelcloak.keys.DeviceLockKey`); `split` with `lock_to` locks the public
+    part. `lock_method` is "uniform-shift" (the default: a wrong device gets plausible weights),
+    or "plain-aes" / "permutation" (comparison baselines, docs/LOCK.md).
     """
     if scheme not in SCHEMES:
         if scheme in PLANNED_SCHEMES:
@@ -78,6 +89,10 @@ def protect(
         )
     if scheme != "split" and (cut is not None or enclave_key is not None):
         raise ModelcloakError(f"a cut and an enclave key only apply to scheme 'split', not {scheme!r}")
+    if scheme == "lock" and not lock_to:
+        raise ModelcloakError("scheme 'lock' needs at least one device lock key (--lock-to FILE)")
+    if scheme == "seal" and lock_to:
+        raise ModelcloakError("device locks apply to schemes 'lock' and 'split'; use --scheme lock to seal and lock")
     base_dir = Path(model).parent if isinstance(model, (str, Path)) else None
     proto = load_model(model)
     if verify and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
@@ -99,6 +114,7 @@ def protect(
         },
         "policy": dict(policy or {}),
     }
+    locking = _Locking(lock_to, lock_method) if lock_to else None
     if scheme == "split":
         from modelcloak.enclave.policy import PolicyError, parse_policy
         from modelcloak.model.cut import find_cut, split_model
@@ -112,11 +128,13 @@ def protect(
         private_bytes = private.SerializeToString()
         del private
         extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
-        sections, weights_size = _graph_sections(public, "public.", None)
+        sections, weights_size = _graph_sections(public, "public.", None, locking)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
     else:
-        sections, weights_size = _graph_sections(proto, "", base_dir)
+        sections, weights_size = _graph_sections(proto, "", base_dir, locking)
     extra["model"]["weight_bytes"] = weights_size
+    if locking is not None:
+        extra["lock"] = locking.manifest_entry("public." if scheme == "split" else "", weights_size)
 
     master, key_spec = key.new_key()
     enclave_master = enclave_spec = None
@@ -140,13 +158,62 @@ def protect(
         master.close()
         if enclave_master is not None:
             enclave_master.close()
+        if locking is not None:
+            locking.close()
 
 
-def _graph_sections(model: onnx.ModelProto, prefix: str, base_dir: Path | None) -> tuple[list[SectionSource], int]:
-    """The weightless graph and its weights as two host-key sections (`graph`, `weights`)."""
-    graph, records, weights_size = externalize_weights(model)
-    graph_bytes = graph.SerializeToString()
+class _Locking:
+    """One bundle's device lock: a fresh lock key, wrapped for each device, and its salt."""
+
+    def __init__(self, devices: Sequence[Any], method: str) -> None:
+        from modelcloak.hygiene import secret_buffer
+        from modelcloak.keys.device import wrap_lock_key
+        from modelcloak.lock.transform import METHODS
+
+        if method not in METHODS:
+            raise ModelcloakError(f"unknown lock method {method!r}; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.salt = secrets.token_bytes(LOCK_SALT_SIZE)
+        self.key = secret_buffer(32)
+        self.key.view()[:] = secrets.token_bytes(32)
+        self.devices = wrap_lock_key(self.key, list(devices))
+
+    def manifest_entry(self, prefix: str, weights_size: int) -> dict[str, Any]:
+        return {
+            "part": prefix,
+            "weights_size": weights_size,
+            "method": self.method,
+            "salt": base64.b64encode(self.salt).decode(),
+            "devices": self.devices,
+        }
+
+    def close(self) -> None:
+        self.key.close()
+
+
+def _graph_sections(
+    model: onnx.ModelProto, prefix: str, base_dir: Path | None, locking: _Locking | None = None
+) -> tuple[list[SectionSource], int]:
+    """The weightless graph and its weights as host-key sections (`graph`, `weights`).
+
+    Locked: `weights` holds only the tensors too small to lock, and two more sections carry the
+    locked codes (`locked`) and the public parameters needed to unlock them (`lock-params`).
+    """
+    if locking is None:
+        graph, records, weights_size = externalize_weights(model)
+        graph_bytes = graph.SerializeToString()
+        return [
+            SectionSource(prefix + "graph", len(graph_bytes), lambda: [graph_bytes]),
+            SectionSource(prefix + "weights", weights_size, lambda: weight_pieces(model, records, base_dir)),
+        ], weights_size
+    from modelcloak.lock.layout import lock_graph
+
+    locked = lock_graph(model, locking.key.view(), locking.salt, method=locking.method, base_dir=base_dir)
+    graph_bytes = locked.graph.SerializeToString()
+    params_bytes = json.dumps(locked.params, separators=(",", ":")).encode()
     return [
         SectionSource(prefix + "graph", len(graph_bytes), lambda: [graph_bytes]),
-        SectionSource(prefix + "weights", weights_size, lambda: weight_pieces(model, records, base_dir)),
-    ], weights_size
+        SectionSource(prefix + "weights", locked.plain_size, locked.plain_pieces),
+        SectionSource(prefix + "locked", locked.codes_size, locked.code_pieces),
+        SectionSource(prefix + "lock-params", len(params_bytes), lambda: [params_bytes]),
+    ], locked.total_size

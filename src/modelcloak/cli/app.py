@@ -93,8 +93,15 @@ def protect(
         Optional[int], typer.Option("--query-budget", help="split: samples one enclave session may answer.")
     ] = None,
     rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", help="split: samples per second.")] = None,
+    lock_to: Annotated[
+        Optional[list[Path]],
+        typer.Option("--lock-to", help="lock, split: a device's exported lock key file (repeat for more devices)."),
+    ] = None,
+    lock_method: Annotated[
+        str, typer.Option("--lock-method", help="uniform-shift (default), or plain-aes/permutation to compare.")
+    ] = "uniform-shift",
 ) -> None:
-    """Protect MODEL into an encrypted, optionally signed bundle (seal, or split with --cut-*)."""
+    """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from modelcloak.protect import protect as do_protect
@@ -125,6 +132,11 @@ def protect(
         split_options = {"cut": selectors, "enclave_key": KeyFile(enclave_key_file), "policy": policy}
     elif selectors or enclave_key_file:
         raise ModelcloakError("--cut-* and --enclave-key-file only apply to --scheme split")
+    if lock_to:
+        from modelcloak.keys.device import DeviceLockKey
+
+        split_options["lock_to"] = [DeviceLockKey.from_file(path) for path in lock_to]
+        split_options["lock_method"] = lock_method
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -188,6 +200,12 @@ def run(
     enclave_key_env: Annotated[
         Optional[str], typer.Option("--enclave-key-env", help="split bundles: variable holding the enclave key.")
     ] = None,
+    device_state: Annotated[
+        Optional[Path], typer.Option("--device-state", help="locked bundles: this device's enrolment directory.")
+    ] = None,
+    tcti: Annotated[
+        Optional[str], typer.Option(help="TPM connection (default: $TPM2TOOLS_TCTI, $TSS2_TCTI, /dev/tpmrm0).")
+    ] = None,
 ) -> None:
     """Verify and decrypt BUNDLE in memory and run it on INPUTS."""
     import numpy as np
@@ -198,9 +216,15 @@ def run(
     if output is not None and output.suffix != ".npz":
         raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
     provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
+    device_key = None
+    if device_state is not None:
+        from modelcloak.keys.device import open_device_key
+
+        device_key = open_device_key(device_state, tcti=tcti)
     with load(
         bundle,
         key=provider,
+        device_key=device_key,
         backend=backend,
         trusted_signers=trusted_signer,
         threads=threads,
@@ -261,6 +285,11 @@ def inspect(
     for entry in manifest.sections:
         table.add_row("section", f"{entry.name}: {entry.size:,} bytes encrypted")
     table.add_row("policy", json.dumps(doc.get("policy", {})))
+    lock = doc.get("lock")
+    if isinstance(lock, dict):
+        devices = ", ".join(str(entry.get("device")) for entry in lock.get("devices", []) if isinstance(entry, dict))
+        part = "public part" if lock.get("part") else "weights"
+        table.add_row("lock", f"{part} locked with {lock.get('method')} to {devices}")
     out.print(table)
     claims = claims_for(manifest.scheme)
     if claims:
@@ -429,6 +458,10 @@ eval_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Measure what protection costs and what an attacker gets."
 )
 app.add_typer(eval_app, name="eval")
+
+from modelcloak.cli import device_commands as _device_commands  # noqa: E402 - needs `app`
+
+_device_commands.register(app)
 
 
 def _task_data(task: str | None, data: Path | None) -> tuple[Any, Any, Any]:

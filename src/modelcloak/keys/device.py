@@ -38,11 +38,12 @@ import os
 import secrets
 import tempfile
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -60,6 +61,9 @@ __all__ = [
     "SoftwareDeviceKey",
     "enroll_software_device",
     "load_identity",
+    "open_device_key",
+    "unwrap_lock_key",
+    "wrap_lock_key",
     "write_lock_key_file",
 ]
 
@@ -382,6 +386,79 @@ def write_lock_key_file(path: str | Path, root: SecureBuffer, identity: DeviceId
     document = {"fingerprint": identity.fingerprint, "device_id": identity.device_id, "lock_key": root.view().hex()}
     write_private(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# One lock key for several devices
+# --------------------------------------------------------------------------------------------
+
+
+def wrap_lock_key(lock_key: SecureBuffer, devices: Sequence[DeviceLockKey]) -> list[dict[str, Any]]:
+    """Entries that let each of `devices` (and nobody else) recover `lock_key`; they are public.
+
+    Each device gets a fresh model key from its lock root (a new salt per bundle and device) and
+    the entry stores lock_key XOR that key: a one-time pad, because the derived key is used once.
+    XOR and not an authenticated key wrap on purpose: a wrong device must recover a wrong lock
+    key without noticing, so the weights it unlocks look real (docs/LOCK.md); an AEAD wrap would
+    hand an attacker a free check of every guess.
+    """
+    if not devices:
+        raise KeyProviderError("lock the model to at least one device (an exported device lock key)")
+    entries = []
+    for device in devices:
+        derived, spec = device.new_key()
+        try:
+            wrapped = _xor(lock_key, derived)
+        finally:
+            derived.close()
+        entries.append({"device": device.fingerprint, "key": spec, "wrapped": base64.b64encode(wrapped).decode()})
+    return entries
+
+
+def unwrap_lock_key(entries: Any, device: DeviceKeyBase) -> SecureBuffer:
+    """The lock key from the entry for `device`; a clear error when the bundle names other devices."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise KeyProviderError("the bundle's device lock entries are malformed")
+    fingerprint = device.identity.fingerprint
+    mine = [e for e in entries if e.get("device") == fingerprint]
+    if not mine:
+        named = ", ".join(str(e.get("device")) for e in entries) or "no device"
+        raise KeyProviderError(f"this bundle is locked to {named}; this device is {fingerprint}")
+    try:
+        wrapped = base64.b64decode(mine[0]["wrapped"], validate=True)
+    except (KeyError, binascii.Error, ValueError, TypeError):
+        raise KeyProviderError("the bundle's device lock entry has no valid wrapped key") from None
+    if len(wrapped) != KEY_SIZE:
+        raise KeyProviderError(f"the bundle's wrapped lock key is {len(wrapped)} bytes, not {KEY_SIZE}")
+    derived = device.key_for(mine[0].get("key") or {})
+    try:
+        key = secret_buffer(KEY_SIZE)
+        # XOR in place, so the lock key exists only inside the secret buffer.
+        np.bitwise_xor(
+            np.frombuffer(derived.view(), dtype=np.uint8),
+            np.frombuffer(wrapped, dtype=np.uint8),
+            out=np.frombuffer(key.view(), dtype=np.uint8),
+        )
+        return key
+    finally:
+        derived.close()
+
+
+def _xor(a: SecureBuffer, b: SecureBuffer) -> bytes:
+    """a XOR b as public bytes (only used to make wrapped entries)."""
+    return (np.frombuffer(a.view(), dtype=np.uint8) ^ np.frombuffer(b.view(), dtype=np.uint8)).tobytes()
+
+
+def open_device_key(state_dir: str | Path, *, tcti: str | None = None) -> DeviceKeyBase:
+    """The device key of an enrolled state directory, TPM or software as recorded at enrolment."""
+    kind = read_state(Path(state_dir)).get("kind")
+    if kind == "tpm":
+        from modelcloak.keys.tpm import TpmDeviceKey
+
+        return TpmDeviceKey(state_dir, tcti=tcti)
+    if kind == "software":
+        return SoftwareDeviceKey(state_dir)
+    raise KeyProviderError(f"{state_dir} holds an enrolment of unknown kind {kind!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ excluded from core dumps and wiped as soon as the backend holds its own copy.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,7 +139,7 @@ class SplitSession(SealedSession):
             self.enclave = None
 
 
-_PREFIXES = {"seal": "", "split": "public."}
+_PREFIXES = {"seal": "", "split": "public.", "lock": ""}
 
 
 def load(
@@ -156,6 +158,7 @@ def load(
     enclave_key_env: str | None = None,
     enclave_threads: int | None = None,
     enclave_timeout: float = 10.0,
+    device_key: Any = None,
 ) -> SealedSession:
     """Open a protected bundle with a key from `key` and return a session ready to run.
 
@@ -166,6 +169,9 @@ def load(
 
     Split bundles also start the enclave process, which reads its own key from
     `enclave_key_file` or `enclave_key_env`; this process never sees that key.
+
+    Bundles locked to devices need `device_key`, this device's key
+    (`modelcloak.keys.open_device_key(state_dir)`): the weights are unlocked in memory with it.
     """
     if backend not in BACKENDS:
         raise SessionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -184,6 +190,9 @@ def load(
             raise SessionError(
                 "this is a split bundle: give the enclave its key (--enclave-key-file or --enclave-key-env)"
             )
+        lock = sealed.manifest.document.get("lock")
+        if lock is not None and device_key is None:
+            raise SessionError("this bundle is locked to a device: give this device's key (--device-state DIR)")
         report.signer = sealed.verify_signature(trusted or None, require=require_signature)
         report.seconds["verify"] = clock() - started
         runner = _open_graph(
@@ -197,10 +206,12 @@ def load(
             threads=threads,
             cache_policy=cache_policy,
             session_config=session_config,
+            lock=lock,
+            device_key=device_key,
         )
         if scheme == "split":
             header, private = sealed.header, sealed.section_ciphertext("private")
-    if scheme == "seal":
+    if scheme != "split":
         report.providers = list(runner.providers)
         report.seconds["total"] = clock() - started
         return SealedSession(runner, sealed.manifest.document, report)
@@ -236,11 +247,19 @@ def _open_graph(
     threads: int | None,
     cache_policy: str,
     session_config: dict[str, Any] | None,
+    lock: dict[str, Any] | None = None,
+    device_key: Any = None,
 ) -> Any:
-    """Decrypt `<prefix>graph` and `<prefix>weights` into wiped, non-dumpable buffers and build a backend."""
+    """Decrypt `<prefix>graph` and `<prefix>weights` into wiped, non-dumpable buffers and build a backend.
+
+    A locked part also has `<prefix>locked` (codes) and `<prefix>lock-params`: the codes are
+    unlocked with the device's key into the back of the weights buffer (modelcloak.lock.layout).
+    """
     clock = time.perf_counter
     master = key.key_for(sealed.manifest.key)
     graph_buffer = weights_buffer = None
+    if lock is not None and lock.get("part") != prefix:
+        raise SessionError(f"the bundle locks part {lock.get('part')!r}, which this version cannot load")
     try:
         report.buffer_kinds["key"] = master.kind
         sealed.check_key(master.view())
@@ -248,13 +267,18 @@ def _open_graph(
         graph_entry = sealed.manifest.section(prefix + "graph")
         weights_entry = sealed.manifest.section(prefix + "weights")
         graph_buffer = hygiene.weights_buffer(graph_entry.size)
-        weights_buffer = hygiene.weights_buffer(weights_entry.size)
+        weights_size = weights_entry.size if lock is None else _locked_weights_size(lock, weights_entry.size)
+        weights_buffer = hygiene.weights_buffer(weights_size)
         report.buffer_kinds["weights"] = weights_buffer.kind
         mark = clock()
         sealed.decrypt_section_into(graph_entry.name, master.view(), graph_buffer.view())
-        sealed.decrypt_section_into(weights_entry.name, master.view(), weights_buffer.view())
+        sealed.decrypt_section_into(weights_entry.name, master.view(), weights_buffer.view()[: weights_entry.size])
         report.seconds["decrypt"] = clock() - mark
         report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
+        if lock is not None:
+            mark = clock()
+            _unlock(sealed, master, prefix, lock, device_key, weights_buffer)
+            report.seconds["unlock"] = clock() - mark
         master.close()
         graph = _parse_graph(graph_buffer.view())
         mark = clock()
@@ -280,6 +304,42 @@ def _open_graph(
         for buffer in (graph_buffer, weights_buffer):
             if buffer is not None:
                 buffer.close()
+
+
+def _locked_weights_size(lock: dict[str, Any], plain_size: int) -> int:
+    size = lock.get("weights_size")
+    if not isinstance(size, int) or size < plain_size:
+        raise SessionError("the bundle's lock entry has no valid weights_size")
+    return size
+
+
+def _unlock(
+    sealed: Bundle, master: hygiene.SecureBuffer, prefix: str, lock: dict[str, Any], device_key: Any, weights: Any
+) -> None:
+    """Decrypt the locked codes and unlock them with this device's key into the weights buffer."""
+    from modelcloak.keys.device import unwrap_lock_key
+    from modelcloak.lock import LockError
+    from modelcloak.lock.layout import unlock_into
+
+    codes_entry = sealed.manifest.section(prefix + "locked")
+    params_entry = sealed.manifest.section(prefix + "lock-params")
+    params_bytes = bytearray(params_entry.size)
+    sealed.decrypt_section_into(params_entry.name, master.view(), memoryview(params_bytes))
+    try:
+        params = json.loads(params_bytes)
+        salt = base64.b64decode(lock["salt"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        raise SessionError("the bundle's lock parameters are malformed") from None
+    lock_key = unwrap_lock_key(lock.get("devices"), device_key)
+    codes = hygiene.weights_buffer(codes_entry.size)
+    try:
+        sealed.decrypt_section_into(codes_entry.name, master.view(), codes.view())
+        unlock_into(codes.view(), params, lock_key.view(), salt, weights.view())
+    except LockError as exc:
+        raise SessionError(f"cannot unlock the weights: {exc}") from None
+    finally:
+        codes.close()
+        lock_key.close()
 
 
 def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:

@@ -1,0 +1,132 @@
+"""Locked weights inside a bundle: which tensors are locked, where their codes and values live.
+
+A locked graph keeps the usual weightless-graph-plus-weights-section layout (see
+`modelcloak.model.externalize_weights`), with one difference: the lockable initializers are moved
+to the end, so their float bytes occupy `[plain_size, total_size)` of the weights buffer. The
+`weights` section holds only `[0, plain_size)`; the locked tensors' codes travel in a section of
+their own, and at load the runtime allocates `total_size`, decrypts the plain part into the front
+and unlocks the codes straight into the back. The graph therefore needs no change at load time
+and the backends never learn that a model was locked.
+
+Codes section: each locked tensor's codes (uint64 for uniform-shift, the weight's own dtype for
+the comparison methods), concatenated in the order of `params["layout"]`, 8-byte aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from modelcloak.lock.errors import LockError
+from modelcloak.lock.transform import is_lockable, lock_weights, unlock_weights
+from modelcloak.model import externalize_weights, weight_pieces
+
+__all__ = ["LockedGraph", "lock_graph", "unlock_into"]
+
+_ALIGN = 8
+
+
+@dataclass
+class LockedGraph:
+    """A model prepared for a locked bundle (owner side)."""
+
+    graph: onnx.ModelProto  # weightless; locked initializers point past plain_size
+    plain_size: int  # bytes of the `weights` section
+    total_size: int  # bytes of the weights buffer the device allocates
+    plain_pieces: Callable[[], Iterable[bytes | memoryview]]
+    codes: list[np.ndarray]  # in layout order
+    codes_size: int
+    params: dict[str, Any]  # JSON-able: method, version, per-tensor CDF tables, layout
+
+    def code_pieces(self) -> Iterator[bytes | memoryview]:
+        position = 0
+        for array in self.codes:
+            padding = -position % _ALIGN
+            if padding:
+                yield bytes(padding)
+            data = memoryview(np.ascontiguousarray(array)).cast("B")
+            yield data
+            position += padding + data.nbytes
+
+
+def lock_graph(
+    model: onnx.ModelProto, key: bytes | memoryview, salt: bytes, *, method: str, base_dir: Path | None = None
+) -> LockedGraph:
+    """Lock every lockable initializer of `model` with `key`; nothing is locked in place."""
+    arrays = {t.name: numpy_helper.to_array(t, str(base_dir) if base_dir else "") for t in model.graph.initializer}
+    lockable = {name for name, array in arrays.items() if is_lockable(array)}
+    if not lockable:
+        raise LockError("this model has no floating-point initializer of 1 KiB or more: there is nothing to lock")
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(model)
+    initializers = sorted(reordered.graph.initializer, key=lambda t: t.name in lockable)  # stable: locked last
+    del reordered.graph.initializer[:]
+    reordered.graph.initializer.extend(initializers)
+
+    graph, records, total_size = externalize_weights(reordered)
+    plain_records = [r for r in records if r.name not in lockable]
+    locked_records = [r for r in records if r.name in lockable]
+    if len(locked_records) != len(lockable):  # an initializer the importer keeps inline was judged lockable
+        kept = sorted(lockable - {r.name for r in locked_records})
+        raise LockError(f"initializer {kept[0]!r} is lockable but stays inline in the graph; cannot lock it")
+    plain_size = locked_records[0].offset if locked_records else total_size
+    if plain_records and plain_records[-1].offset + plain_records[-1].length > plain_size:
+        raise LockError("internal layout error: plain weights overlap the locked region")
+
+    locked, params = lock_weights({r.name: arrays[r.name] for r in locked_records}, key, salt, method=method)
+    codes, layout, position = [], [], 0
+    for record in locked_records:
+        array = locked[record.name]
+        position += -position % _ALIGN
+        layout.append([record.name, record.offset, record.length, position, array.nbytes])
+        codes.append(array)
+        position += array.nbytes
+    params["layout"] = layout
+    return LockedGraph(
+        graph=graph,
+        plain_size=plain_size,
+        total_size=total_size,
+        plain_pieces=lambda: weight_pieces(reordered, plain_records, base_dir),
+        codes=codes,
+        codes_size=position,
+        params=params,
+    )
+
+
+def unlock_into(
+    codes: memoryview, params: dict[str, Any], key: bytes | memoryview, salt: bytes, weights: memoryview
+) -> None:
+    """Unlock the codes section into the weights buffer at each tensor's recorded offset."""
+    layout = params.get("layout")
+    tensors = params.get("tensors")
+    if not isinstance(layout, list) or not isinstance(tensors, dict):
+        raise LockError("lock parameters have no layout or tensor table")
+    method = params.get("method")
+    locked: dict[str, np.ndarray] = {}
+    targets: dict[str, tuple[int, int]] = {}
+    for entry in layout:
+        try:
+            name, offset, length, code_offset, code_length = entry
+            spec = tensors[name]
+            dtype = np.dtype(np.uint64) if method == "uniform-shift" else np.dtype(spec["dtype"])
+            count = int(np.prod(spec["shape"], dtype=np.int64))
+        except (ValueError, TypeError, KeyError):
+            raise LockError(f"malformed lock layout entry {entry!r:.80}") from None
+        if code_length != count * dtype.itemsize or code_offset + code_length > codes.nbytes:
+            raise LockError(f"locked tensor {name!r} does not fit the codes section")
+        if offset < 0 or offset + length > weights.nbytes:
+            raise LockError(f"locked tensor {name!r} does not fit the weights buffer")
+        locked[name] = np.frombuffer(codes, dtype=dtype, count=count, offset=code_offset).reshape(spec["shape"])
+        targets[name] = (offset, length)
+    values = unlock_weights(locked, key, salt, params)
+    for name, (offset, length) in targets.items():
+        data = memoryview(np.ascontiguousarray(values[name])).cast("B")
+        if data.nbytes != length:
+            raise LockError(f"unlocked tensor {name!r} has {data.nbytes} bytes, the graph expects {length}")
+        weights[offset : offset + length] = data

@@ -54,6 +54,26 @@ CLAIMS: dict[str, SchemeClaims] = {
             "the boundary activations and the shapes at the cut, which the host sees",
         ),
     ),
+    "lock": SchemeClaims(
+        summary=(
+            "sealed like `seal`, and the weights are also locked to enrolled devices (a TPM-sealed secret, or "
+            "a weaker software secret): only those devices turn the codes back into the real weights"
+        ),
+        protects=(
+            "a copied bundle with its key file: on another machine (another TPM) the device secret does not unseal",
+            "a copied device state directory: the TPM-sealed secret opens only on the TPM that sealed it, and "
+            "with --pcrs only in the enrolled boot state",
+            "an attacker who rewrites the device entry for their own device: the weights unlock to values with "
+            "each tensor's own distribution (no sign the key was wrong) and accuracy falls to chance",
+            "everything `seal` protects",
+        ),
+        does_not_protect=(
+            "root on an authorised, running device: the unlocked weights are in process memory",
+            "software-enrolled devices against someone who copies the state and fakes the machine identifiers",
+            "the model structure and the tensors below 1 KiB (biases of small layers), which are sealed, not locked",
+            "whoever received the exported device lock key (the owner's copy): keep it like a model key",
+        ),
+    ),
 }
 
 

@@ -373,6 +373,31 @@ def bench_splits(
     out.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")
 
 
+@app.command("bench-lock")
+def bench_lock(
+    repeats: Annotated[int, typer.Option(help="Alternating seal/lock loads per model (median).")] = 7,
+    epochs: Annotated[int, typer.Option(help="Training epochs of the two MNIST models.")] = 3,
+    soft: Annotated[bool, typer.Option(help="Include the soft lock (fine-tune + INT8/FP16 quantisation).")] = True,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for lock.md, CSVs and lock.png.")] = Path("bench-lock"),
+) -> None:
+    """Lock scheme on MNIST models and EfficientNet-Lite0: accuracy per device/key/format, KS, unlock overhead."""
+    from modelcloak.eval.lockbench import bench_lock as run_bench
+    from modelcloak.eval.lockbench import write_lock_report
+
+    bench = run_bench(repeats=repeats, epochs=epochs, soft=soft, console=err)
+    command = f"modelcloak bench-lock --repeats {repeats} --epochs {epochs}" + ("" if soft else " --no-soft")
+    paths = write_lock_report(bench, out_dir, command=command)
+    table = Table(title=f"bench-lock (devices: {bench.devices})")
+    for column in ("model", "variant", "accuracy", "bit-identical", "note"):
+        table.add_column(column, overflow="fold")
+    for r in bench.accuracy:
+        shown = "refused" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        identical = "" if r.identical is None else ("yes" if r.identical else "NO")
+        table.add_row(r.model, r.variant, shown, identical, r.note)
+    out.print(table)
+    out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 @app.command("enclave-manifest")
 def enclave_manifest(
     output: Annotated[Path, typer.Option("--out", "-o", help="Where to write the Gramine manifest template.")] = Path(
@@ -664,3 +689,4 @@ def main(argv: list[str] | None = None) -> None:
             markup=False,
         )
         sys.exit(1)
+

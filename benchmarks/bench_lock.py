@@ -1,0 +1,36 @@
+"""The lock scheme's figures: accuracy per device/key/format, wrong-key weight statistics, unlock overhead.
+
+    python benchmarks/bench_lock.py --repeats 9     # writes benchmarks/out/lock/ (lock.md, CSVs, lock.png)
+
+Same as `modelcloak bench-lock --out benchmarks/out/lock`; see modelcloak.eval.lockbench for what
+each row means. Two swtpm instances stand in for two machines (Debian packages swtpm, swtpm-tools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9, help="alternating seal/lock loads per model (median)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the MNIST models")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "lock")
+    args = parser.parse_args()
+
+    from modelcloak.eval.lockbench import bench_lock, write_lock_report
+
+    command = f"python benchmarks/bench_lock.py --repeats {args.repeats} --epochs {args.epochs}"
+    bench = bench_lock(repeats=args.repeats, epochs=args.epochs)
+    paths = write_lock_report(bench, args.out, command=command)
+    print(paths["md"].read_text())
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`bench-lock` on small settings: every row it reports is measured, and the report files are written."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("mlxtend")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import swtpm
+
+    from modelcloak.eval.lockbench import bench_lock
+
+    swtpm.require_swtpm()
+    return bench_lock(repeats=1, epochs=1, soft=False, efficientnet=False, progress=False)
+
+
+def _rows(bench, model):
+    return {r.variant: r for r in bench.accuracy if r.model == model}
+
+
+def test_authorised_devices_reproduce_the_original_exactly(bench):
+    assert bench.devices == "swtpm"
+    for model in ("mnist-cnn", "mnist-mlp"):
+        rows = _rows(bench, model)
+        original = rows["original"].accuracy
+        assert original > 0.6  # one epoch on 4,000 digits
+        for method in ("uniform-shift", "plain-aes", "permutation"):
+            row = rows[f"authorised device ({method})"]
+            assert row.identical is True and row.accuracy == original
+
+
+def test_wrong_and_relabelled_keys_fall_to_chance_and_copies_are_refused(bench):
+    for model in ("mnist-cnn", "mnist-mlp"):
+        rows = _rows(bench, model)
+        # 1,000 test digits: chance is 10% with a standard error of about 1 point.
+        assert rows["wrong key (uniform-shift)"].accuracy <= 0.16
+        assert rows["copied to device B, entry relabelled (uniform-shift)"].accuracy <= 0.16
+        copied = rows["copied to device B with A's state"]
+        assert copied.accuracy is None and copied.note.startswith("refused: ")
+
+
+def test_ks_rows_separate_the_three_methods(bench):
+    by_method = {}
+    for row in bench.ks:
+        by_method.setdefault(row.method, []).append(row)
+    # A two-sample KS test at the 1e-4 level cannot tell wrong-key weights from real ones:
+    # D < c * sqrt(2 / n) with c = sqrt(-ln(5e-5) / 2) = 2.22 (equal sample sizes n).
+    for row in by_method["uniform-shift"]:
+        assert row.finite and row.ks < 2.22 * (2 / row.weights) ** 0.5, row
+    # The free key check: random bit patterns (NaN/inf in any large tensor, magnitudes to 3e38).
+    assert all(not r.finite or r.ks > 0.3 for r in by_method["plain-aes"])
+    assert not any(r.finite for r in by_method["plain-aes"] if r.weights >= 4096)
+    assert all(r.ks == 0.0 for r in by_method["permutation"])  # same multiset: not encryption
+
+
+def test_overhead_rows_and_report_files(bench, tmp_path):
+    from modelcloak.eval.lockbench import write_lock_report
+
+    assert {r.model for r in bench.overhead} == {"mnist-cnn", "mnist-mlp"}
+    for row in bench.overhead:
+        assert 0 < row.unlock_s < row.lock_load_s and row.seal_load_s > 0
+    paths = write_lock_report(bench, tmp_path)
+    assert paths["png"].stat().st_size > 0
+    with paths["accuracy"].open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(bench.accuracy)
+    text = paths["md"].read_text()
+    assert "refused: " in text and "| mnist-cnn | uniform-shift |" in text

@@ -323,8 +323,7 @@ def test_permutation_keeps_the_multiset_so_it_hides_no_statistics(real_weights) 
 
 def decoded_slots(locked: np.ndarray, key: bytes, name: str, spec: dict) -> tuple[np.ndarray, T._Table]:
     fmt = T._format(name, np.dtype(spec["dtype"]))
-    ords, slots = T._read_segments(name, spec["segments"], fmt)
-    table = T._segments_to_pieces(ords, slots, fmt)
+    table = T._compile(*T._read_pieces(name, spec["pieces"], fmt))
     stream = T._Keystream(memoryview(key), "uniform-shift", SALT, name)
     words = stream.bytes_at(0, locked.size * 8).view("<u8")
     return locked.ravel() - words, table
@@ -368,9 +367,9 @@ def test_bucket_counts_scatter_like_a_wrong_keys() -> None:
     locked, params = lock_weights({"w": real}, KEY, SALT)
     spec = params["tensors"]["w"]
     fmt = T._format("w", real.dtype)
-    ords, slots = T._read_segments("w", spec["segments"], fmt)
-    mass = np.diff(np.array(slots + [2**64], dtype=object)).astype(float) / 2.0**64
-    bins = np.array(ords[:-1], dtype=np.uint64)
+    ords, slots = T._read_pieces("w", spec["pieces"], fmt)
+    mass = np.diff(np.array([int(v) for v in slots] + [2**64], dtype=object)).astype(float) / 2.0**64
+    bins = ords[:-1]
 
     def dispersion(values: np.ndarray) -> float:
         index = np.searchsorted(bins, T._to_ordinal(values, fmt).astype(np.uint64), side="right") - 1
@@ -416,12 +415,12 @@ def test_bad_arguments_and_params_raise_lock_error() -> None:
     with pytest.raises(LockError, match="params say"):
         unlock_weights({"w": locked["w"][:10]}, KEY, SALT, params)
     broken = json.loads(json.dumps(params))
-    broken["tensors"]["w"]["segments"]["slots"] = "not base64!"
+    broken["tensors"]["w"]["pieces"]["slots"] = "not base64!"
     with pytest.raises(LockError, match="base64"):
         unlock_weights(locked, KEY, SALT, broken)
     broken = json.loads(json.dumps(params))
-    ords = np.frombuffer(__import__("base64").b64decode(broken["tensors"]["w"]["segments"]["ordinals"]), "<u8")
-    broken["tensors"]["w"]["segments"]["ordinals"] = __import__("base64").b64encode(ords[::-1].tobytes()).decode()
+    ords = np.frombuffer(__import__("base64").b64decode(broken["tensors"]["w"]["pieces"]["ordinals"]), "<u8")
+    broken["tensors"]["w"]["pieces"]["ordinals"] = __import__("base64").b64encode(ords[::-1].tobytes()).decode()
     with pytest.raises(LockError, match="not increasing"):
         unlock_weights(locked, KEY, SALT, broken)
     with pytest.raises(LockError, match="version"):

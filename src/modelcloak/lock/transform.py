@@ -54,7 +54,7 @@ __all__ = [
     "unlock_weights",
 ]
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2  # 2: the CDF is stored as pieces (1 stored segments)
 METHODS = ("uniform-shift", "plain-aes", "permutation")
 # Same threshold as the bundle's inline limit: smaller tensors are shapes, scalars and tiny biases.
 MIN_LOCK_BYTES = 1024
@@ -429,31 +429,36 @@ def _segments_to_pieces(seg_ord: list[int], seg_slot: list[int], fmt: _FloatForm
             slots.append(position)
             position += w + shares[i]
     ords.append(seg_ord[-1])
-    return _compile(ords, slots)
+    return _compile(np.array(ords, dtype=np.uint64), np.array(slots, dtype=np.uint64))
 
 
-def _compile(ords: list[int], slots: list[int]) -> _Table:
-    count = len(slots)
-    ends = slots[1:] + [_SLOTS]
-    width = [ords[i + 1] - ords[i] for i in range(count)]
-    size = [ends[i] - slots[i] for i in range(count)]
-    quot = [min(s // w, _SLOTS - 1) for s, w in zip(size, width)]
-    rem = [s % w for s, w in zip(size, width)]
-    split = [r * (q + 1) if w > 1 else 0 for r, q, w in zip(rem, quot, width)]
+def _compile(ord_start: np.ndarray, slot_start: np.ndarray) -> _Table:
+    """The lookup arrays of a CDF given as pieces (uint64 ordinal starts [P+1], slot starts [P])."""
     u64 = np.uint64
-    ord_start = np.array(ords, dtype=u64)
-    slot_start = np.array(slots, dtype=u64)
+    width = np.diff(ord_start)
+    ends = np.empty_like(slot_start)
+    ends[:-1] = slot_start[1:]
+    ends[-1] = 0  # the last piece ends at 2^64, which is 0 in uint64 arithmetic
+    if slot_start.size == 1:  # one piece holds all 2^64 slots: its size does not fit in uint64
+        w = int(width[0])
+        quot = np.array([min(_SLOTS // w, _SLOTS - 1)], dtype=u64)
+        rem = np.array([_SLOTS % w], dtype=u64)
+    else:
+        size = ends - slot_start  # the last one wraps to 2^64 - start, as it should
+        quot, rem = np.divmod(size, width)
+    with np.errstate(over="ignore"):  # q + 1 wraps only for a one-ordinal piece, masked out
+        split = np.where(width > 1, rem * (quot + u64(1)), u64(0))
     slot_blocks = np.arange(1 << _LUT_BITS, dtype=u64) << u64(_CODE_BITS - _LUT_BITS)
     slot_lut = np.searchsorted(slot_start, slot_blocks, side="right") - 1
     return _Table(
         ord_start=ord_start,
         slot_start=slot_start,
-        ord_last=np.array([o - 1 for o in ords[1:]], dtype=u64),
-        slot_last=np.array([e - 1 for e in ends], dtype=u64),
-        width=np.array(width, dtype=u64),
-        quot=np.array(quot, dtype=u64),
-        rem=np.array(rem, dtype=u64),
-        split=np.array(split, dtype=u64),
+        ord_last=ord_start[1:] - u64(1),
+        slot_last=ends - u64(1),
+        width=width,
+        quot=quot,
+        rem=rem,
+        split=split,
         slot_lut=slot_lut.astype(np.intp),
     )
 
@@ -552,9 +557,11 @@ def _shift_lock(name: str, flat: np.ndarray, key: memoryview, salt: bytes) -> tu
         np.add(slot, words, out=codes[start:stop])  # mod 2^64: uint64 wraps
 
     _run_chunks(flat.size, lock_chunk)
+    # The expanded pieces, not the fitted segments, are stored: expanding segments is big-integer
+    # Python (most of an unlock's time before), while pieces only need vectorised arithmetic.
     params = {
         "code_bits": _CODE_BITS,
-        "segments": {"ordinals": _b64_u64(seg_ord), "slots": _b64_u64(seg_slot)},
+        "pieces": {"ordinals": _b64_array(table.ord_start), "slots": _b64_array(table.slot_start)},
     }
     return codes, params
 
@@ -565,8 +572,7 @@ def _shift_unlock(
     fmt = _format(name, dtype)
     if spec.get("code_bits") != _CODE_BITS:
         raise LockError(f"tensor {name!r}: code_bits {spec.get('code_bits')!r} is not supported")
-    seg_ord, seg_slot = _read_segments(name, spec.get("segments"), fmt)
-    table = _segments_to_pieces(seg_ord, seg_slot, fmt)
+    table = _compile(*_read_pieces(name, spec.get("pieces"), fmt))
     stream = _Keystream(key, "uniform-shift", salt, name)
     out = np.empty(codes.size, dtype=np.dtype(dtype).newbyteorder("="))
     out_bits = out.view(fmt.uint)
@@ -746,36 +752,38 @@ def _value_width(lo: int, hi: int, fmt: _FloatFormat, edges: list[int]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _b64_u64(values: list[int]) -> str:
-    return base64.b64encode(np.array(values, dtype="<u8").tobytes()).decode("ascii")
+def _b64_array(values: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<u8").tobytes()).decode("ascii")
 
 
-def _u64_list(name: str, field: str, text: Any) -> list[int]:
+def _u64_array(name: str, field: str, text: Any) -> np.ndarray:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise LockError(f"tensor {name!r}: lock params field {field!r} is not valid base64") from None
     if not raw or len(raw) % 8:
         raise LockError(f"tensor {name!r}: lock params field {field!r} is not a list of 64-bit integers")
-    return [int(v) for v in np.frombuffer(raw, dtype="<u8")]
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 
-def _read_segments(name: str, segments: Any, fmt: _FloatFormat) -> tuple[list[int], list[int]]:
+def _read_pieces(name: str, pieces: Any, fmt: _FloatFormat) -> tuple[np.ndarray, np.ndarray]:
     """Decode and check the stored CDF so a malformed manifest fails loudly instead of decoding garbage."""
-    if not isinstance(segments, Mapping):
-        raise LockError(f"tensor {name!r}: lock params have no 'segments'")
-    ords = _u64_list(name, "segments.ordinals", segments.get("ordinals"))
-    slots = _u64_list(name, "segments.slots", segments.get("slots"))
-    if len(ords) != len(slots) + 1:
+    if not isinstance(pieces, Mapping):
+        raise LockError(f"tensor {name!r}: lock params have no 'pieces'")
+    ords = _u64_array(name, "pieces.ordinals", pieces.get("ordinals"))
+    slots = _u64_array(name, "pieces.slots", pieces.get("slots"))
+    if ords.size != slots.size + 1:
         raise LockError(f"tensor {name!r}: lock params need one more ordinal boundary than slot start")
-    if ords[-1] > 1 << fmt.bits or any(b <= a for a, b in zip(ords, ords[1:])):
+    if int(ords[-1]) > 1 << fmt.bits or not (ords[1:] > ords[:-1]).all():
         raise LockError(f"tensor {name!r}: lock params ordinal boundaries are not increasing")
-    if slots[0] != 0:
-        raise LockError(f"tensor {name!r}: lock params slots must start at 0")
-    ends = slots[1:] + [_SLOTS]
-    for i, (lo, hi) in enumerate(zip(slots, ends)):
-        if hi - lo < ords[i + 1] - ords[i]:
-            raise LockError(f"tensor {name!r}: lock params give segment {i} fewer slots than ordinals")
+    if slots[0] != 0 or not (slots[1:] > slots[:-1]).all():
+        raise LockError(f"tensor {name!r}: lock params slots must start at 0 and increase")
+    if slots.size > 1:
+        last = np.uint64(_SLOTS - int(slots[-1]))  # the last piece ends at 2^64
+        sizes = np.append(np.diff(slots), last)
+        short = np.flatnonzero(sizes < np.diff(ords))
+        if short.size:
+            raise LockError(f"tensor {name!r}: lock params give piece {short[0]} fewer slots than ordinals")
     return ords, slots
 
 

@@ -24,8 +24,9 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.keys import KeyProvider
 from modelcloak.model import ModelError, externalize_weights, load_model, signature, weight_pieces
 
-SCHEMES = ("seal", "split", "lock")
-PLANNED_SCHEMES = ("fhe",)
+SCHEMES = ("seal", "split", "lock", "fhe")
+PLANNED_SCHEMES: tuple[str, ...] = ()
+FHE_ACTIVATIONS = ("square", "modified-square", "relu-poly", "none")
 LOCK_SALT_SIZE = 16
 
 
@@ -60,6 +61,7 @@ def protect(
     enclave_key: KeyProvider | None = None,
     lock_to: Sequence[Any] = (),
     lock_method: str = "uniform-shift",
+    fhe: dict[str, Any] | None = None,
 ) -> Manifest:
     """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
@@ -76,6 +78,12 @@ def protect(
     exported lock keys, `modelcloak.keys.DeviceLockKey`); `split` with `lock_to` locks the public
     part. `lock_method` is "uniform-shift" (the default: a wrong device gets plausible weights),
     or "plain-aes" / "permutation" (comparison baselines, docs/LOCK.md).
+
+    Scheme `fhe` needs `cut` (the private part after it must be a dense stack) and `fhe`:
+    {"secret_out": path for the owner's CKKS secret (written 0600, never in the bundle),
+    "activation": "square" | "modified-square" | "relu-poly" | "none", "security": 128 | 192 | 256,
+    "encrypt_weights": bool (default True), "calibration": model inputs for relu-poly's range}.
+    The bundle carries the public part and the encrypted program with its evaluation keys only.
     """
     if scheme not in SCHEMES:
         if scheme in PLANNED_SCHEMES:
@@ -87,8 +95,16 @@ def protect(
         raise ModelcloakError(
             "scheme 'split' needs a cut (--cut-after/--cut-tensors/--cut-last/--cut-index) and an enclave key"
         )
-    if scheme != "split" and (cut is not None or enclave_key is not None):
-        raise ModelcloakError(f"a cut and an enclave key only apply to scheme 'split', not {scheme!r}")
+    if scheme == "fhe" and (cut is None or not fhe or not fhe.get("secret_out")):
+        raise ModelcloakError("scheme 'fhe' needs a cut (--cut-*) and a file for the owner's secret (--fhe-secret-out)")
+    if scheme not in ("split", "fhe") and cut is not None:
+        raise ModelcloakError(f"a cut only applies to schemes 'split' and 'fhe', not {scheme!r}")
+    if scheme != "split" and enclave_key is not None:
+        raise ModelcloakError(f"an enclave key only applies to scheme 'split', not {scheme!r}")
+    if scheme != "fhe" and fhe:
+        raise ModelcloakError(f"FHE options only apply to scheme 'fhe', not {scheme!r}")
+    if scheme == "fhe" and lock_to:
+        raise ModelcloakError("scheme 'fhe' cannot be combined with a device lock in this version")
     if scheme == "lock" and not lock_to:
         raise ModelcloakError("scheme 'lock' needs at least one device lock key (--lock-to FILE)")
     if scheme == "seal" and lock_to:
@@ -130,6 +146,15 @@ def protect(
         extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
         sections, weights_size = _graph_sections(public, "public.", None, locking)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
+    elif scheme == "fhe":
+        from modelcloak.model.cut import find_cut, split_model
+
+        chosen = find_cut(proto, **cut)
+        public, private = split_model(proto, chosen)
+        package, extra["fhe"] = _fhe_program(public, private, fhe or {})
+        extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
+        sections, weights_size = _graph_sections(public, "public.", None)
+        sections.append(SectionSource("fhe", len(package), lambda: [package]))
     else:
         sections, weights_size = _graph_sections(proto, "", base_dir, locking)
     extra["model"]["weight_bytes"] = weights_size
@@ -141,7 +166,7 @@ def protect(
     try:
         if enclave_key is not None:
             enclave_master, enclave_spec = enclave_key.new_key()
-        return write_bundle(
+        written = write_bundle(
             out,
             master_key=master.view(),
             key_spec=key_spec,
@@ -154,12 +179,80 @@ def protect(
             enclave_key=enclave_master.view() if enclave_master else None,
             enclave_key_spec=enclave_spec,
         )
+    except BaseException:
+        if scheme == "fhe":  # a secret without its bundle is of no use: do not leave it behind
+            Path(fhe["secret_out"]).unlink(missing_ok=True)  # type: ignore[index]
+        raise
     finally:
         master.close()
         if enclave_master is not None:
             enclave_master.close()
         if locking is not None:
             locking.close()
+    return written
+
+
+def _fhe_program(public: onnx.ModelProto, private: onnx.ModelProto, options: dict[str, Any]) -> tuple[bytes, dict]:
+    """Compile the private dense stack to CKKS, write the owner's secret, return the edge package.
+
+    The secret is written (exclusively, 0600) before the bundle so that a bundle never exists
+    without it; `protect` removes it again if writing the bundle fails.
+    """
+    from modelcloak.fhe import FheError, compile_onnx, protect_program
+
+    unknown = set(options) - {"secret_out", "activation", "security", "encrypt_weights", "calibration"}
+    if unknown:
+        raise ModelcloakError(f"unknown FHE option {sorted(unknown)[0]!r}")
+    activation = options.get("activation") or "square"
+    if activation not in FHE_ACTIVATIONS:
+        raise ModelcloakError(f"unknown FHE activation {activation!r}; choose one of {', '.join(FHE_ACTIVATIONS)}")
+    secret_out = Path(options["secret_out"])
+    if secret_out.exists():
+        raise ModelcloakError(f"{secret_out} already exists; the owner's FHE secret is never overwritten")
+    calibration = options.get("calibration")
+    features = None
+    if activation == "relu-poly":
+        if calibration is None:
+            raise ModelcloakError("activation relu-poly needs calibration inputs to fit ReLU over their range")
+        features = _boundary_features(public, calibration)
+    try:
+        program = compile_onnx(private, activation=activation, calibration=features)
+        model = protect_program(
+            program, security=int(options.get("security") or 128), encrypt_weights=options.get("encrypt_weights", True)
+        )
+    except FheError as exc:
+        raise ModelcloakError(f"cannot protect the private part with FHE: {exc}") from None
+    _write_secret(secret_out, model.owner_secret)
+    entry = {
+        "model_id": model.model_id,
+        "activation": activation,
+        "security": model.params.security,
+        "encrypt_weights": bool(options.get("encrypt_weights", True)),
+        "batch": model.batch,
+        "backend": "tenseal-ckks",
+    }
+    return model.edge_package, entry
+
+
+def _boundary_features(public: onnx.ModelProto, inputs: Any) -> Any:
+    """The public part's outputs on calibration inputs: what the encrypted head will see."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(public.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.asarray(session.run(None, {name: np.asarray(inputs, dtype=np.float32)})[0])
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    import os
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ModelcloakError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 class _Locking:

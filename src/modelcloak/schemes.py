@@ -74,6 +74,25 @@ CLAIMS: dict[str, SchemeClaims] = {
             "whoever received the exported device lock key (the owner's copy): keep it like a model key",
         ),
     ),
+    "fhe": SchemeClaims(
+        summary=(
+            "public layers run here in onnxruntime; the private dense head runs under CKKS homomorphic "
+            "encryption with weights encrypted under the owner's key; only the owner's secret, never shipped, "
+            "turns the encrypted result into labels"
+        ),
+        protects=(
+            "the private head's weights against root on the device: they exist here only as CKKS ciphertexts",
+            "the head's outputs: the device gets an encrypted result it cannot read; the owner returns labels only",
+            "with --encrypt-features, the head's inputs as well",
+            "everything `seal` protects, for the public part",
+        ),
+        does_not_protect=(
+            "the public layers and the head's shape (layer sizes, activation): they are visible on the device",
+            "extraction through the labels the owner returns: the owner backend meters and limits them",
+            "a device that also learns raw decryptions: the decryption service must never return them",
+            "non-dense private layers: only Gemm/MatMul stacks with polynomial activations are supported",
+        ),
+    ),
 }
 
 

@@ -100,6 +100,19 @@ def protect(
     lock_method: Annotated[
         str, typer.Option("--lock-method", help="uniform-shift (default), or plain-aes/permutation to compare.")
     ] = "uniform-shift",
+    fhe_secret_out: Annotated[
+        Optional[Path], typer.Option("--fhe-secret-out", help="fhe: where the owner's CKKS secret goes (0600).")
+    ] = None,
+    fhe_activation: Annotated[
+        str, typer.Option("--fhe-activation", help="fhe: square, modified-square, relu-poly or none.")
+    ] = "square",
+    fhe_security: Annotated[int, typer.Option("--fhe-security", help="fhe: 128, 192 or 256 bits.")] = 128,
+    fhe_calibration: Annotated[
+        Optional[Path], typer.Option("--fhe-calibration", help="fhe relu-poly: .npy of model inputs for the range.")
+    ] = None,
+    fhe_plain_weights: Annotated[
+        bool, typer.Option("--fhe-plain-weights", help="fhe: encode the weights instead of encrypting them.")
+    ] = False,
 ) -> None:
     """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -130,8 +143,22 @@ def protect(
             raise ModelcloakError("scheme split needs --enclave-key-file (create one with `modelcloak keygen`)")
         policy = {"output": output_policy, "query_budget": query_budget, "rate_limit_per_s": rate_limit}
         split_options = {"cut": selectors, "enclave_key": KeyFile(enclave_key_file), "policy": policy}
+    elif scheme == "fhe":
+        if len(selectors) != 1:
+            raise ModelcloakError("scheme fhe needs exactly one of --cut-after, --cut-tensors, --cut-last, --cut-index")
+        if fhe_secret_out is None:
+            raise ModelcloakError("scheme fhe needs --fhe-secret-out FILE for the owner's secret key")
+        calibration = _load_inputs(fhe_calibration) if fhe_calibration is not None else None
+        fhe_options = {
+            "secret_out": fhe_secret_out,
+            "activation": fhe_activation,
+            "security": fhe_security,
+            "encrypt_weights": not fhe_plain_weights,
+            "calibration": calibration,
+        }
+        split_options = {"cut": selectors, "fhe": fhe_options}
     elif selectors or enclave_key_file:
-        raise ModelcloakError("--cut-* and --enclave-key-file only apply to --scheme split")
+        raise ModelcloakError("--cut-* and --enclave-key-file only apply to --scheme split and fhe")
     if lock_to:
         from modelcloak.keys.device import DeviceLockKey
 
@@ -206,8 +233,14 @@ def run(
     tcti: Annotated[
         Optional[str], typer.Option(help="TPM connection (default: $TPM2TOOLS_TCTI, $TSS2_TCTI, /dev/tpmrm0).")
     ] = None,
+    fhe_result: Annotated[
+        Optional[Path], typer.Option("--fhe-result", help="fhe bundles: write the encrypted result here.")
+    ] = None,
+    encrypt_features: Annotated[
+        bool, typer.Option("--encrypt-features", help="fhe bundles: also encrypt the head's inputs.")
+    ] = False,
 ) -> None:
-    """Verify and decrypt BUNDLE in memory and run it on INPUTS."""
+    """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
     import numpy as np
 
     from modelcloak.runtime import load
@@ -232,6 +265,15 @@ def run(
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
     ) as session:
+        if getattr(session, "evaluator", None) is not None:
+            if fhe_result is None:
+                raise ModelcloakError("this is an fhe bundle: its result is encrypted; give --fhe-result FILE")
+            data = session.evaluate(feeds, encrypt_features=encrypt_features)
+            fhe_result.write_bytes(data)
+            out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            return
+        if fhe_result is not None or encrypt_features:
+            raise ModelcloakError("--fhe-result and --encrypt-features apply to fhe bundles only")
         results = session.run(feeds)
     if output is not None:
         np.savez(output, **results)
@@ -290,6 +332,13 @@ def inspect(
         devices = ", ".join(str(entry.get("device")) for entry in lock.get("devices", []) if isinstance(entry, dict))
         part = "public part" if lock.get("part") else "weights"
         table.add_row("lock", f"{part} locked with {lock.get('method')} to {devices}")
+    fhe = doc.get("fhe")
+    if isinstance(fhe, dict):
+        table.add_row(
+            "fhe",
+            f"CKKS ({fhe.get('backend')}), {fhe.get('security')}-bit, activation {fhe.get('activation')}, "
+            f"{'encrypted' if fhe.get('encrypt_weights') else 'encoded'} weights, model id {fhe.get('model_id')}",
+        )
     out.print(table)
     claims = claims_for(manifest.scheme)
     if claims:

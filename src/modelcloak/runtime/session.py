@@ -139,7 +139,38 @@ class SplitSession(SealedSession):
             self.enclave = None
 
 
-_PREFIXES = {"seal": "", "split": "public.", "lock": ""}
+class FheSession(SealedSession):
+    """The public part runs here; the private dense head runs encrypted (CKKS) on its output.
+
+    Nothing here can decrypt: `evaluate` returns the result envelope (bytes) that only the owner
+    backend's decryption service turns into labels (`modelcloak serve`, docs/FHE.md).
+    """
+
+    def __init__(self, backend: Any, evaluator: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
+        super().__init__(backend, manifest_document, report)
+        self.evaluator = evaluator
+
+    def features(self, feeds: dict[str, np.ndarray] | np.ndarray) -> np.ndarray:
+        """The public part's output (the encrypted head's input), in plaintext on this device."""
+        return next(iter(super().run(feeds).values()))
+
+    def evaluate(self, feeds: dict[str, np.ndarray] | np.ndarray, *, encrypt_features: bool = False) -> bytes:
+        """Public part, then the encrypted head; the returned envelope goes to the owner backend."""
+        from modelcloak.fhe import FheError
+
+        features = self.features(feeds)
+        try:
+            return self.evaluator.evaluate(features.reshape(features.shape[0], -1), encrypt_features=encrypt_features)
+        except FheError as exc:
+            raise SessionError(f"encrypted head: {exc}") from None
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        raise SessionError(
+            "an fhe bundle's outputs are encrypted: use evaluate() and the owner backend's decryption service"
+        )
+
+
+_PREFIXES = {"seal": "", "split": "public.", "lock": "", "fhe": "public."}
 
 
 def load(
@@ -195,6 +226,7 @@ def load(
             raise SessionError("this bundle is locked to a device: give this device's key (--device-state DIR)")
         report.signer = sealed.verify_signature(trusted or None, require=require_signature)
         report.seconds["verify"] = clock() - started
+        extra_sections: dict[str, bytes] = {"fhe": b""} if scheme == "fhe" else {}
         runner = _open_graph(
             sealed,
             key,
@@ -208,9 +240,21 @@ def load(
             session_config=session_config,
             lock=lock,
             device_key=device_key,
+            also=extra_sections,
         )
         if scheme == "split":
             header, private = sealed.header, sealed.section_ciphertext("private")
+    if scheme == "fhe":
+        from modelcloak.fhe import EdgeEvaluator, FheError
+
+        try:
+            evaluator = EdgeEvaluator(extra_sections["fhe"])
+        except FheError as exc:
+            runner.close()
+            raise SessionError(f"cannot load the encrypted head: {exc}") from None
+        report.providers = list(runner.providers)
+        report.seconds["total"] = clock() - started
+        return FheSession(runner, evaluator, sealed.manifest.document, report)
     if scheme != "split":
         report.providers = list(runner.providers)
         report.seconds["total"] = clock() - started
@@ -249,11 +293,14 @@ def _open_graph(
     session_config: dict[str, Any] | None,
     lock: dict[str, Any] | None = None,
     device_key: Any = None,
+    also: dict[str, bytes] | None = None,
 ) -> Any:
     """Decrypt `<prefix>graph` and `<prefix>weights` into wiped, non-dumpable buffers and build a backend.
 
     A locked part also has `<prefix>locked` (codes) and `<prefix>lock-params`: the codes are
     unlocked with the device's key into the back of the weights buffer (modelcloak.lock.layout).
+    Sections named in `also` (public material, e.g. the FHE edge package) are decrypted into it
+    with the same key, so the key is derived once.
     """
     clock = time.perf_counter
     master = key.key_for(sealed.manifest.key)
@@ -279,6 +326,11 @@ def _open_graph(
             mark = clock()
             _unlock(sealed, master, prefix, lock, device_key, weights_buffer)
             report.seconds["unlock"] = clock() - mark
+        for name in also or {}:
+            entry = sealed.manifest.section(name)
+            data = bytearray(entry.size)
+            sealed.decrypt_section_into(name, master.view(), memoryview(data))
+            also[name] = bytes(data)  # type: ignore[index]
         master.close()
         graph = _parse_graph(graph_buffer.view())
         mark = clock()

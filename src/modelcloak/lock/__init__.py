@@ -6,10 +6,21 @@ key from `modelcloak.keys.tpm.TpmDeviceKey` or the owner's `modelcloak.keys.devi
 "pre-transformed" hard lock of Clifford et al. (arXiv 2405.20990) made exact: the right key gives
 back the bit-identical weights, a wrong key gives weights with each tensor's own distribution,
 so nothing about them says the key was wrong. ``plain-aes`` and ``permutation`` are kept for
-comparison. docs/LOCK.md has the construction, the proof of exactness and the measurements.
+comparison. `soft_lock` fine-tunes a model so that it is accurate in FP32 and at chance once
+quantised to INT8 or FP16 (`quantised_variants`, `evaluate_variants` check it on onnxruntime's
+own tools). docs/LOCK.md has the constructions, the proof of exactness and the measurements.
 """
 
 from modelcloak.lock.errors import LockError
+from modelcloak.lock.soft import (
+    EXTRA_VARIANTS,
+    VARIANTS,
+    LockSite,
+    evaluate_variants,
+    find_lock_site,
+    quantised_variants,
+    soft_lock,
+)
 from modelcloak.lock.transform import (
     LOCK_VERSION,
     METHODS,
@@ -21,12 +32,19 @@ from modelcloak.lock.transform import (
 )
 
 __all__ = [
+    "EXTRA_VARIANTS",
     "LOCK_VERSION",
     "METHODS",
     "MIN_LOCK_BYTES",
     "LockError",
+    "LockSite",
+    "VARIANTS",
+    "evaluate_variants",
+    "find_lock_site",
     "is_lockable",
     "ks_distance",
     "lock_weights",
+    "quantised_variants",
+    "soft_lock",
     "unlock_weights",
 ]

@@ -61,7 +61,7 @@ def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
 
     from modelcloak.bundle.signing import generate_signing_key
     from modelcloak.keys import generate_key_file
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_path, key_path = workdir / "model.onnx", workdir / "model.key"

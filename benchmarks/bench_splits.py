@@ -64,7 +64,7 @@ def boundary_round_trip(repeats: int) -> dict[str, float]:
 
     from modelcloak.bundle import Bundle
     from modelcloak.keys import generate_key_file
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
     from modelcloak.runtime.enclave_client import EnclaveClient
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -25,7 +25,7 @@ from modelcloak.bundle import (
 )
 from modelcloak.bundle.manifest import parse_manifest
 from modelcloak.keys import Passphrase
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 
 CHUNK = 4096  # the smallest allowed chunk, so the test model spans several chunks per section
 

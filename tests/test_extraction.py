@@ -30,7 +30,7 @@ from modelcloak.eval.extraction import (
     write_report,
 )
 from modelcloak.keys import KeyFile, generate_key_file
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")

@@ -31,7 +31,7 @@ from modelcloak.keys.device import (
     write_lock_key_file,
 )
 from modelcloak.lock import ks_distance
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 from modelcloak.runtime import SessionError, load
 
 

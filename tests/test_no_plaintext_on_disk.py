@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcloak.keys import generate_key_file
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 
 PROBE = Path(__file__).with_name("leak_probe.py")
 CANARY_LENGTH = 32

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from modelcloak import hygiene
 from modelcloak.bundle import SignatureError, TamperedError, WrongKeyError
 from modelcloak.keys import EnvKey, KeyProviderError
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 from modelcloak.runtime import SessionError, load
 
 
@@ -168,3 +168,18 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, key_file):
     with pytest.raises(ModelError, match="outside"):
         protect(source / "evil.onnx", tmp_path / "evil.mcb", key=key_file)
     assert not (tmp_path / "evil.mcb").exists()
+
+
+def test_package_level_protect_and_load_stay_callable_after_submodule_imports():
+    """`modelcloak.protect(...)` (the README's spelling) must survive importing the rooms directly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import modelcloak, modelcloak.protector, modelcloak.runtime\n"
+        "from modelcloak.protector import protect\n"
+        "assert callable(modelcloak.protect) and modelcloak.protect is protect, modelcloak.protect\n"
+        "assert callable(modelcloak.load), modelcloak.load\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import split_models
 
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 from modelcloak.runtime import SessionError, SplitSession, load
 
 ARCHITECTURES = ("mlp", "cnn", "residual_bn", "text_cnn")

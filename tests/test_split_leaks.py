@@ -19,7 +19,7 @@ from conftest import make_mlp
 
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import find_cut, split_model
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 
 PROBE = Path(__file__).with_name("split_host_probe.py")
 CANARY = 32

@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return load
     if name == "protect":
-        from modelcloak.protect import protect
+        from modelcloak.protector import protect
 
         return protect
     raise AttributeError(f"module 'modelcloak' has no attribute {name!r}")

@@ -117,7 +117,7 @@ def protect(
     """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from modelcloak.protect import protect as do_protect
+    from modelcloak.protector import protect as do_protect
 
     if output.exists() and not force:
         raise ModelcloakError(f"{output} already exists; pass --force to overwrite it")

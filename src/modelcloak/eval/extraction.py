@@ -490,7 +490,7 @@ def mnist_report(
     from modelcloak.keys import generate_key_file
     from modelcloak.model.cut import find_cut
     from modelcloak.model.torch_export import export_torch
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
     from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier
 
     torch = _torch()

@@ -292,7 +292,7 @@ def _hard_lock_rows(
     name: str, model: onnx.ModelProto, split: Any, host: Any, devices: _Devices, folder: Path, advance: Any
 ) -> list[AccuracyRow]:
     from modelcloak.keys.device import DeviceLockKey
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
     from modelcloak.runtime import load
 
     x, y = split.x_test, split.y_test
@@ -371,7 +371,7 @@ def _ks_rows(name: str, model: onnx.ModelProto) -> list[KsRow]:
 def _overhead(
     name: str, model: onnx.ModelProto, host: Any, devices: _Devices, folder: Path, repeats: int
 ) -> OverheadRow:
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
     from modelcloak.runtime import load
 
     sealed, locked = folder / f"{name}-timing-seal.mcb", folder / f"{name}-timing-lock.mcb"

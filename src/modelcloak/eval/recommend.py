@@ -23,7 +23,7 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.keys import generate_key_file
 from modelcloak.model import load_model
 from modelcloak.model.cut import candidate_cuts
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 
 
 @dataclass(frozen=True)

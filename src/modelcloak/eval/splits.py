@@ -25,7 +25,7 @@ from modelcloak.errors import ModelcloakError
 from modelcloak.keys import generate_key_file
 from modelcloak.model import load_model, signature
 from modelcloak.model.cut import candidate_cuts, split_model
-from modelcloak.protect import protect
+from modelcloak.protector import protect
 from modelcloak.runtime import load
 
 FIELDS = (

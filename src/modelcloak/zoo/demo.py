@@ -70,7 +70,7 @@ def run_demo(workdir: Path, console: Console, epochs: int = 3) -> DemoResult:
 
     from modelcloak.keys import generate_key_file
     from modelcloak.model.torch_export import export_torch
-    from modelcloak.protect import protect
+    from modelcloak.protector import protect
     from modelcloak.runtime import load
 
     workdir = Path(workdir)

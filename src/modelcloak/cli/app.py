@@ -739,3 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(1)
 
+
+from modelcloak.cli import owner_commands as _owner_commands  # noqa: E402
+
+_owner_commands.register(app)

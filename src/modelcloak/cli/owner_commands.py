@@ -1,0 +1,248 @@
+"""`modelcloak serve` and `modelcloak owner ...`: the owner backend's commands (logic in modelcloak.owner)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modelcloak.owner.errors import OwnerError
+
+out = Console()
+
+DB_ENV = "MODELCLOAK_OWNER_DB"
+DatabaseOpt = Annotated[
+    Optional[str],
+    typer.Option("--db", help=f"SQLite file or postgresql:// URL (default: ${DB_ENV}, else modelcloak-owner.db)."),
+]
+MasterFileOpt = Annotated[
+    Optional[Path], typer.Option("--master-key-file", help="File holding the master key that seals stored keys.")
+]
+MasterEnvOpt = Annotated[
+    Optional[str], typer.Option("--master-key-env", help="Environment variable holding the master key (hex/base64).")
+]
+MeasurementOpt = Annotated[
+    Optional[list[str]], typer.Option("--measurement", "-m", help="Expected measurement NAME=HEX (repeat).")
+]
+
+
+def _database(db: str | None) -> str:
+    from modelcloak.owner.server import DEFAULT_DATABASE
+
+    return db or os.environ.get(DB_ENV) or DEFAULT_DATABASE
+
+
+def _master_provider(master_key_file: Path | None, master_key_env: str | None, *, required: bool) -> Any:
+    from modelcloak.keys import EnvKey, KeyFile
+
+    if master_key_file and master_key_env:
+        raise OwnerError("give one of --master-key-file and --master-key-env, not both")
+    if master_key_file:
+        return KeyFile(master_key_file)
+    if master_key_env:
+        return EnvKey(master_key_env)
+    if required:
+        raise OwnerError("this needs the master key: give --master-key-file or --master-key-env")
+    return None
+
+
+def _service(db: str | None, master_key_file: Path | None, master_key_env: str | None, *, master: bool) -> Any:
+    from modelcloak.owner.service import OwnerService
+    from modelcloak.owner.store import MasterKey, Store
+
+    provider = _master_provider(master_key_file, master_key_env, required=master)
+    master_key = MasterKey.from_provider(provider) if provider is not None else None
+    return OwnerService(Store(_database(db)), master_key)
+
+
+def _measurements(pairs: list[str] | None) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise OwnerError(f"--measurement {pair!r} must look like NAME=HEX")
+        parsed[name.strip()] = value.strip()
+    return parsed
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` and the `owner` sub-app to the main CLI."""
+    owner_app = typer.Typer(no_args_is_help=True, help="Owner backend: models, devices, licences, usage.")
+    model_app = typer.Typer(no_args_is_help=True, help="Models whose keys the backend releases.")
+    device_app = typer.Typer(no_args_is_help=True, help="Devices and what their evidence must show.")
+    licence_app = typer.Typer(no_args_is_help=True, help="Licences: issue, revoke, list.")
+    owner_app.add_typer(model_app, name="model")
+    owner_app.add_typer(device_app, name="device")
+    owner_app.add_typer(licence_app, name="licence")
+    app.add_typer(owner_app, name="owner")
+
+    @app.command()
+    def serve(
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="TCP port.")] = 8443,
+        ssl_certfile: Annotated[Optional[str], typer.Option("--tls-cert", help="TLS certificate (PEM).")] = None,
+        ssl_keyfile: Annotated[Optional[str], typer.Option("--tls-key", help="TLS private key (PEM).")] = None,
+    ) -> None:
+        """Run the owner backend's HTTP API (key release, usage reports); migrates the database first."""
+        from modelcloak.owner.server import serve as run_server
+
+        provider = _master_provider(master_key_file, master_key_env, required=True)
+        out.print(f"owner backend on {host}:{port}, database {_database(db)}", highlight=False)
+        run_server(_database(db), provider, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+    @owner_app.command("init")
+    def init(
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+    ) -> None:
+        """Create (or migrate) the database, and the master key file if it does not exist yet."""
+        from modelcloak.keys import generate_key_file
+        from modelcloak.owner.store import MasterKey, Store, schema_revision
+
+        if master_key_file is not None and not master_key_file.exists():
+            generate_key_file(master_key_file)
+            out.print(f"wrote a new master key to {master_key_file} (mode 0600); back it up, away from the database")
+        provider = _master_provider(master_key_file, master_key_env, required=True)
+        MasterKey.from_provider(provider)
+        store = Store(_database(db))
+        try:
+            out.print(f"database {_database(db)} at schema revision {schema_revision(store.engine)}", highlight=False)
+        finally:
+            store.close()
+
+    @model_app.command("register")
+    def model_register(
+        model_id: Annotated[str, typer.Argument(help="Name for the model (used by licences).")],
+        model_key_file: Annotated[Path, typer.Option("--model-key-file", help="The key the bundle was sealed with.")],
+        description: Annotated[str, typer.Option(help="Free text.")] = "",
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+    ) -> None:
+        """Store a model's key (sealed under the master key) so licences can release it."""
+        from modelcloak.keys import KeyFile
+
+        service = _service(db, master_key_file, master_key_env, master=True)
+        with KeyFile(model_key_file).key_for({}) as key:
+            service.register_model(model_id, bytes(key.view()), description)
+        out.print(f"registered model {model_id}", highlight=False)
+
+    @device_app.command("enroll")
+    def device_enroll(
+        device_id: Annotated[str, typer.Argument(help="Name for the device.")],
+        kind: Annotated[str, typer.Option("--kind", help="Evidence kind: sim, tpm, nitro, sev-snp, sgx-dcap.")],
+        measurement: MeasurementOpt = None,
+        identity: Annotated[
+            Optional[str], typer.Option("--identity", help="Fingerprint of the device's attestation key (hex).")
+        ] = None,
+        db: DatabaseOpt = None,
+    ) -> None:
+        """Enrol a device: its evidence kind, attestation identity and expected measurements."""
+        service = _service(db, None, None, master=False)
+        service.enroll_device(device_id, kind, _measurements(measurement), identity)
+        warning = " (sim: INSECURE, development only)" if kind == "sim" else ""
+        out.print(f"enrolled device {device_id}{warning}", highlight=False)
+
+    @licence_app.command("issue")
+    def licence_issue(
+        model: Annotated[str, typer.Option("--model", help="Registered model id.")],
+        device: Annotated[Optional[str], typer.Option("--device", help="Bind to this enrolled device.")] = None,
+        instances: Annotated[Optional[int], typer.Option("--instances", help="Or: at most N instances.")] = None,
+        days: Annotated[float, typer.Option("--days", help="Valid for this many days.")] = 365.0,
+        quota: Annotated[Optional[int], typer.Option("--quota", help="Query quota (default: unlimited).")] = None,
+        revalidate: Annotated[int, typer.Option("--revalidate", help="Online revalidation period, seconds.")] = 3600,
+        grace: Annotated[int, typer.Option("--grace", help="Offline grace period, seconds.")] = 86400,
+        allow_sim: Annotated[
+            bool, typer.Option("--allow-sim", help="Accept INSECURE sim evidence (development only).")
+        ] = False,
+        allow_debug: Annotated[bool, typer.Option("--allow-debug", help="Accept debug enclaves/VMs.")] = False,
+        measurement: MeasurementOpt = None,
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+    ) -> None:
+        """Issue a licence and print its id."""
+        if not 0 < days < 100 * 365:
+            raise OwnerError("--days must be between 0 and 36500")
+        service = _service(db, master_key_file, master_key_env, master=True)
+        licence_id = service.issue_licence(
+            model,
+            device_id=device,
+            max_instances=instances,
+            valid_for=timedelta(days=days),
+            query_quota=quota,
+            revalidate_seconds=revalidate,
+            offline_grace_seconds=grace,
+            allow_sim=allow_sim,
+            allow_debug=allow_debug,
+            measurements=_measurements(measurement) or None,
+        )
+        out.print(licence_id, highlight=False)
+
+    @licence_app.command("revoke")
+    def licence_revoke(
+        licence_id: Annotated[str, typer.Argument(help="Licence to revoke.")],
+        reason: Annotated[str, typer.Option(help="Shown to the runtime.")] = "revoked by the owner",
+        db: DatabaseOpt = None,
+    ) -> None:
+        """Revoke a licence: later key releases are refused with REASON."""
+        _service(db, None, None, master=False).revoke_licence(licence_id, reason)
+        out.print(f"revoked {licence_id}", highlight=False)
+
+    @licence_app.command("list")
+    def licence_list(
+        db: DatabaseOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """List licences with their terms and use."""
+        rows = _service(db, None, None, master=False).licences()
+        if as_json:
+            out.print_json(json.dumps(rows))
+            return
+        table = Table("licence", "model", "bound to", "expires", "used / quota", "state")
+        for row in rows:
+            bound = row["device"] or f"{row['instances']}/{row['max_instances']} instances"
+            quota = "unlimited" if row["query_quota"] is None else str(row["query_quota"])
+            state = "revoked" if row["revoked"] else "active"
+            if row["allow_sim"]:
+                state += ", sim allowed (INSECURE)"
+            table.add_row(
+                row["id"], row["model"], bound, row["expires_at"][:19], f"{row['queries_used']} / {quota}", state
+            )
+        out.print(table)
+
+    @owner_app.command("usage")
+    def usage(
+        licence: Annotated[Optional[str], typer.Option("--licence", help="Only this licence.")] = None,
+        db: DatabaseOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Acknowledged usage per licence and reporter."""
+        rows = _service(db, None, None, master=False).usage(licence)
+        if as_json:
+            out.print_json(json.dumps(rows))
+            return
+        table = Table("licence", "reporter", "batches", "queries")
+        for row in rows:
+            table.add_row(row["licence"], row["reporter"], str(row["last_sequence"]), str(row["queries"]))
+        out.print(table)
+
+    @owner_app.command("sim-device")
+    def sim_device(
+        key_path: Annotated[Path, typer.Argument(help="Where to write the sim device's Ed25519 key (PEM).")],
+    ) -> None:
+        """Create an INSECURE simulated device key (development only) and print its identity for `device enroll`."""
+        from modelcloak.owner.evidence.sim import SimDevice
+
+        device = SimDevice.create(key_path)
+        out.print(f"{device.identity}", highlight=False)

@@ -1,0 +1,172 @@
+"""The owner backend's HTTP API (FastAPI). Thin: validates shapes, calls OwnerService, maps refusals to 4xx.
+
+Every answer other than success is JSON {"error": "<one line>"} with a 4xx status: 400 malformed,
+401 bad signature, 403 refused by policy or evidence, 404 unknown licence, 409 sequence conflict,
+413 body too large, 422 wrong shape. A 500 would be a bug; the tests fuzz for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
+from modelcloak.owner.service import OwnerService
+
+MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+B64 = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BODY)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NonceRequest(_Strict):
+    licence_id: Identifier
+
+
+class ReleaseRequest(_Strict):
+    licence_id: Identifier
+    device_id: Identifier
+    instance_id: Identifier
+    nonce: B64
+    ephemeral_public_key: B64
+    evidence_kind: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    evidence: B64
+
+
+class UsageRequest(_Strict):
+    licence_id: Identifier
+    reporter_id: Identifier
+    sequence: Annotated[int, Field(ge=1, le=MAX_SEQUENCE)]
+    queries: Annotated[int, Field(ge=0, le=MAX_BATCH_QUERIES)]
+    mac: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRefused(f"{what} is not valid base64", 400) from None
+
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes with 413, by Content-Length and by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    await _send_error(send, 413, f"request body larger than {self.limit} bytes")
+                    return
+        # Read the whole body here (bounded) and replay it: the framework turns errors raised while
+        # it reads into a generic 400, and a streamed body has no Content-Length to check first.
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
+                await _send_error(send, 413, f"request body larger than {self.limit} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(send: Send, status: int, reason: str) -> None:
+    response = JSONResponse({"error": reason}, status_code=status)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(service: OwnerService) -> ASGIApp:
+    """The API as an ASGI app (FastAPI inside a body-size limit)."""
+    app = FastAPI(title="modelcloak owner backend", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestRefused)
+    async def _refused(_request: Request, exc: RequestRefused) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(OwnerError)
+    async def _owner_error(_request: Request, exc: OwnerError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', 'malformed')}"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "database": service.store.dialect}
+
+    @app.post("/v1/nonce")
+    def nonce(body: NonceRequest) -> dict[str, Any]:
+        value, expires_at = service.new_nonce(body.licence_id)
+        return {"nonce": base64.b64encode(value).decode(), "expires_at": expires_at.isoformat()}
+
+    @app.post("/v1/release")
+    def release(body: ReleaseRequest) -> dict[str, Any]:
+        granted = service.release_key(
+            licence_id=body.licence_id,
+            device_id=body.device_id,
+            instance_id=body.instance_id,
+            nonce=_b64(body.nonce, "nonce"),
+            ephemeral_public_key=_b64(body.ephemeral_public_key, "ephemeral_public_key"),
+            evidence_kind=body.evidence_kind,
+            evidence=_b64(body.evidence, "evidence"),
+        )
+        return granted.as_json()
+
+    @app.post("/v1/usage")
+    async def usage(body: UsageRequest) -> dict[str, Any]:
+        # async: the request waits for its group commit without holding a worker thread.
+        ack = await service.report_usage_async(
+            body.licence_id, body.reporter_id, body.sequence, body.queries, _b64(body.mac, "mac")
+        )
+        return ack.as_json()
+
+    return BodyLimit(app)

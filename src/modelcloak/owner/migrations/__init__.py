@@ -1,0 +1,1 @@
+"""Alembic migrations of the owner store; `modelcloak.owner.store.migrate` runs them."""

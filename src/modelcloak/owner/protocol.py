@@ -1,0 +1,55 @@
+"""The wire formats shared by the backend and the device: key-release HPKE parameters, usage MACs.
+
+Kept free of the server's dependencies (SQLAlchemy, FastAPI) so a device importing the client
+needs only `cryptography` and `httpx`. docs/OWNER.md describes these byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+from cryptography.hazmat.primitives import hpke
+
+from modelcloak.owner.errors import OwnerError
+
+MODEL_KEY_SIZE = 32
+USAGE_KEY_SIZE = 32
+NONCE_SIZE = 32
+# The release payload is HPKE base mode, X25519 / HKDF-SHA256 / AES-256-GCM (RFC 9180).
+HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+RELEASE_INFO_LABEL = b"modelcloak key-release v1\x00"
+USAGE_MAC_LABEL = b"modelcloak usage v1\x00"
+MAX_SEQUENCE = 2**62
+MAX_BATCH_QUERIES = 2**40
+
+
+class RequestRefused(OwnerError):
+    """A request the backend will not honour; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, reason: str, status: int = 403) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def release_info(licence_id: str, nonce: bytes) -> bytes:
+    """HPKE `info`: binds the wrapped key to this licence and this nonce."""
+    return RELEASE_INFO_LABEL + licence_id.encode() + b"\x00" + nonce
+
+
+def usage_mac_input(licence_id: str, reporter_id: str, sequence: int, queries: int) -> bytes:
+    """The bytes a usage batch's HMAC-SHA256 covers (lengths are 2-byte big-endian, counts 8-byte)."""
+    lic, rep = licence_id.encode(), reporter_id.encode()
+    return (
+        USAGE_MAC_LABEL
+        + struct.pack(">H", len(lic))
+        + lic
+        + struct.pack(">H", len(rep))
+        + rep
+        + struct.pack(">QQ", sequence, queries)
+    )
+
+
+def usage_mac(usage_key: bytes, licence_id: str, reporter_id: str, sequence: int, queries: int) -> bytes:
+    return hmac.new(usage_key, usage_mac_input(licence_id, reporter_id, sequence, queries), hashlib.sha256).digest()

@@ -1,0 +1,640 @@
+"""What the owner backend does: register models, enrol devices, issue licences, release keys, meter use.
+
+The HTTP layer (api.py) and the CLI only parse and print; every rule lives here, so the rules are
+the same whether a request comes over the network or from `modelcloak owner ...` on the owner's
+machine. Wire formats (HPKE info, usage MAC input) are defined here and documented byte for byte
+in docs/OWNER.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import queue
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.evidence.base import Claims, EvidenceError, binding_digest
+from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
+from modelcloak.owner.protocol import (
+    HPKE_SUITE,
+    MAX_BATCH_QUERIES,
+    MAX_SEQUENCE,
+    MODEL_KEY_SIZE,
+    NONCE_SIZE,
+    USAGE_KEY_SIZE,
+    RequestRefused,
+    release_info,
+    usage_mac,
+)
+from modelcloak.owner.store import (
+    Device,
+    Instance,
+    Licence,
+    MasterKey,
+    Model,
+    Nonce,
+    Store,
+    UsageBatch,
+    UsageStream,
+    now_utc,
+)
+
+NONCE_LIFETIME = timedelta(seconds=120)
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_HEX = re.compile(r"^[0-9a-f]{2,256}$")
+
+
+def check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise RequestRefused(f"{what} {value!r} must be 1-128 characters of letters, digits, '_', '.', ':' or '-'", 400)
+    return value
+
+
+def check_measurements(measurements: dict[str, str]) -> dict[str, str]:
+    cleaned = {}
+    for name, value in measurements.items():
+        check_id(name, "measurement name")
+        value = value.strip().lower()
+        if not _HEX.match(value) or len(value) % 2:
+            raise RequestRefused(f"measurement {name} must be an even number of hex digits, got {value!r}", 400)
+        cleaned[name] = value
+    return cleaned
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a granted key release returns to the runtime."""
+
+    licence_id: str
+    wrapped_key: bytes  # HPKE enc (32 bytes) || ciphertext of model key || usage key (64 + 16 bytes)
+    expires_at: datetime
+    revalidate_at: datetime
+    offline_until: datetime
+    query_quota: int | None
+    queries_used: int
+    insecure: bool
+
+    def as_json(self) -> dict[str, Any]:
+        import base64
+
+        return {
+            "licence_id": self.licence_id,
+            "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
+            "suite": "X25519/HKDF-SHA256/AES-256-GCM",
+            "expires_at": self.expires_at.isoformat(),
+            "revalidate_at": self.revalidate_at.isoformat(),
+            "offline_until": self.offline_until.isoformat(),
+            "query_quota": self.query_quota,
+            "queries_used": self.queries_used,
+            "insecure_evidence": self.insecure,
+        }
+
+
+@dataclass(frozen=True)
+class UsageAck:
+    sequence: int
+    duplicate: bool
+    queries_used: int
+    query_quota: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "acknowledged": self.sequence,
+            "duplicate": self.duplicate,
+            "queries_used": self.queries_used,
+            "query_quota": self.query_quota,
+        }
+
+
+def _check_usage_shape(licence_id: str, reporter_id: str, sequence: int, queries: int) -> None:
+    check_id(licence_id, "licence id")
+    check_id(reporter_id, "reporter id")
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise RequestRefused(f"sequence must be between 1 and {MAX_SEQUENCE}", 400)
+    if not 0 <= queries <= MAX_BATCH_QUERIES:
+        raise RequestRefused(f"a batch counts between 0 and {MAX_BATCH_QUERIES} queries", 400)
+
+
+class GroupCommit:
+    """Usage batches from concurrent requests, applied by one thread, many per transaction.
+
+    Each acknowledged batch must be on disk before its answer (a synced commit), and a synced commit
+    costs milliseconds; one commit per request would cap the backend at a few hundred reports per
+    second. So requests queue here, one writer thread applies whatever is waiting (up to
+    `max_group`) in one transaction, commits once, and only then answers each request. A failed
+    commit answers every request of its group with an error, so nothing is acknowledged that is not
+    stored. Applying in one thread also means the per-licence checks run strictly in order.
+    """
+
+    def __init__(self, store: Store, apply: Callable[..., UsageAck], *, max_group: int = 256) -> None:
+        self.store = store
+        self.apply = apply
+        self.max_group = max_group
+        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="usage-group-commit", daemon=True)
+                    self._thread.start()
+
+    def submit(self, args: tuple[Any, ...]) -> UsageAck:
+        """Apply one batch; returns once its group is committed (blocking)."""
+        done = threading.Event()
+        slot: list[Any] = [args, done.set, None, None]  # args, notify, result, error
+        self._ensure_writer()
+        self._queue.put(slot)
+        done.wait()
+        if slot[3] is not None:
+            raise slot[3]
+        return slot[2]
+
+    async def submit_async(self, args: tuple[Any, ...]) -> UsageAck:
+        """The same from an event loop, without tying up a worker thread while the group commits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+            except RuntimeError:  # the loop closed (server shutting down): nobody is waiting
+                pass
+
+        slot: list[Any] = [args, notify, None, None]
+        self._ensure_writer()
+        self._queue.put(slot)
+        await asyncio.shield(future)
+        if slot[3] is not None:
+            raise slot[3]
+        return slot[2]
+
+    def _run(self) -> None:
+        while True:
+            group = [self._queue.get()]
+            while len(group) < self.max_group:
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self.store.transaction() as session:
+                    for slot in group:
+                        try:
+                            slot[2] = self.apply(session, *slot[0])
+                        except RequestRefused as exc:
+                            slot[3] = exc
+            except Exception as exc:  # the commit failed: nothing in this group was stored
+                failure = exc if isinstance(exc, OwnerError) else OwnerError(f"usage not stored: {exc}")
+                for slot in group:
+                    slot[2], slot[3] = None, slot[3] or failure
+            for slot in group:
+                slot[1]()
+
+
+class OwnerService:
+    """The backend's rules over one store and one master key. `clock` is injectable for expiry tests."""
+
+    def __init__(
+        self,
+        store: Store,
+        master: MasterKey | None,
+        *,
+        registry: VerifierRegistry | None = None,
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self.store = store
+        self._master = master
+        self.registry = registry or VerifierRegistry()
+        self.clock = clock
+        self._usage_keys: dict[str, bytes] = {}
+        self._usage_committer = GroupCommit(store, self._apply_usage)
+
+    @property
+    def master(self) -> MasterKey:
+        if self._master is None:
+            raise OwnerError("this needs the master key: give --master-key-file or --master-key-env")
+        return self._master
+
+    # --- owner administration ---------------------------------------------------------------------
+
+    def register_model(self, model_id: str, key: bytes, description: str = "") -> None:
+        check_id(model_id, "model id")
+        if len(key) != MODEL_KEY_SIZE:
+            raise RequestRefused(f"a model key is {MODEL_KEY_SIZE} bytes, got {len(key)}", 400)
+        with self.store.transaction() as session:
+            if session.get(Model, model_id) is not None:
+                raise RequestRefused(f"model {model_id} is already registered", 409)
+            session.add(
+                Model(
+                    id=model_id,
+                    description=description,
+                    sealed_key=self.master.seal(bytes(key), f"model:{model_id}"),
+                    created_at=self.clock(),
+                )
+            )
+            self.store.audit(session, "model.register", model_id, "ok")
+
+    def enroll_device(
+        self, device_id: str, verifier_kind: str, measurements: dict[str, str], identity: str | None = None
+    ) -> None:
+        check_id(device_id, "device id")
+        if verifier_kind not in KNOWN_KINDS:
+            raise RequestRefused(f"unknown evidence kind {verifier_kind!r}; known: {', '.join(KNOWN_KINDS)}", 400)
+        expected = check_measurements(measurements)
+        if not expected:
+            raise RequestRefused("a device needs at least one expected measurement (name=hex)", 400)
+        if identity is None and verifier_kind in ("sim", "tpm"):
+            # Without a pinned key, anyone could make sim/tpm evidence for these measurements.
+            raise RequestRefused(f"{verifier_kind} devices need their attestation identity (key fingerprint)", 400)
+        with self.store.transaction() as session:
+            if session.get(Device, device_id) is not None:
+                raise RequestRefused(f"device {device_id} is already enrolled", 409)
+            session.add(
+                Device(
+                    id=device_id,
+                    verifier_kind=verifier_kind,
+                    identity=identity.lower() if identity else None,
+                    expected_measurements=json.dumps(expected, sort_keys=True),
+                    created_at=self.clock(),
+                )
+            )
+            self.store.audit(session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity)
+
+    def issue_licence(
+        self,
+        model_id: str,
+        *,
+        device_id: str | None = None,
+        max_instances: int | None = None,
+        valid_for: timedelta = timedelta(days=365),
+        query_quota: int | None = None,
+        revalidate_seconds: int = 3600,
+        offline_grace_seconds: int = 86400,
+        allow_sim: bool = False,
+        allow_debug: bool = False,
+        measurements: dict[str, str] | None = None,
+    ) -> str:
+        if (device_id is None) == (max_instances is None):
+            raise RequestRefused("a licence is bound to exactly one of a device or an instance count", 400)
+        if max_instances is not None and max_instances < 1:
+            raise RequestRefused("the instance count must be at least 1", 400)
+        if query_quota is not None and query_quota < 0:
+            raise RequestRefused("the query quota cannot be negative", 400)
+        if valid_for <= timedelta(0):
+            raise RequestRefused("a licence must be valid for a positive time", 400)
+        if revalidate_seconds < 1 or offline_grace_seconds < 0:
+            raise RequestRefused("revalidation period must be >= 1 s and offline grace >= 0 s", 400)
+        expected = check_measurements(measurements) if measurements else None
+        licence_id = "lic_" + secrets.token_hex(12)
+        now = self.clock()
+        with self.store.transaction() as session:
+            if session.get(Model, model_id) is None:
+                raise RequestRefused(f"model {model_id} is not registered", 404)
+            if device_id is not None and session.get(Device, device_id) is None:
+                raise RequestRefused(f"device {device_id} is not enrolled", 404)
+            session.add(
+                Licence(
+                    id=licence_id,
+                    model_id=model_id,
+                    device_id=device_id,
+                    max_instances=max_instances,
+                    expires_at=now + valid_for,
+                    query_quota=query_quota,
+                    queries_used=0,
+                    revalidate_seconds=revalidate_seconds,
+                    offline_grace_seconds=offline_grace_seconds,
+                    allow_sim=allow_sim,
+                    allow_debug=allow_debug,
+                    expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
+                    sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
+                    created_at=now,
+                )
+            )
+            self.store.audit(
+                session,
+                "licence.issue",
+                licence_id,
+                "ok",
+                model=model_id,
+                device=device_id,
+                max_instances=max_instances,
+                quota=query_quota,
+                allow_sim=allow_sim,
+                allow_debug=allow_debug,
+            )
+        return licence_id
+
+    def revoke_licence(self, licence_id: str, reason: str = "revoked by the owner") -> None:
+        with self.store.transaction() as session:
+            licence = self._locked_licence(session, licence_id)
+            if licence.revoked_at is not None:
+                raise RequestRefused(f"licence {licence_id} is already revoked", 409)
+            licence.revoked_at = self.clock()
+            licence.revocation_reason = reason
+            self.store.audit(session, "licence.revoke", licence_id, "ok", reason=reason)
+
+    def licences(self) -> list[dict[str, Any]]:
+        with self.store.transaction() as session:
+            rows = session.scalars(select(Licence).order_by(Licence.created_at)).all()
+            instances = {
+                lid: count
+                for lid, count in session.execute(
+                    select(Instance.licence_id, func.count()).group_by(Instance.licence_id)
+                )
+            }
+            return [
+                {
+                    "id": row.id,
+                    "model": row.model_id,
+                    "device": row.device_id,
+                    "max_instances": row.max_instances,
+                    "instances": instances.get(row.id, 0),
+                    "expires_at": row.expires_at.isoformat(),
+                    "query_quota": row.query_quota,
+                    "queries_used": row.queries_used,
+                    "revoked": row.revoked_at is not None,
+                    "allow_sim": row.allow_sim,
+                    "allow_debug": row.allow_debug,
+                }
+                for row in rows
+            ]
+
+    def usage(self, licence_id: str | None = None) -> list[dict[str, Any]]:
+        """Per licence and reporter: acknowledged batches (last sequence number) and queries."""
+        with self.store.transaction() as session:
+            query = select(UsageStream).order_by(UsageStream.licence_id, UsageStream.reporter_id)
+            if licence_id is not None:
+                query = query.where(UsageStream.licence_id == licence_id)
+            return [
+                {
+                    "licence": s.licence_id,
+                    "reporter": s.reporter_id,
+                    "last_sequence": s.last_sequence,
+                    "queries": s.queries,
+                }
+                for s in session.scalars(query)
+            ]
+
+    def queries_used(self, licence_id: str) -> int:
+        with self.store.transaction() as session:
+            return self._locked_licence(session, licence_id).queries_used
+
+    # --- key release --------------------------------------------------------------------------------
+
+    def new_nonce(self, licence_id: str) -> tuple[bytes, datetime]:
+        """A fresh single-use nonce for `licence_id`, valid for NONCE_LIFETIME."""
+        check_id(licence_id, "licence id")
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        now = self.clock()
+        with self.store.transaction() as session:
+            if session.get(Licence, licence_id) is None:
+                raise RequestRefused(f"unknown licence {licence_id}", 404)
+            session.add(Nonce(value=nonce.hex(), licence_id=licence_id, expires_at=now + NONCE_LIFETIME))
+            # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
+            # (an expired nonce is refused as unknown just the same).
+            session.execute(delete(Nonce).where(Nonce.expires_at < now - NONCE_LIFETIME))
+        return nonce, now + NONCE_LIFETIME
+
+    def release_key(
+        self,
+        *,
+        licence_id: str,
+        device_id: str,
+        instance_id: str,
+        nonce: bytes,
+        ephemeral_public_key: bytes,
+        evidence_kind: str,
+        evidence: bytes,
+    ) -> Release:
+        """Check nonce, evidence and licence; return the model key and usage key wrapped to the ephemeral key."""
+        check_id(licence_id, "licence id")
+        check_id(device_id, "device id")
+        check_id(instance_id, "instance id")
+        subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
+        try:
+            self._spend_nonce(licence_id, nonce)
+            try:
+                public_key = X25519PublicKey.from_public_bytes(ephemeral_public_key)
+            except ValueError:
+                raise RequestRefused("the ephemeral public key is not a 32-byte X25519 key", 400) from None
+            try:
+                claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
+            except EvidenceError as exc:
+                raise RequestRefused(f"evidence refused: {exc}") from None
+            if claims.kind != evidence_kind:
+                raise RequestRefused(f"evidence claims kind {claims.kind!r}, sent as {evidence_kind!r}")
+            expected_binding = binding_digest(nonce, ephemeral_public_key)
+            if not hmac.compare_digest(claims.report_data[: len(expected_binding)], expected_binding):
+                raise RequestRefused(
+                    "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
+                )
+            with self.store.transaction() as session:
+                licence = self._locked_licence(session, licence_id)
+                device = session.get(Device, device_id)
+                self._check_release(session, licence, device, claims, instance_id)
+                assert device is not None
+                model = session.get(Model, licence.model_id)
+                assert model is not None
+                model_key = self.master.open(model.sealed_key, f"model:{model.id}")
+                usage_key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
+                wrapped = HPKE_SUITE.encrypt(model_key + usage_key, public_key, info=release_info(licence_id, nonce))
+                now = self.clock()
+                revalidate_at = min(licence.expires_at, now + timedelta(seconds=licence.revalidate_seconds))
+                release = Release(
+                    licence_id=licence.id,
+                    wrapped_key=wrapped,
+                    expires_at=licence.expires_at,
+                    revalidate_at=revalidate_at,
+                    offline_until=min(
+                        licence.expires_at, revalidate_at + timedelta(seconds=licence.offline_grace_seconds)
+                    ),
+                    query_quota=licence.query_quota,
+                    queries_used=licence.queries_used,
+                    insecure=claims.insecure,
+                )
+                self.store.audit(
+                    session,
+                    "key.release",
+                    licence_id,
+                    "ok",
+                    **subject,
+                    insecure=claims.insecure,
+                    debug=claims.debug,
+                    identity=claims.identity,
+                )
+                return release
+        except RequestRefused as exc:
+            with self.store.transaction() as session:
+                self.store.audit(session, "key.release", licence_id, "refused", reason=str(exc), **subject)
+            raise
+
+    def _spend_nonce(self, licence_id: str, nonce: bytes) -> None:
+        if len(nonce) != NONCE_SIZE:
+            raise RequestRefused(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}", 400)
+        now = self.clock()
+        with self.store.transaction() as session:
+            row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
+            if row is None:
+                raise RequestRefused("unknown or expired nonce: ask for a fresh one")
+            if row.used_at is not None:
+                raise RequestRefused("nonce already used: replayed request")
+            # Spent whatever the outcome, so a refused attempt cannot be retried with the same nonce.
+            row.used_at = now
+            if row.licence_id != licence_id:
+                refusal = RequestRefused("nonce was issued for a different licence")
+            elif row.expires_at <= now:
+                refusal = RequestRefused("nonce expired: ask for a fresh one")
+            else:
+                return
+        raise refusal
+
+    def _check_release(
+        self, session: Session, licence: Licence, device: Device | None, claims: Claims, instance_id: str
+    ) -> None:
+        now = self.clock()
+        if licence.revoked_at is not None:
+            raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
+        if licence.expires_at <= now:
+            raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
+        if device is None:
+            raise RequestRefused("unknown device: enrol it with `modelcloak owner device enroll`")
+        if licence.device_id is not None and licence.device_id != device.id:
+            raise RequestRefused(f"licence {licence.id} is bound to another device")
+        if claims.kind != device.verifier_kind:
+            raise RequestRefused(
+                f"device {device.id} is enrolled for {device.verifier_kind!r} evidence, not {claims.kind!r}"
+            )
+        if claims.insecure and not licence.allow_sim:
+            raise RequestRefused("insecure sim evidence is refused: this licence does not allow development devices")
+        if claims.debug and not licence.allow_debug:
+            raise RequestRefused("debug enclave/VM refused: its memory is readable by the host")
+        if device.identity is not None and (claims.identity or "").lower() != device.identity:
+            raise RequestRefused(f"evidence was signed by {claims.identity}, not device {device.id}'s enrolled key")
+        expected = json.loads(licence.expected_measurements) if licence.expected_measurements else device.measurements()
+        for name, value in sorted(expected.items()):
+            got = claims.measurements.get(name)
+            if got is None or not hmac.compare_digest(got.lower(), value):
+                raise RequestRefused(f"measurement {name} is {got or 'missing'}, expected {value}")
+        if licence.query_quota is not None and licence.queries_used >= licence.query_quota:
+            raise RequestRefused(f"query quota exhausted ({licence.queries_used} of {licence.query_quota})")
+        if licence.max_instances is not None:
+            known = session.get(Instance, (licence.id, instance_id))
+            if known is None:
+                count = len(
+                    session.scalars(select(Instance.instance_id).where(Instance.licence_id == licence.id)).all()
+                )
+                if count >= licence.max_instances:
+                    raise RequestRefused(
+                        f"licence {licence.id} already runs on {count} of {licence.max_instances} instances"
+                    )
+                session.add(
+                    Instance(
+                        licence_id=licence.id,
+                        instance_id=instance_id,
+                        device_id=device.id,
+                        first_seen=now,
+                        last_seen=now,
+                    )
+                )
+            else:
+                known.last_seen = now
+
+    def _locked_licence(self, session: Session, licence_id: str) -> Licence:
+        licence = session.scalars(select(Licence).where(Licence.id == licence_id).with_for_update()).one_or_none()
+        if licence is None:
+            raise RequestRefused(f"unknown licence {licence_id}", 404)
+        return licence
+
+    # --- usage --------------------------------------------------------------------------------------
+
+    def report_usage(self, licence_id: str, reporter_id: str, sequence: int, queries: int, mac: bytes) -> UsageAck:
+        """Count one signed batch exactly once. Sequence numbers start at 1 and have no gaps per reporter."""
+        _check_usage_shape(licence_id, reporter_id, sequence, queries)
+        return self._usage_committer.submit((licence_id, reporter_id, sequence, queries, mac))
+
+    async def report_usage_async(
+        self, licence_id: str, reporter_id: str, sequence: int, queries: int, mac: bytes
+    ) -> UsageAck:
+        """report_usage for an event loop (the HTTP API)."""
+        _check_usage_shape(licence_id, reporter_id, sequence, queries)
+        return await self._usage_committer.submit_async((licence_id, reporter_id, sequence, queries, mac))
+
+    def _apply_usage(
+        self, session: Session, licence_id: str, reporter_id: str, sequence: int, queries: int, mac: bytes
+    ) -> UsageAck:
+        # Every refusal below is raised before anything is written, so a refused batch leaves the
+        # shared group transaction untouched (no savepoint needed).
+        # The licence row lock (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite) serialises
+        # every batch of this licence: the quota check and the count commit as one.
+        # Within one group transaction, rows already read are kept in session.info: one lock of the
+        # licence, one read per stream, and all writes flushed together at commit.
+        licences: dict[str, Licence] = session.info.setdefault("licences", {})
+        streams: dict[tuple[str, str], UsageStream] = session.info.setdefault("streams", {})
+        batches: dict[tuple[str, str, int], int] = session.info.setdefault("batches", {})
+        with session.no_autoflush:
+            licence = licences.get(licence_id)
+            if licence is None:
+                licence = licences[licence_id] = self._locked_licence(session, licence_id)
+            expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
+            if not hmac.compare_digest(expected_mac, mac):
+                raise RequestRefused("usage batch signature does not verify", 401)
+            stream = streams.get((licence_id, reporter_id))
+            if stream is None:
+                stream = session.get(UsageStream, (licence_id, reporter_id))
+            last = stream.last_sequence if stream is not None else 0
+            if sequence <= last:
+                previous = batches.get((licence_id, reporter_id, sequence))
+                if previous is None:
+                    row = session.get(UsageBatch, (licence_id, reporter_id, sequence))
+                    previous = row.queries if row is not None else None
+                if previous != queries:
+                    raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
+                return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
+        if sequence != last + 1:
+            raise RequestRefused(f"batch {sequence} arrives after {last}: batches {last + 1}.. are missing", 409)
+        if licence.query_quota is not None and licence.queries_used + queries > licence.query_quota:
+            raise RequestRefused(
+                f"query quota exhausted: {licence.queries_used} of {licence.query_quota} used, batch asks for {queries}"
+            )
+        if stream is None:
+            stream = UsageStream(licence_id=licence_id, reporter_id=reporter_id, last_sequence=0, queries=0)
+            session.add(stream)
+        streams[(licence_id, reporter_id)] = stream
+        batches[(licence_id, reporter_id, sequence)] = queries
+        stream.last_sequence = sequence
+        stream.queries += queries
+        licence.queries_used += queries
+        session.add(
+            UsageBatch(
+                licence_id=licence_id,
+                reporter_id=reporter_id,
+                sequence=sequence,
+                queries=queries,
+                mac=mac,
+                received_at=self.clock(),
+            )
+        )
+        return UsageAck(sequence, False, licence.queries_used, licence.query_quota)
+
+    def _usage_key(self, licence: Licence) -> bytes:
+        key = self._usage_keys.get(licence.id)
+        if key is None:
+            key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
+            self._usage_keys[licence.id] = key
+        return key

@@ -1,0 +1,334 @@
+"""The owner backend's SQL store: tables, engines for SQLite and PostgreSQL, migrations, sealing.
+
+One schema serves both databases. SQLite (a file, the zero-set-up default) takes every
+transaction with BEGIN IMMEDIATE, so read-check-write sequences (quota, usage sequence numbers,
+instance counts) are serialised by the database's write lock; PostgreSQL takes a row lock on the
+licence (SELECT ... FOR UPDATE) for the same sequences. Either way the check and the write commit
+together or not at all, which is what keeps counts exact across threads, processes and restarts.
+
+Secrets (model keys, usage-report keys) are stored as AES-256-GCM ciphertexts under a master key
+that never enters the database; the associated data names the row, so a ciphertext moved to
+another row does not decrypt. The audit log is append-only: the engine refuses any UPDATE or
+DELETE of it, and a trigger in the database refuses it for anyone else who connects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from modelcloak.owner.errors import OwnerError
+
+MASTER_KEY_SIZE = 32
+_SEAL_LABEL = b"modelcloak owner secret v1\x00"
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both databases (SQLite keeps no zone; we put UTC back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise OwnerError("internal: naive datetime given to the store")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    verifier_kind: Mapped[str] = mapped_column(String(32))
+    identity: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    expected_measurements: Mapped[str] = mapped_column(Text, default="{}")  # JSON name -> hex
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    def measurements(self) -> dict[str, str]:
+        return json.loads(self.expected_measurements)
+
+
+class Licence(Base):
+    __tablename__ = "licences"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
+    max_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    query_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    queries_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    revalidate_seconds: Mapped[int] = mapped_column(Integer)
+    offline_grace_seconds: Mapped[int] = mapped_column(Integer)
+    allow_sim: Mapped[bool] = mapped_column(Boolean, default=False)
+    allow_debug: Mapped[bool] = mapped_column(Boolean, default=False)
+    expected_measurements: Mapped[str | None] = mapped_column(Text, nullable=True)  # overrides the device's
+    sealed_usage_key: Mapped[bytes] = mapped_column(LargeBinary)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revocation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Instance(Base):
+    """A runtime instance that has received a licence's key (counted against max_instances)."""
+
+    __tablename__ = "instances"
+    licence_id: Mapped[str] = mapped_column(ForeignKey("licences.id"), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    first_seen: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Nonce(Base):
+    __tablename__ = "nonces"
+    value: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    licence_id: Mapped[str] = mapped_column(ForeignKey("licences.id"))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class UsageStream(Base):
+    """One reporter's sequence of batches for one licence: the last acknowledged number and its total."""
+
+    __tablename__ = "usage_streams"
+    licence_id: Mapped[str] = mapped_column(ForeignKey("licences.id"), primary_key=True)
+    reporter_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    queries: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageBatch(Base):
+    __tablename__ = "usage_batches"
+    licence_id: Mapped[str] = mapped_column(ForeignKey("licences.id"), primary_key=True)
+    reporter_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    queries: Mapped[int] = mapped_column(BigInteger)
+    mac: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    event: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))  # "ok" or "refused"
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+_AUDIT_WRITE = re.compile(r"^\s*(UPDATE\s+\"?audit_log\"?|DELETE\s+FROM\s+\"?audit_log\"?)\b", re.IGNORECASE)
+
+
+def database_url(location: str | Path) -> str:
+    """A SQLAlchemy URL for `location`: a URL as given (postgresql:// uses psycopg 3), or a SQLite file path."""
+    text = str(location)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    if text.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
+    return text
+
+
+def make_engine(location: str | Path) -> Engine:
+    """An engine for a SQLite file or a PostgreSQL URL, with the transaction discipline described above."""
+    url_text = database_url(location)
+    try:
+        url = make_url(url_text)
+    except ArgumentError:
+        raise OwnerError(f"database {location!s} is neither a file path nor a database URL") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise OwnerError("an in-memory SQLite database would lose every licence on restart; give a file")
+        parent = Path(url.database).parent
+        if not parent.is_dir():
+            raise OwnerError(f"directory {parent} for the database does not exist")
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=16)
+        _sqlite_discipline(engine)
+    elif backend == "postgresql":
+        engine = create_engine(url, pool_size=16, max_overflow=8, pool_pre_ping=True)
+    else:
+        raise OwnerError(f"database {backend!r} is not supported; use a SQLite file or a postgresql:// URL")
+    event.listen(engine, "before_cursor_execute", _refuse_audit_rewrite, retval=False)
+    return engine
+
+
+def _sqlite_discipline(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" below issue BEGIN IMMEDIATE instead of pysqlite's deferred BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit (an acknowledged usage batch) survives power loss, not only a killed process.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _refuse_audit_rewrite(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+    if _AUDIT_WRITE.match(statement):
+        raise OwnerError("the audit log is append-only; UPDATE and DELETE of it are refused")
+
+
+def _guard_audit_flush(session: Session, _context: Any, _instances: Any) -> None:
+    for obj in list(session.dirty) + list(session.deleted):
+        if isinstance(obj, AuditEntry) and (obj in session.deleted or session.is_modified(obj)):
+            raise OwnerError("the audit log is append-only; UPDATE and DELETE of it are refused")
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic; the scripts ship inside the package)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except OperationalError as exc:
+        raise OwnerError(f"cannot reach or migrate the database: {_first_line(exc)}") from None
+
+
+def schema_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+class Store:
+    """An engine plus a session factory; `transaction()` is the only way code writes."""
+
+    def __init__(self, location: str | Path, *, migrate_schema: bool = True) -> None:
+        self.url = database_url(location)
+        self.engine = make_engine(location)
+        self.dialect = self.engine.dialect.name
+        if migrate_schema:
+            migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _guard_audit_flush)
+        # SQLite has one writer at a time, and a connection that finds the lock taken sleeps in
+        # SQLite's busy handler with growing back-offs (long latency tails under load). Queueing our
+        # own threads on a lock first leaves the busy handler for other processes only.
+        self._local_writer = threading.RLock() if self.dialect == "sqlite" else contextlib.nullcontext()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any exception."""
+        with self._local_writer, self._sessions() as session:
+            try:
+                with session.begin():
+                    yield session
+            except OperationalError as exc:
+                raise OwnerError(f"database error: {_first_line(exc)}") from None
+
+    def audit(self, session: Session, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
+        session.add(
+            AuditEntry(
+                at=now_utc(), event=event_name, subject=subject, outcome=outcome, detail=json.dumps(detail, default=str)
+            )
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# --- sealing secrets under the master key ----------------------------------------------------------
+
+
+class MasterKey:
+    """AES-256-GCM under the owner's master key, which lives in a key file or variable, never in the database."""
+
+    def __init__(self, key: bytes | bytearray | memoryview) -> None:
+        if len(key) != MASTER_KEY_SIZE:
+            raise OwnerError(f"master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
+        self._aead = AESGCM(bytes(key))
+
+    @classmethod
+    def from_provider(cls, provider: Any) -> MasterKey:
+        """Read the key through a modelcloak.keys provider (KeyFile, EnvKey, ...)."""
+        from modelcloak.keys import KeyProviderError
+
+        try:
+            with provider.key_for({}) as buffer:
+                return cls(buffer.view())
+        except KeyProviderError as exc:
+            raise OwnerError(f"master key: {exc}") from None
+
+    def seal(self, secret: bytes, row: str) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + self._aead.encrypt(nonce, secret, _SEAL_LABEL + row.encode())
+
+    def open(self, sealed: bytes, row: str) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], _SEAL_LABEL + row.encode())
+        except (InvalidTag, ValueError):
+            raise OwnerError(
+                f"cannot decrypt the secret of {row}: wrong master key, or the database was tampered with"
+            ) from None

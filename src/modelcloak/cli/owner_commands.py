@@ -125,6 +125,10 @@ def register(app: typer.Typer) -> None:
         model_id: Annotated[str, typer.Argument(help="Name for the model (used by licences).")],
         model_key_file: Annotated[Path, typer.Option("--model-key-file", help="The key the bundle was sealed with.")],
         description: Annotated[str, typer.Option(help="Free text.")] = "",
+        fhe_secret: Annotated[
+            Optional[Path],
+            typer.Option("--fhe-secret", help="fhe bundles: the secret `protect --fhe-secret-out` wrote."),
+        ] = None,
         db: DatabaseOpt = None,
         master_key_file: MasterFileOpt = None,
         master_key_env: MasterEnvOpt = None,
@@ -133,9 +137,20 @@ def register(app: typer.Typer) -> None:
         from modelcloak.keys import KeyFile
 
         service = _service(db, master_key_file, master_key_env, master=True)
+        secret = None
+        if fhe_secret is not None:
+            try:
+                secret = fhe_secret.read_bytes()
+            except OSError as exc:
+                raise OwnerError(f"cannot read {fhe_secret}: {exc.strerror}") from None
         with KeyFile(model_key_file).key_for({}) as key:
             service.register_model(model_id, bytes(key.view()), description)
         out.print(f"registered model {model_id}", highlight=False)
+        if secret is not None:
+            fhe_id = service.register_fhe_secret(model_id, secret)
+            out.print(
+                f"stored its FHE secret (model id {fhe_id}); the decryption service can now answer", highlight=False
+            )
 
     @device_app.command("enroll")
     def device_enroll(

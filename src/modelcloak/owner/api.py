@@ -23,6 +23,10 @@ from modelcloak.owner.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRe
 from modelcloak.owner.service import OwnerService
 
 MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
+# An encrypted FHE result is about 120 KiB per ciphertext (up to 64 samples at N=8192), 4/3 of that in
+# base64; 16 MiB allows 100 ciphertexts per request.
+FHE_MAX_BODY = 16 * 1024 * 1024
+FHE_PATH = "/v1/fhe/labels"
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
 B64 = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BODY)]
@@ -46,6 +50,16 @@ class ReleaseRequest(_Strict):
     evidence: B64
 
 
+class FheLabelsRequest(_Strict):
+    licence_id: Identifier
+    reporter_id: Identifier
+    sequence: Annotated[int, Field(ge=1, le=MAX_SEQUENCE)]
+    queries: Annotated[int, Field(ge=1, le=MAX_BATCH_QUERIES)]
+    mac: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    result: Annotated[str, StringConstraints(min_length=1, max_length=FHE_MAX_BODY)]
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
 class UsageRequest(_Strict):
     licence_id: Identifier
     reporter_id: Identifier
@@ -64,22 +78,24 @@ def _b64(value: str, what: str) -> bytes:
 class BodyLimit:
     """Refuses bodies over `limit` bytes with 413, by Content-Length and by counting what arrives."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY, per_path: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope.get("path", ""), self.default_limit)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = True
                 if too_big:
-                    await _send_error(send, 413, f"request body larger than {self.limit} bytes")
+                    await _send_error(send, 413, f"request body larger than {limit} bytes")
                     return
         # Read the whole body here (bounded) and replay it: the framework turns errors raised while
         # it reads into a generic 400, and a streamed body has no Content-Length to check first.
@@ -91,8 +107,8 @@ class BodyLimit:
                 return  # the client went away
             chunk = message.get("body", b"")
             received += len(chunk)
-            if received > self.limit:
-                await _send_error(send, 413, f"request body larger than {self.limit} bytes")
+            if received > limit:
+                await _send_error(send, 413, f"request body larger than {limit} bytes")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -169,4 +185,18 @@ def create_app(service: OwnerService) -> ASGIApp:
         )
         return ack.as_json()
 
-    return BodyLimit(app)
+    @app.post(FHE_PATH)
+    def fhe_labels(body: FheLabelsRequest) -> dict[str, Any]:
+        # sync: decryption is CPU work, run in the worker pool, off the event loop.
+        labels, ack = service.fhe_labels(
+            body.licence_id,
+            body.reporter_id,
+            body.sequence,
+            body.queries,
+            _b64(body.mac, "mac"),
+            _b64(body.result, "result"),
+            top_k=body.top_k,
+        )
+        return {"labels": labels, **ack.as_json()}
+
+    return BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY})

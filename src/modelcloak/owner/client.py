@@ -39,6 +39,7 @@ from modelcloak.owner.protocol import (
     MODEL_KEY_SIZE,
     USAGE_KEY_SIZE,
     RequestRefused,
+    fhe_request_mac,
     release_info,
     usage_mac,
 )
@@ -316,3 +317,63 @@ class UsageReporter:
         self._state["next"] = sequence + 1
         self._save()
         return ack
+
+
+class FheLabelClient(UsageReporter):
+    """Sends encrypted results to the owner's decryption service and gets labels back.
+
+    Each request is a usage batch of its sample count on this reporter's own sequence stream, so it
+    is metered exactly once like a usage report. The result waits next to the state file until it
+    is acknowledged: after a crash, `flush()` resends the same request, which the server answers
+    again without counting it twice.
+    """
+
+    @property
+    def _result_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".result")
+
+    def labels(self, result: bytes, *, queries: int, top_k: int = 1) -> list[Any]:
+        """Labels (or top-k class lists) for the `queries` samples in `result`."""
+        self.flush()
+        sequence = self.next_sequence
+        temporary = self._result_path.with_name(self._result_path.name + ".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(result)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self._result_path)
+        self._state["pending"] = {"sequence": sequence, "queries": queries, "top_k": top_k}
+        self._save()
+        return list(self._send(sequence, queries)["labels"])
+
+    def _send(self, sequence: int, queries: int) -> dict[str, Any]:
+        top_k = int((self._state.get("pending") or {}).get("top_k", 1))
+        try:
+            result = self._result_path.read_bytes()
+        except FileNotFoundError:
+            raise OwnerError(f"the pending encrypted result {self._result_path} is missing") from None
+        mac = fhe_request_mac(self._key, self.licence_id, self.reporter_id, sequence, queries, result)
+        body = {
+            "licence_id": self.licence_id,
+            "reporter_id": self.reporter_id,
+            "sequence": sequence,
+            "queries": queries,
+            "mac": base64.b64encode(mac).decode(),
+            "result": base64.b64encode(result).decode(),
+            "top_k": top_k,
+        }
+        try:
+            answer = self.client.post("/v1/fhe/labels", body)
+        except RequestRefused as exc:
+            if exc.status in (400, 401, 403, 404, 422):  # refused before counting: nothing is owed
+                self._finish(None)
+            raise
+        self._finish(sequence + 1)
+        return answer
+
+    def _finish(self, next_sequence: int | None) -> None:
+        self._state["pending"] = None
+        if next_sequence is not None:
+            self._state["next"] = next_sequence
+        self._save()
+        self._result_path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ NONCE_SIZE = 32
 HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 RELEASE_INFO_LABEL = b"modelcloak key-release v1\x00"
 USAGE_MAC_LABEL = b"modelcloak usage v1\x00"
+FHE_MAC_LABEL = b"modelcloak fhe-labels v1\x00"
 MAX_SEQUENCE = 2**62
 MAX_BATCH_QUERIES = 2**40
 
@@ -53,3 +54,13 @@ def usage_mac_input(licence_id: str, reporter_id: str, sequence: int, queries: i
 
 def usage_mac(usage_key: bytes, licence_id: str, reporter_id: str, sequence: int, queries: int) -> bytes:
     return hmac.new(usage_key, usage_mac_input(licence_id, reporter_id, sequence, queries), hashlib.sha256).digest()
+
+
+def fhe_request_mac(
+    usage_key: bytes, licence_id: str, reporter_id: str, sequence: int, queries: int, result: bytes
+) -> bytes:
+    """A decryption request is a usage batch that also names its ciphertext: the MAC covers
+    FHE_MAC_LABEL, the usage batch's bytes and SHA-256 of the result envelope, so a result swapped
+    in transit, or replayed under another batch, does not verify."""
+    covered = FHE_MAC_LABEL + usage_mac_input(licence_id, reporter_id, sequence, queries)
+    return hmac.new(usage_key, covered + hashlib.sha256(result).digest(), hashlib.sha256).digest()

@@ -35,11 +35,13 @@ from modelcloak.owner.protocol import (
     NONCE_SIZE,
     USAGE_KEY_SIZE,
     RequestRefused,
+    fhe_request_mac,
     release_info,
     usage_mac,
 )
 from modelcloak.owner.store import (
     Device,
+    FheSecret,
     Instance,
     Licence,
     MasterKey,
@@ -223,6 +225,8 @@ class OwnerService:
         self.registry = registry or VerifierRegistry()
         self.clock = clock
         self._usage_keys: dict[str, bytes] = {}
+        self._fhe_decryptors: dict[str, Any] = {}  # model id -> OwnerDecryptor (parsing a secret is slow)
+        self._fhe_lock = threading.Lock()  # SEAL's decryptor is not documented as thread-safe
         self._usage_committer = GroupCommit(store, self._apply_usage)
 
     @property
@@ -576,7 +580,14 @@ class OwnerService:
         return await self._usage_committer.submit_async((licence_id, reporter_id, sequence, queries, mac))
 
     def _apply_usage(
-        self, session: Session, licence_id: str, reporter_id: str, sequence: int, queries: int, mac: bytes
+        self,
+        session: Session,
+        licence_id: str,
+        reporter_id: str,
+        sequence: int,
+        queries: int,
+        mac: bytes,
+        result: bytes | None = None,
     ) -> UsageAck:
         # Every refusal below is raised before anything is written, so a refused batch leaves the
         # shared group transaction untouched (no savepoint needed).
@@ -591,7 +602,12 @@ class OwnerService:
             licence = licences.get(licence_id)
             if licence is None:
                 licence = licences[licence_id] = self._locked_licence(session, licence_id)
-            expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
+            if result is None:
+                expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
+            else:
+                expected_mac = fhe_request_mac(
+                    self._usage_key(licence), licence_id, reporter_id, sequence, queries, result
+                )
             if not hmac.compare_digest(expected_mac, mac):
                 raise RequestRefused("usage batch signature does not verify", 401)
             stream = streams.get((licence_id, reporter_id))
@@ -632,9 +648,83 @@ class OwnerService:
         )
         return UsageAck(sequence, False, licence.queries_used, licence.query_quota)
 
+    # --- FHE decryption (the fhe scheme's owner side) -------------------------------------------------
+
+    def register_fhe_secret(self, model_id: str, owner_secret: bytes) -> str:
+        """Store the CKKS secret `protect --scheme fhe` wrote for `model_id`; returns its FHE model id."""
+        decryptor = _fhe_decryptor(owner_secret)
+        with self.store.transaction() as session:
+            if session.get(Model, model_id) is None:
+                raise RequestRefused(f"model {model_id} is not registered; register it first", 404)
+            if session.get(FheSecret, model_id) is not None:
+                raise RequestRefused(f"model {model_id} already has an FHE secret", 409)
+            session.add(
+                FheSecret(
+                    model_id=model_id,
+                    fhe_model_id=decryptor.model_id,
+                    sealed_secret=self.master.seal(bytes(owner_secret), f"fhe:{model_id}"),
+                    created_at=self.clock(),
+                )
+            )
+            self.store.audit(session, "fhe.register", model_id, "ok", fhe_model_id=decryptor.model_id)
+        return decryptor.model_id
+
+    def fhe_labels(
+        self, licence_id: str, reporter_id: str, sequence: int, queries: int, mac: bytes, result: bytes, top_k: int = 1
+    ) -> tuple[list[Any], UsageAck]:
+        """Decrypt an encrypted result for a licensed device and return only its labels, metered.
+
+        The request is a usage batch of `queries` samples whose MAC also covers the result, so the
+        order is: check the MAC (no write), decrypt and check the sample count (no write), then count
+        the batch exactly once like any usage report (a resend of an acknowledged batch gets its
+        labels again without being counted twice). Raw decryptions never leave this method: CKKS
+        decryptions in an evaluator's hands allow key recovery (Li and Micciancio 2021).
+        """
+        _check_usage_shape(licence_id, reporter_id, sequence, queries)
+        with self.store.transaction() as session:
+            licence = session.get(Licence, licence_id)
+            if licence is None:
+                raise RequestRefused(f"unknown licence {licence_id}", 404)
+            expected = fhe_request_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries, result)
+            if not hmac.compare_digest(expected, mac):
+                raise RequestRefused("decryption request signature does not verify", 401)
+            if licence.revoked_at is not None:  # labels are the model's use: a dead licence gets none
+                raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
+            if licence.expires_at <= self.clock():
+                raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
+            decryptor = self._fhe_decryptors.get(licence.model_id)
+            if decryptor is None:
+                stored = session.get(FheSecret, licence.model_id)
+                if stored is None:
+                    raise RequestRefused(f"model {licence.model_id} has no FHE secret registered", 404)
+                secret = self.master.open(stored.sealed_secret, f"fhe:{licence.model_id}")
+                decryptor = self._fhe_decryptors[licence.model_id] = _fhe_decryptor(secret)
+        from modelcloak.fhe import FheError
+
+        try:
+            with self._fhe_lock:
+                labels = decryptor.labels(result, top_k=top_k)
+        except FheError as exc:
+            raise RequestRefused(f"encrypted result refused: {exc}", 422) from None
+        if len(labels) != queries:
+            raise RequestRefused(f"the result holds {len(labels)} samples, the request counts {queries}", 400)
+        ack = self._usage_committer.submit((licence_id, reporter_id, sequence, queries, mac, result))
+        return labels.tolist(), ack
+
     def _usage_key(self, licence: Licence) -> bytes:
         key = self._usage_keys.get(licence.id)
         if key is None:
             key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
             self._usage_keys[licence.id] = key
         return key
+
+
+def _fhe_decryptor(owner_secret: bytes) -> Any:
+    try:
+        from modelcloak.fhe import FheError, OwnerDecryptor
+    except ImportError:
+        raise OwnerError("FHE decryption needs TenSEAL: pip install 'modelcloak[fhe]'") from None
+    try:
+        return OwnerDecryptor(owner_secret)
+    except FheError as exc:
+        raise RequestRefused(f"not an FHE owner secret: {exc}", 400) from None

@@ -82,6 +82,16 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class FheSecret(Base):
+    """The CKKS secret of a model protected with the fhe scheme; only the decryption service opens it."""
+
+    __tablename__ = "fhe_secrets"
+    model_id: Mapped[str] = mapped_column(String(128), ForeignKey("models.id"), primary_key=True)
+    fhe_model_id: Mapped[str] = mapped_column(String(64))
+    sealed_secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class Device(Base):
     __tablename__ = "devices"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)

@@ -357,3 +357,22 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
     finally:
         first.stop()
         second.stop()
+
+
+def test_malformed_lock_parameters_give_one_clear_error(world, monkeypatch):
+    """An unlock failure must surface as its own message, not as a buffer that cannot be unmapped."""
+    folder, host, a, _ = world
+    bundle = folder / "params.mcb"
+    protect(make_mlp(), bundle, key=host, scheme="lock", lock_to=[a.owner_handle()])
+    from modelcloak.lock import layout
+
+    real = layout.unlock_into
+
+    def shifted(codes, params, key, salt, weights):
+        params["layout"][0][3] += 8  # the first tensor's codes now run past their place
+        params["layout"][0][4] += 10**6
+        return real(codes, params, key, salt, weights)
+
+    monkeypatch.setattr(layout, "unlock_into", shifted)
+    with pytest.raises(SessionError, match="cannot unlock the weights: locked tensor .* does not fit"):
+        load(bundle, key=host, device_key=a.key)

@@ -471,3 +471,33 @@ def test_fuzzed_bodies_never_get_a_5xx(backend: Backend) -> None:
     check()
     client.close()
     assert seen & {400, 422}  # the fuzz did reach the validators
+
+
+def test_cli_run_takes_its_key_from_the_backend_and_reports_usage(backend: Backend, tmp_path: Path) -> None:
+    """`modelcloak run --owner-url`: attested release, the model runs, its samples are counted, quota stops it."""
+    from modelcloak.protector import protect
+
+    model = make_mlp()
+    protect(model, tmp_path / "m.mcb", key=backend.model_key_file)
+    x = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    licence = backend.licence(query_quota=10)
+    measurement = [f"--measurement={name}={value}" for name, value in MEASUREMENT.items()]
+    command = [sys.executable, "-m", "modelcloak", "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
+               "--owner-url", backend.server.url, "--licence", licence, "--device-id", "dev1", "--attest", "sim",
+               "--sim-key", str(tmp_path / "device.pem"), *measurement, "--usage-state", str(tmp_path / "usage.json"),
+               "-o", str(tmp_path / "y.npz")]  # fmt: skip
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "INSECURE" in ran.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npz")["logits"], reference_outputs(model, x))
+    assert backend.service.queries_used(licence) == 7
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # 7 more would pass 10
+    assert again.returncode == 2, again.stderr
+    assert "quota" in again.stderr and "Traceback" not in again.stderr
+    assert backend.service.queries_used(licence) == 7
+
+    backend.service.revoke_licence(licence, "device decommissioned")
+    revoked = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert revoked.returncode == 2 and "device decommissioned" in revoked.stderr

@@ -188,6 +188,47 @@ def protect(
     out.print(f"wrote {output} ({size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
 
 
+def _owner_key(
+    url: str,
+    licence: str | None,
+    device_id: str | None,
+    instance_id: str | None,
+    attest: str,
+    sim_key: Path | None,
+    measurements: list[str] | None,
+    tcti: str | None,
+) -> Any:
+    """The owner backend as key source, with the device's evidence (TPM quote, or INSECURE sim)."""
+    from modelcloak.owner.client import OwnerBackendKey
+
+    if not licence or not device_id:
+        raise ModelcloakError("--owner-url needs --licence and --device-id")
+    if attest == "tpm":
+        from modelcloak.keys.tpm_attest import TpmAttester
+
+        attester: Any = TpmAttester(tcti=tcti)
+    elif attest == "sim":
+        from modelcloak.owner.client import SimAttester
+        from modelcloak.owner.evidence.sim import SimDevice
+
+        if sim_key is None:
+            raise ModelcloakError("--attest sim needs --sim-key (created by `modelcloak owner sim-device`)")
+        claimed = {}
+        for item in measurements or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise ModelcloakError(f"--measurement must be NAME=HEX, got {item!r}")
+            claimed[name] = value.lower()
+        err.print("modelcloak: warning: sim evidence is INSECURE (development only)", highlight=False)
+        attester = SimAttester(SimDevice(sim_key), claimed)
+    else:
+        raise ModelcloakError(f"--attest must be tpm or sim, got {attest!r}")
+    # One instance id per runtime: its usage batches form one sequence, kept in --usage-state.
+    return OwnerBackendKey(
+        url, licence_id=licence, device_id=device_id, attester=attester, instance_id=instance_id or device_id
+    )
+
+
 def _load_inputs(path: Path) -> dict[str, Any] | Any:
     import numpy as np
 
@@ -239,6 +280,23 @@ def run(
     encrypt_features: Annotated[
         bool, typer.Option("--encrypt-features", help="fhe bundles: also encrypt the head's inputs.")
     ] = False,
+    owner_url: Annotated[
+        Optional[str], typer.Option("--owner-url", help="Get the key from the owner backend (attested release).")
+    ] = None,
+    licence: Annotated[Optional[str], typer.Option("--licence", help="owner backend: licence id.")] = None,
+    device_id: Annotated[Optional[str], typer.Option("--device-id", help="owner backend: this device's id.")] = None,
+    attest: Annotated[str, typer.Option("--attest", help="owner backend evidence: tpm, or sim (INSECURE).")] = "tpm",
+    sim_key: Annotated[Optional[Path], typer.Option("--sim-key", help="--attest sim: the sim device key.")] = None,
+    measurement: Annotated[
+        Optional[list[str]], typer.Option("--measurement", help="--attest sim: NAME=HEX it claims (repeat).")
+    ] = None,
+    usage_state: Annotated[
+        Optional[Path], typer.Option("--usage-state", help="owner backend: file keeping unsent usage counts.")
+    ] = None,
+    instance_id: Annotated[
+        Optional[str],
+        typer.Option("--instance-id", help="owner backend: this runtime instance (default: the device id)."),
+    ] = None,
 ) -> None:
     """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
     import numpy as np
@@ -248,7 +306,14 @@ def run(
     feeds = _load_inputs(inputs)
     if output is not None and output.suffix != ".npz":
         raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
-    provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
+    owner_key = None
+    if owner_url is not None:
+        if key_file or key_env or passphrase_env or passphrase:
+            raise ModelcloakError("--owner-url is the key source: do not also give --key-file/--key-env/--passphrase")
+        owner_key = _owner_key(owner_url, licence, device_id, instance_id, attest, sim_key, measurement, tcti)
+        provider = owner_key
+    else:
+        provider = _key_provider(key_file, key_env, passphrase_env, passphrase)
     device_key = None
     if device_state is not None:
         from modelcloak.keys.device import open_device_key
@@ -265,6 +330,13 @@ def run(
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
     ) as session:
+        if owner_key is not None:
+            from modelcloak.runtime.metering import LicensedUse
+
+            if usage_state is None:
+                raise ModelcloakError("--owner-url needs --usage-state FILE to keep usage counts across restarts")
+            session.licence = LicensedUse(owner_key, usage_state)
+            session.licence.start()
         if getattr(session, "evaluator", None) is not None:
             if fhe_result is None:
                 raise ModelcloakError("this is an fhe bundle: its result is encrypted; give --fhe-result FILE")

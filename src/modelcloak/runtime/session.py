@@ -59,8 +59,20 @@ class SealedSession:
         self._input_dtypes = {
             spec["name"]: np.dtype(spec["dtype"]) for spec in manifest_document.get("model", {}).get("inputs", [])
         }
+        self.licence: Any = None  # a runtime.metering.LicensedUse when the key came from the owner backend
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self._feeds(inputs)
+        if self.licence is None:
+            return self._compute(feeds)
+        self.licence.before()
+        results = self._compute(feeds)
+        first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
+        self.licence.after(int(first.shape[0]) if first.ndim else 1)
+        return results
+
+    def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Check names and dtypes against the signed manifest; contiguous arrays by input name."""
         if self._backend is None:
             raise SessionError("session is closed")
         if not isinstance(inputs, dict):
@@ -92,15 +104,20 @@ class SealedSession:
                     raise SessionError(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
                 array = array.astype(expected)
             feeds[name] = np.ascontiguousarray(array)
-        return self._compute(feeds)
+        return feeds
 
     def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._backend.run(feeds)))
 
     def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        try:
+            if self.licence is not None:
+                licence, self.licence = self.licence, None
+                licence.close()  # the last usage batch
+        finally:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
 
     def __enter__(self) -> "SealedSession":
         return self
@@ -151,8 +168,11 @@ class FheSession(SealedSession):
         self.evaluator = evaluator
 
     def features(self, feeds: dict[str, np.ndarray] | np.ndarray) -> np.ndarray:
-        """The public part's output (the encrypted head's input), in plaintext on this device."""
-        return next(iter(super().run(feeds).values()))
+        """The public part's output (the encrypted head's input), in plaintext on this device.
+
+        Not metered here: the owner's decryption service counts each sample it decrypts.
+        """
+        return next(iter(self._compute(self._feeds(feeds)).values()))
 
     def evaluate(self, feeds: dict[str, np.ndarray] | np.ndarray, *, encrypt_features: bool = False) -> bytes:
         """Public part, then the encrypted head; the returned envelope goes to the owner backend."""
@@ -319,7 +339,11 @@ def _open_graph(
         report.buffer_kinds["weights"] = weights_buffer.kind
         mark = clock()
         sealed.decrypt_section_into(graph_entry.name, master.view(), graph_buffer.view())
-        sealed.decrypt_section_into(weights_entry.name, master.view(), weights_buffer.view()[: weights_entry.size])
+        plain_part = weights_buffer.view()[: weights_entry.size]  # a locked part leaves room for the unlocked
+        try:
+            sealed.decrypt_section_into(weights_entry.name, master.view(), plain_part)
+        finally:
+            plain_part.release()  # a live slice would keep the buffer from being unmapped on failure
         report.seconds["decrypt"] = clock() - mark
         report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
         if lock is not None:
@@ -384,14 +408,17 @@ def _unlock(
         raise SessionError("the bundle's lock parameters are malformed") from None
     lock_key = unwrap_lock_key(lock.get("devices"), device_key)
     codes = hygiene.weights_buffer(codes_entry.size)
+    failure = None
     try:
         sealed.decrypt_section_into(codes_entry.name, master.view(), codes.view())
         unlock_into(codes.view(), params, lock_key.view(), salt, weights.view())
     except LockError as exc:
-        raise SessionError(f"cannot unlock the weights: {exc}") from None
+        failure = str(exc)  # raised below: the traceback would pin arrays over the buffers being closed
     finally:
         codes.close()
         lock_key.close()
+    if failure is not None:
+        raise SessionError(f"cannot unlock the weights: {failure}")
 
 
 def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:

@@ -493,7 +493,7 @@ def _plot(bench: LockBench, path: Path) -> None:
     ax = axes[-1]
     groups = _groups(bench.ks)
     labels = [f"{model}\n{method}" for model, method in groups]
-    ax.boxplot([[r.ks for r in rows] for rows in groups.values()], vert=False, tick_labels=labels)
+    ax.boxplot([[r.ks for r in rows] for rows in groups.values()], orientation="horizontal", tick_labels=labels)
     ax.set_xscale("symlog", linthresh=1e-3)  # permutation's KS is exactly 0
     ax.set_xlabel("KS distance per tensor")
     ax.tick_params(axis="y", labelsize=7)

@@ -32,7 +32,7 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
 def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
     ok = cli("owner", "init", "--master-key-file", "master.key", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "schema revision 0001" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
+    assert "schema revision 0002" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
     assert cli("keygen", "model.key", cwd=tmp_path).returncode == 0
     assert (
         cli(

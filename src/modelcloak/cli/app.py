@@ -815,3 +815,7 @@ def main(argv: list[str] | None = None) -> None:
 from modelcloak.cli import owner_commands as _owner_commands  # noqa: E402
 
 _owner_commands.register(app)
+
+from modelcloak.cli import fhe_commands as _fhe_commands  # noqa: E402
+
+_fhe_commands.register(app)

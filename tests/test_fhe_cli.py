@@ -1,0 +1,117 @@
+"""`modelcloak fhe-finetune` and `bench-fhe` through the real CLI (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_mlp
+
+from modelcloak.fhe import DenseProgram, EdgeEvaluator, OwnerDecryptor, protect_program
+
+pytest.importorskip("torch")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "modelcloak", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("modelcloak: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("modelcloak: error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def task(tmp_path: Path) -> tuple[Path, Path]:
+    """A teacher MLP labels random features; the student head is a fresh random MLP of the same shape."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1200, 12))
+    teacher = np.tanh(x @ rng.standard_normal((12, 16))) @ rng.standard_normal((16, 4))
+    np.savez(tmp_path / "data.npz", x=x, y=teacher.argmax(1))
+    (tmp_path / "head.onnx").write_bytes(make_mlp((12, 24, 4), seed=3).SerializeToString())
+    return tmp_path / "head.onnx", tmp_path / "data.npz"
+
+
+def test_fhe_finetune_recovers_accuracy_and_the_result_runs_encrypted(task, tmp_path: Path) -> None:
+    onnx_path, data = task
+    out = tmp_path / "tuned.npz"
+    result = cli(
+        "fhe-finetune",
+        str(onnx_path),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--activation",
+        "square",
+        "--epochs",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(text for text in result.stdout.splitlines() if text.startswith("held-out accuracy"))
+    before, after = (float(part.split()[0]) for part in line.split(": ")[1].split(", "))
+    assert after > before + 0.3, line  # training helped, clearly (chance is 0.25)
+    tuned = DenseProgram.load(out)
+    assert [a.kind for a in tuned.activations] == ["square"]
+    x = np.load(data)["x"][:6]
+    model = protect_program(tuned, 128)
+    labels = OwnerDecryptor(model.owner_secret).labels(EdgeEvaluator(model.edge_package).evaluate(x))
+    np.testing.assert_array_equal(labels, tuned.forward(x).argmax(1))
+
+
+def test_fhe_finetune_relu_poly_reports_its_range(task, tmp_path: Path) -> None:
+    onnx_path, data = task
+    result = cli(
+        "fhe-finetune",
+        str(onnx_path),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "p.npz"),
+        "--activation",
+        "relu-poly",
+        "--epochs",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ReLU fit ranges (from the data): [" in result.stdout
+
+
+def test_fhe_finetune_bad_input_is_one_line(task, tmp_path: Path) -> None:
+    onnx_path, data = task
+    np.savez(tmp_path / "bad.npz", features=np.zeros((3, 12)))
+    one_line_error(
+        cli("fhe-finetune", str(onnx_path), "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o.npz")),
+        "arrays x and y",
+    )
+    one_line_error(
+        cli(
+            "fhe-finetune",
+            str(onnx_path),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o.npz"),
+            "--activation",
+            "gelu",
+        ),
+        "unknown activation",
+    )
+    (tmp_path / "exists.npz").write_bytes(b"x")
+    one_line_error(
+        cli("fhe-finetune", str(onnx_path), "--data", str(data), "--out", str(tmp_path / "exists.npz")), "--force"
+    )
+    one_line_error(cli("fhe-finetune", str(data), "--data", str(data), "--out", str(tmp_path / "o.npz")), "cannot read")
+    one_line_error(cli("bench-fhe", "--security", "128,abc", "--out", str(tmp_path / "b")), "--security")

@@ -182,16 +182,20 @@ class OwnerBackendKey(KeyProvider):
 
     def key_for(self, spec: dict[str, Any]) -> SecureBuffer:
         try:
-            with OwnerClient(self.url) as client:
-                released = obtain_keys(
-                    client,
-                    licence_id=self.licence_id,
-                    device_id=self.device_id,
-                    instance_id=self.instance_id,
-                    attester=self.attester,
-                )
+            return self._release()
         except OwnerError as exc:
             raise KeyProviderError(str(exc)) from None
+
+    def _release(self) -> SecureBuffer:
+        """One attested release; keeps the usage key and terms, returns the model key (caller closes it)."""
+        with OwnerClient(self.url) as client:
+            released = obtain_keys(
+                client,
+                licence_id=self.licence_id,
+                device_id=self.device_id,
+                instance_id=self.instance_id,
+                attester=self.attester,
+            )
         self.usage_key = released.usage_key
         self.terms = released.terms
         return released.model_key
@@ -215,14 +219,7 @@ class OwnerBackendKey(KeyProvider):
             return True
         offline_until = self._deadline("offline_until")
         try:
-            with OwnerClient(self.url) as client:
-                released = obtain_keys(
-                    client,
-                    licence_id=self.licence_id,
-                    device_id=self.device_id,
-                    instance_id=self.instance_id,
-                    attester=self.attester,
-                )
+            model_key = self._release()
         except RequestRefused:
             raise
         except OwnerError as exc:
@@ -232,9 +229,7 @@ class OwnerBackendKey(KeyProvider):
                 f"licence {self.licence_id} could not be revalidated and its offline grace ended at "
                 f"{offline_until.isoformat()} ({exc})"
             ) from None
-        released.model_key.close()
-        self.usage_key = released.usage_key
-        self.terms = released.terms
+        model_key.close()
         return True
 
 

@@ -89,3 +89,29 @@ def pytest_collection_modifyitems(items: list) -> None:
     """Run the memory-hygiene tests first: they need a process whose hard core-file limit was never
     lowered, and an in-process `load()` lowers it irreversibly without CAP_SYS_RESOURCE."""
     items.sort(key=lambda item: 0 if item.path.name == "test_hygiene.py" else 1)
+
+
+# --- software TPMs (tests/swtpm.py) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def start_tpm(tmp_path):
+    """Start swtpm instances on demand (one per state dir); all are stopped after the test."""
+    import swtpm
+
+    swtpm.require_swtpm()
+    running = []
+
+    def start(state_dir):
+        instance = swtpm.SwTpm(state_dir).start()
+        running.append(instance)
+        return instance
+
+    yield start
+    for instance in running:
+        instance.stop()
+
+
+@pytest.fixture
+def tpm(start_tpm, tmp_path):
+    return start_tpm(tmp_path / "tpm-a")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from modelcloak.keys.swtpm import STARTUP_TIMEOUT, SwTpm, clear_tpm, extend_pcr
 
-__all__ = ["STARTUP_TIMEOUT", "SwTpm", "clear_tpm", "extend_pcr", "require_swtpm"]
+__all__ = ["STARTUP_TIMEOUT", "StartTpm", "SwTpm", "clear_tpm", "extend_pcr", "require_swtpm"]
+
+StartTpm = Callable[[Path], SwTpm]
 
 
 def require_swtpm() -> None:

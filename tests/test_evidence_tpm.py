@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,27 +25,7 @@ NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 PCRS = (0, 1, 7)
 BINDING = binding_digest(b"server nonce 0123456789", b"ephemeral x25519 public key.....")
 
-StartTpm = Callable[[Path], swtpm.SwTpm]
-
-
-@pytest.fixture
-def start_tpm(tmp_path: Path) -> Iterator[StartTpm]:
-    swtpm.require_swtpm()
-    running: list[swtpm.SwTpm] = []
-
-    def start(state_dir: Path) -> swtpm.SwTpm:
-        instance = swtpm.SwTpm(state_dir).start()
-        running.append(instance)
-        return instance
-
-    yield start
-    for instance in running:
-        instance.stop()
-
-
-@pytest.fixture
-def tpm(start_tpm: StartTpm, tmp_path: Path) -> swtpm.SwTpm:
-    return start_tpm(tmp_path / "tpm-a")
+from swtpm import StartTpm  # noqa: E402,F401 - fixtures start_tpm and tpm live in conftest.py
 
 
 def attest_api():

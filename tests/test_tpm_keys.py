@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import swtpm
+from swtpm import StartTpm  # noqa: E402 - fixtures start_tpm and tpm live in conftest.py
 
 from modelcloak.hygiene import SecureBuffer
 from modelcloak.keys import KeyProviderError
@@ -27,8 +27,6 @@ from modelcloak.keys.device import (
 )
 from modelcloak.lock import ks_distance, lock_weights, unlock_weights
 
-StartTpm = Callable[[Path], swtpm.SwTpm]
-
 
 def raw(buffer: SecureBuffer) -> bytes:
     return bytes(buffer.view())
@@ -36,27 +34,6 @@ def raw(buffer: SecureBuffer) -> bytes:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def start_tpm(tmp_path: Path) -> Iterator[StartTpm]:
-    """Start swtpm instances on demand (one per state dir); all are stopped after the test."""
-    swtpm.require_swtpm()
-    running: list[swtpm.SwTpm] = []
-
-    def start(state_dir: Path) -> swtpm.SwTpm:
-        instance = swtpm.SwTpm(state_dir).start()
-        running.append(instance)
-        return instance
-
-    yield start
-    for instance in running:
-        instance.stop()
-
-
-@pytest.fixture
-def tpm(start_tpm: StartTpm, tmp_path: Path) -> swtpm.SwTpm:
-    return start_tpm(tmp_path / "tpm-a")
 
 
 def tpm_api():

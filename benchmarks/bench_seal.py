@@ -114,7 +114,7 @@ def latency_side_by_side(model_path: Path, bundle: Path, key_path: Path, rounds:
     import onnxruntime as ort
 
     from modelcloak.keys import KeyFile
-    from modelcloak.runtime import load
+    from modelcloak.inference import load
 
     plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     sealed = load(bundle, key=KeyFile(key_path))

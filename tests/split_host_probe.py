@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from modelcloak.keys import KeyFile
-from modelcloak.runtime import load
+from modelcloak.inference import load
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from modelcloak.errors import ModelcloakError  # noqa: E402
 from modelcloak.fhe import OwnerDecryptor  # noqa: E402
 from modelcloak.keys import generate_key_file  # noqa: E402
 from modelcloak.protector import protect  # noqa: E402
-from modelcloak.runtime import FheSession, SessionError, load  # noqa: E402
+from modelcloak.inference import load  # noqa: E402
+from modelcloak.runtime import FheSession, SessionError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_the_owner_secret_is_not_in_the_bundle_and_is_private(owner):
 
 def test_protect_refuses_without_a_secret_file_or_over_an_existing_one(owner, tmp_path):
     _, host, model, _, _ = owner
-    with pytest.raises(ModelcloakError, match="--fhe-secret-out"):
+    with pytest.raises(ModelcloakError, match="secret_out"):
         protect(model, tmp_path / "a.mcb", key=host, scheme="fhe", cut={"last": 1}, fhe={})
     existing = tmp_path / "keep.fhe"
     existing.write_bytes(b"another model's secret")

@@ -31,8 +31,10 @@ from modelcloak.keys.device import (
     write_lock_key_file,
 )
 from modelcloak.lock import ks_distance
+from modelcloak.options import LockOptions
 from modelcloak.protector import protect
-from modelcloak.runtime import SessionError, load
+from modelcloak.inference import load
+from modelcloak.runtime import SessionError
 
 
 def _machine(root: Path, machine_id: str) -> Path:
@@ -81,7 +83,7 @@ def test_the_authorised_device_gets_bit_identical_outputs(world, method):
     folder, host, a, _ = world
     model = make_mlp()
     bundle = folder / f"mlp-{method}.mcb"
-    protect(model, bundle, key=host, scheme="lock", lock_to=[a.owner_handle()], lock_method=method)
+    protect(model, bundle, key=host, scheme="lock", lock=LockOptions([a.owner_handle()], method))
     x = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
     assert np.array_equal(_run(bundle, host, a, {"x": x}), reference_outputs(model, x))
 
@@ -90,7 +92,7 @@ def test_one_bundle_locked_to_two_devices_opens_on_both(world):
     folder, host, a, b = world
     model = make_mlp(seed=3)
     bundle = folder / "two.mcb"
-    protect(model, bundle, key=host, scheme="lock", lock_to=[a.owner_handle(), b.owner_handle()])
+    protect(model, bundle, key=host, scheme="lock", lock=[a.owner_handle(), b.owner_handle()])
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     expected = reference_outputs(model, x)
     assert np.array_equal(_run(bundle, host, a, {"x": x}), expected)
@@ -100,7 +102,7 @@ def test_one_bundle_locked_to_two_devices_opens_on_both(world):
 def test_another_device_is_refused_by_name(world):
     folder, host, a, b = world
     bundle = folder / "only-a.mcb"
-    protect(make_mlp(), bundle, key=host, scheme="lock", lock_to=[a.owner_handle()])
+    protect(make_mlp(), bundle, key=host, scheme="lock", lock=[a.owner_handle()])
     with pytest.raises(KeyProviderError, match=f"locked to {a.fingerprint}; this device is {b.fingerprint}"):
         _run(bundle, host, b, {"x": np.zeros((1, 16), np.float32)})
 
@@ -108,7 +110,7 @@ def test_another_device_is_refused_by_name(world):
 def test_a_locked_bundle_needs_a_device_key(world):
     folder, host, a, _ = world
     bundle = folder / "needs-device.mcb"
-    protect(make_mlp(), bundle, key=host, scheme="lock", lock_to=[a.owner_handle()])
+    protect(make_mlp(), bundle, key=host, scheme="lock", lock=[a.owner_handle()])
     with pytest.raises(SessionError, match="locked to a device"):
         load(bundle, key=host)
 
@@ -118,7 +120,7 @@ def test_the_weights_section_holds_no_locked_weight(world):
     folder, host, a, _ = world
     model = make_mlp(sizes=(16, 256, 10))
     bundle = folder / "layout.mcb"
-    protect(model, bundle, key=host, scheme="lock", lock_to=[a.owner_handle()])
+    protect(model, bundle, key=host, scheme="lock", lock=[a.owner_handle()])
     from modelcloak.bundle import Bundle
 
     with Bundle.open(bundle) as sealed:
@@ -172,7 +174,7 @@ def _forged_bundle(folder: Path, host, model, owner_device: Device, attacker_dev
     relabelled = DeviceLockKey.from_file(owner_device.lock_file)
     relabelled.fingerprint = attacker_device.fingerprint
     bundle = folder / f"forged-{method}.mcb"
-    protect(model, bundle, key=host, scheme="lock", lock_to=[relabelled], lock_method=method)
+    protect(model, bundle, key=host, scheme="lock", lock=LockOptions([relabelled], method))
     return bundle
 
 
@@ -249,7 +251,7 @@ def test_split_with_a_locked_public_part(world):
         cut={"last": 2},
         enclave_key=enclave,
         policy={"output": "scores"},
-        lock_to=[a.owner_handle()],
+        lock=[a.owner_handle()],
         verify=False,
     )
     from modelcloak.bundle import Bundle
@@ -269,17 +271,19 @@ def test_split_with_a_locked_public_part(world):
     "kwargs, fragment",
     [
         ({"scheme": "lock"}, "needs at least one device lock key"),
-        ({"scheme": "seal", "lock_to": "A"}, "use --scheme lock"),
-        ({"scheme": "lock", "lock_to": "A", "lock_method": "rot13"}, "unknown lock method"),
+        ({"scheme": "seal", "lock": "A"}, "use scheme 'lock'"),
+        ({"scheme": "lock", "lock": "A", "lock_method": "rot13"}, "unknown lock method"),
     ],
 )
 def test_protect_refuses_bad_lock_options(world, kwargs, fragment):
     from modelcloak.errors import ModelcloakError
 
     folder, host, a, _ = world
-    if kwargs.get("lock_to") == "A":
-        kwargs = {**kwargs, "lock_to": [a.owner_handle()]}
+    if kwargs.get("lock") == "A":
+        kwargs = {**kwargs, "lock": [a.owner_handle()]}
     with pytest.raises(ModelcloakError, match=fragment):
+        if "lock_method" in kwargs:
+            kwargs["lock"] = LockOptions(kwargs["lock"], kwargs.pop("lock_method"))
         protect(make_mlp(), folder / "refused.mcb", key=host, **kwargs)
     assert not (folder / "refused.mcb").exists()
 
@@ -363,7 +367,7 @@ def test_malformed_lock_parameters_give_one_clear_error(world, monkeypatch):
     """An unlock failure must surface as its own message, not as a buffer that cannot be unmapped."""
     folder, host, a, _ = world
     bundle = folder / "params.mcb"
-    protect(make_mlp(), bundle, key=host, scheme="lock", lock_to=[a.owner_handle()])
+    protect(make_mlp(), bundle, key=host, scheme="lock", lock=[a.owner_handle()])
     from modelcloak.lock import layout
 
     real = layout.unlock_into

@@ -144,7 +144,7 @@ def backend(database: str, tmp_path: Path):
 
 def test_runtime_opens_a_sealed_bundle_with_the_backend_as_key_provider(backend: Backend, tmp_path: Path) -> None:
     from modelcloak.protector import protect
-    from modelcloak.runtime import load
+    from modelcloak.inference import load
 
     model = make_mlp()
     protect(model, tmp_path / "m.mcb", key=backend.model_key_file)

@@ -19,7 +19,7 @@ pytest.importorskip("tenseal")
 from modelcloak.owner.client import FheLabelClient  # noqa: E402
 from modelcloak.owner.protocol import RequestRefused, fhe_request_mac  # noqa: E402
 from modelcloak.protector import protect  # noqa: E402
-from modelcloak.runtime import load  # noqa: E402
+from modelcloak.inference import load  # noqa: E402
 
 
 class FheWorld:

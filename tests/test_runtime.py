@@ -12,7 +12,8 @@ from modelcloak import hygiene
 from modelcloak.bundle import SignatureError, TamperedError, WrongKeyError
 from modelcloak.keys import EnvKey, KeyProviderError
 from modelcloak.protector import protect
-from modelcloak.runtime import SessionError, load
+from modelcloak.inference import load
+from modelcloak.runtime import SessionError
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_process_is_non_dumpable_after_load(tmp_path, sealed, key_file):
     import sys
 
     code = (
-        "import ctypes,sys; from modelcloak.runtime import load; from modelcloak.keys import KeyFile;"
+        "import ctypes,sys; from modelcloak.inference import load; from modelcloak.keys import KeyFile;"
         f"s=load({str(sealed)!r}, key=KeyFile({str(key_file.path)!r}));"
         "libc=ctypes.CDLL(None); print(libc.prctl(3,0,0,0,0))"  # PR_GET_DUMPABLE
     )

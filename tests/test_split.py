@@ -11,7 +11,8 @@ import split_models
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts
 from modelcloak.protector import protect
-from modelcloak.runtime import SessionError, SplitSession, load
+from modelcloak.inference import load
+from modelcloak.runtime import SessionError, SplitSession
 
 ARCHITECTURES = ("mlp", "cnn", "residual_bn", "text_cnn")
 

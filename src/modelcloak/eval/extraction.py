@@ -139,7 +139,7 @@ def attack_bundle(
     `on_step` is called once per finished (budget, attack) with a short description.
     Returns one knockoff and one algebraic row per budget, in `budgets` order.
     """
-    from modelcloak.runtime import load
+    from modelcloak.inference import load
 
     budgets = _check_budgets(budgets)
     pool_x, test_x, test_y = _check_data(pool_x, test_x, test_y)
@@ -807,7 +807,7 @@ def _victim_outputs_through_bundle(
     bundle: Path, host_key: KeyProvider, enclave_key_file: Path, input_name: str, test_x: np.ndarray
 ) -> np.ndarray:
     """The victim's answers on the test set, through a second session (its own enclave and budget)."""
-    from modelcloak.runtime import load
+    from modelcloak.inference import load
     from modelcloak.runtime.errors import EnclaveError
 
     with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as evaluator:

@@ -293,9 +293,10 @@ def _plain_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def _hard_lock_rows(
     name: str, model: onnx.ModelProto, split: Any, host: Any, devices: _Devices, folder: Path, advance: Any
 ) -> list[AccuracyRow]:
+    from modelcloak.inference import load
     from modelcloak.keys.device import DeviceLockKey
+    from modelcloak.options import LockOptions
     from modelcloak.protector import protect
-    from modelcloak.runtime import load
 
     x, y = split.x_test, split.y_test
     reference = _plain_logits(model, x)
@@ -308,7 +309,7 @@ def _hard_lock_rows(
     for method in METHODS:
         advance(f"{name}: {method} on the authorised device")
         bundle = folder / f"{name}-{method}.mcb"
-        protect(model, bundle, key=host, scheme="lock", lock_to=[devices.a_handle()], lock_method=method)
+        protect(model, bundle, key=host, scheme="lock", lock=LockOptions([devices.a_handle()], method))
         logits = scored(bundle, devices.a)
         rows.append(AccuracyRow(name, f"authorised device ({method})", _score(logits, y), _same(logits, reference)))
 
@@ -316,7 +317,7 @@ def _hard_lock_rows(
         relabelled = DeviceLockKey.from_file(devices.a_lock_file)
         relabelled.fingerprint = devices.b.identity.fingerprint
         forged = folder / f"{name}-{method}-forged.mcb"
-        protect(model, forged, key=host, scheme="lock", lock_to=[relabelled], lock_method=method)
+        protect(model, forged, key=host, scheme="lock", lock=LockOptions([relabelled], method))
         rows.append(
             AccuracyRow(
                 name, f"copied to device B, entry relabelled ({method})", _score(scored(forged, devices.b), y), None
@@ -330,7 +331,7 @@ def _hard_lock_rows(
     for attempt in range(WRONG_KEYS):
         stale = DeviceLockKey(secrets.token_bytes(32), devices.a.identity.fingerprint)  # an old enrolment's key
         wrong = folder / f"{name}-wrong-{attempt}.mcb"
-        protect(model, wrong, key=host, scheme="lock", lock_to=[stale])
+        protect(model, wrong, key=host, scheme="lock", lock=[stale])
         wrong_scores.append(_score(scored(wrong, devices.a), y))
     spread = f"median of {WRONG_KEYS} random keys; range {100 * min(wrong_scores):.1f}-{100 * max(wrong_scores):.1f}%"
     rows.append(AccuracyRow(name, "wrong key (uniform-shift)", statistics.median(wrong_scores), None, spread))
@@ -379,12 +380,12 @@ def _ks_rows(name: str, model: onnx.ModelProto) -> list[KsRow]:
 def _overhead(
     name: str, model: onnx.ModelProto, host: Any, devices: _Devices, folder: Path, repeats: int
 ) -> OverheadRow:
+    from modelcloak.inference import load
     from modelcloak.protector import protect
-    from modelcloak.runtime import load
 
     sealed, locked = folder / f"{name}-timing-seal.mcb", folder / f"{name}-timing-lock.mcb"
     protect(model, sealed, key=host, scheme="seal")
-    protect(model, locked, key=host, scheme="lock", lock_to=[devices.a_handle()])
+    protect(model, locked, key=host, scheme="lock", lock=[devices.a_handle()])
     seal_s, lock_s, unlock_s = [], [], []
     for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
         start = time.perf_counter()

@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 
 from modelcloak.errors import ModelcloakError
+from modelcloak.inference import load
 from modelcloak.keys import generate_key_file
 from modelcloak.model import load_model, signature
 from modelcloak.model.cut import candidate_cuts, split_model
 from modelcloak.protector import protect
-from modelcloak.runtime import load
 
 FIELDS = (
     "cut",

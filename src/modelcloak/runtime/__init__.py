@@ -1,6 +1,10 @@
-"""The runtime room: the device-side session that verifies, decrypts in memory and runs."""
+"""The runtime room: device-side sessions that verify, decrypt in memory and run.
 
-from modelcloak.runtime.errors import SessionError
-from modelcloak.runtime.session import FheSession, LoadReport, SealedSession, SplitSession, load
+Entry points are `modelcloak.InferenceSession` and `modelcloak.load` (modelcloak.inference),
+which dispatch to the scheme modules; this room holds what they share.
+"""
 
-__all__ = ["FheSession", "LoadReport", "SealedSession", "SessionError", "SplitSession", "load"]
+from modelcloak.runtime.errors import EnclaveError, SessionError
+from modelcloak.runtime.session import FheSession, LoadReport, Session, SplitSession
+
+__all__ = ["EnclaveError", "FheSession", "LoadReport", "Session", "SessionError", "SplitSession"]

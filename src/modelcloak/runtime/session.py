@@ -1,4 +1,4 @@
-"""Device side: open a sealed bundle and run it, with plaintext only in memory.
+"""Device side: the session classes, and decrypting a bundle's graph into a backend in memory.
 
 Order matters and is the security argument: caches are neutralised and the process hardened
 before any runtime initialises; the signature is checked before anything is decrypted; the key is
@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -22,11 +20,12 @@ from google.protobuf.message import DecodeError
 
 from modelcloak import hygiene
 from modelcloak.bundle import Bundle
-from modelcloak.bundle.signing import load_public_key
 from modelcloak.keys import KeyProvider
-from modelcloak.runtime import cacheguard
-from modelcloak.runtime.backends import BACKENDS, OpenVinoBackend, OrtBackend
+from modelcloak.runtime.backends import OpenVinoBackend, OrtBackend
 from modelcloak.runtime.errors import SessionError
+
+if TYPE_CHECKING:
+    from modelcloak.options import LoadOptions
 
 
 @dataclass
@@ -45,30 +44,44 @@ class LoadReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class SealedSession:
-    """A loaded protected model. `run` takes a dict of arrays (or one array for one input)."""
+class Session:
+    """A loaded protected model, modelcloak's native API: `run` takes a dict of arrays (or one
+    array for a one-input model) and returns a dict by output name.
 
-    def __init__(self, backend: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
+    `scheme` says which scheme opened it; split and fhe sessions add what only they can do
+    (`SplitSession.boundary`, `FheSession.evaluate`). A `LicensedUse` given at construction
+    revalidates the licence before each run and meters the samples after it.
+    """
+
+    scheme = "seal"
+
+    def __init__(
+        self, backend: Any, manifest_document: dict[str, Any], report: LoadReport, *, licence: Any = None
+    ) -> None:
         self._backend = backend
         self.manifest = manifest_document
         self.report = report
         # Names come from the signed manifest: OpenVINO may rename tensors when it folds nodes.
         signature = manifest_document.get("model", {})
-        self.input_names: list[str] = [s["name"] for s in signature.get("inputs", [])] or list(backend.input_names)
-        self.output_names: list[str] = [s["name"] for s in signature.get("outputs", [])] or list(backend.output_names)
-        self._input_dtypes = {
-            spec["name"]: np.dtype(spec["dtype"]) for spec in manifest_document.get("model", {}).get("inputs", [])
-        }
-        self.licence: Any = None  # a runtime.metering.LicensedUse when the key came from the owner backend
+        self.input_specs: list[dict[str, Any]] = list(signature.get("inputs", []))
+        self.output_specs: list[dict[str, Any]] = list(signature.get("outputs", []))
+        self.input_names: list[str] = [s["name"] for s in self.input_specs] or list(backend.input_names)
+        self.output_names: list[str] = [s["name"] for s in self.output_specs] or list(backend.output_names)
+        self._input_dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in self.input_specs}
+        self._licence = licence
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.report.providers)
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         feeds = self._feeds(inputs)
-        if self.licence is None:
+        if self._licence is None:
             return self._compute(feeds)
-        self.licence.before()
+        self._licence.before()
         results = self._compute(feeds)
         first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
-        self.licence.after(int(first.shape[0]) if first.ndim else 1)
+        self._licence.after(int(first.shape[0]) if first.ndim else 1)
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
@@ -111,34 +124,40 @@ class SealedSession:
 
     def close(self) -> None:
         try:
-            if self.licence is not None:
-                licence, self.licence = self.licence, None
+            if self._licence is not None:
+                licence, self._licence = self._licence, None
                 licence.close()  # the last usage batch
         finally:
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
 
-    def __enter__(self) -> "SealedSession":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class SplitSession(SealedSession):
+class SplitSession(Session):
     """A split bundle: the public part runs here, the private part in the enclave process.
 
     The host sees the boundary tensors and whatever the enclave's output policy returns
     (labels by default), never the private part's weights or graph.
     """
 
-    def __init__(self, backend: Any, enclave: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
-        super().__init__(backend, manifest_document, report)
+    scheme = "split"
+
+    def __init__(
+        self, backend: Any, enclave: Any, manifest_document: dict[str, Any], report: LoadReport, *, licence: Any = None
+    ) -> None:
+        super().__init__(backend, manifest_document, report, licence=licence)
         self.enclave = enclave
         self._boundary = [spec["name"] for spec in manifest_document.get("split", {}).get("boundary", [])]
         self._public_outputs = list(backend.output_names)
         self.output_names = list(enclave.info.output_names)
+        # What the enclave returns under its policy (labels by default), not the model's own outputs.
+        self.output_specs = [spec.to_json() for spec in enclave.info.outputs]
 
     def boundary(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the public part: the tensors that cross to the enclave (what the host can see)."""
@@ -156,23 +175,44 @@ class SplitSession(SealedSession):
             self.enclave = None
 
 
-class FheSession(SealedSession):
+class FheSession(Session):
     """The public part runs here; the private dense head runs encrypted (CKKS) on its output.
 
     Nothing here can decrypt: `evaluate` returns the result envelope (bytes) that only the owner
-    backend's decryption service turns into labels (`modelcloak serve`, docs/FHE.md).
+    backend's decryption service turns into labels (`modelcloak serve`, docs/FHE.md). `run` does
+    that round trip itself when the session was opened with a label client (the `fhe_labels`
+    load option); its output is then the int64 labels under the model's first output name.
     """
 
-    def __init__(self, backend: Any, evaluator: Any, manifest_document: dict[str, Any], report: LoadReport) -> None:
+    scheme = "fhe"
+
+    def __init__(
+        self,
+        backend: Any,
+        evaluator: Any,
+        manifest_document: dict[str, Any],
+        report: LoadReport,
+        *,
+        labels: Any = None,
+        top_k: int = 1,
+        encrypt_features: bool = False,
+    ) -> None:
         super().__init__(backend, manifest_document, report)
         self.evaluator = evaluator
+        self._labels = labels
+        self._top_k = top_k
+        self._encrypt_features = encrypt_features
+        if labels is not None:  # run() answers with the owner's labels, not the head's raw outputs
+            shape = ["?"] if top_k == 1 else ["?", top_k]
+            self.output_specs = [{"name": self.output_names[0], "dtype": "int64", "shape": shape}]
+            self.output_names = self.output_names[:1]
 
     def features(self, feeds: dict[str, np.ndarray] | np.ndarray) -> np.ndarray:
         """The public part's output (the encrypted head's input), in plaintext on this device.
 
         Not metered here: the owner's decryption service counts each sample it decrypts.
         """
-        return next(iter(self._compute(self._feeds(feeds)).values()))
+        return next(iter(super()._compute(self._feeds(feeds)).values()))
 
     def evaluate(self, feeds: dict[str, np.ndarray] | np.ndarray, *, encrypt_features: bool = False) -> bytes:
         """Public part, then the encrypted head; the returned envelope goes to the owner backend."""
@@ -184,135 +224,41 @@ class FheSession(SealedSession):
         except FheError as exc:
             raise SessionError(f"encrypted head: {exc}") from None
 
-    def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        raise SessionError(
-            "an fhe bundle's outputs are encrypted: use evaluate() and the owner backend's decryption service"
-        )
-
-
-_PREFIXES = {"seal": "", "split": "public.", "lock": "", "fhe": "public."}
-
-
-def load(
-    bundle: str | Path,
-    *,
-    key: KeyProvider,
-    backend: str = "onnxruntime",
-    providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-    device: str = "CPU",
-    threads: int | None = None,
-    trusted_signers: Sequence[bytes | str | Path] | None = None,
-    require_signature: bool = False,
-    cache_policy: str = "override",
-    session_config: dict[str, Any] | None = None,
-    enclave_key_file: str | Path | None = None,
-    enclave_key_env: str | None = None,
-    enclave_threads: int | None = None,
-    enclave_timeout: float = 10.0,
-    device_key: Any = None,
-) -> SealedSession:
-    """Open a protected bundle with a key from `key` and return a session ready to run.
-
-    `trusted_signers` (public keys or PEM files) makes the owner signature mandatory and pins who
-    may have signed. `session_config` sets onnxruntime SessionOptions attributes or config
-    entries. `cache_policy` is "override" (neutralise caches, warn), "strict" (refuse to start
-    when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
-
-    Split bundles also start the enclave process, which reads its own key from
-    `enclave_key_file` or `enclave_key_env`; this process never sees that key.
-
-    Bundles locked to devices need `device_key`, this device's key
-    (`modelcloak.keys.open_device_key(state_dir)`): the weights are unlocked in memory with it.
-    """
-    if backend not in BACKENDS:
-        raise SessionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    report = LoadReport(backend=backend)
-    clock = time.perf_counter
-    started = clock()
-    report.cache_findings = len([f for f in cacheguard.apply(cache_policy) if f.risk])
-    report.hardening = hygiene.harden_process()
-    trusted = [load_public_key(s) if not isinstance(s, bytes) else s for s in trusted_signers or []]
-
-    with Bundle.open(bundle) as sealed:
-        scheme = sealed.manifest.scheme
-        if scheme not in _PREFIXES:
-            raise SessionError(f"bundle scheme {scheme!r} cannot be loaded by this version of modelcloak")
-        if scheme == "split" and not (enclave_key_file or enclave_key_env):
+    def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._labels is None:
             raise SessionError(
-                "this is a split bundle: give the enclave its key (--enclave-key-file or --enclave-key-env)"
+                "an fhe bundle's outputs are encrypted: open it with the fhe_labels option (and a key from the "
+                "owner backend) to get labels, or call evaluate() and send the result to the owner backend"
             )
-        lock = sealed.manifest.document.get("lock")
-        if lock is not None and device_key is None:
-            raise SessionError("this bundle is locked to a device: give this device's key (--device-state DIR)")
-        report.signer = sealed.verify_signature(trusted or None, require=require_signature)
-        report.seconds["verify"] = clock() - started
-        extra_sections: dict[str, bytes] = {"fhe": b""} if scheme == "fhe" else {}
-        runner = _open_graph(
-            sealed,
-            key,
-            _PREFIXES[scheme],
-            report,
-            backend=backend,
-            providers=providers,
-            device=device,
-            threads=threads,
-            cache_policy=cache_policy,
-            session_config=session_config,
-            lock=lock,
-            device_key=device_key,
-            also=extra_sections,
-        )
-        if scheme == "split":
-            header, private = sealed.header, sealed.section_ciphertext("private")
-    if scheme == "fhe":
-        from modelcloak.fhe import EdgeEvaluator, FheError
+        from modelcloak.fhe import FheError
 
+        features = next(iter(super()._compute(feeds).values()))
+        count = int(features.shape[0])
         try:
-            evaluator = EdgeEvaluator(extra_sections["fhe"])
+            result = self.evaluator.evaluate(features.reshape(count, -1), encrypt_features=self._encrypt_features)
         except FheError as exc:
-            runner.close()
-            raise SessionError(f"cannot load the encrypted head: {exc}") from None
-        report.providers = list(runner.providers)
-        report.seconds["total"] = clock() - started
-        return FheSession(runner, evaluator, sealed.manifest.document, report)
-    if scheme != "split":
-        report.providers = list(runner.providers)
-        report.seconds["total"] = clock() - started
-        return SealedSession(runner, sealed.manifest.document, report)
+            raise SessionError(f"encrypted head: {exc}") from None
+        labels = np.asarray(self._labels(result, count, self._top_k), dtype=np.int64)
+        return {self.output_names[0]: labels}
 
-    from modelcloak.runtime.enclave_client import EnclaveClient
-
-    key_args = ["--key-file", str(enclave_key_file)] if enclave_key_file else ["--key-env", str(enclave_key_env)]
-    mark = clock()
-    enclave = EnclaveClient()
-    try:
-        enclave.start(key_args, threads=enclave_threads)
-        enclave.load(header, private, timeout=max(enclave_timeout, 30.0))
-    except BaseException:
-        enclave.close()
-        runner.close()
-        raise
-    del private
-    report.seconds["enclave_start"] = clock() - mark
-    report.providers = list(runner.providers)
-    report.seconds["total"] = clock() - started
-    return SplitSession(runner, enclave, sealed.manifest.document, report)
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._labels is not None:
+                closer, self._labels = getattr(self._labels, "close", None), None
+                if closer is not None:
+                    closer()
 
 
-def _open_graph(
+def open_graph(
     sealed: Bundle,
     key: KeyProvider,
     prefix: str,
     report: LoadReport,
+    options: LoadOptions,
     *,
-    backend: str,
-    providers: Sequence[str | tuple[str, dict[str, Any]]] | None,
-    device: str,
-    threads: int | None,
-    cache_policy: str,
-    session_config: dict[str, Any] | None,
     lock: dict[str, Any] | None = None,
-    device_key: Any = None,
     also: dict[str, bytes] | None = None,
 ) -> Any:
     """Decrypt `<prefix>graph` and `<prefix>weights` into wiped, non-dumpable buffers and build a backend.
@@ -348,7 +294,7 @@ def _open_graph(
         report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
         if lock is not None:
             mark = clock()
-            _unlock(sealed, master, prefix, lock, device_key, weights_buffer)
+            _unlock(sealed, master, prefix, lock, options.device_key, weights_buffer)
             report.seconds["unlock"] = clock() - mark
         for name in also or {}:
             entry = sealed.manifest.section(name)
@@ -360,20 +306,21 @@ def _open_graph(
         mark = clock()
         weights_view = weights_buffer.view()
         try:
-            if backend == "onnxruntime":
+            if options.backend == "onnxruntime":
                 runner: Any = OrtBackend(
                     graph,
                     weights_view,
-                    providers=providers,
-                    threads=threads,
-                    cache_policy=cache_policy,
-                    session_config=session_config,
+                    providers=options.providers,
+                    threads=options.threads,
+                    cache_policy=options.cache_policy,
+                    session_config=dict(options.session_config) if options.session_config else None,
                 )
             else:
-                runner = OpenVinoBackend(graph, weights_view, device=device, cache_policy=cache_policy)
+                runner = OpenVinoBackend(graph, weights_view, device=options.device, cache_policy=options.cache_policy)
         finally:
             weights_view.release()
         report.seconds["build"] = clock() - mark
+        report.providers = list(runner.providers)
         return runner
     finally:
         master.close()

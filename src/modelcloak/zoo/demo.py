@@ -68,10 +68,10 @@ def run_demo(workdir: Path, console: Console, epochs: int = 3) -> DemoResult:
     import onnxruntime as ort
     import torch
 
+    from modelcloak.inference import load
     from modelcloak.keys import generate_key_file
     from modelcloak.model.torch_export import export_torch
     from modelcloak.protector import protect
-    from modelcloak.runtime import load
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

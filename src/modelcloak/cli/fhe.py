@@ -7,10 +7,8 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 
-out = Console()
-err = Console(stderr=True)
+from modelcloak.cli.common import err, out
 
 
 def bench_fhe(
@@ -86,6 +84,5 @@ def fhe_finetune(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the fhe commands to the main `modelcloak` app."""
-    app.command("bench-fhe")(bench_fhe)
+    """Add the fhe commands to the main app (`bench-fhe` is registered with the benchmarks)."""
     app.command("fhe-finetune")(fhe_finetune)

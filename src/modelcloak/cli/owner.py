@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from modelcloak.cli.common import out
 from modelcloak.owner.errors import OwnerError
-
-out = Console()
 
 DB_ENV = "MODELCLOAK_OWNER_DB"
 DatabaseOpt = Annotated[

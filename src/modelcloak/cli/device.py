@@ -6,15 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-out = Console()
+from modelcloak.cli.common import TctiOpt, out
 
 StateOpt = Annotated[Path, typer.Option("--state", help="Enrolment directory (created 0700).")]
-TctiOpt = Annotated[
-    Optional[str], typer.Option(help="TPM connection (default: $TPM2TOOLS_TCTI, $TSS2_TCTI, /dev/tpmrm0).")
-]
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,453 @@
+"""`protect`, `run`, `inspect`, `keygen`, `doctor` and `demo`: the bundle's life from owner to device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from modelcloak.cli.common import (
+    KeyEnvOpt,
+    KeyFileOpt,
+    PassEnvOpt,
+    PassPromptOpt,
+    err,
+    key_provider,
+    load_inputs,
+    out,
+)
+from modelcloak.errors import ModelcloakError
+
+
+def protect(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write.")],
+    scheme: Annotated[str, typer.Option(help="Protection scheme.")] = "seal",
+    key_file: KeyFileOpt = None,
+    key_env: KeyEnvOpt = None,
+    passphrase_env: PassEnvOpt = None,
+    passphrase: PassPromptOpt = False,
+    sign_key: Annotated[
+        Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM) to sign with.")
+    ] = None,
+    label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
+    cut_after: Annotated[Optional[str], typer.Option("--cut-after", help="split: last public node.")] = None,
+    cut_tensors: Annotated[
+        Optional[str], typer.Option("--cut-tensors", help="split: comma-separated boundary tensors.")
+    ] = None,
+    cut_last: Annotated[
+        Optional[int], typer.Option("--cut-last", help="split: keep the last N layers private.")
+    ] = None,
+    cut_index: Annotated[
+        Optional[int], typer.Option("--cut-index", help="split: candidate number from `splits`.")
+    ] = None,
+    enclave_key_file: Annotated[
+        Optional[Path], typer.Option("--enclave-key-file", help="split: key that only the enclave receives.")
+    ] = None,
+    output_policy: Annotated[
+        str, typer.Option("--output-policy", help="split: label, topk:K or scores (weakens protection).")
+    ] = "label",
+    query_budget: Annotated[
+        Optional[int], typer.Option("--query-budget", help="split: samples one enclave session may answer.")
+    ] = None,
+    rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", help="split: samples per second.")] = None,
+    lock_to: Annotated[
+        Optional[list[Path]],
+        typer.Option("--lock-to", help="lock, split: a device's exported lock key file (repeat for more devices)."),
+    ] = None,
+    lock_method: Annotated[
+        str, typer.Option("--lock-method", help="uniform-shift (default), or plain-aes/permutation to compare.")
+    ] = "uniform-shift",
+    fhe_secret_out: Annotated[
+        Optional[Path], typer.Option("--fhe-secret-out", help="fhe: where the owner's CKKS secret goes (0600).")
+    ] = None,
+    fhe_activation: Annotated[
+        str, typer.Option("--fhe-activation", help="fhe: square, modified-square, relu-poly or none.")
+    ] = "square",
+    fhe_security: Annotated[int, typer.Option("--fhe-security", help="fhe: 128, 192 or 256 bits.")] = 128,
+    fhe_calibration: Annotated[
+        Optional[Path], typer.Option("--fhe-calibration", help="fhe relu-poly: .npy of model inputs for the range.")
+    ] = None,
+    fhe_plain_weights: Annotated[
+        bool, typer.Option("--fhe-plain-weights", help="fhe: encode the weights instead of encrypting them.")
+    ] = False,
+) -> None:
+    """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from modelcloak.protector import protect as do_protect
+
+    if output.exists() and not force:
+        raise ModelcloakError(f"{output} already exists; pass --force to overwrite it")
+    if output.resolve() == model.resolve():
+        raise ModelcloakError("the bundle path must differ from the model path")
+    provider = key_provider(key_file, key_env, passphrase_env, passphrase)
+    options = _protect_options(
+        scheme,
+        cut=_cut_selector(cut_after, cut_tensors, cut_last, cut_index),
+        enclave_key_file=enclave_key_file,
+        policy={"output": output_policy, "query_budget": query_budget, "rate_limit_per_s": rate_limit},
+        lock_to=lock_to,
+        lock_method=lock_method,
+        fhe={
+            "secret_out": fhe_secret_out,
+            "activation": fhe_activation,
+            "security": fhe_security,
+            "encrypt_weights": not fhe_plain_weights,
+            "calibration": load_inputs(fhe_calibration) if fhe_calibration is not None else None,
+        },
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("encrypting", total=None)
+        manifest = do_protect(
+            model,
+            output,
+            key=provider,
+            scheme=scheme,
+            signer=sign_key,
+            label=label,
+            progress=lambda n: bar.advance(task, n),
+            **options,
+        )
+    signed = "signed" if manifest.signer_public_key else "unsigned"
+    size = output.stat().st_size
+    out.print(f"wrote {output} ({size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
+
+
+def _cut_selector(after: str | None, tensors: str | None, last: int | None, index: int | None) -> Any:
+    from modelcloak.options import CutSelector
+
+    given = {
+        "after_node": after,
+        "tensors": tuple(t for t in tensors.split(",") if t) if tensors else None,
+        "last": last,
+        "index": index,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ModelcloakError("give exactly one of --cut-after, --cut-tensors, --cut-last, --cut-index")
+    return CutSelector(**given)
+
+
+def _protect_options(
+    scheme: str,
+    *,
+    cut: Any,
+    enclave_key_file: Path | None,
+    policy: dict[str, Any],
+    lock_to: list[Path] | None,
+    lock_method: str,
+    fhe: dict[str, Any],
+) -> dict[str, Any]:
+    """protect()'s scheme options from the flags: only what was given, so the scheme can refuse the rest."""
+    from modelcloak.keys import KeyFile
+    from modelcloak.options import FheOptions, LockOptions
+
+    options: dict[str, Any] = {}
+    if cut is not None:
+        options["cut"] = cut
+    if enclave_key_file is not None:
+        options["enclave_key"] = KeyFile(enclave_key_file)
+    if scheme == "split":
+        options["policy"] = policy
+    if lock_to:
+        from modelcloak.keys.device import DeviceLockKey
+
+        options["lock"] = LockOptions(tuple(DeviceLockKey.from_file(path) for path in lock_to), lock_method)
+    if scheme == "fhe":
+        if fhe["secret_out"] is None:
+            raise ModelcloakError("scheme fhe needs --fhe-secret-out FILE for the owner's secret key")
+        options["fhe"] = FheOptions(**fhe)
+    return options
+
+
+def _scheme_of(bundle: Path) -> str:
+    from modelcloak.bundle import Bundle
+
+    with Bundle.open(bundle) as sealed:
+        return sealed.manifest.scheme
+
+
+def _owner_key(
+    url: str,
+    licence: str | None,
+    device_id: str | None,
+    instance_id: str | None,
+    attest: str,
+    sim_key: Path | None,
+    measurements: list[str] | None,
+    tcti: str | None,
+) -> Any:
+    """The owner backend as key source, with the device's evidence (TPM quote, or INSECURE sim)."""
+    from modelcloak.owner.client import OwnerBackendKey
+
+    if not licence or not device_id:
+        raise ModelcloakError("--owner-url needs --licence and --device-id")
+    if attest == "tpm":
+        from modelcloak.keys.tpm_attest import TpmAttester
+
+        attester: Any = TpmAttester(tcti=tcti)
+    elif attest == "sim":
+        from modelcloak.owner.client import SimAttester
+        from modelcloak.owner.evidence.sim import SimDevice
+
+        if sim_key is None:
+            raise ModelcloakError("--attest sim needs --sim-key (created by `modelcloak owner sim-device`)")
+        claimed = {}
+        for item in measurements or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise ModelcloakError(f"--measurement must be NAME=HEX, got {item!r}")
+            claimed[name] = value.lower()
+        err.print("modelcloak: warning: sim evidence is INSECURE (development only)", highlight=False)
+        attester = SimAttester(SimDevice(sim_key), claimed)
+    else:
+        raise ModelcloakError(f"--attest must be tpm or sim, got {attest!r}")
+    # One instance id per runtime: its usage batches form one sequence, kept in --usage-state.
+    return OwnerBackendKey(
+        url, licence_id=licence, device_id=device_id, attester=attester, instance_id=instance_id or device_id
+    )
+
+
+def run(
+    bundle: Annotated[Path, typer.Argument(help="Sealed bundle.")],
+    inputs: Annotated[Path, typer.Argument(help=".npy (single input) or .npz (one array per input name).")],
+    output: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Save outputs to .npz instead of printing.")
+    ] = None,
+    key_file: KeyFileOpt = None,
+    key_env: KeyEnvOpt = None,
+    passphrase_env: PassEnvOpt = None,
+    passphrase: PassPromptOpt = False,
+    backend: Annotated[str, typer.Option(help="onnxruntime or openvino.")] = "onnxruntime",
+    trusted_signer: Annotated[
+        Optional[list[Path]],
+        typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
+    enclave_key_file: Annotated[
+        Optional[Path], typer.Option("--enclave-key-file", help="split bundles: the enclave's key file.")
+    ] = None,
+    enclave_key_env: Annotated[
+        Optional[str], typer.Option("--enclave-key-env", help="split bundles: variable holding the enclave key.")
+    ] = None,
+    device_state: Annotated[
+        Optional[Path], typer.Option("--device-state", help="locked bundles: this device's enrolment directory.")
+    ] = None,
+    tcti: Annotated[
+        Optional[str], typer.Option(help="TPM connection (default: $TPM2TOOLS_TCTI, $TSS2_TCTI, /dev/tpmrm0).")
+    ] = None,
+    fhe_result: Annotated[
+        Optional[Path], typer.Option("--fhe-result", help="fhe bundles: write the encrypted result here.")
+    ] = None,
+    encrypt_features: Annotated[
+        bool, typer.Option("--encrypt-features", help="fhe bundles: also encrypt the head's inputs.")
+    ] = False,
+    owner_url: Annotated[
+        Optional[str], typer.Option("--owner-url", help="Get the key from the owner backend (attested release).")
+    ] = None,
+    licence: Annotated[Optional[str], typer.Option("--licence", help="owner backend: licence id.")] = None,
+    device_id: Annotated[Optional[str], typer.Option("--device-id", help="owner backend: this device's id.")] = None,
+    attest: Annotated[str, typer.Option("--attest", help="owner backend evidence: tpm, or sim (INSECURE).")] = "tpm",
+    sim_key: Annotated[Optional[Path], typer.Option("--sim-key", help="--attest sim: the sim device key.")] = None,
+    measurement: Annotated[
+        Optional[list[str]], typer.Option("--measurement", help="--attest sim: NAME=HEX it claims (repeat).")
+    ] = None,
+    usage_state: Annotated[
+        Optional[Path], typer.Option("--usage-state", help="owner backend: file keeping unsent usage counts.")
+    ] = None,
+    instance_id: Annotated[
+        Optional[str],
+        typer.Option("--instance-id", help="owner backend: this runtime instance (default: the device id)."),
+    ] = None,
+) -> None:
+    """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
+    import numpy as np
+
+    from modelcloak.inference import load
+    from modelcloak.options import LoadOptions, Metering
+    from modelcloak.runtime import FheSession
+
+    feeds = load_inputs(inputs)
+    if output is not None and output.suffix != ".npz":
+        raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
+    owner_key = None
+    if owner_url is not None:
+        if key_file or key_env or passphrase_env or passphrase:
+            raise ModelcloakError("--owner-url is the key source: do not also give --key-file/--key-env/--passphrase")
+        owner_key = _owner_key(owner_url, licence, device_id, instance_id, attest, sim_key, measurement, tcti)
+        provider = owner_key
+    else:
+        provider = key_provider(key_file, key_env, passphrase_env, passphrase)
+    device_key = None
+    if device_state is not None:
+        from modelcloak.keys.device import open_device_key
+
+        device_key = open_device_key(device_state, tcti=tcti)
+    if owner_key is not None and usage_state is None:
+        raise ModelcloakError("--owner-url needs --usage-state FILE to keep usage counts across restarts")
+    if (fhe_result is not None or encrypt_features) and _scheme_of(bundle) != "fhe":
+        raise ModelcloakError("--fhe-result and --encrypt-features apply to fhe bundles only")
+    options = LoadOptions.from_keywords(
+        backend=backend,
+        trusted_signers=tuple(trusted_signer or ()),
+        threads=threads,
+        cache_policy="strict" if strict else "override",
+        enclave_key_file=enclave_key_file,
+        enclave_key_env=enclave_key_env,
+        device_key=device_key,
+        metering=Metering(usage_state) if owner_key is not None and usage_state is not None else None,
+    )
+    with load(bundle, key=provider, options=options) as session:
+        if isinstance(session, FheSession):
+            if fhe_result is None:
+                raise ModelcloakError("this is an fhe bundle: its result is encrypted; give --fhe-result FILE")
+            data = session.evaluate(feeds, encrypt_features=encrypt_features)
+            fhe_result.write_bytes(data)
+            out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            return
+        results = session.run(feeds)
+    if output is not None:
+        np.savez(output, **results)
+        out.print(f"wrote {len(results)} output(s) to {output}")
+        return
+    for name, value in results.items():
+        out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
+        out.print(np.array2string(value, threshold=200, precision=5), highlight=False)
+
+
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle to describe (no key needed).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest as JSON.")] = False,
+) -> None:
+    """Show a bundle's manifest and what its scheme does and does not protect."""
+    from modelcloak.bundle import Bundle, SignatureError
+    from modelcloak.schemes import SCHEMES, claims_for
+    from modelcloak.schemes import get as get_scheme
+
+    with Bundle.open(bundle) as sealed:
+        manifest = sealed.manifest
+        try:
+            signer = sealed.verify_signature()
+            signature = f"valid, by {signer}" if signer else "unsigned"
+        except SignatureError as exc:
+            signature = f"INVALID: {exc}"
+    if as_json:
+        out.print_json(json.dumps(manifest.document))
+        return
+    doc = manifest.document
+    table = Table(show_header=False, box=None)
+    table.add_row("bundle", str(bundle))
+    table.add_row("format version", str(manifest.format_version))
+    table.add_row("scheme", manifest.scheme)
+    key = manifest.key
+    kdf = key.get("kdf")
+    kdf_text = (
+        f", {kdf.get('name')} n={kdf.get('n')} r={kdf.get('r')} p={kdf.get('p')}" if isinstance(kdf, dict) else ""
+    )
+    table.add_row("key", f"id {manifest.key_id} ({key.get('provider')}{kdf_text})")
+    table.add_row("signature", signature)
+    created = doc.get("created", {})
+    table.add_row(
+        "created",
+        f"{created.get('at', '?')} by {created.get('tool', '?')}"
+        + (f" [{created['label']}]" if created.get("label") else ""),
+    )
+    for kind in ("inputs", "outputs"):
+        for spec in doc.get("model", {}).get(kind, []):
+            table.add_row(kind[:-1], f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')}")
+    for entry in manifest.sections:
+        table.add_row("section", f"{entry.name}: {entry.size:,} bytes encrypted")
+    if doc.get("policy"):
+        table.add_row("policy", json.dumps(doc.get("policy", {})))
+    if manifest.scheme in SCHEMES:
+        for label, text in get_scheme(manifest.scheme).describe(doc):
+            table.add_row(label, text)
+    out.print(table)
+    claims = claims_for(manifest.scheme)
+    if claims:
+        out.print(f"\n[bold]{manifest.scheme}[/bold]: {claims.summary}")
+        out.print("[green]protects against:[/green]")
+        for line in claims.protects:
+            out.print(f"  + {line}", highlight=False)
+        out.print("[red]does not protect against:[/red]")
+        for line in claims.does_not_protect:
+            out.print(f"  - {line}", highlight=False)
+
+
+def doctor() -> None:
+    """Show on-disk caches that could leak a model, and this machine's memory protections."""
+    from modelcloak import hygiene
+    from modelcloak.runtime import cacheguard
+
+    findings = cacheguard.scan()
+    out.print("[bold]inference caches[/bold] (what could write the model to disk, and what `run` does about it)")
+    for finding in sorted(findings, key=lambda f: not f.risk):
+        mark = "[red]writes[/red]" if finding.risk else "[green]safe[/green]  "
+        out.print(f" {mark} [bold]{finding.setting}[/bold] ({finding.stack})", highlight=False)
+        out.print(f"        now: {finding.found}", highlight=False, markup=False)
+        out.print(f"        run: {finding.action}", highlight=False, markup=False)
+    memory = Table(title="memory protections")
+    memory.add_column("capability")
+    memory.add_column("available")
+    for name, value in hygiene.memory_capabilities().items():
+        memory.add_row(name, str(value))
+    out.print(memory)
+    chosen = sum(f.risk and f.origin != "default" for f in findings)
+    defaults = sum(f.risk and f.origin == "default" for f in findings)
+    out.print(
+        f"{defaults} cache(s) on by default: `modelcloak run` switches them off. "
+        f"{chosen} cache(s) switched on here: `run` overrides them with a warning, `run --strict` refuses to start."
+    )
+
+
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the key.")],
+    signing: Annotated[
+        bool, typer.Option("--signing", help="Make an Ed25519 signing key pair (PATH and PATH.pub).")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key.")] = False,
+) -> None:
+    """Create a random 256-bit model key file (mode 0600), or an owner signing key pair."""
+    if signing:
+        from modelcloak.bundle.signing import fingerprint, generate_signing_key
+
+        public = generate_signing_key(path, overwrite=force)
+        out.print(f"wrote {path} and {path}.pub ({fingerprint(public)})")
+        return
+    from modelcloak.keys import generate_key_file
+
+    generate_key_file(path, overwrite=force)
+    out.print(f"wrote {path} (mode 600)")
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's model, key and bundle.")] = Path(
+        "modelcloak-demo"
+    ),
+    epochs: Annotated[int, typer.Option(help="Training epochs for the MNIST CNN.")] = 3,
+) -> None:
+    """Train a small CNN on real MNIST digits, seal it, and compare sealed and plain accuracy."""
+    from modelcloak.zoo.demo import run_demo
+
+    run_demo(workdir, out, epochs=epochs)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the bundle commands to the main app."""
+    for command in (protect, run, inspect, doctor, keygen, demo):
+        app.command()(command)

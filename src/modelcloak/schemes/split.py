@@ -1,0 +1,110 @@
+"""`split`: public layers run here, private layers in an enclave that alone holds their key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from modelcloak.bundle import Bundle, SectionSource
+from modelcloak.options import coerce_policy
+from modelcloak.runtime.errors import SessionError
+from modelcloak.runtime.session import SplitSession, open_graph
+from modelcloak.schemes.base import BundlePlan, OpenContext, ProtectRequest, SchemeClaims, refuse_unless
+from modelcloak.schemes.lock import lock_entry
+from modelcloak.schemes.parts import describe_lock, part_sections
+
+CLAIMS = SchemeClaims(
+    summary=(
+        "public layers run here in onnxruntime; the private layers run in a separate enclave process "
+        "that alone holds their key and enforces the output policy from the signed manifest"
+    ),
+    protects=(
+        "the private layers' weights and graph: sealed under a key the host process never receives",
+        "the output policy (label by default), query budget and rate limit: the host cannot change them "
+        "without breaking the enclave section's authentication",
+        "other users, the disk and crash dumps, with the `process` backend (non-dumpable enclave, "
+        "seccomp filter: no file opens, exec or network after loading)",
+        "everything `seal` protects, for the public part",
+    ),
+    does_not_protect=(
+        "root on the device with the `process` backend: only a hardware TEE (SGX, Nitro) keeps root "
+        "out of the enclave's memory",
+        "the public layers: they run in plaintext on the host by design",
+        "extraction by queries within the budget: measure it with `modelcloak eval extraction`",
+        "the boundary activations and the shapes at the cut, which the host sees",
+    ),
+)
+
+
+def cut_model(model: onnx.ModelProto, request: ProtectRequest) -> tuple[onnx.ModelProto, onnx.ModelProto, Any]:
+    """(public part, private part, the chosen cut) for the request's cut selector."""
+    from modelcloak.model.cut import find_cut, split_model
+
+    assert request.cut is not None  # checked by the scheme's `check`
+    chosen = find_cut(model, **request.cut.as_find_cut_arguments())
+    public, private = split_model(model, chosen)
+    return public, private, chosen
+
+
+class SplitScheme:
+    name = "split"
+    claims = CLAIMS
+
+    def check(self, request: ProtectRequest) -> None:
+        refuse_unless(
+            request, self.name, allowed={"cut", "policy", "enclave_key", "lock"}, required={"cut", "enclave_key"}
+        )
+
+    def build(self, model: onnx.ModelProto, request: ProtectRequest, base_dir: Path | None) -> BundlePlan:
+        policy = coerce_policy(request.policy)
+        public, private, chosen = cut_model(model, request)
+        private_bytes = private.SerializeToString()
+        del private
+        sections, manifest, cleanup = part_sections(public, "public.", None, request.lock)
+        sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
+        manifest["policy"] = policy.to_json()
+        manifest["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
+        return BundlePlan(sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup)
+
+    def open(self, bundle: Bundle, context: OpenContext) -> SplitSession:
+        import time
+
+        from modelcloak.runtime.enclave_client import EnclaveClient
+
+        config = context.options.enclave
+        if config is None:
+            raise SessionError("this is a split bundle: give the enclave its key (`enclave_key_file` or `enclave_key_env`)")
+        lock = lock_entry(bundle.manifest.document, context)
+        runner = open_graph(bundle, context.key, "public.", context.report, context.options, lock=lock)
+        header, private = bundle.header, bundle.section_ciphertext("private")
+        mark = time.perf_counter()
+        enclave = EnclaveClient()
+        try:
+            enclave.start(config.key_arguments(), threads=config.threads)
+            enclave.load(header, private, timeout=max(config.timeout, 30.0))
+        except BaseException:
+            enclave.close()
+            runner.close()
+            raise
+        del private
+        context.report.seconds["enclave_start"] = time.perf_counter() - mark
+        return SplitSession(runner, enclave, bundle.manifest.document, context.report, licence=context.licence)
+
+    def describe(self, document: Mapping[str, Any]) -> list[tuple[str, str]]:
+        from modelcloak.enclave.policy import PolicyError, parse_policy
+
+        rows = []
+        boundary = document.get("split", {}).get("boundary", [])
+        if boundary:
+            rows.append(("boundary", ", ".join(f"{b.get('name')} {b.get('shape')}" for b in boundary if isinstance(b, dict))))
+        try:
+            rows.append(("output policy", parse_policy(document.get("policy")).describe()))
+        except PolicyError as exc:
+            rows.append(("output policy", f"INVALID: {exc}"))
+        return rows + describe_lock(document)
+
+
+SCHEME = SplitScheme()

@@ -4,7 +4,7 @@
     python benchmarks/bench_fhe.py --quick          # 128-bit only, fewer runs and digits
     modelcloak bench-fhe --out benchmarks/out/fhe   # the same through the CLI
 
-The work is in `modelcloak.fhe.bench` so the CLI and this script run the same code.
+The work is in `modelcloak.eval.fhebench` so the CLI and this script run the same code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--security", default="128,192,256")
     parser.add_argument("--quick", action="store_true", help="128-bit, 3 runs, 200 digits")
     args = parser.parse_args()
-    from modelcloak.fhe.bench import run_benchmark
+    from modelcloak.eval.fhebench import run_benchmark
 
     securities = tuple(int(s) for s in args.security.split(","))
     if args.quick:

@@ -99,9 +99,8 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from modelcloak.keys import KeyFile, generate_key_file
-    from modelcloak.owner.evidence.base import binding_digest
+    from modelcloak.licensing.protocol import HPKE_SUITE, binding_digest, release_info, usage_mac
     from modelcloak.owner.evidence.sim import SimDevice
-    from modelcloak.owner.protocol import HPKE_SUITE, release_info, usage_mac
     from modelcloak.owner.service import OwnerService
     from modelcloak.owner.store import MasterKey, Store
 

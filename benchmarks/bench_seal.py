@@ -113,8 +113,8 @@ def latency_side_by_side(model_path: Path, bundle: Path, key_path: Path, rounds:
     """Median inference latency of a plain and a sealed session in one process, interleaved."""
     import onnxruntime as ort
 
-    from modelcloak.keys import KeyFile
     from modelcloak.inference import load
+    from modelcloak.keys import KeyFile
 
     plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     sealed = load(bundle, key=KeyFile(key_path))

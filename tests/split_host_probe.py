@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-from modelcloak.keys import KeyFile
 from modelcloak.inference import load
+from modelcloak.keys import KeyFile
 
 
 def main() -> None:

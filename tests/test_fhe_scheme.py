@@ -16,9 +16,9 @@ pytest.importorskip("tenseal")
 
 from modelcloak.errors import ModelcloakError  # noqa: E402
 from modelcloak.fhe import OwnerDecryptor  # noqa: E402
+from modelcloak.inference import load  # noqa: E402
 from modelcloak.keys import generate_key_file  # noqa: E402
 from modelcloak.protector import protect  # noqa: E402
-from modelcloak.inference import load  # noqa: E402
 from modelcloak.runtime import FheSession, SessionError  # noqa: E402
 
 

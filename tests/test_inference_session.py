@@ -156,7 +156,6 @@ def test_the_package_exports_are_real_for_type_checkers():
         assert getattr(package, name) is not None, name
     assert (Path(package.__file__).parent / "py.typed").exists()
     from modelcloak.lock.transform import METHODS
-
     from modelcloak.options import LOCK_METHODS
 
     assert tuple(LOCK_METHODS) == tuple(METHODS)  # the options module's copy must not drift

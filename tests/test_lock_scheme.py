@@ -22,6 +22,7 @@ import swtpm
 from conftest import make_mlp, reference_outputs
 from onnx import TensorProto, helper, numpy_helper
 
+from modelcloak.inference import load
 from modelcloak.keys import KeyProviderError, generate_key_file
 from modelcloak.keys.device import (
     DeviceLockKey,
@@ -33,7 +34,6 @@ from modelcloak.keys.device import (
 from modelcloak.lock import ks_distance
 from modelcloak.options import LockOptions
 from modelcloak.protector import protect
-from modelcloak.inference import load
 from modelcloak.runtime import SessionError
 
 

@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from postgres import database_fixture, postgres_cluster_fixture  # noqa: F401  (fixtures "database", "postgres_cluster")
 
 from modelcloak.keys import KeyFile, KeyProviderError, generate_key_file
-from modelcloak.owner.client import OwnerBackendKey, OwnerClient, SimAttester, UsageReporter, obtain_keys
+from modelcloak.licensing.client import OwnerBackendKey, OwnerClient, SimAttester, UsageReporter, obtain_keys
+from modelcloak.licensing.protocol import RequestRefused
 from modelcloak.owner.errors import OwnerError
 from modelcloak.owner.evidence.sim import SimDevice
-from modelcloak.owner.protocol import RequestRefused
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
 
@@ -143,8 +143,8 @@ def backend(database: str, tmp_path: Path):
 
 
 def test_runtime_opens_a_sealed_bundle_with_the_backend_as_key_provider(backend: Backend, tmp_path: Path) -> None:
-    from modelcloak.protector import protect
     from modelcloak.inference import load
+    from modelcloak.protector import protect
 
     model = make_mlp()
     protect(model, tmp_path / "m.mcb", key=backend.model_key_file)

@@ -16,10 +16,10 @@ from test_owner_api import Backend
 
 pytest.importorskip("tenseal")
 
-from modelcloak.owner.client import FheLabelClient  # noqa: E402
-from modelcloak.owner.protocol import RequestRefused, fhe_request_mac  # noqa: E402
-from modelcloak.protector import protect  # noqa: E402
 from modelcloak.inference import load  # noqa: E402
+from modelcloak.licensing.client import FheLabelClient  # noqa: E402
+from modelcloak.licensing.protocol import RequestRefused, fhe_request_mac  # noqa: E402
+from modelcloak.protector import protect  # noqa: E402
 
 
 class FheWorld:

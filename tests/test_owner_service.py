@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from postgres import database_fixture, postgres_cluster_fixture  # noqa: F401  (fixtures "database", "postgres_cluster")
 from sqlalchemy import select, text
 
+from modelcloak.licensing.protocol import HPKE_SUITE, RequestRefused, binding_digest, release_info, usage_mac
 from modelcloak.owner.errors import OwnerError
-from modelcloak.owner.evidence.base import binding_digest
 from modelcloak.owner.evidence.registry import VerifierRegistry
 from modelcloak.owner.evidence.sim import SimDevice, SimVerifier
-from modelcloak.owner.protocol import HPKE_SUITE, RequestRefused, release_info, usage_mac
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import AuditEntry, MasterKey, Model, Store
 

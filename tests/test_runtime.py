@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modelcloak import hygiene
 from modelcloak.bundle import SignatureError, TamperedError, WrongKeyError
+from modelcloak.inference import load
 from modelcloak.keys import EnvKey, KeyProviderError
 from modelcloak.protector import protect
-from modelcloak.inference import load
 from modelcloak.runtime import SessionError
 
 

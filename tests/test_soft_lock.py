@@ -34,7 +34,8 @@ from modelcloak.lock.soft import (  # noqa: E402
     soft_lock,
 )
 from modelcloak.model.torch_export import export_torch  # noqa: E402
-from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier  # noqa: E402
+from modelcloak.training import train_classifier  # noqa: E402
+from modelcloak.zoo.mnist import load_mnist, small_cnn  # noqa: E402
 
 CHANCE = 0.10  # ten balanced classes
 TARGET = CHANCE + 0.05  # the bound for the locked INT8 (and our aim for FP16)

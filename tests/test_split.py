@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import split_models
 
+from modelcloak.inference import load
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts
 from modelcloak.protector import protect
-from modelcloak.inference import load
 from modelcloak.runtime import SessionError, SplitSession
 
 ARCHITECTURES = ("mlp", "cnn", "residual_bn", "text_cnn")

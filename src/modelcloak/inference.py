@@ -74,7 +74,7 @@ def _licence(key: KeyProvider, options: LoadOptions) -> Any:
     """The licence revalidation and usage reporting the `metering` option asks for, or None."""
     if options.metering is None:
         return None
-    from modelcloak.runtime.metering import LicensedUse
+    from modelcloak.licensing.metering import LicensedUse
 
     if not hasattr(key, "revalidate"):
         raise SessionError("the metering option needs the bundle key from the owner backend (OwnerBackendKey)")

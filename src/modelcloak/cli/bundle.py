@@ -128,7 +128,7 @@ def protect(
 def _cut_selector(after: str | None, tensors: str | None, last: int | None, index: int | None) -> Any:
     from modelcloak.options import CutSelector
 
-    given = {
+    given: dict[str, Any] = {
         "after_node": after,
         "tensors": tuple(t for t in tensors.split(",") if t) if tensors else None,
         "last": last,
@@ -192,7 +192,7 @@ def _owner_key(
     tcti: str | None,
 ) -> Any:
     """The owner backend as key source, with the device's evidence (TPM quote, or INSECURE sim)."""
-    from modelcloak.owner.client import OwnerBackendKey
+    from modelcloak.licensing.client import OwnerBackendKey
 
     if not licence or not device_id:
         raise ModelcloakError("--owner-url needs --licence and --device-id")
@@ -201,7 +201,7 @@ def _owner_key(
 
         attester: Any = TpmAttester(tcti=tcti)
     elif attest == "sim":
-        from modelcloak.owner.client import SimAttester
+        from modelcloak.licensing.client import SimAttester
         from modelcloak.owner.evidence.sim import SimDevice
 
         if sim_key is None:

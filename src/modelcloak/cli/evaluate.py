@@ -25,6 +25,7 @@ def task_data(task: str | None, data: Path | None) -> tuple[Any, Any, Any]:
 
         split = load_mnist()
         return split.x_train, split.x_test, split.y_test
+    assert data is not None
     loaded = load_inputs(data)
     if not isinstance(loaded, dict) or not {"pool_x", "test_x", "test_y"} <= set(loaded):
         raise ModelcloakError(f"{data} must be an .npz with arrays pool_x, test_x and test_y")
@@ -108,6 +109,7 @@ def eval_extraction(
     if report:
         out.print(f"wrote {out_dir / 'extraction.md'}, {out_dir / 'extraction.csv'} and {out_dir / 'extraction.png'}")
     else:
+        assert bundle is not None
         paths = extraction.write_report(rows, out_dir, title=f"extraction attacks on {bundle.name}")
         out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 

@@ -21,8 +21,8 @@ def bench_fhe(
     quick: Annotated[bool, typer.Option("--quick", help="128-bit only, 3 runs, 200 digits.")] = False,
 ) -> None:
     """The SAP paper's FHE table for our CKKS kernels on MNIST, with TenSEAL's built-in product side by side."""
+    from modelcloak.eval.fhebench import run_benchmark
     from modelcloak.fhe import FheError
-    from modelcloak.fhe.bench import run_benchmark
 
     try:
         levels = tuple(int(part) for part in security.split(",") if part.strip())

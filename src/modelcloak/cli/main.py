@@ -17,7 +17,7 @@ from modelcloak.errors import ModelcloakError
 try:  # recent typer releases vendor click under typer._click
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover - older typer uses the click package
-    from click.exceptions import ClickException
+    from click.exceptions import ClickException  # type: ignore[assignment]
 from typer import Abort
 
 app = typer.Typer(
@@ -71,4 +71,3 @@ def main(argv: list[str] | None = None) -> None:
             markup=False,
         )
         sys.exit(1)
-

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modelcloak.errors import ModelcloakError
-from modelcloak.zoo.mnist import _progress_bar
+from modelcloak.training import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -160,7 +160,7 @@ def run_accuracy(
         if cap is not None and cap < 1:
             raise ModelcloakError(f"{name} must be at least 1, got {cap}")
     runner = {"mnist": _run_mnist, "text": _run_text, "image": _run_image}[task]
-    with _reproducible(seed), _progress_bar(progress, console) as bar:
+    with _reproducible(seed), progress_bar(progress, console) as bar:
         return runner(_Run(seed=seed, epochs=epochs, bar=bar, max_train=max_train, max_test=max_test))
 
 

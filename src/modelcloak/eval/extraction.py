@@ -491,7 +491,8 @@ def mnist_report(
     from modelcloak.model.cut import find_cut
     from modelcloak.model.torch_export import export_torch
     from modelcloak.protector import protect
-    from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier
+    from modelcloak.training import train_classifier
+    from modelcloak.zoo.mnist import load_mnist, small_cnn
 
     torch = _torch()
     started = time.perf_counter()

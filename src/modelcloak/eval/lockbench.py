@@ -95,7 +95,8 @@ class LockBench:
 def _mnist_models(seed: int, epochs: int) -> tuple[dict[str, Any], Any]:
     import torch
 
-    from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier
+    from modelcloak.training import train_classifier
+    from modelcloak.zoo.mnist import load_mnist, small_cnn
 
     split = load_mnist()
     nn = torch.nn

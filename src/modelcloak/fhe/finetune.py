@@ -85,7 +85,7 @@ def finetune_head(
     square dropped in, which blows the logits up and the loss with them. Returns the retrained
     program (the input is unchanged).
     """
-    from modelcloak.zoo.mnist import train_classifier
+    from modelcloak.training import train_classifier
 
     x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)

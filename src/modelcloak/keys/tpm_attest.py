@@ -170,7 +170,7 @@ def quote(
 
 
 class TpmAttester:
-    """Evidence for the owner backend's key release (`modelcloak.owner.client.Attester`): TPM quotes.
+    """Evidence for the owner backend's key release (`modelcloak.licensing.client.Attester`): TPM quotes.
 
     The owner enrols the device with kind "tpm", identity = `attestation_identity().fingerprint`
     and the expected PCR values as measurements ({"pcr7": hex, ...}).

@@ -177,7 +177,7 @@ def soft_lock(
     torch = _import_torch()
     from torch.nn.utils import parametrize
 
-    from modelcloak.zoo.mnist import train_classifier
+    from modelcloak.training import train_classifier
 
     if not 8 <= offset_exponent <= 14:
         raise LockError(f"offset_exponent must be between 8 and 14, got {offset_exponent}")

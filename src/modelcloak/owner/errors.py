@@ -1,7 +1,8 @@
-"""The owner room's error type (backend, licences, key release, evidence)."""
+"""The owner room's error type (backend, licences, key release, evidence).
 
-from modelcloak.errors import ModelcloakError
+It is the licensing protocol's own type: a refusal reads the same on both sides of the wire.
+"""
 
+from modelcloak.licensing.errors import OwnerError
 
-class OwnerError(ModelcloakError):
-    """The owner backend refused or failed a request; the message says why."""
+__all__ = ["OwnerError"]

@@ -24,10 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from modelcloak.owner.errors import OwnerError
-from modelcloak.owner.evidence.base import Claims, EvidenceError, binding_digest
-from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
-from modelcloak.owner.protocol import (
+from modelcloak.licensing.protocol import (
     HPKE_SUITE,
     MAX_BATCH_QUERIES,
     MAX_SEQUENCE,
@@ -35,10 +32,14 @@ from modelcloak.owner.protocol import (
     NONCE_SIZE,
     USAGE_KEY_SIZE,
     RequestRefused,
+    binding_digest,
     fhe_request_mac,
     release_info,
     usage_mac,
 )
+from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.evidence.base import Claims, EvidenceError
+from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
 from modelcloak.owner.store import (
     Device,
     FheSecret,

@@ -13,7 +13,7 @@ A scheme is one module under `modelcloak.schemes` holding one object that
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,10 +99,12 @@ class Scheme(Protocol):
         ...
 
 
-def refuse_unless(request: ProtectRequest, scheme: str, allowed: set[str], required: set[str] = frozenset()) -> None:
+def refuse_unless(
+    request: ProtectRequest, scheme: str, allowed: Collection[str], required: Collection[str] = ()
+) -> None:
     """The common part of `check`: options outside `allowed` do not apply, `required` must be given."""
     given = set(request.given())
-    for name in sorted(given - allowed):
+    for name in sorted(given - set(allowed)):
         where = {
             "cut": "schemes 'split' and 'fhe'",
             "enclave_key": "scheme 'split'",
@@ -111,7 +113,7 @@ def refuse_unless(request: ProtectRequest, scheme: str, allowed: set[str], requi
             "lock": "schemes 'lock' and 'split'",
         }[name]
         raise OptionError(f"`{name}` only applies to {where}, not {scheme!r}", parameter=name)
-    for name in sorted(required - given):
+    for name in sorted(set(required) - given):
         if name == "cut":
             raise OptionError(
                 f"scheme {scheme!r} needs a cut: exactly one of `cut.after_node`, `cut.tensors`, `cut.last` "

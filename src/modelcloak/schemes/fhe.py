@@ -114,7 +114,7 @@ class _OwnerLabels:
         self._client = client
 
     def __call__(self, result: bytes, count: int, top_k: int) -> list[Any]:
-        from modelcloak.owner.errors import OwnerError
+        from modelcloak.licensing.errors import OwnerError
 
         try:
             return self._client.labels(result, queries=count, top_k=top_k)
@@ -130,7 +130,7 @@ def _owner_labels(key: Any, options: FheLabels | None) -> _OwnerLabels | None:
         return None
     if getattr(key, "usage_key", None) is None:
         raise SessionError("the fhe_labels option needs the bundle key from the owner backend (OwnerBackendKey)")
-    from modelcloak.owner.client import FheLabelClient, OwnerClient
+    from modelcloak.licensing.client import FheLabelClient, OwnerClient
 
     client = FheLabelClient(
         OwnerClient(key.url),

@@ -76,7 +76,9 @@ class SplitScheme:
 
         config = context.options.enclave
         if config is None:
-            raise SessionError("this is a split bundle: give the enclave its key (`enclave_key_file` or `enclave_key_env`)")
+            raise SessionError(
+                "this is a split bundle: give the enclave its key (`enclave_key_file` or `enclave_key_env`)"
+            )
         lock = lock_entry(bundle.manifest.document, context)
         runner = open_graph(bundle, context.key, "public.", context.report, context.options, lock=lock)
         header, private = bundle.header, bundle.section_ciphertext("private")
@@ -99,7 +101,9 @@ class SplitScheme:
         rows = []
         boundary = document.get("split", {}).get("boundary", [])
         if boundary:
-            rows.append(("boundary", ", ".join(f"{b.get('name')} {b.get('shape')}" for b in boundary if isinstance(b, dict))))
+            rows.append(
+                ("boundary", ", ".join(f"{b.get('name')} {b.get('shape')}" for b in boundary if isinstance(b, dict)))
+            )
         try:
             rows.append(("output policy", parse_policy(document.get("policy")).describe()))
         except PolicyError as exc:

@@ -21,7 +21,8 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from modelcloak.zoo.mnist import load_mnist, predict_labels, small_cnn, train_classifier
+from modelcloak.training import predict_labels, train_classifier
+from modelcloak.zoo.mnist import load_mnist, small_cnn
 
 # Hyper-parameters chosen by measurement on the 4,000 training digits (2 CPU cores): with the
 # library defaults (lr 1e-3, batch 64) three epochs land at about 0.90-0.91 test accuracy;

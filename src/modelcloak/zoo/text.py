@@ -213,7 +213,7 @@ class MiniLMEncoder:
         """
         import torch
 
-        from modelcloak.zoo.mnist import _progress_bar
+        from modelcloak.training import progress_bar
 
         if batch_size < 1:
             raise ModelcloakError(f"batch_size must be at least 1, got {batch_size}")
@@ -222,7 +222,7 @@ class MiniLMEncoder:
         was_training = self.bert.training
         self.bert.eval()
         try:
-            with torch.inference_mode(), _progress_bar(progress, console) as bar:
+            with torch.inference_mode(), progress_bar(progress, console) as bar:
                 task = bar.add_task(description, total=len(texts)) if bar else None
                 for start in range(0, len(texts), batch_size):
                     idx = order[start : start + batch_size]

@@ -13,23 +13,15 @@ nonce); the verifier returns that field as `Claims.report_data` and the service 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 from modelcloak.owner.errors import OwnerError
 
-BINDING_LABEL = b"modelcloak key-release v1\x00"
-
 
 class EvidenceError(OwnerError):
     """Evidence is malformed, forged, expired or from an unknown signer; the message says which."""
-
-
-def binding_digest(nonce: bytes, ephemeral_public_key: bytes) -> bytes:
-    """The 32 bytes a runtime puts into its evidence to bind a server nonce and its fresh key."""
-    return hashlib.sha256(BINDING_LABEL + nonce + hashlib.sha256(ephemeral_public_key).digest()).digest()
 
 
 @dataclass(frozen=True)

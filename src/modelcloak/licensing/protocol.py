@@ -12,7 +12,7 @@ import struct
 
 from cryptography.hazmat.primitives import hpke
 
-from modelcloak.owner.errors import OwnerError
+from modelcloak.licensing.errors import OwnerError
 
 MODEL_KEY_SIZE = 32
 USAGE_KEY_SIZE = 32
@@ -24,7 +24,12 @@ USAGE_MAC_LABEL = b"modelcloak usage v1\x00"
 FHE_MAC_LABEL = b"modelcloak fhe-labels v1\x00"
 MAX_SEQUENCE = 2**62
 MAX_BATCH_QUERIES = 2**40
+BINDING_LABEL = b"modelcloak key-release v1\x00"
 
+
+def binding_digest(nonce: bytes, ephemeral_public_key: bytes) -> bytes:
+    """The 32 bytes a runtime puts into its evidence to bind a server nonce and its fresh key."""
+    return hashlib.sha256(BINDING_LABEL + nonce + hashlib.sha256(ephemeral_public_key).digest()).digest()
 
 class RequestRefused(OwnerError):
     """A request the backend will not honour; `status` is the HTTP status the API answers with."""

@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -31,20 +31,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from modelcloak.hygiene import SecureBuffer
 from modelcloak.keys.errors import KeyProviderError
 from modelcloak.keys.providers import KeyProvider, _into_secret
-from modelcloak.owner.errors import OwnerError
-from modelcloak.owner.evidence.base import binding_digest
-from modelcloak.owner.evidence.sim import SimDevice
-from modelcloak.owner.protocol import (
+from modelcloak.licensing.errors import OwnerError
+from modelcloak.licensing.protocol import (
     HPKE_SUITE,
     MODEL_KEY_SIZE,
     USAGE_KEY_SIZE,
     RequestRefused,
+    binding_digest,
     fhe_request_mac,
     release_info,
     usage_mac,
 )
 
 DEFAULT_TIMEOUT = 10.0
+
+if TYPE_CHECKING:
+    from modelcloak.owner.evidence.sim import SimDevice
 
 
 class Attester(Protocol):

@@ -158,7 +158,8 @@ def _train_models(epochs: int, finetune_epochs: int, console: Any) -> dict[str, 
     import torch
 
     from modelcloak.fhe.finetune import finetune_head
-    from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier
+    from modelcloak.training import train_classifier
+    from modelcloak.zoo.mnist import load_mnist, small_cnn
 
     data = load_mnist()
     base = small_cnn(seed=0)

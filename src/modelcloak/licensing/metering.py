@@ -1,6 +1,6 @@
 """A session's licence from the owner backend: revalidated while it runs, its use reported.
 
-`LicensedUse` joins the device side of the owner backend (modelcloak.owner.client) to a session:
+`LicensedUse` joins the device side of the owner backend (modelcloak.licensing.client) to a session:
 before each run it revalidates the licence when the backend's terms say it is due (within the
 offline grace an unreachable backend is tolerated), and after each run it adds the batch's samples
 to a running count that goes to the backend as signed, sequence-numbered usage batches every
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelcloak.owner.errors import OwnerError
+from modelcloak.licensing.errors import OwnerError
 from modelcloak.runtime.errors import SessionError
 
 __all__ = ["LicensedUse"]
@@ -38,7 +38,7 @@ class LicensedUse:
 
     def start(self) -> None:
         """Call once the key was released (the usage key and terms exist); resends a crashed batch."""
-        from modelcloak.owner.client import OwnerClient, UsageReporter
+        from modelcloak.licensing.client import OwnerClient, UsageReporter
 
         if self.key.usage_key is None:
             raise SessionError("the licence's usage key was not released; load the bundle with this key first")

@@ -62,6 +62,7 @@ def protect(
     lock_to: Sequence[Any] = (),
     lock_method: str = "uniform-shift",
     fhe: dict[str, Any] | None = None,
+    native_enclave: str | Path | None = None,
 ) -> Manifest:
     """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
@@ -84,6 +85,9 @@ def protect(
     "activation": "square" | "modified-square" | "relu-poly" | "none", "security": 128 | 192 | 256,
     "encrypt_weights": bool (default True), "calibration": model inputs for relu-poly's range}.
     The bundle carries the public part and the encrypted program with its evaluation keys only.
+
+    `native_enclave` (split only): a directory to generate and compile the private part's native
+    enclave in (docs/NATIVE.md); a private part it cannot run is refused before anything is written.
     """
     if scheme not in SCHEMES:
         if scheme in PLANNED_SCHEMES:
@@ -101,6 +105,8 @@ def protect(
         raise ModelcloakError(f"a cut only applies to schemes 'split' and 'fhe', not {scheme!r}")
     if scheme != "split" and enclave_key is not None:
         raise ModelcloakError(f"an enclave key only applies to scheme 'split', not {scheme!r}")
+    if scheme != "split" and native_enclave is not None:
+        raise ModelcloakError(f"a native enclave only applies to scheme 'split', not {scheme!r}")
     if scheme != "fhe" and fhe:
         raise ModelcloakError(f"FHE options only apply to scheme 'fhe', not {scheme!r}")
     if scheme == "fhe" and lock_to:
@@ -143,6 +149,10 @@ def protect(
         public, private = split_model(proto, chosen)
         private_bytes = private.SerializeToString()
         del private
+        if native_enclave is not None:
+            from modelcloak.native import check_private_part
+
+            check_private_part(private_bytes)
         extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
         sections, weights_size = _graph_sections(public, "public.", None, locking)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
@@ -189,6 +199,10 @@ def protect(
             enclave_master.close()
         if locking is not None:
             locking.close()
+    if native_enclave is not None and scheme == "split":
+        from modelcloak.native import build_for_bundle
+
+        build_for_bundle(out, private_bytes, native_enclave)
     return written
 
 

@@ -5,7 +5,15 @@ name, an op it does not implement. The binary speaks the protocol of `modelcloak
 started by the host's unchanged `EnclaveClient(command=[binary])`. See docs/NATIVE.md.
 """
 
-from modelcloak.native.build import NativeBuild, build_for_bundle, build_from_bundle, compile_enclave, generate
+from modelcloak.native.build import (
+    NativeBuild,
+    build_for_bundle,
+    build_for_header,
+    build_from_bundle,
+    check_private_part,
+    compile_enclave,
+    generate,
+)
 from modelcloak.native.codegen import SUPPORTED, check_supported
 from modelcloak.native.errors import NativeError
 
@@ -14,7 +22,9 @@ __all__ = [
     "NativeBuild",
     "NativeError",
     "build_for_bundle",
+    "build_for_header",
     "build_from_bundle",
+    "check_private_part",
     "check_supported",
     "compile_enclave",
     "generate",

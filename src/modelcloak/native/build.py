@@ -88,7 +88,8 @@ def _ready_head(model_bytes: bytes, policy: policy_mod.OutputPolicy) -> bytes:
         raise NativeError(f"the bundle's output policy cannot apply to its private part: {exc}") from None
     shapes = policy_mod.result_shapes(policy, [o.name for o in outputs], [o.shape for o in outputs])
     results = tuple(
-        TensorSpec(name, np.dtype(dtype) if dtype else raw.dtype, shape) for (name, dtype, shape), raw in zip(shapes, outputs)
+        TensorSpec(name, np.dtype(dtype) if dtype else raw.dtype, shape)
+        for (name, dtype, shape), raw in zip(shapes, outputs)
     )
     return b"".join(
         [
@@ -174,10 +175,20 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines())
 
 
+def check_private_part(model_bytes: bytes) -> None:
+    """NativeError, naming what, when the native enclave cannot run this private part."""
+    codegen.lower(model_bytes)
+
+
 def build_for_bundle(bundle_path: str | Path, model_bytes: bytes, out_dir: str | Path) -> NativeBuild:
     """Generate and compile the native enclave for a bundle whose private part the caller holds."""
     with Bundle.open(bundle_path) as bundle:
         header = bundle.header
+    return build_for_header(header, model_bytes, out_dir)
+
+
+def build_for_header(header: bytes, model_bytes: bytes, out_dir: str | Path) -> NativeBuild:
+    """As build_for_bundle, from the bundle's header bytes (`Bundle.header`)."""
     program = generate(header, model_bytes, out_dir)
     binary = compile_enclave(out_dir)
     out = Path(out_dir)

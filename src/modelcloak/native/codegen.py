@@ -267,8 +267,10 @@ class _Generator:
             expr = f"fminf(fmaxf(v, {_c_float(low)}), {_c_float(high)})"
         else:
             expr = UNARY[node.op_type](node)
-        self.emit(node, 
-            f"for (size_t i = 0; i < (size_t)n * {x.size}; i++) {{ float v = {x.buffer}[i]; {out.buffer}[i] = {expr}; }}"
+        self.emit(
+            node,
+            f"for (size_t i = 0; i < (size_t)n * {x.size}; i++) "
+            f"{{ float v = {x.buffer}[i]; {out.buffer}[i] = {expr}; }}",
         )
 
     def _operand(self, name: str, node: onnx.NodeProto, rank: int) -> tuple[str, list[int], list[int], bool]:
@@ -299,7 +301,7 @@ class _Generator:
         expr = BINARY[node.op_type]
         full = [0, *shape]
         loads = []
-        for (array, dims, strides, is_act), letter in zip(operands, "ab"):
+        for array, dims, _, is_act in operands:
             trailing = math.prod(d for d in dims[1:] if d) if dims[1:] else 1
             if is_act and list(dims[1:]) == list(shape):
                 loads.append(f"{array}[i]")
@@ -311,18 +313,20 @@ class _Generator:
                 loads = []
                 break
         if loads:
-            self.emit(node, 
+            self.emit(
+                node,
                 f"for (size_t i = 0; i < (size_t)n * {size}; i++) {{ float a = {loads[0]}, b = {loads[1]}; "
-                f"{out.buffer}[i] = {expr}; }}"
+                f"{out.buffer}[i] = {expr}; }}",
             )
             return
         (a, _, sa, act_a), (b, _, sb, act_b) = operands
         sa[0] = math.prod(self.acts[node.input[0]].shape) if act_a else 0
         sb[0] = math.prod(self.acts[node.input[1]].shape) if act_b else 0
-        self.emit(node, 
+        self.emit(
+            node,
             f"{{ const int64_t d[] = {{n, {', '.join(map(str, shape))}}}, sa[] = {{{', '.join(map(str, sa))}}}, "
             f"sb[] = {{{', '.join(map(str, sb))}}}; MC_BROADCAST({rank}, d, sa, sb, "
-            f"{{ float a = {a}[ia], b = {b}[ib]; {out.buffer}[io] = {expr}; }}); }}"
+            f"{{ float a = {a}[ia], b = {b}[ib]; {out.buffer}[io] = {expr}; }}); }}",
         )
 
     @staticmethod
@@ -424,7 +428,7 @@ def lower(model_bytes: bytes) -> tuple[Program, _Generator]:
 
 
 def _c_string(text: str) -> str:
-    return '"' + "".join(c if c.isalnum() or c in " _-./:" else f"\\x{ord(c):02x}\"\"" for c in text) + '"'
+    return '"' + "".join(c if c.isalnum() or c in " _-./:" else f'\\x{ord(c):02x}""' for c in text) + '"'
 
 
 def _c_bytes(data: bytes) -> str:

@@ -210,6 +210,7 @@ def load(
     enclave_threads: int | None = None,
     enclave_timeout: float = 10.0,
     device_key: Any = None,
+    enclave_command: Sequence[str] | None = None,
 ) -> SealedSession:
     """Open a protected bundle with a key from `key` and return a session ready to run.
 
@@ -219,7 +220,9 @@ def load(
     when a cache is enabled) or "off" (unsafe; for tests that prove leaks are detectable).
 
     Split bundles also start the enclave process, which reads its own key from
-    `enclave_key_file` or `enclave_key_env`; this process never sees that key.
+    `enclave_key_file` or `enclave_key_env`; this process never sees that key. `enclave_command`
+    starts another enclave program instead of `python -m modelcloak.enclave`, e.g. the bundle's
+    native enclave (`modelcloak.native.NativeBuild.command()`).
 
     Bundles locked to devices need `device_key`, this device's key
     (`modelcloak.keys.open_device_key(state_dir)`): the weights are unlocked in memory with it.
@@ -284,7 +287,7 @@ def load(
 
     key_args = ["--key-file", str(enclave_key_file)] if enclave_key_file else ["--key-env", str(enclave_key_env)]
     mark = clock()
-    enclave = EnclaveClient()
+    enclave = EnclaveClient(command=enclave_command)
     try:
         enclave.start(key_args, threads=enclave_threads)
         enclave.load(header, private, timeout=max(enclave_timeout, 30.0))

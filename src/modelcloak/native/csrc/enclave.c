@@ -494,7 +494,7 @@ static void handle_load(uint64_t id, uint32_t len) {
     if (!code && mc_prepare() != 0) { code = BAD_MODEL; snprintf(msg, sizeof msg, "the decrypted private part does not match this native enclave"); }
     OPENSSL_cleanse(mc_plain, mc_section_size);   /* weights live on in their own arrays */
     if (code) {
-        mc_wipe();
+        if (!g_loaded) mc_wipe();   /* a refused second LOAD must not touch the model in service */
         load_reply_error(id, code, msg);
         return;
     }

@@ -21,7 +21,7 @@ static inline size_t mc_panels(int m) { return (size_t)(m + MC_PANEL - 1) / MC_P
 
 /* Pack w ([K][M] row-major, or [M][K] when transposed) into panels of 16 columns:
  * panel p holds, for k = 0..K-1, the 16 values w[k][16p .. 16p+15] (zero beyond M). */
-static void mc_pack(float *restrict out, const float *restrict w, int K, int M, int transposed, float scale) {
+static inline void mc_pack(float *restrict out, const float *restrict w, int K, int M, int transposed, float scale) {
     for (size_t p = 0; p < mc_panels(M); p++)
         for (int k = 0; k < K; k++)
             for (int j = 0; j < MC_PANEL; j++) {
@@ -35,7 +35,7 @@ static inline mc_v8 mc_splat(float a) { return (mc_v8){a, a, a, a, a, a, a, a}; 
 
 /* y[r][j] = bias_col[j] + bias_row[r] + sum_k x[r][k] * w[k][j] for r < rows, j < M.
  * x: rows x K (row stride ldx), w: packed panels, y: rows x M (row stride ldy); either bias may be NULL. */
-static void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict w,
+static inline void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict w,
                     const float *restrict bias_col, const float *restrict bias_row, float *restrict y, size_t ldy) {
     for (size_t p = 0; p < mc_panels(M); p++) {
         const float *panel = w + p * (size_t)K * MC_PANEL;
@@ -92,7 +92,7 @@ static void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx,
 }
 
 /* Softmax over `axis` of length `len` for `outer` x `inner` positions (inner = elements after the axis). */
-static void mc_softmax(size_t outer, size_t len, size_t inner, const float *restrict x, float *restrict y) {
+static inline void mc_softmax(size_t outer, size_t len, size_t inner, const float *restrict x, float *restrict y) {
     for (size_t o = 0; o < outer; o++)
         for (size_t i = 0; i < inner; i++) {
             const float *in = x + o * len * inner + i;

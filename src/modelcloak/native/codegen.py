@@ -43,7 +43,16 @@ UNARY: dict[str, Callable[[onnx.NodeProto], str]] = {
 }
 BINARY = {"Add": "a + b", "Sub": "a - b", "Mul": "a * b", "Div": "a / b", "Max": "fmaxf(a, b)", "Min": "fminf(a, b)"}
 ALIASES = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
-SUPPORTED = sorted({"Gemm", "MatMul", "Softmax", "Clip", "Constant", *UNARY, *BINARY, *ALIASES})
+WINDOWED = {"Conv", "MaxPool", "AveragePool"}
+REDUCE = {"ReduceMean": 0, "ReduceMax": 1, "ReduceSum": 2, "GlobalAveragePool": 0, "GlobalMaxPool": 1}
+SUPPORTED = sorted(
+    {"Gemm", "MatMul", "Softmax", "Clip", "Constant", "BatchNormalization", "Concat", "Transpose"}
+    | set(UNARY)
+    | set(BINARY)
+    | ALIASES
+    | WINDOWED
+    | set(REDUCE)
+)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):  # noqa: ANN001, ANN202 - ONNX attribute values vary
@@ -141,6 +150,13 @@ class _Generator:
         self.run: list[tuple[str, str]] = []  # (op type, C statement)
         self.ops: list[str] = []
         self.stage = 0  # largest weight staged for packing, in floats
+        self.col = 0  # largest im2col panel buffer, in floats
+        self.globals: list[str] = []  # static C definitions (window geometries)
+        self.folded: set[str] = set()  # BatchNormalization outputs folded into their Conv
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
         self._plan_shapes(model_bytes)
 
     # -- shapes ------------------------------------------------------------------------------
@@ -241,6 +257,18 @@ class _Generator:
             self.dense(node)
         elif op == "Softmax":
             self.softmax(node)
+        elif op == "Conv":
+            self.conv(node)
+        elif op in ("MaxPool", "AveragePool"):
+            self.pool(node)
+        elif op in REDUCE:
+            self.reduce(node)
+        elif op == "BatchNormalization":
+            self.batch_norm(node)
+        elif op == "Concat":
+            self.concat(node)
+        elif op == "Transpose":
+            self.transpose(node)
         else:  # check_supported keeps this unreachable
             raise NativeError(f"the native enclave does not implement ONNX op {op!r}")
 
@@ -397,6 +425,220 @@ class _Generator:
             outer, length, inner = math.prod(full[1:axis]), math.prod(full[axis:]), 1
         self.emit(node, f"mc_softmax((size_t)n * {outer}, {length}, {inner}, {x.buffer}, {out.buffer});")
 
+    # -- windows: Conv, pooling ----------------------------------------------------------------
+
+    def window(
+        self,
+        node: onnx.NodeProto,
+        shape_in: tuple[int, ...],
+        shape_out: tuple[int, ...],
+        kernel: list[int],
+        channels: int | None = None,
+    ) -> str:
+        """A static mc_window for a 1-D or 2-D window op; returns its C name."""
+        spatial = len(shape_in) - 1
+        if spatial not in (1, 2) or len(kernel) != spatial:
+            raise NativeError(f"{node.op_type} over {spatial} spatial axes is not supported by the native enclave")
+        strides = list(_attr(node, "strides", [1] * spatial))
+        dilations = list(_attr(node, "dilations", [1] * spatial))
+        pads = list(_attr(node, "pads", [0] * 2 * spatial))
+        auto = _attr(node, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        begins = pads[:spatial]
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            begins = []
+            for i in range(spatial):
+                total = max(
+                    0, (shape_out[i + 1] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - shape_in[i + 1]
+                )
+                begins.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
+        elif auto == "VALID":
+            begins = [0] * spatial
+        one = lambda values: [1, *values] if spatial == 1 else values  # noqa: E731 - 1-D is 2-D with height 1
+        zero = lambda values: [0, *values] if spatial == 1 else values  # noqa: E731
+        h, w = one(list(shape_in[1:]))
+        kh, kw = one(kernel)
+        sh, sw = one(strides)
+        dh, dw = one(dilations)
+        pt, pl = zero(begins)
+        oh, ow = one(list(shape_out[1:]))
+        name = f"G{len(self.globals)}"
+        fields = [channels or shape_in[0], h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow]
+        self.globals.append(f"static const mc_window {name} = {{{', '.join(map(str, fields))}}};")
+        return name
+
+    def conv(self, node: onnx.NodeProto) -> None:
+        x = self.act(node.input[0], node)
+        if node.input[1] not in self.consts:
+            raise NativeError("Conv with computed weights is not supported by the native enclave")
+        _, w = self.weight_value(node.input[1], node)
+        group = int(_attr(node, "group", 1))
+        cout, cin_g = w.shape[0], w.shape[1]
+        out_name = node.output[0]
+        users = self.consumers.get(out_name, [])
+        graph_outputs = {v.name for v in self.model.graph.output}
+        fold = (
+            users[0]
+            if len(users) == 1 and users[0].op_type == "BatchNormalization" and out_name not in graph_outputs
+            else None
+        )
+        final = fold.output[0] if fold is not None else out_name
+        shape_out = self.shape(final, fold or node)
+        depthwise = group == x.shape[0] == cout and cin_g == 1
+        geometry = self.window(node, x.shape, shape_out, list(w.shape[2:]), None if depthwise else cin_g)
+        weights, bias = f"W{len(self.arrays)}", f"B{len(self.arrays) + 1}"
+        self.arrays += [(weights, w.size), (bias, cout)]
+        self.prepare.append(f"memcpy({weights}, {self.source(node.input[1], w)}, {w.size * 4});")
+        self.prepare.append(f"memset({bias}, 0, sizeof {bias});")
+        if len(node.input) > 2 and node.input[2]:
+            b = self.consts[node.input[2]]
+            self.prepare.append(f"memcpy({bias}, {self.source(node.input[2], b)}, {b.size * 4});")
+        per_filter = w.size // cout
+        if fold is not None:
+            self.folded.add(fold.output[0])
+            stage = self.batch_norm_stage(fold, cout)
+            self.prepare.append(
+                f"for (int c = 0; c < {cout}; c++) {{ float s = {stage}[c], t = {stage}[{cout} + c]; "
+                f"for (int k = 0; k < {per_filter}; k++) {weights}[c * {per_filter} + k] *= s; "
+                f"{bias}[c] = {bias}[c] * s + t; }}"
+            )
+        out = self.new_act(final, shape_out)
+        spatial_out = math.prod(shape_out[1:])
+        if depthwise:
+            self.emit(
+                node,
+                f"for (int s = 0; s < n; s++) mc_depthwise(&{geometry}, {x.buffer} + (size_t)s * {x.size}, {weights}, "
+                f"{bias}, {out.buffer} + (size_t)s * {out.size});",
+            )
+            return
+        k = per_filter
+        self.col = max(self.col, k * int(math.ceil(spatial_out / 16)) * 16)
+        cout_g, in_g = cout // group, cin_g * math.prod(x.shape[1:])
+        self.emit(
+            node,
+            f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ "
+            f"mc_im2col(&{geometry}, {x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}, mc_col); "
+            f"mc_gemm({cout_g}, {k}, {spatial_out}, {weights} + (size_t)g * {cout_g * k}, {k}, mc_col, NULL, "
+            f"{bias} + g * {cout_g}, {out.buffer} + (size_t)s * {out.size} + (size_t)g * {cout_g * spatial_out}, "
+            f"{spatial_out}); }}",
+        )
+
+    def batch_norm_stage(self, node: onnx.NodeProto, channels: int) -> str:
+        """Prepare code leaving scale s in S[0:C] and shift t in S[C:2C] of a new array S; returns S."""
+        if int(_attr(node, "training_mode", 0)) or len([o for o in node.output if o]) > 1:
+            raise NativeError("BatchNormalization in training mode is not supported by the native enclave")
+        if any(name not in self.consts for name in node.input[1:5]):
+            raise NativeError("BatchNormalization with computed statistics is not supported by the native enclave")
+        epsilon = float(_attr(node, "epsilon", 1e-5))
+        array = f"S{len(self.arrays)}"
+        self.arrays.append((array, 2 * channels))
+        self.stage = max(self.stage, 4 * channels)
+        for slot, name in enumerate(node.input[1:5]):
+            value = self.consts[name]
+            if value.size != channels or value.dtype != np.float32:
+                raise NativeError("BatchNormalization parameters must be float32, one per channel")
+            self.prepare.append(f"memcpy(mc_stage + {slot * channels}, {self.source(name, value)}, {channels * 4});")
+        self.prepare.append(
+            f"for (int c = 0; c < {channels}; c++) {{ float s = mc_stage[c] / sqrtf(mc_stage[{3 * channels} + c] + "
+            f"{_c_float(epsilon)}); {array}[c] = s; {array}[{channels} + c] = mc_stage[{channels} + c] - "
+            f"mc_stage[{2 * channels} + c] * s; }}"
+        )
+        return array
+
+    def batch_norm(self, node: onnx.NodeProto) -> None:
+        if node.output[0] in self.folded:
+            return
+        x = self.act(node.input[0], node)
+        channels = x.shape[0]
+        stage = self.batch_norm_stage(node, channels)
+        out = self.new_act(node.output[0], x.shape)
+        inner = x.size // channels
+        self.emit(
+            node,
+            f"for (size_t i = 0; i < (size_t)n * {x.size}; i++) {{ size_t c = i / {inner} % {channels}; "
+            f"{out.buffer}[i] = {x.buffer}[i] * {stage}[c] + {stage}[{channels} + c]; }}",
+        )
+
+    def pool(self, node: onnx.NodeProto) -> None:
+        x = self.act(node.input[0], node)
+        if len([o for o in node.output if o]) > 1:
+            raise NativeError("MaxPool's Indices output is not supported by the native enclave")
+        shape_out = self.shape(node.output[0], node)
+        geometry = self.window(node, x.shape, shape_out, list(_attr(node, "kernel_shape", [])))
+        mode = 0 if node.op_type == "MaxPool" else (1 if _attr(node, "count_include_pad", 0) else 2)
+        out = self.new_act(node.output[0], shape_out)
+        self.emit(
+            node,
+            f"for (int s = 0; s < n; s++) mc_pool(&{geometry}, {mode}, {x.buffer} + (size_t)s * {x.size}, "
+            f"{out.buffer} + (size_t)s * {out.size});",
+        )
+
+    def reduce(self, node: onnx.NodeProto) -> None:
+        x = self.act(node.input[0], node)
+        full = len(x.shape) + 1
+        if node.op_type.startswith("Global"):
+            axes = list(range(2, full))
+        else:
+            axes = _attr(node, "axes", None)
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = self.consts[node.input[1]].tolist()
+            if not axes:
+                raise NativeError(
+                    f"{node.op_type} over every axis (the batch included) is not supported by the native enclave"
+                )
+        axes = sorted(a + full if a < 0 else a for a in axes)
+        if 0 in axes or axes != list(range(axes[0], axes[-1] + 1)):
+            raise NativeError(f"{node.op_type} must reduce consecutive axes other than the batch in the native enclave")
+        ps = x.shape
+        outer, length, inner = (
+            math.prod(ps[: axes[0] - 1]),
+            math.prod(ps[axes[0] - 1 : axes[-1]]),
+            math.prod(ps[axes[-1] :]),
+        )
+        out = self.new_act(node.output[0], self.shape(node.output[0], node))
+        self.emit(
+            node,
+            f"mc_reduce((size_t)n * {outer}, {length}, {inner}, {REDUCE[node.op_type]}, {x.buffer}, {out.buffer});",
+        )
+
+    def concat(self, node: onnx.NodeProto) -> None:
+        parts = [self.act(name, node) for name in node.input]
+        shape = self.shape(node.output[0], node)
+        axis = int(_attr(node, "axis", 1))
+        axis = axis + len(shape) + 1 if axis < 0 else axis
+        if axis == 0:
+            raise NativeError("Concat along the batch axis is not supported by the native enclave")
+        outer = math.prod(shape[: axis - 1])
+        out = self.new_act(node.output[0], shape)
+        block = out.size // outer
+        copies, offset = [], 0
+        for part in parts:
+            chunk = part.size // outer
+            copies.append(f"memcpy({out.buffer} + o * {block} + {offset}, {part.buffer} + o * {chunk}, {chunk * 4});")
+            offset += chunk
+        self.emit(node, f"for (size_t o = 0; o < (size_t)n * {outer}; o++) {{ {' '.join(copies)} }}")
+
+    def transpose(self, node: onnx.NodeProto) -> None:
+        x = self.act(node.input[0], node)
+        full = len(x.shape) + 1
+        perm = list(_attr(node, "perm", list(range(full))[::-1]))
+        if perm[0] != 0:
+            raise NativeError("Transpose that moves the batch axis is not supported by the native enclave")
+        strides, step = [0] * full, 1
+        dims = [0, *x.shape]
+        for axis in range(full - 1, -1, -1):
+            strides[axis] = step
+            step *= max(dims[axis], 1)
+        strides[0] = x.size
+        shape = self.shape(node.output[0], node)
+        out = self.new_act(node.output[0], shape)
+        reads = [strides[p] for p in perm]
+        self.emit(
+            node,
+            f"{{ const int64_t d[] = {{n, {', '.join(map(str, shape))}}}, sa[] = {{{', '.join(map(str, reads))}}}, "
+            f"sb[] = {{{', '.join('0' * full)}}}; MC_BROADCAST({full}, d, sa, sb, {{ {out.buffer}[io] = {x.buffer}[ia]; }}); }}",
+        )
+
     # -- the whole program ----------------------------------------------------------------------
 
     def build(self) -> Program:
@@ -482,6 +724,8 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         "",
         f"unsigned char mc_plain[{max(1, len(generator.model_bytes))}] __attribute__((aligned(4096)));",
         f"static float mc_stage[{max(1, generator.stage)}];",
+        f"static float mc_col[{max(1, generator.col)}] __attribute__((aligned(64)));",
+        *generator.globals,
         *[f"static float {name}[{size}] __attribute__((aligned(64)));" for name, size in generator.arrays],
         *[
             f"static float {name}[{program.tile} * {size}] __attribute__((aligned(64)));"
@@ -496,6 +740,7 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         "",
         "void mc_wipe(void) {",
         "    explicit_bzero(mc_stage, sizeof mc_stage);",
+        "    explicit_bzero(mc_col, sizeof mc_col);",
         *[f"    explicit_bzero({name}, sizeof {name});" for name, _ in [*generator.arrays, *generator.buffers]],
         "}",
         "",

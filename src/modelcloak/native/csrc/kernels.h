@@ -123,4 +123,82 @@ static inline void mc_softmax(size_t outer, size_t len, size_t inner, const floa
         }                                                                                       \
     } while (0)
 
+/* Geometry of one 2-D window op (1-D ops use h = kh = 1): input c x h x w, output oh x ow. */
+typedef struct {
+    int c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow;
+} mc_window;
+
+/* im2col straight into the dense kernel's panel layout: k = (ci, ky, kx), column = (oy, ox). */
+static inline void mc_im2col(const mc_window *g, const float *restrict x, float *restrict out) {
+    int K = g->c * g->kh * g->kw, P = g->oh * g->ow;
+    for (size_t p = 0; p < mc_panels(P); p++)
+        for (int k = 0; k < K; k++) {
+            int ci = k / (g->kh * g->kw), ky = k / g->kw % g->kh, kx = k % g->kw;
+            float *dst = out + (p * (size_t)K + (size_t)k) * MC_PANEL;
+            for (int j = 0; j < MC_PANEL; j++) {
+                int col = (int)p * MC_PANEL + j, oy = col / g->ow, ox = col % g->ow;
+                int iy = oy * g->sh - g->pt + ky * g->dh, ix = ox * g->sw - g->pl + kx * g->dw;
+                dst[j] = col < P && iy >= 0 && iy < g->h && ix >= 0 && ix < g->w
+                             ? x[((size_t)ci * g->h + (size_t)iy) * g->w + (size_t)ix] : 0.f;
+            }
+        }
+}
+
+/* Depthwise convolution (one filter per channel): direct loops, interior without bounds checks. */
+static inline void mc_depthwise(const mc_window *g, const float *restrict x, const float *restrict wt,
+                                const float *restrict bias, float *restrict y) {
+    for (int c = 0; c < g->c; c++) {
+        const float *xc = x + (size_t)c * g->h * g->w, *wc = wt + (size_t)c * g->kh * g->kw;
+        float *yc = y + (size_t)c * g->oh * g->ow;
+        for (int oy = 0; oy < g->oh; oy++)
+            for (int ox = 0; ox < g->ow; ox++) {
+                float acc = bias ? bias[c] : 0.f;
+                int iy0 = oy * g->sh - g->pt, ix0 = ox * g->sw - g->pl;
+                for (int ky = 0; ky < g->kh; ky++) {
+                    int iy = iy0 + ky * g->dh;
+                    if (iy < 0 || iy >= g->h) continue;
+                    for (int kx = 0; kx < g->kw; kx++) {
+                        int ix = ix0 + kx * g->dw;
+                        if (ix >= 0 && ix < g->w) acc += xc[(size_t)iy * g->w + (size_t)ix] * wc[ky * g->kw + kx];
+                    }
+                }
+                yc[(size_t)oy * g->ow + (size_t)ox] = acc;
+            }
+    }
+}
+
+/* Pooling: mode 0 max, 1 average counting padding, 2 average over the window's valid cells. */
+static inline void mc_pool(const mc_window *g, int mode, const float *restrict x, float *restrict y) {
+    for (int c = 0; c < g->c; c++)
+        for (int oy = 0; oy < g->oh; oy++)
+            for (int ox = 0; ox < g->ow; ox++) {
+                float acc = mode == 0 ? -INFINITY : 0.f;
+                int valid = 0;
+                for (int ky = 0; ky < g->kh; ky++) {
+                    int iy = oy * g->sh - g->pt + ky * g->dh;
+                    for (int kx = 0; kx < g->kw; kx++) {
+                        int ix = ox * g->sw - g->pl + kx * g->dw;
+                        if (iy < 0 || iy >= g->h || ix < 0 || ix >= g->w) continue;
+                        float v = x[((size_t)c * g->h + (size_t)iy) * g->w + (size_t)ix];
+                        acc = mode == 0 ? (v > acc || isnan(v) ? v : acc) : acc + v;
+                        valid++;
+                    }
+                }
+                if (mode == 1) acc /= (float)(g->kh * g->kw);
+                if (mode == 2) acc /= (float)(valid ? valid : 1);
+                y[((size_t)c * g->oh + (size_t)oy) * g->ow + (size_t)ox] = acc;
+            }
+}
+
+/* Reduce the middle axis of outer x len x inner: mode 0 mean, 1 max, 2 sum. */
+static inline void mc_reduce(size_t outer, size_t len, size_t inner, int mode, const float *restrict x, float *restrict y) {
+    for (size_t o = 0; o < outer; o++)
+        for (size_t i = 0; i < inner; i++) {
+            const float *in = x + o * len * inner + i;
+            float acc = mode == 1 ? -INFINITY : 0.f;
+            for (size_t c = 0; c < len; c++) acc = mode == 1 ? (in[c * inner] > acc || isnan(in[c * inner]) ? in[c * inner] : acc) : acc + in[c * inner];
+            y[o * inner + i] = mode == 0 ? acc / (float)len : acc;
+        }
+}
+
 #endif

@@ -496,3 +496,113 @@ def test_private_weights_are_in_the_native_enclave_not_in_host_memory(tmp_path: 
     # The scanner can see the weights: in the native enclave (resident), and in a leaking host.
     assert found["clean"][1] > 0
     assert found["leak"][0] == len(canaries)
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions, BatchNorm and the other layers of the supported models
+
+
+def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarray], folder: Path) -> int:
+    """Every candidate cut of `whole` through a native enclave (raw frames skipped: EnclaveClient),
+    compared with onnxruntime on the private part; returns how many cuts were checked."""
+    from modelcloak.bundle.container import Bundle, SectionSource, write_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key_path = folder / "enclave.key"
+    key_path.write_text(ENCLAVE_KEY.hex())
+    key_path.chmod(0o600)
+    checked = 0
+    for index, cut in enumerate(candidate_cuts(whole)):
+        public, private = split_model(whole, cut)
+        private_bytes = private.SerializeToString()
+        bundle = folder / f"cut{index}.mcb"
+        write_bundle(
+            bundle,
+            master_key=bytes(32),
+            key_spec={"provider": "keyfile", "kdf": None},
+            scheme="split",
+            sections=[SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave")],
+            extra={"policy": {"output": "scores"}},
+            enclave_key=ENCLAVE_KEY,
+            enclave_key_spec={"provider": "keyfile"},
+            chunk_size=4096,
+        )
+        with Bundle.open(bundle) as sealed:
+            header, ciphertext = sealed.header, sealed.section_ciphertext("private")
+        build = build_for_header(header, private_bytes, folder / f"native{index}")
+        boundary = dict(
+            zip(
+                [v.name for v in public.graph.output],
+                ort.InferenceSession(public.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds),
+            )
+        )
+        reference_session = ort.InferenceSession(private_bytes, providers=["CPUExecutionProvider"])
+        inputs = {spec.name: boundary[spec.name] for spec in reference_session.get_inputs()}
+        expected = reference_session.run(None, inputs)
+        with native(str(build.binary), ["--key-file", str(key_path)], (header, ciphertext)) as client:
+            got = client.infer(inputs)
+        for spec, value in zip(reference_session.get_outputs(), expected):
+            np.testing.assert_allclose(got[spec.name], value, rtol=0, atol=1e-4, err_msg=f"cut {index}")
+        checked += 1
+    return checked
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn", "residual_bn", "text_cnn"])
+def test_every_cut_of_the_test_architectures_matches_onnxruntime(name: str, tmp_path: Path) -> None:
+    whole = split_models.BUILDERS[name]()
+    public_input = split_models.sample_input(name, 5)
+    assert _native_equals_onnxruntime(whole, public_input, tmp_path) == len(candidate_cuts(whole))
+
+
+def _window_zoo() -> onnx.ModelProto:
+    """Conv(stride 2, pads) -> BatchNorm (folded) -> Relu -> depthwise Conv (dilation 2)
+    -> grouped Conv (SAME_UPPER) -> [AveragePool | MaxPool with pads] -> Concat -> standalone BatchNorm -> Sigmoid
+    -> Transpose -> Flatten -> Gemm(transB) -> Softmax: each layout case of the window kernels."""
+    rng = np.random.default_rng(11)
+
+    def tensor(name: str, *shape: int, positive: bool = False) -> onnx.TensorProto:
+        value = rng.standard_normal(shape).astype(np.float32) * 0.5
+        return numpy_helper.from_array(np.abs(value) + 0.5 if positive else value, name)
+
+    inits = [
+        tensor("w1", 8, 4, 3, 3), tensor("b1", 8),
+        tensor("g1", 8, positive=True), tensor("be1", 8), tensor("m1", 8), tensor("v1", 8, positive=True),
+        tensor("w2", 8, 1, 3, 3), tensor("w3", 6, 4, 3, 3), tensor("b3", 6),
+        tensor("g2", 12, positive=True), tensor("be2", 12), tensor("m2", 12), tensor("v2", 12, positive=True),
+        tensor("w4", 5, 12 * 5 * 5), tensor("b4", 5),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g1", "be1", "m1", "v1"], ["n1"], epsilon=1e-3),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], group=8, dilations=[2, 2], pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["c2", "w3", "b3"], ["c3"], group=2, auto_pad="SAME_UPPER"),
+        helper.make_node("AveragePool", ["c3"], ["p1"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], count_include_pad=1),
+        helper.make_node("MaxPool", ["c3"], ["p2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["p1", "p2"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "g2", "be2", "m2", "v2"], ["n2"]),
+        helper.make_node("Sigmoid", ["n2"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Flatten", ["t"], ["f"]),
+        helper.make_node("Gemm", ["f", "w4", "b4"], ["logits"], transB=1, alpha=0.5),
+        helper.make_node("Softmax", ["logits"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "windows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 9, 9])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.slow
+def test_conv_batchnorm_pooling_concat_transpose_cuts_match_onnxruntime(tmp_path: Path) -> None:
+    whole = _window_zoo()
+    x = np.random.default_rng(3).standard_normal((7, 4, 9, 9)).astype(np.float32)
+    assert _native_equals_onnxruntime(whole, {"x": x}, tmp_path) == len(candidate_cuts(whole)) >= 10

@@ -636,7 +636,8 @@ class _Generator:
         self.emit(
             node,
             f"{{ const int64_t d[] = {{n, {', '.join(map(str, shape))}}}, sa[] = {{{', '.join(map(str, reads))}}}, "
-            f"sb[] = {{{', '.join('0' * full)}}}; MC_BROADCAST({full}, d, sa, sb, {{ {out.buffer}[io] = {x.buffer}[ia]; }}); }}",
+            f"sb[] = {{{', '.join('0' * full)}}}; "
+            f"MC_BROADCAST({full}, d, sa, sb, {{ {out.buffer}[io] = {x.buffer}[ia]; }}); }}",
         )
 
     # -- the whole program ----------------------------------------------------------------------

@@ -521,7 +521,7 @@ def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarr
             master_key=bytes(32),
             key_spec={"provider": "keyfile", "kdf": None},
             scheme="split",
-            sections=[SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave")],
+            sections=[SectionSource("private", len(private_bytes), lambda data=private_bytes: [data], key="enclave")],
             extra={"policy": {"output": "scores"}},
             enclave_key=ENCLAVE_KEY,
             enclave_key_spec={"provider": "keyfile"},

@@ -198,13 +198,16 @@ class EnclaveConfig:
     """How the host starts a split bundle's enclave; the enclave reads its key itself.
 
     Exactly one of `key_file` and `key_env`: the host process passes the enclave a path or a
-    variable name, never the key. `timeout` bounds each request in seconds.
+    variable name, never the key. `timeout` bounds each request in seconds. `command` starts
+    another enclave program instead of `python -m modelcloak.enclave`, such as the bundle's
+    native enclave (`modelcloak.native.NativeBuild.command()`).
     """
 
     key_file: Path | None = None
     key_env: str | None = None
     threads: int | None = None
     timeout: float = 10.0
+    command: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.key_file is None) == (self.key_env is None):
@@ -213,6 +216,8 @@ class EnclaveConfig:
             )
         if self.key_file is not None:
             object.__setattr__(self, "key_file", Path(self.key_file))
+        if self.command is not None:
+            object.__setattr__(self, "command", tuple(str(part) for part in self.command))
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise LoadOptionError("enclave threads must be a positive integer", parameter="enclave.threads")
         if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:
@@ -315,7 +320,7 @@ class LoadOptions:
         current.update(settings)
         enclave = {k: v for k, v in enclave.items() if v is not None}
         if enclave:
-            unknown_enclave = sorted(set(enclave) - {"key_file", "key_env", "threads", "timeout"})
+            unknown_enclave = sorted(set(enclave) - {f.name for f in fields(EnclaveConfig)})
             if unknown_enclave:
                 raise LoadOptionError(f"unknown load option 'enclave_{unknown_enclave[0]}'", parameter="enclave")
             if {"key_file", "key_env"} & set(enclave):

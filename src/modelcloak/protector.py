@@ -52,6 +52,7 @@ def protect(
     enclave_key: KeyProvider | None = None,
     lock: LockOptions | Sequence[DeviceLockKey] | None = None,
     fhe: FheOptions | Mapping[str, Any] | None = None,
+    native_enclave: str | Path | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -68,6 +69,9 @@ def protect(
       then locks the public part.
     - `lock`: `lock` (a `LockOptions`, or just the devices' exported `DeviceLockKey`s).
     - `fhe`: `cut` (the private part after it must be a dense stack) and `fhe` (`FheOptions`).
+
+    `native_enclave` (split): a directory in which the private part's native C enclave is
+    generated and compiled (docs/NATIVE.md); a private part it cannot run is refused up front.
     """
     request = ProtectRequest(
         cut=CutSelector.coerce(cut) if cut is not None else None,
@@ -75,6 +79,7 @@ def protect(
         enclave_key=enclave_key,
         lock=LockOptions.coerce(lock) if lock is not None else None,
         fhe=FheOptions.coerce(fhe) if fhe is not None else None,
+        native_enclave=Path(native_enclave) if native_enclave is not None else None,
     )
     chosen = schemes.get(scheme)
     chosen.check(request)
@@ -114,6 +119,8 @@ def protect(
                 buffer.close()
         for step in plan.cleanup + (plan.on_failure if failed else []):
             step()
+    for finish in plan.after_write:
+        finish(Path(out))
     return written
 
 

@@ -46,9 +46,11 @@ class ProtectRequest:
     enclave_key: KeyProvider | None = None
     lock: LockOptions | None = None
     fhe: FheOptions | None = None
+    native_enclave: Path | None = None  # split: where to build the private part's native enclave
 
     def given(self) -> list[str]:
-        return [name for name in ("cut", "policy", "enclave_key", "lock", "fhe") if getattr(self, name) is not None]
+        names = ("cut", "policy", "enclave_key", "lock", "fhe", "native_enclave")
+        return [name for name in names if getattr(self, name) is not None]
 
 
 @dataclass
@@ -57,7 +59,8 @@ class BundlePlan:
 
     `enclave_key` is the provider of the key that seals sections whose key scope is "enclave".
     `cleanup` runs once the bundle is written or has failed; `on_failure` only when it failed
-    (it removes what must not outlive a missing bundle, such as the owner's FHE secret).
+    (it removes what must not outlive a missing bundle, such as the owner's FHE secret);
+    `after_write` gets the written bundle's path (a native enclave is bound to its header).
     """
 
     sections: list[SectionSource]
@@ -65,6 +68,7 @@ class BundlePlan:
     enclave_key: KeyProvider | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     on_failure: list[Callable[[], None]] = field(default_factory=list)
+    after_write: list[Callable[[Path], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +115,7 @@ def refuse_unless(
             "policy": "scheme 'split'",
             "fhe": "scheme 'fhe'",
             "lock": "schemes 'lock' and 'split'",
+            "native_enclave": "scheme 'split'",
         }[name]
         raise OptionError(f"`{name}` only applies to {where}, not {scheme!r}", parameter=name)
     for name in sorted(set(required) - given):

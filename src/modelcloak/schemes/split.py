@@ -55,7 +55,10 @@ class SplitScheme:
 
     def check(self, request: ProtectRequest) -> None:
         refuse_unless(
-            request, self.name, allowed={"cut", "policy", "enclave_key", "lock"}, required={"cut", "enclave_key"}
+            request,
+            self.name,
+            allowed={"cut", "policy", "enclave_key", "lock", "native_enclave"},
+            required={"cut", "enclave_key"},
         )
 
     def build(self, model: onnx.ModelProto, request: ProtectRequest, base_dir: Path | None) -> BundlePlan:
@@ -63,11 +66,24 @@ class SplitScheme:
         public, private, chosen = cut_model(model, request)
         private_bytes = private.SerializeToString()
         del private
+        after_write = []
+        if request.native_enclave is not None:
+            from modelcloak.native import build_for_bundle, check_private_part
+
+            check_private_part(private_bytes)  # an op it cannot run is refused before anything is written
+            target = request.native_enclave
+
+            def build_native(bundle: Path) -> None:
+                build_for_bundle(bundle, private_bytes, target)  # bound to the written header
+
+            after_write.append(build_native)
         sections, manifest, cleanup = part_sections(public, "public.", None, request.lock)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
         manifest["policy"] = policy.to_json()
         manifest["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
-        return BundlePlan(sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup)
+        return BundlePlan(
+            sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup, after_write=after_write
+        )
 
     def open(self, bundle: Bundle, context: OpenContext) -> SplitSession:
         import time
@@ -83,7 +99,7 @@ class SplitScheme:
         runner = open_graph(bundle, context.key, "public.", context.report, context.options, lock=lock)
         header, private = bundle.header, bundle.section_ciphertext("private")
         mark = time.perf_counter()
-        enclave = EnclaveClient()
+        enclave = EnclaveClient(command=list(config.command) if config.command else None)
         try:
             enclave.start(config.key_arguments(), threads=config.threads)
             enclave.load(header, private, timeout=max(config.timeout, 30.0))

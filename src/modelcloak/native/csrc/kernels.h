@@ -1,0 +1,204 @@
+/* Compute kernels of the native enclave, included by the generated model.c.
+ *
+ * Plain C99 plus GCC/Clang vector types (8 floats; the compiler maps them to AVX/AVX2/AVX-512 or
+ * to pairs of NEON registers). The dense kernel is register-blocked: 4 rows x 16 columns of
+ * accumulators stay in registers while the weights stream from a panel layout packed at LOAD.
+ */
+#ifndef MC_KERNELS_H
+#define MC_KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float mc_v8 __attribute__((vector_size(32)));
+typedef float mc_v8u __attribute__((vector_size(32), aligned(4)));   /* unaligned access */
+
+#define MC_PANEL 16
+
+static inline size_t mc_panels(int m) { return (size_t)(m + MC_PANEL - 1) / MC_PANEL; }
+
+/* Pack w ([K][M] row-major, or [M][K] when transposed) into panels of 16 columns:
+ * panel p holds, for k = 0..K-1, the 16 values w[k][16p .. 16p+15] (zero beyond M). */
+static inline void mc_pack(float *restrict out, const float *restrict w, int K, int M, int transposed, float scale) {
+    for (size_t p = 0; p < mc_panels(M); p++)
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < MC_PANEL; j++) {
+                int col = (int)p * MC_PANEL + j;
+                float v = col < M ? (transposed ? w[(size_t)col * K + k] : w[(size_t)k * M + col]) : 0.f;
+                out[(p * (size_t)K + (size_t)k) * MC_PANEL + (size_t)j] = v * scale;
+            }
+}
+
+static inline mc_v8 mc_splat(float a) { return (mc_v8){a, a, a, a, a, a, a, a}; }
+
+/* y[r][j] = bias_col[j] + bias_row[r] + sum_k x[r][k] * w[k][j] for r < rows, j < M.
+ * x: rows x K (row stride ldx), w: packed panels, y: rows x M (row stride ldy); either bias may be NULL. */
+static inline void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict w,
+                    const float *restrict bias_col, const float *restrict bias_row, float *restrict y, size_t ldy) {
+    for (size_t p = 0; p < mc_panels(M); p++) {
+        const float *panel = w + p * (size_t)K * MC_PANEL;
+        int j0 = (int)p * MC_PANEL, cols = M - j0 < MC_PANEL ? M - j0 : MC_PANEL;
+        mc_v8 b0 = mc_splat(0.f), b1 = mc_splat(0.f);
+        if (bias_col) {
+            float tmp[MC_PANEL] = {0};
+            memcpy(tmp, bias_col + j0, (size_t)cols * sizeof(float));
+            b0 = *(const mc_v8u *)tmp, b1 = *(const mc_v8u *)(tmp + 8);
+        }
+        int r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            const float *x0 = x + (size_t)r * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            mc_v8 a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
+            if (bias_row) {
+                a00 += bias_row[r], a01 += bias_row[r], a10 += bias_row[r + 1], a11 += bias_row[r + 1];
+                a20 += bias_row[r + 2], a21 += bias_row[r + 2], a30 += bias_row[r + 3], a31 += bias_row[r + 3];
+            }
+            for (int k = 0; k < K; k++) {
+                mc_v8 w0 = *(const mc_v8u *)(panel + (size_t)k * MC_PANEL);
+                mc_v8 w1 = *(const mc_v8u *)(panel + (size_t)k * MC_PANEL + 8);
+                mc_v8 s;
+                s = mc_splat(x0[k]), a00 += s * w0, a01 += s * w1;
+                s = mc_splat(x1[k]), a10 += s * w0, a11 += s * w1;
+                s = mc_splat(x2[k]), a20 += s * w0, a21 += s * w1;
+                s = mc_splat(x3[k]), a30 += s * w0, a31 += s * w1;
+            }
+            float out[4][MC_PANEL];
+            *(mc_v8u *)out[0] = a00, *(mc_v8u *)(out[0] + 8) = a01, *(mc_v8u *)out[1] = a10, *(mc_v8u *)(out[1] + 8) = a11;
+            *(mc_v8u *)out[2] = a20, *(mc_v8u *)(out[2] + 8) = a21, *(mc_v8u *)out[3] = a30, *(mc_v8u *)(out[3] + 8) = a31;
+            for (int i = 0; i < 4; i++) memcpy(y + (size_t)(r + i) * ldy + j0, out[i], (size_t)cols * sizeof(float));
+        }
+        for (; r < rows; r++) {   /* leftover rows: two accumulator pairs hide the FMA latency */
+            const float *x0 = x + (size_t)r * ldx;
+            float br = bias_row ? bias_row[r] : 0.f;
+            mc_v8 a0 = b0 + br, a1 = b1 + br, c0 = mc_splat(0.f), c1 = mc_splat(0.f);
+            int k = 0;
+            for (; k + 2 <= K; k += 2) {
+                const float *w = panel + (size_t)k * MC_PANEL;
+                mc_v8 s = mc_splat(x0[k]), t = mc_splat(x0[k + 1]);
+                a0 += s * *(const mc_v8u *)w, a1 += s * *(const mc_v8u *)(w + 8);
+                c0 += t * *(const mc_v8u *)(w + 16), c1 += t * *(const mc_v8u *)(w + 24);
+            }
+            for (; k < K; k++) {
+                mc_v8 s = mc_splat(x0[k]);
+                a0 += s * *(const mc_v8u *)(panel + (size_t)k * MC_PANEL);
+                a1 += s * *(const mc_v8u *)(panel + (size_t)k * MC_PANEL + 8);
+            }
+            float out[MC_PANEL];
+            *(mc_v8u *)out = a0 + c0, *(mc_v8u *)(out + 8) = a1 + c1;
+            memcpy(y + (size_t)r * ldy + j0, out, (size_t)cols * sizeof(float));
+        }
+    }
+}
+
+/* Softmax over `axis` of length `len` for `outer` x `inner` positions (inner = elements after the axis). */
+static inline void mc_softmax(size_t outer, size_t len, size_t inner, const float *restrict x, float *restrict y) {
+    for (size_t o = 0; o < outer; o++)
+        for (size_t i = 0; i < inner; i++) {
+            const float *in = x + o * len * inner + i;
+            float *out = y + o * len * inner + i;
+            float top = -INFINITY, sum = 0.f;
+            for (size_t c = 0; c < len; c++) top = fmaxf(top, in[c * inner]);
+            for (size_t c = 0; c < len; c++) sum += out[c * inner] = expf(in[c * inner] - top);
+            for (size_t c = 0; c < len; c++) out[c * inner] /= sum;
+        }
+}
+
+/* Walk every index of an output of `rank` dims (dims[0] is the batch), giving the element offsets
+ * of two broadcast inputs (stride 0 on broadcast axes). The generator only uses this where no
+ * simpler loop fits. */
+#define MC_BROADCAST(rank, dims, as, bs, BODY)                                                  \
+    do {                                                                                        \
+        int64_t idx_[MC_MAX_RANK + 1] = {0};                                                    \
+        size_t ia = 0, ib = 0, io = 0, total_ = 1;                                              \
+        for (int d_ = 0; d_ < (rank); d_++) total_ *= (size_t)(dims)[d_];                       \
+        for (io = 0; io < total_; io++) {                                                       \
+            BODY;                                                                               \
+            for (int d_ = (rank)-1; d_ >= 0; d_--) {                                            \
+                ia += (size_t)(as)[d_], ib += (size_t)(bs)[d_];                                 \
+                if (++idx_[d_] < (dims)[d_]) break;                                             \
+                ia -= (size_t)(as)[d_] * (size_t)(dims)[d_], ib -= (size_t)(bs)[d_] * (size_t)(dims)[d_]; \
+                idx_[d_] = 0;                                                                   \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+/* Geometry of one 2-D window op (1-D ops use h = kh = 1): input c x h x w, output oh x ow. */
+typedef struct {
+    int c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow;
+} mc_window;
+
+/* im2col straight into the dense kernel's panel layout: k = (ci, ky, kx), column = (oy, ox). */
+static inline void mc_im2col(const mc_window *g, const float *restrict x, float *restrict out) {
+    int K = g->c * g->kh * g->kw, P = g->oh * g->ow;
+    for (size_t p = 0; p < mc_panels(P); p++)
+        for (int k = 0; k < K; k++) {
+            int ci = k / (g->kh * g->kw), ky = k / g->kw % g->kh, kx = k % g->kw;
+            float *dst = out + (p * (size_t)K + (size_t)k) * MC_PANEL;
+            for (int j = 0; j < MC_PANEL; j++) {
+                int col = (int)p * MC_PANEL + j, oy = col / g->ow, ox = col % g->ow;
+                int iy = oy * g->sh - g->pt + ky * g->dh, ix = ox * g->sw - g->pl + kx * g->dw;
+                dst[j] = col < P && iy >= 0 && iy < g->h && ix >= 0 && ix < g->w
+                             ? x[((size_t)ci * g->h + (size_t)iy) * g->w + (size_t)ix] : 0.f;
+            }
+        }
+}
+
+/* Depthwise convolution (one filter per channel): direct loops, interior without bounds checks. */
+static inline void mc_depthwise(const mc_window *g, const float *restrict x, const float *restrict wt,
+                                const float *restrict bias, float *restrict y) {
+    for (int c = 0; c < g->c; c++) {
+        const float *xc = x + (size_t)c * g->h * g->w, *wc = wt + (size_t)c * g->kh * g->kw;
+        float *yc = y + (size_t)c * g->oh * g->ow;
+        for (int oy = 0; oy < g->oh; oy++)
+            for (int ox = 0; ox < g->ow; ox++) {
+                float acc = bias ? bias[c] : 0.f;
+                int iy0 = oy * g->sh - g->pt, ix0 = ox * g->sw - g->pl;
+                for (int ky = 0; ky < g->kh; ky++) {
+                    int iy = iy0 + ky * g->dh;
+                    if (iy < 0 || iy >= g->h) continue;
+                    for (int kx = 0; kx < g->kw; kx++) {
+                        int ix = ix0 + kx * g->dw;
+                        if (ix >= 0 && ix < g->w) acc += xc[(size_t)iy * g->w + (size_t)ix] * wc[ky * g->kw + kx];
+                    }
+                }
+                yc[(size_t)oy * g->ow + (size_t)ox] = acc;
+            }
+    }
+}
+
+/* Pooling: mode 0 max, 1 average counting padding, 2 average over the window's valid cells. */
+static inline void mc_pool(const mc_window *g, int mode, const float *restrict x, float *restrict y) {
+    for (int c = 0; c < g->c; c++)
+        for (int oy = 0; oy < g->oh; oy++)
+            for (int ox = 0; ox < g->ow; ox++) {
+                float acc = mode == 0 ? -INFINITY : 0.f;
+                int valid = 0;
+                for (int ky = 0; ky < g->kh; ky++) {
+                    int iy = oy * g->sh - g->pt + ky * g->dh;
+                    for (int kx = 0; kx < g->kw; kx++) {
+                        int ix = ox * g->sw - g->pl + kx * g->dw;
+                        if (iy < 0 || iy >= g->h || ix < 0 || ix >= g->w) continue;
+                        float v = x[((size_t)c * g->h + (size_t)iy) * g->w + (size_t)ix];
+                        acc = mode == 0 ? (v > acc || isnan(v) ? v : acc) : acc + v;
+                        valid++;
+                    }
+                }
+                if (mode == 1) acc /= (float)(g->kh * g->kw);
+                if (mode == 2) acc /= (float)(valid ? valid : 1);
+                y[((size_t)c * g->oh + (size_t)oy) * g->ow + (size_t)ox] = acc;
+            }
+}
+
+/* Reduce the middle axis of outer x len x inner: mode 0 mean, 1 max, 2 sum. */
+static inline void mc_reduce(size_t outer, size_t len, size_t inner, int mode, const float *restrict x, float *restrict y) {
+    for (size_t o = 0; o < outer; o++)
+        for (size_t i = 0; i < inner; i++) {
+            const float *in = x + o * len * inner + i;
+            float acc = mode == 1 ? -INFINITY : 0.f;
+            for (size_t c = 0; c < len; c++) acc = mode == 1 ? (in[c * inner] > acc || isnan(in[c * inner]) ? in[c * inner] : acc) : acc + in[c * inner];
+            y[o * inner + i] = mode == 0 ? acc / (float)len : acc;
+        }
+}
+
+#endif

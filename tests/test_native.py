@@ -50,7 +50,7 @@ from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts, find_cut, split_model
 from modelcloak.native import NativeError, build_for_header, check_supported
 from modelcloak.protector import protect
-from modelcloak.runtime import load
+from modelcloak.inference import load
 from modelcloak.runtime.enclave_client import EnclaveClient, EnclaveError
 
 
@@ -431,7 +431,7 @@ PROBE = """
 import os, sys
 import numpy as np
 from modelcloak.keys import KeyFile
-from modelcloak.runtime import load
+from modelcloak.inference import load
 bundle, host_key, enclave_key, binary, mode, private = sys.argv[1:7]
 leaked = open(private, "rb").read() if mode == "leak" else b""
 with load(bundle, key=KeyFile(host_key), enclave_key_file=enclave_key, enclave_command=[binary]) as session:

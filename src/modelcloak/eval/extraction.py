@@ -1,6 +1,6 @@
 """`modelcloak eval extraction`: how much of a split model a device operator can steal by querying.
 
-The attacker here is the device operator of DESIGN.md section 2, nothing more and nothing less:
+The attacker here is the device operator of docs/ARCHITECTURE.md ("Threat model"), nothing more and nothing less:
 they hold the bundle and its host key, so they run the public part in plaintext and see every
 boundary tensor (`SplitSession.boundary`); they may query the enclave (`enclave.infer`, the same
 call `SplitSession.run` makes) until its query budget stops them; the enclave answers only what

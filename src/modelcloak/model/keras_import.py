@@ -2,7 +2,7 @@
 
 Keras 3 runs on a PyTorch backend, where a loaded Keras model *is* a `torch.nn.Module`; the model
 is exported with `export_torch` (torch.export + torch's ONNX exporter), the same path PyTorch
-models take. Nothing downstream learns that the model came from Keras (DESIGN.md section 4).
+models take. Nothing downstream learns that the model came from Keras (docs/ARCHITECTURE.md, "The flow").
 
 Choices, and why:
 

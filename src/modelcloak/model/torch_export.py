@@ -1,6 +1,6 @@
 """Bring a PyTorch module into modelcloak as an ONNX graph.
 
-ONNX is the one intermediate form (DESIGN.md section 4): everything downstream (cut, protect,
+ONNX is the one intermediate form (docs/ARCHITECTURE.md, "The flow"): everything downstream (cut, protect,
 bundle, runtime) works on an `onnx.ModelProto` and never learns that the model came from PyTorch.
 torch is an optional extra, so it is imported inside the function, never at module level.
 

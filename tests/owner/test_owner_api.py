@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import make_mlp, reference_outputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import make_mlp, reference_outputs
 from postgres import database_fixture, postgres_cluster_fixture  # noqa: F401  (fixtures "database", "postgres_cluster")
 
 from modelcloak.keys import KeyFile, KeyProviderError, generate_key_file

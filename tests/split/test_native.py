@@ -2,12 +2,12 @@
 
 Real gcc, real libcrypto, real processes. Correctness is measured against onnxruntime on the
 whole model for every cut; the policy, budget, key, header and frame tests of the Python enclave
-(tests/test_enclave.py) are repeated against a native binary built for each sealed bundle; the
-host memory scan of tests/test_split_leaks.py is repeated with the native enclave, with its
+(tests/split/test_enclave.py) are repeated against a native binary built for each sealed bundle; the
+host memory scan of tests/split/test_split_leaks.py is repeated with the native enclave, with its
 negative control.
 """
 
-# The fixtures of tests/test_enclave.py are imported and then named as test arguments.
+# The fixtures of tests/split/test_enclave.py are imported and then named as test arguments.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ from test_split_leaks import _scan_memory
 from modelcloak.enclave import protocol
 from modelcloak.enclave.policy import OutputPolicy
 from modelcloak.enclave.protocol import ErrorCode, MsgType
+from modelcloak.inference import load
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import candidate_cuts, find_cut, split_model
 from modelcloak.native import NativeError, build_for_header, check_supported
 from modelcloak.protector import protect
-from modelcloak.inference import load
 from modelcloak.runtime.enclave_client import EnclaveClient, EnclaveError
 
 
@@ -444,7 +444,7 @@ with load(bundle, key=KeyFile(host_key), enclave_key_file=enclave_key, enclave_c
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs /proc")
 def test_private_weights_are_in_the_native_enclave_not_in_host_memory(tmp_path: Path) -> None:
-    from conftest import make_mlp
+    from models import make_mlp
 
     whole = make_mlp((64, 128, 256, 10), seed=21)
     _, private = split_model(whole, find_cut(whole, last=2))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import reference_outputs
+from models import reference_outputs
 
 
 def cli(

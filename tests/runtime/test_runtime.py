@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_mlp, reference_outputs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from models import make_mlp, reference_outputs
 
 from modelcloak import hygiene
 from modelcloak.bundle import SignatureError, TamperedError, WrongKeyError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_mlp
+from models import make_mlp
 
 from modelcloak.fhe import DenseProgram, EdgeEvaluator, OwnerDecryptor, protect_program
 

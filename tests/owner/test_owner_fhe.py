@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import make_mlp, reference_outputs
+from models import make_mlp, reference_outputs
 from postgres import database_fixture, postgres_cluster_fixture  # noqa: F401  (fixtures "database", "postgres_cluster")
 from test_owner_api import Backend
 

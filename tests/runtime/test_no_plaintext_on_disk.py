@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from modelcloak.keys import generate_key_file
 from modelcloak.protector import protect
 
-PROBE = Path(__file__).with_name("leak_probe.py")
+PROBE = Path(__file__).parents[1] / "support" / "leak_probe.py"
 CANARY_LENGTH = 32
 NODE_CANARY = "mcnode_7f3a9c_secret_layer"
 

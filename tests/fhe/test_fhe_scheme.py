@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import make_mlp, reference_outputs
+from models import make_mlp, reference_outputs
 
 pytest.importorskip("tenseal")
 

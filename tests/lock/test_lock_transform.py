@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import make_mlp, reference_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from models import make_mlp, reference_outputs
 from onnx import numpy_helper
 
 from modelcloak.lock import LockError, is_lockable, ks_distance, lock_weights, unlock_weights

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import split_models
 import swtpm
-from conftest import make_mlp, reference_outputs
+from models import make_mlp, reference_outputs
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcloak.inference import load

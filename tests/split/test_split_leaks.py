@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_mlp
+from models import make_mlp
 
 from modelcloak.keys import generate_key_file
 from modelcloak.model.cut import find_cut, split_model
 from modelcloak.protector import protect
 
-PROBE = Path(__file__).with_name("split_host_probe.py")
+PROBE = Path(__file__).parents[1] / "support" / "split_host_probe.py"
 CANARY = 32
 
 

@@ -45,7 +45,7 @@ from modelcloak.enclave.policy import (
 from modelcloak.enclave.protocol import ErrorCode, MsgType
 from modelcloak.runtime.enclave_client import EnclaveClient, EnclaveError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 ENCLAVE_DIR = SRC / "modelcloak" / "enclave"
 MODEL_KEY = bytes(range(32))
 ENCLAVE_KEY = bytes(range(100, 132))

@@ -7,9 +7,9 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import make_mlp, reference_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import make_mlp, reference_outputs
 
 from modelcloak.fhe import (
     MAX_LOG_Q,

@@ -31,7 +31,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcloak.bundle.container import Bundle, SectionSource, write_bundle
-from modelcloak.enclave import protocol, sealing
+from modelcloak.enclave import chunks, protocol
 from modelcloak.enclave.gramine import render_manifest
 from modelcloak.enclave.policy import (
     BudgetExhausted,
@@ -720,7 +720,7 @@ def forbidden_imports(source: str, module: str, is_package: bool = False) -> lis
 
 def test_enclave_package_imports_nothing_from_the_host_side() -> None:
     files = sorted(ENCLAVE_DIR.glob("*.py"))
-    assert {f.name for f in files} >= {"protocol.py", "policy.py", "sandbox.py", "server.py", "sealing.py"}
+    assert {f.name for f in files} >= {"protocol.py", "policy.py", "sandbox.py", "server.py", "chunks.py"}
     for path in files:
         module = "modelcloak.enclave" + ("" if path.stem == "__init__" else f".{path.stem}")
         assert forbidden_imports(path.read_text(), module, is_package=path.stem == "__init__") == [], path
@@ -744,7 +744,7 @@ def test_negative_control_the_import_check_catches_host_imports(source: str) -> 
 
 
 def test_negative_control_the_import_check_allows_the_enclave_package() -> None:
-    allowed = "from . import sealing\nfrom modelcloak.enclave.protocol import encode_frame\nimport numpy, json"
+    allowed = "from . import chunks\nfrom modelcloak.enclave.protocol import encode_frame\nimport numpy, json"
     assert forbidden_imports(allowed, "modelcloak.enclave.server") == []
 
 
@@ -780,7 +780,7 @@ def test_enclave_can_dial_the_host_over_tcp(key_file: Path) -> None:
                 length, msg_type, _ = protocol.decode_header(head)
                 hello = protocol.decode_hello(conn.recv(length - 9, socket.MSG_WAITALL))
                 assert msg_type == MsgType.HELLO
-                assert hello.key_id == sealing.derive(ENCLAVE_KEY, b"", "key-id", 8).hex()
+                assert hello.key_id == chunks.derive(ENCLAVE_KEY, b"", "key-id", 8).hex()
                 conn.sendall(protocol.encode_frame(MsgType.SHUTDOWN, 1))
                 assert protocol.decode_header(conn.recv(13, socket.MSG_WAITALL))[1] == MsgType.BYE
             assert proc.wait(timeout=10) == 0

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelcloak.bundle.errors import TamperedError
-from modelcloak.enclave import sealing
-from modelcloak.enclave.sealing import KEY_SIZE, TAG_SIZE, chunk_count, ciphertext_size, derive
+from modelcloak.enclave import chunks
+from modelcloak.enclave.chunks import KEY_SIZE, TAG_SIZE, chunk_count, ciphertext_size, derive
 
 __all__ = [
     "KEY_SIZE",
@@ -67,10 +67,10 @@ def encrypt_section(
     index = 0
     for index, chunk in enumerate(_rechunk(pieces, chunk_size)):
         produced += len(chunk)
-        ad = sealing.associated_data(manifest_digest, section_index, index, index == total - 1)
-        yield aead.encrypt(sealing.nonce(index), bytes(chunk) if isinstance(chunk, memoryview) else chunk, ad)
+        ad = chunks.associated_data(manifest_digest, section_index, index, index == total - 1)
+        yield aead.encrypt(chunks.nonce(index), bytes(chunk) if isinstance(chunk, memoryview) else chunk, ad)
     if size == 0:
-        yield aead.encrypt(sealing.nonce(0), b"", sealing.associated_data(manifest_digest, section_index, 0, True))
+        yield aead.encrypt(chunks.nonce(0), b"", chunks.associated_data(manifest_digest, section_index, 0, True))
         return
     if produced != size or index != total - 1:
         raise ValueError(f"section plaintext was {produced} bytes, the manifest announced {size}")
@@ -87,8 +87,8 @@ def decrypt_section_into(
 ) -> None:
     """The enclave's chunk decryption, with failures reported as the bundle room's TamperedError."""
     try:
-        sealing.decrypt_section_into(
+        chunks.decrypt_section_into(
             section_key, manifest_digest, section_index, section_name, read_ciphertext, out, chunk_size
         )
-    except sealing.ChunkAuthenticationError as exc:
+    except chunks.ChunkAuthenticationError as exc:
         raise TamperedError(str(exc)) from None

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelcloak.enclave import chunks, protocol, sandbox
 from modelcloak.enclave import policy as policy_mod
-from modelcloak.enclave import protocol, sandbox, sealing
 from modelcloak.enclave.policy import Meter, OutputPolicy, PolicyError, PolicyRefusal
 from modelcloak.enclave.protocol import ErrorCode, MsgType, ProtocolError, TensorSpec
 
@@ -54,7 +54,7 @@ _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 
 def key_id(key: bytes) -> str:
     """The public id of a key, the same derivation the host uses (docs/FORMAT.md, "Keys")."""
-    return sealing.derive(key, b"", "key-id", 8).hex()
+    return chunks.derive(key, b"", "key-id", 8).hex()
 
 
 class Refusal(Exception):
@@ -192,7 +192,7 @@ class _LoadStream:
         return memoryview(frame.payload)
 
     def read_into(self, offset: int, destination: memoryview) -> None:
-        """`sealing.decrypt_section_into`'s reader: offsets arrive in order, chunk after chunk."""
+        """`chunks.decrypt_section_into`'s reader: offsets arrive in order, chunk after chunk."""
         if offset != self.consumed:
             raise Refusal(ErrorCode.INTERNAL, "ciphertext requested out of order")
         filled = 0
@@ -427,18 +427,18 @@ class EnclaveServer:
         if self._session is not None or self._key is None:
             raise Refusal(ErrorCode.BAD_STATE, "a model is already loaded; start a new enclave for another bundle")
         sealed = parse_header(header, self.key_id)
-        expected = sealing.ciphertext_size(sealed.size, sealed.chunk_size)
+        expected = chunks.ciphertext_size(sealed.size, sealed.chunk_size)
         if stream.total != expected:
             raise Refusal(
                 ErrorCode.BAD_HEADER,
                 f"LOAD declares {stream.total} ciphertext bytes; section {sealed.name!r} needs {expected}",
             )
-        section_key = sealing.derive(self._key.key(), sealed.salt, "section/" + sealed.name)
+        section_key = chunks.derive(self._key.key(), sealed.salt, "section/" + sealed.name)
         buffer = _private_mapping(sealed.size)
         try:
             with memoryview(buffer) as whole, whole[: sealed.size] as view:
                 try:
-                    sealing.decrypt_section_into(
+                    chunks.decrypt_section_into(
                         section_key,
                         sealed.manifest_digest,
                         sealed.index,
@@ -447,7 +447,7 @@ class EnclaveServer:
                         view,
                         sealed.chunk_size,
                     )
-                except sealing.ChunkAuthenticationError as exc:
+                except chunks.ChunkAuthenticationError as exc:
                     raise Refusal(
                         ErrorCode.AUTH_FAILED,
                         f"the private section failed authentication at chunk {exc.index} of {exc.total}: the "

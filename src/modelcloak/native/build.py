@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from modelcloak.bundle.container import Bundle
+from modelcloak.enclave import chunks, protocol
 from modelcloak.enclave import policy as policy_mod
-from modelcloak.enclave import protocol, sealing
 from modelcloak.enclave.protocol import NO_LIMIT, TensorSpec
 from modelcloak.native import codegen
 from modelcloak.native.errors import NativeError
@@ -221,12 +221,12 @@ def build_from_bundle(bundle_path: str | Path, enclave_key_file: str | Path, out
         if key_id(bytes(key)) != expected:
             raise NativeError(f"wrong enclave key: the bundle was sealed for enclave key id {expected}")
         salt = bundle.manifest.salt
-        section_key = sealing.derive(bytes(key), salt, "section/" + entries[0].name)
+        section_key = chunks.derive(bytes(key), salt, "section/" + entries[0].name)
         key[:] = bytes(len(key))
         ciphertext = bundle.section_ciphertext(entries[0].name)
         plain = bytearray(entries[0].size)
         try:
-            sealing.decrypt_section_into(
+            chunks.decrypt_section_into(
                 section_key,
                 hashlib.sha256(header).digest(),
                 bundle.section_index(entries[0].name),
@@ -235,7 +235,7 @@ def build_from_bundle(bundle_path: str | Path, enclave_key_file: str | Path, out
                 memoryview(plain),
                 bundle.manifest.chunk_size,
             )
-        except sealing.ChunkAuthenticationError as exc:
+        except chunks.ChunkAuthenticationError as exc:
             raise NativeError(f"cannot decrypt the private part: {exc}") from None
     try:
         return build_for_bundle(bundle_path, bytes(plain), out_dir)

@@ -301,7 +301,7 @@ static const char *read_key(const char *file, const char *env, char *why, size_t
     return NULL;
 }
 
-/* HKDF-SHA256 as in sealing.derive: info "modelcloak/v1/<label>". An empty salt is HMAC'd as
+/* HKDF-SHA256 as in enclave/chunks.py derive: info "modelcloak/v1/<label>". An empty salt is HMAC'd as
  * HashLen zero bytes (RFC 5869), which is what HMAC does with an empty key. */
 static int hkdf(const unsigned char *salt, size_t salt_len, const char *info, unsigned char *out, size_t out_len) {
     static const unsigned char zeros[32];

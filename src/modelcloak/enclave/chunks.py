@@ -1,4 +1,4 @@
-"""The sealed-chunk primitives of the bundle format (docs/FORMAT.md), owned by the trusted side.
+"""The chunk AEAD of the bundle format (docs/FORMAT.md): keys, nonces, encrypt and decrypt, owned by the trusted side.
 
 They live here, not in `modelcloak.bundle`, because the enclave must open its own section without
 importing host code; the host's bundle room imports these same functions, so there is one

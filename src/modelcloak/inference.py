@@ -153,7 +153,6 @@ class InferenceSession:
     ) -> None:
         if providers is not None:
             settings["providers"] = tuple(providers)
-        self._bundle = str(bundle)
         self.session: Session = load(bundle, key=key, options=options, **settings)
 
     @property

@@ -274,10 +274,6 @@ class Bundle:
     def signed(self) -> bool:
         return self.manifest.signer_public_key is not None
 
-    def signer_fingerprint(self) -> str | None:
-        key = self.manifest.signer_public_key
-        return signing.fingerprint(key) if key else None
-
     def _digest(self, start: int, length: int) -> bytes:
         digest = hashlib.sha256()
         block = bytearray(min(length, _HASH_BLOCK))

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoadReport:
-    """What happened while loading (`session.report`): signer, key, timings, buffer protections; used by the benchmarks."""
+    """What happened while loading (`session.report`): signer, key, timings, buffer protections."""
 
     signer: str | None = None
     key_id: str = ""

@@ -111,6 +111,7 @@ class OpenVinoBackend:
     """
 
     def __init__(self, graph: onnx.ModelProto, weights: memoryview, *, device: str, cache_policy: str) -> None:
+        cacheguard.block_openvino_telemetry(cache_policy)
         try:
             import openvino as ov
         except ImportError:

@@ -56,6 +56,8 @@ def _key_provider(key_file: Path | None, key_env: str | None, passphrase_env: st
         if not value:
             raise KeyProviderError(f"environment variable {passphrase_env} is not set")
         return Passphrase(value)
+    if not sys.stdin.isatty():
+        raise KeyProviderError("--passphrase prompts on a terminal and there is none; use --passphrase-env VAR")
     return Passphrase(typer.prompt("Passphrase", hide_input=True))
 
 
@@ -230,18 +232,9 @@ def _owner_key(
 
 
 def _load_inputs(path: Path) -> dict[str, Any] | Any:
-    import numpy as np
+    from modelcloak.cli.run_io import load_inputs
 
-    if not path.exists():
-        raise ModelcloakError(f"input file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ModelcloakError(f"{path} is not a readable .npy/.npz file ({exc})") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        return {name: loaded[name] for name in loaded.files}
+    return load_inputs(path)
 
 
 @app.command()
@@ -261,7 +254,10 @@ def run(
         typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime.")] = None,
+    cast: Annotated[
+        bool, typer.Option("--cast", help="Convert inputs to the model's types (never wraps integers).")
+    ] = False,
     enclave_key_file: Annotated[
         Optional[Path], typer.Option("--enclave-key-file", help="split bundles: the enclave's key file.")
     ] = None,
@@ -301,11 +297,12 @@ def run(
     """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
     import numpy as np
 
+    from modelcloak.cli.run_io import check_output_path, save_outputs
     from modelcloak.runtime import load
 
     feeds = _load_inputs(inputs)
-    if output is not None and output.suffix != ".npz":
-        raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
+    if output is not None:
+        check_output_path(output)
     owner_key = None
     if owner_url is not None:
         if key_file or key_env or passphrase_env or passphrase:
@@ -346,10 +343,14 @@ def run(
             return
         if fhe_result is not None or encrypt_features:
             raise ModelcloakError("--fhe-result and --encrypt-features apply to fhe bundles only")
+        if cast:
+            from modelcloak.runtime.feeds import cast_feeds
+
+            feeds = cast_feeds(feeds, session.manifest.get("model", {}).get("inputs", []))
         results = session.run(feeds)
     if output is not None:
-        np.savez(output, **results)
-        out.print(f"wrote {len(results)} output(s) to {output}")
+        written = save_outputs(output, results)
+        out.print(f"wrote {written} output(s) to {output}")
         return
     for name, value in results.items():
         out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")

@@ -40,6 +40,7 @@ __all__ = [
     "mapping_flags",
     "mapping_name",
     "memory_capabilities",
+    "remove_environment_variable",
     "secret_buffer",
     "weights_buffer",
 ]
@@ -477,3 +478,46 @@ def memory_capabilities() -> dict[str, bool | int]:
         caps["prctl"] = dumpable is not None
         caps["non_dumpable"] = dumpable == 0
     return caps
+
+
+def _initial_environment_block() -> tuple[int, int] | None:
+    """(env_start, env_end): where the kernel keeps this process's initial environment strings.
+
+    That block is what /proc/PID/environ shows; unsetenv(3) only drops a pointer to it.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        return int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5), counted after "comm"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def remove_environment_variable(name: str) -> str | None:
+    """Remove `name` from the environment and wipe it from the initial environment block.
+
+    A secret passed in a variable is otherwise inherited by every child process and stays readable
+    in /proc/PID/environ for the life of the process. Returns the value (None if unset). The wipe
+    covers the block the process started with; a value set later by this process lives only in
+    the C environment, which `os.environ.pop` already cleared.
+    """
+    value = os.environ.pop(name, None)
+    if value is None or not _IS_LINUX:
+        return value
+    block = _initial_environment_block()
+    if block is None:
+        return value
+    start, end = block
+    try:
+        with open("/proc/self/environ", "rb") as handle:
+            initial = handle.read()
+    except OSError:
+        return value
+    offset = 0
+    prefix = name.encode() + b"="
+    for entry in initial.split(b"\0"):
+        address = start + offset
+        if entry.startswith(prefix) and address + len(entry) <= end and ctypes.string_at(address, len(entry)) == entry:
+            ctypes.memset(address, 0, len(entry))
+        offset += len(entry) + 1
+    return value

@@ -90,6 +90,7 @@ def enabling_environment(root: Path) -> dict[str, str]:
         "MESA_GLSL_CACHE_DIR": p("mesa-old"),
         "__GL_SHADER_DISK_CACHE": "1",
         "__GL_SHADER_DISK_CACHE_PATH": p("glcache"),
+        "ORT_DISABLE_TELEMETRY": "0",
     }
 
 
@@ -139,6 +140,7 @@ EXPECTED_AFTER_OVERRIDE: dict[str, str | None] = {
     "MESA_GLSL_CACHE_DIR": None,
     "__GL_SHADER_DISK_CACHE": "0",
     "__GL_SHADER_DISK_CACHE_PATH": None,
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 
 # Caches that are on unless a variable switches them off: override sets these on an empty
@@ -158,6 +160,7 @@ DEFAULT_ON = {
     "ZE_INTEL_NPU_CACHE_DIR": "",
     "MESA_SHADER_CACHE_DISABLE": "true",
     "__GL_SHADER_DISK_CACHE": "0",
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 
 

@@ -7,6 +7,7 @@ model) and must be caught by the same scan; without it a scan that finds nothing
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from libenv import build_shim, static_names, switched_on, traced_names
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcloak.keys import generate_key_file
@@ -56,7 +58,7 @@ def _model_with_canaries(seed: int = 7):
     return model, canaries
 
 
-def _cache_enabling_environment(tree: Path) -> dict[str, str]:
+def _cache_enabling_environment(tree: Path, switches: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -82,7 +84,23 @@ def _cache_enabling_environment(tree: Path) -> dict[str, str]:
         TRITON_CACHE_DIR=str(tree / "triton"),
         PYTHONDONTWRITEBYTECODE="1",
     )
+    env.update(switches or {})
     return env
+
+
+@pytest.fixture(scope="module")
+def library_switches(tmp_path_factory) -> set[str]:
+    """Every variable the shipped libraries read (getenv trace of both backends) or name in their binaries."""
+    root = tmp_path_factory.mktemp("switches")
+    model, _ = _model_with_canaries()
+    key = generate_key_file(root / "model.key")
+    protect(model, root / "model.mcb", key=key)
+    names = static_names()
+    shim = build_shim(root)
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "onnxruntime" or importlib.util.find_spec("openvino") is not None:
+            names |= traced_names(shim, root / "model.mcb", key.path, backend, root, dict(os.environ))
+    return names
 
 
 def _written_files(trace: Path) -> set[Path]:
@@ -114,7 +132,10 @@ def _leaks(files: set[Path], canaries: list[bytes]) -> dict[str, int]:
     return found
 
 
-def _run_traced(tmp_path: Path, backend: str, policy: str, optimized: bool) -> tuple[dict[str, int], set[Path]]:
+def _run_traced(
+    tmp_path: Path, backend: str, policy: str, optimized: bool, switches: set[str] | None = None
+) -> tuple[dict[str, int], set[Path], set[Path]]:
+    """Leaks found, files written (strace), and every file left in the device's tree."""
     if shutil.which("strace") is None:
         if os.environ.get("MODELCLOAK_REQUIRE_ALL"):
             pytest.fail("strace is required for this test (.ci/run installs it)")
@@ -126,7 +147,7 @@ def _run_traced(tmp_path: Path, backend: str, policy: str, optimized: bool) -> t
     bundle = owner / "model.mcb"
     protect(model, bundle, key=key)
     tree = tmp_path / "device"
-    env = _cache_enabling_environment(tree)
+    env = _cache_enabling_environment(tree, switched_on(switches or set(), tree))
     trace = tmp_path / "strace.log"
     command = [
         "strace",
@@ -152,21 +173,40 @@ def _run_traced(tmp_path: Path, backend: str, policy: str, optimized: bool) -> t
     assert str(bundle) in trace.read_text(errors="replace"), "strace did not record the probe's file opens"
     written = _written_files(trace)
     everything_in_tree = {p for p in tree.rglob("*") if p.is_file()}
-    return _leaks(written | everything_in_tree, canaries), written
+    return _leaks(written | everything_in_tree, canaries), written, everything_in_tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_sealed_model_leaves_no_plaintext_on_disk(tmp_path, backend):
+def test_sealed_model_leaves_no_plaintext_on_disk(tmp_path, backend, library_switches):
+    """Every cache on and every variable the libraries read switched on: nothing reaches disk."""
     if backend == "openvino":
         pytest.importorskip("openvino")
-    leaks, _ = _run_traced(tmp_path, backend, "override", optimized=(backend == "onnxruntime"))
+    assert {"OV_ENABLE_SERIALIZE_TRACING", "ONEDNN_JIT_DUMP", "ORT_DISABLE_TELEMETRY"} <= library_switches
+    leaks, _, left = _run_traced(
+        tmp_path, backend, "override", optimized=(backend == "onnxruntime"), switches=library_switches
+    )
     assert leaks == {}, f"plaintext model bytes found on disk: {leaks}"
+    # Not a byte of anything: no telemetry database, no tracing dump, no kernel file.
+    assert left == set(), f"files written on the device: {sorted(map(str, left))}"
 
 
 def test_negative_control_a_deliberate_leak_is_caught(tmp_path):
-    leaks, written = _run_traced(tmp_path, "onnxruntime", "off", optimized=True)
+    leaks, written, left = _run_traced(tmp_path, "onnxruntime", "off", optimized=True)
     assert any(str(path).endswith("optimized.onnx") for path in written), "strace missed the deliberate write"
     assert any(path.endswith("optimized.onnx") for path in leaks), f"the scan missed a deliberate leak: {leaks}"
+    # onnxruntime's telemetry writes its files unless the guard switches it off.
+    names = {path.name for path in left}
+    assert {".ses", "deviceid"} <= names, sorted(names)
+
+
+@pytest.mark.slow
+def test_negative_control_openvino_tracing_leaks_without_the_guard(tmp_path, library_switches):
+    pytest.importorskip("openvino")
+    leaks, _, left = _run_traced(tmp_path, "openvino", "off", optimized=False, switches=library_switches)
+    assert any("Model0_" in Path(path).name for path in leaks), f"the scan missed OpenVINO's dumps: {leaks}"
+    # OpenVINO's Python telemetry writes its client id unless the guard blocks it.
+    assert "openvino_ga_cid" in {path.name for path in left}
 
 
 def test_strict_policy_refuses_to_start_with_caches_enabled(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -207,7 +208,11 @@ class Bundle:
             raise BundleError(f"{path} is a directory, not a bundle file") from None
         except PermissionError:
             raise BundleError(f"no permission to read {path}") from None
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # O_RDONLY opens a directory on Linux; reading it fails later
+            os.close(fd)
+            raise BundleError(f"{path} is a directory, not a bundle file")
+        size = info.st_size
         if size == 0:
             os.close(fd)
             raise NotABundleError(f"{path} is empty, not a modelcloak bundle")

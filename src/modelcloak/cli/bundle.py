@@ -238,7 +238,10 @@ def run(
         typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime.")] = None,
+    cast: Annotated[
+        bool, typer.Option("--cast", help="Convert inputs to the model's types (never wraps integers).")
+    ] = False,
     enclave_key_file: Annotated[
         Optional[Path], typer.Option("--enclave-key-file", help="split bundles: the enclave's key file.")
     ] = None,
@@ -278,13 +281,14 @@ def run(
     """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
     import numpy as np
 
+    from modelcloak.cli.run_io import check_output_path, save_outputs
     from modelcloak.inference import load
     from modelcloak.options import LoadOptions, Metering
     from modelcloak.runtime import FheSession
 
     feeds = load_inputs(inputs)
-    if output is not None and output.suffix != ".npz":
-        raise ModelcloakError(f"--out must name a .npz file, got {output.name}")
+    if output is not None:
+        check_output_path(output)
     owner_key = None
     if owner_url is not None:
         if key_file or key_env or passphrase_env or passphrase:
@@ -320,10 +324,14 @@ def run(
             fhe_result.write_bytes(data)
             out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
             return
+        if cast:
+            from modelcloak.runtime.feeds import cast_feeds
+
+            feeds = cast_feeds(feeds, session.input_specs)
         results = session.run(feeds)
     if output is not None:
-        np.savez(output, **results)
-        out.print(f"wrote {len(results)} output(s) to {output}")
+        written = save_outputs(output, results)
+        out.print(f"wrote {written} output(s) to {output}")
         return
     for name, value in results.items():
         out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")

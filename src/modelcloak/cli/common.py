@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
+from modelcloak.cli.run_io import load_inputs
 from modelcloak.errors import ModelcloakError
+
+__all__ = ["err", "flagged", "int_list", "key_provider", "load_inputs", "out"]
 
 out = Console()
 err = Console(stderr=True)
@@ -70,22 +74,9 @@ def key_provider(key_file: Path | None, key_env: str | None, passphrase_env: str
         if not value:
             raise KeyProviderError(f"environment variable {passphrase_env} is not set")
         return Passphrase(value)
+    if not sys.stdin.isatty():
+        raise KeyProviderError("--passphrase prompts on a terminal and there is none; use --passphrase-env VAR")
     return Passphrase(typer.prompt("Passphrase", hide_input=True))
-
-
-def load_inputs(path: Path) -> dict[str, Any] | Any:
-    import numpy as np
-
-    if not path.exists():
-        raise ModelcloakError(f"input file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ModelcloakError(f"{path} is not a readable .npy/.npz file ({exc})") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        return {name: loaded[name] for name in loaded.files}
 
 
 def int_list(text: str | None, what: str) -> list[int] | None:

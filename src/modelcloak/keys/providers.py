@@ -6,6 +6,7 @@ import base64
 import binascii
 import os
 import secrets
+import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from modelcloak.enclave.sandbox import KeyUnavailable
 from modelcloak.enclave.sandbox import parse_key_text as enclave_parse_key_text
-from modelcloak.hygiene import SecureBuffer, secret_buffer
+from modelcloak.hygiene import SecureBuffer, remove_environment_variable, secret_buffer
 from modelcloak.keys.errors import KeyProviderError
 
 KEY_SIZE = 32
@@ -90,6 +91,8 @@ class KeyFile(_RawKeyProvider):
     def _read(self) -> bytearray:
         try:
             info = self.path.stat()
+            if stat.S_ISDIR(info.st_mode):
+                raise KeyProviderError(f"key file {self.path} is a directory")
             if info.st_mode & 0o077:
                 raise KeyProviderError(
                     f"key file {self.path} is readable by other users (mode {info.st_mode & 0o777:o}); chmod 600 it"
@@ -120,21 +123,29 @@ def generate_key_file(path: str | Path, *, overwrite: bool = False) -> KeyFile:
 
 
 class EnvKey(_RawKeyProvider):
-    """A key passed in an environment variable (hex or base64). Convenient, but visible in /proc/PID/environ."""
+    """A key passed in an environment variable (hex or base64).
+
+    The variable is removed from the environment on first read (and wiped from the block
+    /proc/PID/environ shows), so child processes, the enclave included, never inherit it; the key
+    stays in a secret buffer of this provider for later reads.
+    """
 
     name = "env"
 
     def __init__(self, variable: str = "MODELCLOAK_KEY") -> None:
         self.variable = variable
+        self._held: SecureBuffer | None = None
 
     def describe(self) -> str:
         return f"environment variable {self.variable}"
 
     def _read(self) -> bytearray:
-        value = os.environ.get(self.variable)
-        if not value:
-            raise KeyProviderError(f"environment variable {self.variable} is not set")
-        return parse_key_text(value.encode(), f"environment variable {self.variable}")
+        if self._held is None:
+            value = remove_environment_variable(self.variable)
+            if not value:
+                raise KeyProviderError(f"environment variable {self.variable} is not set")
+            self._held = _into_secret(parse_key_text(value.encode(), f"environment variable {self.variable}"))
+        return bytearray(self._held.view())
 
 
 class Passphrase(KeyProvider):

@@ -5,6 +5,7 @@ ONNX is the one intermediate form; PyTorch arrives through `torch_export.export_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,35 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     return model
 
 
+@functools.lru_cache(maxsize=1)
+def max_ort_ir_version() -> int:
+    """The newest IR version the installed onnxruntime loads (asked once; it has no API for it).
+
+    A fixed number refused models onnxruntime runs (IR 14 on onnxruntime 1.32).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return MAX_ORT_IR_VERSION
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    for version in range(max(onnx.IR_VERSION, MAX_ORT_IR_VERSION) + 2, MAX_ORT_IR_VERSION, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        probe.ir_version = version
+        try:
+            ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime's own error types: this version is too new
+            continue
+        return version
+    return MAX_ORT_IR_VERSION
+
+
 def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
     """Run onnx.checker and the checks onnxruntime would otherwise fail on later, with clear messages.
 
@@ -108,9 +138,10 @@ def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
     """
     if not model.graph.node:
         raise ModelError("model has an empty graph")
-    if model.ir_version > MAX_ORT_IR_VERSION:
+    newest = max_ort_ir_version()
+    if model.ir_version > newest:
         raise ModelError(
-            f"model IR version {model.ir_version} is newer than onnxruntime supports ({MAX_ORT_IR_VERSION}); "
+            f"model IR version {model.ir_version} is newer than onnxruntime supports ({newest}); "
             "re-export with an older opset/IR version"
         )
     try:
@@ -120,8 +151,8 @@ def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
         raise ModelError(f"model failed ONNX validation: {first}") from None
     except ValueError as exc:  # raised for models over 2 GB held in memory
         raise ModelError(f"model could not be validated: {exc}") from None
-    if not model.graph.input or not model.graph.output:
-        raise ModelError("model must have at least one graph input and one output")
+    if not model.graph.output:
+        raise ModelError("model must have at least one graph output")
 
 
 def shape_dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
@@ -137,21 +168,38 @@ def shape_dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
     return dims
 
 
+def type_text(value_type: onnx.TypeProto, name: str) -> str:
+    """A graph value's type as the manifest stores it (modelcloak.runtime.feeds reads it back).
+
+    Tensors: the numpy dtype name ("float32", "object" for strings). Otherwise "sequence(T)",
+    "optional(T)" or "map(K,V)" around the element's type.
+    """
+    field = value_type.WhichOneof("value")
+    if field == "tensor_type":
+        try:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(value_type.tensor_type.elem_type)).name
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(
+                f"graph value {name!r} has an unsupported element type {value_type.tensor_type.elem_type}"
+            ) from None
+    if field == "sequence_type":
+        return f"sequence({type_text(value_type.sequence_type.elem_type, name)})"
+    if field == "optional_type":
+        return f"optional({type_text(value_type.optional_type.elem_type, name)})"
+    if field == "map_type":
+        key = np.dtype(helper.tensor_dtype_to_np_dtype(value_type.map_type.key_type)).name
+        return f"map({key},{type_text(value_type.map_type.value_type, name)})"
+    raise ModelError(f"graph value {name!r} has no type onnxruntime can feed ({field or 'none'})")
+
+
 def signature(model: onnx.ModelProto) -> Signature:
     """Inputs (excluding initializers listed as inputs, as older exporters do) and outputs."""
     initializer_names = {t.name for t in model.graph.initializer}
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
-        tensor_type = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
-            raise ModelError(f"graph value {value.name!r} is not a tensor; sequence/map I/O is not supported")
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(
-                f"graph value {value.name!r} has an unsupported element type {tensor_type.elem_type}"
-            ) from None
-        return TensorSpec(value.name, dtype, tuple(shape_dims(tensor_type)))
+        dtype = type_text(value.type, value.name)
+        shape = shape_dims(value.type.tensor_type) if value.type.HasField("tensor_type") else []
+        return TensorSpec(value.name, dtype, tuple(shape))
 
     inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializer_names)
     outputs = tuple(spec(v) for v in model.graph.output)

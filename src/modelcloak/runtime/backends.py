@@ -63,7 +63,9 @@ class OrtBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        # Errors reach the caller as SessionError; onnxruntime's own coloured log line (node names,
+        # sizes) would be a second, unasked-for line on stderr.
+        options.log_severity_level = 4
         for name, value in (session_config or {}).items():
             # SessionOptions attributes by name, anything else as a session config entry; the cache
             # guard below then removes whatever would write the model to disk.
@@ -92,10 +94,12 @@ class OrtBackend:
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.providers = self._session.get_providers()
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self._session.run(None, feeds)
+            return self._session.run(None, feeds, self._run_options)
         except Exception as exc:
             raise SessionError(f"inference failed: {_first_line(exc)}") from None
 
@@ -111,6 +115,7 @@ class OpenVinoBackend:
     """
 
     def __init__(self, graph: onnx.ModelProto, weights: memoryview, *, device: str, cache_policy: str) -> None:
+        cacheguard.block_openvino_telemetry(cache_policy)
         try:
             import openvino as ov
         except ImportError:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelcloak.runtime import environment
 from modelcloak.runtime.errors import SessionError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing onnxruntime here would defeat the guard
@@ -60,6 +61,7 @@ __all__ = [
     "CacheFinding",
     "CacheGuardError",
     "apply",
+    "block_openvino_telemetry",
     "covered_environment_variables",
     "format_report",
     "guard_openvino_properties",
@@ -376,6 +378,17 @@ _ENV_RULES: tuple[_EnvRule, ...] = (
         default_found="cache on by default in ~/.nv/GLCache",
     ),
     _unset(_NVGL, "__GL_SHADER_DISK_CACHE_PATH", "compiled shaders"),
+    # onnxruntime's telemetry (1DS, on Linux since 1.2x) writes a device id and an SQLite event
+    # store under ~/.cache/Microsoft/DeveloperTools/.onnxruntime and a session file $TMPDIR/.ses,
+    # when onnxruntime is imported: the variable must be set before that.
+    _force(
+        _ORT,
+        "ORT_DISABLE_TELEMETRY",
+        "1",
+        "telemetry: a device id, an event database and a session file",
+        default_on=True,
+        default_found="telemetry on by default: ~/.cache/Microsoft/DeveloperTools, $TMPDIR/.ses",
+    ),
 )
 
 # Legacy NEO caches in the working directory: (folder name, variable that names it).
@@ -390,6 +403,9 @@ _ALREADY_INITIALISED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     _NPU: ((), ("libze_intel_npu.so",)),
     _MIOPEN: ((), ("libMIOpen.so",)),
     _NVGL: ((), ("libnvidia-glcore.so",)),
+    _ORT: (("onnxruntime",), ("libonnxruntime.so",)),
+    "OpenVINO": (("openvino",), ("libopenvino.so",)),
+    "oneDNN": ((), ("libopenvino_intel_cpu_plugin.so",)),
 }
 
 
@@ -430,7 +446,11 @@ def _stderr_warn(message: str) -> None:
 
 
 def _warning_text(finding: CacheFinding) -> str:
-    what = f" would write {finding.stores} to disk" if finding.stores else " would write a cache to disk"
+    what = (
+        f" would write {finding.stores} to disk"
+        if finding.stores
+        else " is not on the allowlist of variables known not to write files or load code"
+    )
     return _shown(f"{finding.stack}: {finding.found}{what}; {finding.action}", limit=600)
 
 
@@ -622,6 +642,8 @@ def _env_checks(environ: Mapping[str, str], cwd: Path | None, scratch: _Scratch 
                 finding = CacheFinding(rule.stack, rule.var, shown, True, action, origin, rule.stores)
             checks.append(_Check(finding, redirector(rule.var, rule.subdir)))
 
+    checks.extend(_allowlist_checks(environ, remover))
+
     if cwd is not None:
         for folder_name, var in _LEGACY_FOLDERS:
             folder = cwd / folder_name
@@ -648,6 +670,29 @@ def _env_checks(environ: Mapping[str, str], cwd: Path | None, scratch: _Scratch 
                 _NEO, f"./{folder_name}", found, in_use, action, "filesystem", "compiled kernels (legacy NEO cache)"
             )
             checks.append(_Check(finding, setter(var, NO_CACHE_PATH)))
+    return checks
+
+
+_MANAGED = frozenset(rule.var for rule in _ENV_RULES)
+
+
+def _allowlist_checks(environ: Mapping[str, str], remover: Callable[[str], Callable[[], None]]) -> list[_Check]:
+    """Every variable of a governed family that is neither on the allowlist nor managed by a rule.
+
+    See :mod:`modelcloak.runtime.environment`: such a variable may write files or load code in a
+    release nobody has reviewed yet, so it goes.
+    """
+    checks = []
+    for name, stack in environment.removable(environ, _MANAGED):
+        finding = CacheFinding(
+            stack,
+            name,
+            f"{name}={_shown(environ[name])}",
+            True,
+            f"unset {name}",
+            "user",
+        )
+        checks.append(_Check(finding, remover(name)))
     return checks
 
 
@@ -1036,6 +1081,25 @@ def guard_provider_options(
 # ---------------------------------------------------------------------------------------------
 # OpenVINO properties
 # ---------------------------------------------------------------------------------------------
+
+
+def block_openvino_telemetry(policy: str = "override") -> bool:
+    """Keep OpenVINO's Python telemetry from writing ``~/intel/openvino_ga_cid`` and ``~/intel/stats``.
+
+    ``import openvino`` imports the model converter, which starts the ``openvino_telemetry``
+    package (opt-out: with no consent file it counts uses on disk and may send events). The
+    converter falls back to its own no-op stub when that package cannot be imported, so marking it
+    unimportable in ``sys.modules`` before the first ``import openvino`` switches telemetry off
+    without touching the user's home directory. Returns False when it is too late (OpenVINO was
+    already imported) or the policy is ``"off"``.
+    """
+    _check_policy(policy)
+    if policy == "off" or "openvino" in sys.modules:
+        return False
+    if sys.modules.get("openvino_telemetry", None) is not None:
+        return False  # somebody imported it on purpose; nothing here undoes that
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # None makes the import fail
+    return True
 
 
 def openvino_properties() -> dict[str, str]:

@@ -23,6 +23,7 @@ from modelcloak.bundle import Bundle
 from modelcloak.keys import KeyProvider
 from modelcloak.runtime.backends import OpenVinoBackend, OrtBackend
 from modelcloak.runtime.errors import SessionError
+from modelcloak.runtime.feeds import check_feeds
 
 if TYPE_CHECKING:
     from modelcloak.options import LoadOptions
@@ -67,7 +68,7 @@ class Session:
         self.output_specs: list[dict[str, Any]] = list(signature.get("outputs", []))
         self.input_names: list[str] = [s["name"] for s in self.input_specs] or list(backend.input_names)
         self.output_names: list[str] = [s["name"] for s in self.output_specs] or list(backend.output_names)
-        self._input_dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in self.input_specs}
+        self._feed_specs = self.input_specs or [{"name": name} for name in self.input_names]
         self._licence = licence
 
     @property
@@ -85,39 +86,10 @@ class Session:
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Check names and dtypes against the signed manifest; contiguous arrays by input name."""
+        """Check names and types against the signed manifest, exactly as onnxruntime would."""
         if self._backend is None:
             raise SessionError("session is closed")
-        if not isinstance(inputs, dict):
-            if len(self.input_names) != 1:
-                raise SessionError(
-                    f"model has {len(self.input_names)} inputs ({', '.join(self.input_names)}); pass a dict"
-                )
-            inputs = {self.input_names[0]: inputs}
-        missing = [n for n in self.input_names if n not in inputs]
-        unknown = [n for n in inputs if n not in self.input_names]
-        if missing or unknown:
-            raise SessionError(
-                "input names do not match the model: "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"missing {', '.join(missing)}" if missing else "",
-                        f"unknown {', '.join(unknown)}" if unknown else "",
-                    )
-                    if part
-                )
-            )
-        feeds = {}
-        for name, value in inputs.items():
-            array = np.asarray(value)
-            expected = self._input_dtypes.get(name)
-            if expected is not None and array.dtype != expected:
-                if not np.can_cast(array.dtype, expected, casting="same_kind"):
-                    raise SessionError(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
-                array = array.astype(expected)
-            feeds[name] = np.ascontiguousarray(array)
-        return feeds
+        return check_feeds(inputs, self._feed_specs)
 
     def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._backend.run(feeds)))

@@ -35,6 +35,7 @@ from modelcloak.owner.errors import OwnerError
 from modelcloak.owner.evidence.base import binding_digest
 from modelcloak.owner.evidence.sim import SimDevice
 from modelcloak.owner.protocol import (
+    FHE_RESULT_REFUSED,
     HPKE_SUITE,
     MODEL_KEY_SIZE,
     USAGE_KEY_SIZE,
@@ -360,7 +361,9 @@ class FheLabelClient(UsageReporter):
         try:
             answer = self.client.post("/v1/fhe/labels", body)
         except RequestRefused as exc:
-            if exc.status in (400, 401, 403, 404, 422):  # refused before counting: nothing is owed
+            if exc.status == 422 and FHE_RESULT_REFUSED in str(exc):  # refused and counted: sequence used
+                self._finish(sequence + 1)
+            elif exc.status in (400, 401, 403, 404, 422):  # refused before counting: nothing is owed
                 self._finish(None)
             raise
         self._finish(sequence + 1)

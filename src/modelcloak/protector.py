@@ -198,9 +198,10 @@ def _fhe_program(public: onnx.ModelProto, private: onnx.ModelProto, options: dic
     The secret is written (exclusively, 0600) before the bundle so that a bundle never exists
     without it; `protect` removes it again if writing the bundle fails.
     """
-    from modelcloak.fhe import FheError, compile_onnx, protect_program
+    from modelcloak.fhe import FheError, protect_program
 
-    unknown = set(options) - {"secret_out", "activation", "security", "encrypt_weights", "calibration"}
+    known = {"secret_out", "activation", "security", "encrypt_weights", "calibration", "scale_bits", "poly_degree"}
+    unknown = set(options) - known - {"head"}
     if unknown:
         raise ModelcloakError(f"unknown FHE option {sorted(unknown)[0]!r}")
     activation = options.get("activation") or "square"
@@ -210,15 +211,21 @@ def _fhe_program(public: onnx.ModelProto, private: onnx.ModelProto, options: dic
     if secret_out.exists():
         raise ModelcloakError(f"{secret_out} already exists; the owner's FHE secret is never overwritten")
     calibration = options.get("calibration")
-    features = None
-    if activation == "relu-poly":
-        if calibration is None:
-            raise ModelcloakError("activation relu-poly needs calibration inputs to fit ReLU over their range")
-        features = _boundary_features(public, calibration)
+    if activation == "relu-poly" and calibration is None and not options.get("head"):
+        raise ModelcloakError("activation relu-poly needs calibration inputs to fit ReLU over their range")
+    # Calibration features also measure the encrypted head's agreement and check tolerance.
+    features = _boundary_features(public, calibration) if calibration is not None else None
     try:
-        program = compile_onnx(private, activation=activation, calibration=features)
+        from modelcloak.fhe.head import program_for
+
+        program, activation = program_for(private, activation, features, options.get("head"))
         model = protect_program(
-            program, security=int(options.get("security") or 128), encrypt_weights=options.get("encrypt_weights", True)
+            program,
+            security=int(options.get("security") or 128),
+            encrypt_weights=options.get("encrypt_weights", True),
+            scale_bits=options.get("scale_bits"),
+            poly_degree=options.get("poly_degree"),
+            probe=features,
         )
     except FheError as exc:
         raise ModelcloakError(f"cannot protect the private part with FHE: {exc}") from None
@@ -230,6 +237,7 @@ def _fhe_program(public: onnx.ModelProto, private: onnx.ModelProto, options: dic
         "encrypt_weights": bool(options.get("encrypt_weights", True)),
         "batch": model.batch,
         "backend": "tenseal-ckks",
+        "measured": model.measured,
     }
     return model.edge_package, entry
 

@@ -113,6 +113,15 @@ def protect(
     fhe_plain_weights: Annotated[
         bool, typer.Option("--fhe-plain-weights", help="fhe: encode the weights instead of encrypting them.")
     ] = False,
+    fhe_scale_bits: Annotated[
+        Optional[int], typer.Option("--fhe-scale-bits", help="fhe: fix the CKKS scale (bits) instead of measuring.")
+    ] = None,
+    fhe_poly_degree: Annotated[
+        Optional[int], typer.Option("--fhe-poly-degree", help="fhe: fix the ring degree (4096..32768).")
+    ] = None,
+    fhe_head: Annotated[
+        Optional[Path], typer.Option("--fhe-head", help="fhe: a fine-tuned head from `fhe-finetune` (HEAD.npz).")
+    ] = None,
 ) -> None:
     """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -155,6 +164,9 @@ def protect(
             "security": fhe_security,
             "encrypt_weights": not fhe_plain_weights,
             "calibration": calibration,
+            "scale_bits": fhe_scale_bits,
+            "poly_degree": fhe_poly_degree,
+            "head": fhe_head,
         }
         split_options = {"cut": selectors, "fhe": fhe_options}
     elif selectors or enclave_key_file:
@@ -280,6 +292,10 @@ def run(
     encrypt_features: Annotated[
         bool, typer.Option("--encrypt-features", help="fhe bundles: also encrypt the head's inputs.")
     ] = False,
+    fhe_labels: Annotated[
+        Optional[Path],
+        typer.Option("--fhe-labels", help="fhe bundles with --owner-url: get the labels from the owner, write JSON."),
+    ] = None,
     owner_url: Annotated[
         Optional[str], typer.Option("--owner-url", help="Get the key from the owner backend (attested release).")
     ] = None,
@@ -338,14 +354,22 @@ def run(
             session.licence = LicensedUse(owner_key, usage_state)
             session.licence.start()
         if getattr(session, "evaluator", None) is not None:
-            if fhe_result is None:
+            if fhe_result is None and fhe_labels is None:
                 raise ModelcloakError("this is an fhe bundle: its result is encrypted; give --fhe-result FILE")
+            if fhe_labels is not None and owner_key is None:
+                raise ModelcloakError("--fhe-labels asks the owner backend: give --owner-url (and its options)")
             data = session.evaluate(feeds, encrypt_features=encrypt_features)
-            fhe_result.write_bytes(data)
-            out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            if fhe_result is not None:
+                fhe_result.write_bytes(data)
+                out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            if fhe_labels is not None:
+                from modelcloak.fhe.remote import labels_from_owner
+
+                labels = labels_from_owner(owner_key, data, usage_state=usage_state, out=fhe_labels)  # type: ignore[arg-type]
+                out.print(f"labels from the owner: {labels}; written to {fhe_labels}", highlight=False)
             return
-        if fhe_result is not None or encrypt_features:
-            raise ModelcloakError("--fhe-result and --encrypt-features apply to fhe bundles only")
+        if fhe_result is not None or encrypt_features or fhe_labels is not None:
+            raise ModelcloakError("--fhe-result, --fhe-labels and --encrypt-features apply to fhe bundles only")
         results = session.run(feeds)
     if output is not None:
         np.savez(output, **results)
@@ -411,6 +435,9 @@ def inspect(
             f"CKKS ({fhe.get('backend')}), {fhe.get('security')}-bit, activation {fhe.get('activation')}, "
             f"{'encrypted' if fhe.get('encrypt_weights') else 'encoded'} weights, model id {fhe.get('model_id')}",
         )
+        from modelcloak.fhe.report import describe_measured
+
+        table.add_row("fhe measured", describe_measured(fhe.get("measured")))
     out.print(table)
     claims = claims_for(manifest.scheme)
     if claims:

@@ -152,7 +152,9 @@ class FheOptions:
     """The private head under CKKS: where the owner's secret goes and how the head is compiled.
 
     `calibration` (model inputs) is needed by `relu-poly`, which fits ReLU over the range the
-    head's inputs take on them.
+    head's inputs take on them; it also measures the encrypted head's agreement with the plain
+    one. `scale_bits`/`poly_degree` fix the CKKS parameters instead of measuring them; `head` is
+    a head fine-tuned by `modelcloak fhe-finetune` (HEAD.npz) that replaces the cut's own.
     """
 
     secret_out: Path
@@ -160,6 +162,9 @@ class FheOptions:
     security: int = 128
     encrypt_weights: bool = True
     calibration: Any = None
+    scale_bits: int | None = None
+    poly_degree: int | None = None
+    head: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.secret_out:
@@ -175,7 +180,9 @@ class FheOptions:
                 f"FHE security must be one of {', '.join(map(str, FHE_SECURITY_LEVELS))} bits",
                 parameter="fhe.security",
             )
-        if self.activation == "relu-poly" and self.calibration is None:
+        if self.head is not None:
+            object.__setattr__(self, "head", Path(self.head))
+        if self.activation == "relu-poly" and self.calibration is None and self.head is None:
             raise OptionError(
                 "activation relu-poly needs calibration inputs to fit ReLU over their range",
                 parameter="fhe.calibration",

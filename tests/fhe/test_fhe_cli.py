@@ -115,3 +115,41 @@ def test_fhe_finetune_bad_input_is_one_line(task, tmp_path: Path) -> None:
     )
     one_line_error(cli("fhe-finetune", str(data), "--data", str(data), "--out", str(tmp_path / "o.npz")), "cannot read")
     one_line_error(cli("bench-fhe", "--security", "128,abc", "--out", str(tmp_path / "b")), "--security")
+
+
+def test_protect_takes_the_fine_tuned_head(task, tmp_path: Path) -> None:
+    """`fhe-finetune` output goes straight into `protect --fhe-head`; a head of another shape is refused."""
+    import onnx
+
+    from modelcloak.inference import load
+    from modelcloak.keys import generate_key_file
+
+    onnx_path, data = task
+    tuned_path = tmp_path / "tuned.npz"
+    assert (
+        cli("fhe-finetune", str(onnx_path), "--data", str(data), "--out", str(tuned_path), "--epochs", "2").returncode
+        == 0
+    )
+    # A full model whose last two layers (Gemm 12->24, Relu, Gemm 24->4) have the head's shapes.
+    model_path = tmp_path / "full.onnx"
+    onnx.save(make_mlp((12, 12, 24, 4), seed=4), model_path)
+    key = generate_key_file(tmp_path / "m.key")
+    protect = ["protect", str(model_path), "-o", str(tmp_path / "b.mcb"), "--key-file", str(key.path), "--scheme",
+               "fhe", "--cut-last", "2", "--fhe-secret-out", str(tmp_path / "s.fhe"), "--fhe-head",
+               str(tuned_path)]  # fmt: skip
+    made = cli(*protect)
+    assert made.returncode == 0, made.stderr
+    shown = cli("inspect", str(tmp_path / "b.mcb"))
+    assert "fine-tuned head tuned.npz" in shown.stdout, shown.stdout
+    tuned = DenseProgram.load(tuned_path)
+    x = np.random.default_rng(5).standard_normal((8, 12)).astype(np.float32)
+    with load(tmp_path / "b.mcb", key=key) as session:
+        features = session.features(x)
+        result = session.evaluate(x)
+    labels = OwnerDecryptor((tmp_path / "s.fhe").read_bytes()).labels(result)
+    np.testing.assert_array_equal(labels, tuned.forward(features).argmax(1))
+
+    # Negative control: the same head against a cut of another shape is refused in one line.
+    onnx.save(make_mlp((12, 12, 16, 4), seed=4), tmp_path / "other.onnx")
+    protect[1], protect[3], protect[11] = str(tmp_path / "other.onnx"), str(tmp_path / "c.mcb"), str(tmp_path / "t.fhe")
+    one_line_error(cli(*protect), "are not the private part's")

@@ -75,6 +75,15 @@ def protect(
     fhe_plain_weights: Annotated[
         bool, typer.Option("--fhe-plain-weights", help="fhe: encode the weights instead of encrypting them.")
     ] = False,
+    fhe_scale_bits: Annotated[
+        Optional[int], typer.Option("--fhe-scale-bits", help="fhe: fix the CKKS scale (bits) instead of measuring.")
+    ] = None,
+    fhe_poly_degree: Annotated[
+        Optional[int], typer.Option("--fhe-poly-degree", help="fhe: fix the ring degree (4096..32768).")
+    ] = None,
+    fhe_head: Annotated[
+        Optional[Path], typer.Option("--fhe-head", help="fhe: a fine-tuned head from `fhe-finetune` (HEAD.npz).")
+    ] = None,
 ) -> None:
     """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -99,6 +108,9 @@ def protect(
             "security": fhe_security,
             "encrypt_weights": not fhe_plain_weights,
             "calibration": load_inputs(fhe_calibration) if fhe_calibration is not None else None,
+            "scale_bits": fhe_scale_bits,
+            "poly_degree": fhe_poly_degree,
+            "head": fhe_head,
         },
     )
     with Progress(
@@ -260,6 +272,10 @@ def run(
     encrypt_features: Annotated[
         bool, typer.Option("--encrypt-features", help="fhe bundles: also encrypt the head's inputs.")
     ] = False,
+    fhe_labels: Annotated[
+        Optional[Path],
+        typer.Option("--fhe-labels", help="fhe bundles with --owner-url: get the labels from the owner, write JSON."),
+    ] = None,
     owner_url: Annotated[
         Optional[str], typer.Option("--owner-url", help="Get the key from the owner backend (attested release).")
     ] = None,
@@ -304,8 +320,10 @@ def run(
         device_key = open_device_key(device_state, tcti=tcti)
     if owner_key is not None and usage_state is None:
         raise ModelcloakError("--owner-url needs --usage-state FILE to keep usage counts across restarts")
-    if (fhe_result is not None or encrypt_features) and _scheme_of(bundle) != "fhe":
-        raise ModelcloakError("--fhe-result and --encrypt-features apply to fhe bundles only")
+    if (fhe_result is not None or encrypt_features or fhe_labels is not None) and _scheme_of(bundle) != "fhe":
+        raise ModelcloakError("--fhe-result, --fhe-labels and --encrypt-features apply to fhe bundles only")
+    if fhe_labels is not None and owner_key is None:
+        raise ModelcloakError("--fhe-labels asks the owner backend: give --owner-url (and its options)")
     options = LoadOptions.from_keywords(
         backend=backend,
         trusted_signers=tuple(trusted_signer or ()),
@@ -318,11 +336,18 @@ def run(
     )
     with load(bundle, key=provider, options=options) as session:
         if isinstance(session, FheSession):
-            if fhe_result is None:
+            if fhe_result is None and fhe_labels is None:
                 raise ModelcloakError("this is an fhe bundle: its result is encrypted; give --fhe-result FILE")
             data = session.evaluate(feeds, encrypt_features=encrypt_features)
-            fhe_result.write_bytes(data)
-            out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            if fhe_result is not None:
+                fhe_result.write_bytes(data)
+                out.print(f"wrote the encrypted result ({len(data):,} bytes) to {fhe_result}; the owner decrypts it")
+            if fhe_labels is not None:
+                from modelcloak.licensing.fhe_labels import labels_from_owner
+
+                assert usage_state is not None  # checked with --owner-url above
+                labels = labels_from_owner(owner_key, data, usage_state=usage_state, out=fhe_labels)
+                out.print(f"labels from the owner: {labels}; written to {fhe_labels}", highlight=False)
             return
         if cast:
             from modelcloak.runtime.feeds import cast_feeds

@@ -8,10 +8,12 @@ the result and hands back labels only. docs/FHE.md has the design and the API.
 Public API (the rest is internal):
 
 - `compile_onnx(model, activation, calibration)` -> DenseProgram
-- `protect_program(program, security, encrypt_weights=True)` -> FheModel
-  (`.edge_package` bytes for the bundle, `.owner_secret` bytes for the owner store, `.model_id`)
+- `protect_program(program, security, encrypt_weights=True, scale_bits=None, poly_degree=None, probe=None)`
+  -> FheModel (`.edge_package` bytes for the bundle, `.owner_secret` bytes for the owner store with
+  the secret check rows, `.model_id`, `.measured`: label agreement and check tolerance on the probe)
 - `EdgeEvaluator(edge_package).evaluate(features, encrypt_features=False)` -> result bytes
-- `OwnerDecryptor(owner_secret).labels(result, top_k=1)` -> np.ndarray of class indices
+- `OwnerDecryptor(owner_secret).labels(result, top_k=1)` -> np.ndarray of class indices (refuses a
+  result whose check rows are off: modified, scaled or forged by the device)
 - `finetune_head(program, features, labels, activation)` -> DenseProgram (needs torch)
 - every refusal is an `FheError`
 """

@@ -5,7 +5,12 @@ packed weights under the owner's secret key (or only encode them, `encrypt_weigh
 protects the inputs but not the model), and split the result into
 - the **edge package**: parameters, public key, relinearisation key, exactly the Galois keys the
   program rotates by, the packed weights and biases, and the program's layout (no secret key);
-- the **owner secret**: the secret key and what the decryptor needs to check a result.
+- the **owner secret**: the secret key and what the decryptor needs to check a result, including
+  the secret **check rows**: R (k x m) and a constant kappa. The encrypted last layer computes, next
+  to the m logits y, k rows R y (its weights R W and bias R b are encrypted like the others) and one
+  row that is kappa whatever the input. A device that adds a shift to any logit, scales or negates
+  its result, or forges one, cannot keep R y and kappa consistent without knowing them, so the owner
+  refuses it (docs/FHE.md, "Results the device cannot steer").
 
 Edge side (`EdgeEvaluator`): loads the package and evaluates the program on features given in
 plaintext or encrypted by the edge with the public key; the answer is a result envelope (bytes).
@@ -25,18 +30,27 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from modelcloak.fhe.ckks import CkksContext, galois_element, load_object, save_object
 from modelcloak.fhe.errors import FheError
-from modelcloak.fhe.params import CkksParameters, choose_parameters
-from modelcloak.fhe.program import DenseProgram, LayerPlan, _as_batch, diagonals, plan_layers, spread
-from modelcloak.fhe.seal import SealContext, galois_element, load_object, save_object
+from modelcloak.fhe.params import CkksParameters, candidate_parameters, choose_parameters
+from modelcloak.fhe.program import (
+    DenseProgram,
+    LayerPlan,
+    LoweredLayer,
+    _as_batch,
+    diagonals,
+    plan_layers,
+    spread,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "CheckRows",
     "EdgeEvaluator",
     "FheModel",
     "OwnerDecryptor",
@@ -53,6 +67,9 @@ MAX_RESULT_CIPHERTEXTS = 1024
 # A fresh encryption of 0 decodes to noise around 2^-(scale_bits - 10); a wrong secret key decodes
 # it to values as large as the modulus. Anything between is treated as "not this key".
 _KEY_CHECK_TOLERANCE = 1e-2
+# Without check rows (a negative control only), the layout check of earlier versions: copies and
+# padding within 1e-2 relative, two orders above the noise we measure.
+_LAYOUT_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class FheModel:
     params: CkksParameters
     batch: int
     rotation_steps: tuple[int, ...]
+    measured: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +160,7 @@ class _LayerLevels:
     scale_next: float  # after the optional square: what the next layer gets
 
 
-def _simulate(ctx: SealContext, plans: list[LayerPlan]) -> list[_LayerLevels]:
+def _simulate(ctx: CkksContext, plans: list[LayerPlan]) -> list[_LayerLevels]:
     """Levels and exact scales through the program, computed the way SEAL computes them.
 
     Weights are encoded at scale q_k, the prime the following rescale divides by, so a dense
@@ -169,27 +187,134 @@ def _simulate(ctx: SealContext, plans: list[LayerPlan]) -> list[_LayerLevels]:
 # ---------------------------------------------------------------------------------------------
 
 
+DEFAULT_CHECK_ROWS = 3
+# The owner's tolerance is this many times the largest check residual measured on honest results
+# at protect time: CKKS noise varies by a small factor between runs and inputs, and a shift the
+# tolerance lets through is at most this factor above the noise floor.
+TOLERANCE_FACTOR = 16.0
+# Below this, a tolerance would be under double-precision decoding error (relative to 1 + |y|).
+MIN_TOLERANCE = 1e-9
+PROBE_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class CheckRows:
+    """The owner's secret consistency check on a result: slots R y and a constant slot kappa.
+
+    `tolerance` bounds the residual max(|c - R y|, |c_kappa - kappa|, copy and padding deviations)
+    relative to 1 + max|y|; it is measured on honest results at protect time (`TOLERANCE_FACTOR`).
+    """
+
+    rows: np.ndarray  # [k, m]
+    constant: float
+    tolerance: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows.tolist(), "constant": self.constant, "tolerance": self.tolerance}
+
+    @classmethod
+    def from_json(cls, data: Any, outputs: int) -> CheckRows:
+        rows = np.asarray(data["rows"], dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != outputs or not rows.shape[0]:
+            raise ValueError("check rows do not match the outputs")
+        return cls(rows, float(data["constant"]), float(data["tolerance"]))
+
+
+def _new_check(outputs: int, count: int, rng: np.random.Generator) -> CheckRows:
+    # Every coefficient is at least 0.5 in magnitude, so a shift of any single class moves every
+    # check slot by at least half the shift; signs and magnitudes are secret and continuous.
+    rows = rng.choice([-1.0, 1.0], size=(count, outputs)) * rng.uniform(0.5, 1.5, size=(count, outputs))
+    constant = float(rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 4.0))
+    return CheckRows(rows, constant, tolerance=math.inf)
+
+
+def _with_check_rows(layers: list[LoweredLayer], check: CheckRows) -> list[LoweredLayer]:
+    """The last layer gains rows R W (bias R b) and one row of zeros with bias kappa."""
+    last = layers[-1]
+    weight = np.concatenate([last.weight, check.rows @ last.weight, np.zeros((1, last.weight.shape[1]))])
+    bias = np.concatenate([last.bias, check.rows @ last.bias, [check.constant]])
+    return [*layers[:-1], LoweredLayer(weight, bias, last.square_after)]
+
+
 def protect_program(
     program: DenseProgram,
     security: int = 128,
     *,
     encrypt_weights: bool = True,
     scale_bits: int | None = None,
+    poly_degree: int | None = None,
     rotation_steps: tuple[int, ...] | None = None,
+    check_rows: int = DEFAULT_CHECK_ROWS,
+    probe: np.ndarray | None = None,
+    seed: int | None = None,
 ) -> FheModel:
     """Generate keys for `program`, pack and encrypt its weights, and split edge and owner objects.
 
-    `security` is 128, 192 or 256 bits (HomomorphicEncryption.org table); the ring degree and
-    modulus chain follow from the program's depth and widest layer (`choose_parameters`).
-    `rotation_steps` overrides the Galois keys given to the edge (tests use it to drop one).
+    `security` is 128, 192 or 256 bits (HomomorphicEncryption.org table). The ring degree and the
+    scale follow from the program's depth and widest layer, unless `poly_degree` / `scale_bits`
+    fix them. The result is then measured on `probe` features (the owner's calibration data at
+    the cut; random normal features when absent), evaluated encrypted with plaintext and with
+    encrypted features and decrypted here: the check tolerance comes from the measured noise, and
+    when a probe label differs from the plaintext program's and the parameters were not fixed, the
+    next larger ring (with a larger scale) is tried. `FheModel.measured` states the outcome.
+    `check_rows` secret check slots guard results (0 turns the check off: a negative control for
+    tests, never for deployments). `rotation_steps` overrides the Galois keys (tests drop one).
     """
+    if check_rows < 0:
+        raise FheError(f"check rows must be 0 or more, got {check_rows}")
+    rng = np.random.default_rng(seed)
+    if probe is None:
+        x_probe = rng.standard_normal((PROBE_SAMPLES, program.input_size))
+        probe_source = "random normal features"
+    else:
+        x_probe = _as_batch(probe, program.input_size)[:512]
+        probe_source = "calibration features"
     layers = program.lower()
+    check = _new_check(program.output_size, check_rows, rng) if check_rows else None
+    if check is not None:
+        layers = _with_check_rows(layers, check)
     plans = plan_layers(layers)
     depth = sum(1 + int(p.square_after) for p in plans)
     widest = max(p.period for p in plans)
-    params = choose_parameters(depth, widest, security, scale_bits)
-    ctx = SealContext(params)
+    fixed = scale_bits is not None or poly_degree is not None
+    if fixed:
+        candidates = [choose_parameters(depth, widest, security, scale_bits, poly_degree)]
+    else:
+        candidates = candidate_parameters(depth, widest, security)
+    reference = program.forward(x_probe)
+    best: FheModel | None = None
+    for params in candidates:
+        model = _protect_with(program, layers, plans, params, encrypt_weights, rotation_steps, check)
+        if rotation_steps is not None:  # a deliberately broken key set (tests): it cannot run, so no measurement
+            return model if check is None else _with_owner_check(model, replace(check, tolerance=_LAYOUT_TOLERANCE))
+        measured = _measure(model, reference, x_probe)
+        measured["probe"] = probe_source
+        measured["parameters_tried"] = candidates.index(params) + 1
+        if check is not None:
+            tolerance = max(TOLERANCE_FACTOR * measured["max_check_residual"], MIN_TOLERANCE)
+            final_check = CheckRows(check.rows, check.constant, tolerance)
+            measured["check_tolerance"] = tolerance
+            model = _with_owner_check(model, final_check)
+        model = FheModel(**{**model.__dict__, "measured": measured})
+        best = model
+        if measured["label_agreement"] == measured["probe_samples"]:
+            break
+    assert best is not None
+    return best
+
+
+def _protect_with(
+    program: DenseProgram,
+    layers: list[LoweredLayer],
+    plans: list[LayerPlan],
+    params: CkksParameters,
+    encrypt_weights: bool,
+    rotation_steps: tuple[int, ...] | None,
+    check: CheckRows | None,
+) -> FheModel:
+    ctx = CkksContext(params)
     sealapi = ctx.sealapi
+    widest = max(p.period for p in plans)
     batch = ctx.slots // widest
     elements = ctx.slots // batch
     levels = _simulate(ctx, plans)
@@ -252,8 +377,37 @@ def protect_program(
         "input_scale": 2.0**params.scale_bits,
     }
     edge_package = _pack(MAGIC_EDGE, edge_header, blobs)
-    owner_secret = _pack(MAGIC_OWNER, layout, [save_object(secret_key), public_bytes])
+    owner_header = layout | {"check": check.to_json() if check is not None else None}
+    owner_secret = _pack(MAGIC_OWNER, owner_header, [save_object(secret_key), public_bytes])
     return FheModel(model_id, edge_package, owner_secret, params, batch, steps)
+
+
+def _with_owner_check(model: FheModel, check: CheckRows) -> FheModel:
+    header, blobs = _unpack(MAGIC_OWNER, model.owner_secret, "owner secret")
+    header = {k: v for k, v in header.items() if k not in ("version", "blobs")} | {"check": check.to_json()}
+    return FheModel(**{**model.__dict__, "owner_secret": _pack(MAGIC_OWNER, header, blobs)})
+
+
+def _measure(model: FheModel, reference: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    """Evaluate `x` as the edge would (plaintext and encrypted features), decrypt, compare to `reference`."""
+    evaluator = EdgeEvaluator(model.edge_package)
+    decryptor = OwnerDecryptor(model.owner_secret)
+    errors, residuals, agreements = [], [], []
+    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(x), 2))
+    for encrypt_features in (False, True):
+        logits, residual = decryptor._decrypt(evaluator.evaluate(x, encrypt_features=encrypt_features))
+        errors.append(float(np.max(np.abs(logits - reference))))
+        residuals.append(float(np.max(residual)))
+        agreements.append(int(np.sum(logits.argmax(1) == reference.argmax(1))))
+    return {
+        "params": model.params.to_json(),
+        "probe_samples": len(x),
+        "label_agreement": min(agreements),
+        "max_logit_error": max(errors),
+        # Probe samples whose top two logits are closer than twice the error: labels that could flip.
+        "near_ties_within_error": int(np.sum(top2[:, 1] - top2[:, 0] <= 2 * max(errors))),
+        "max_check_residual": max(residuals),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +435,7 @@ class EdgeEvaluator:
             self._levels = [(int(r["level_in"]), int(r["level_out"]), float(r["scale_out"])) for r in records]
         except (KeyError, TypeError, ValueError) as exc:
             raise FheError(f"edge package: malformed program description ({exc!r})") from None
-        self.ctx = SealContext(self.params)
+        self.ctx = CkksContext(self.params)
         sealapi = self.ctx.sealapi
         if (
             self.batch < 1
@@ -467,11 +621,15 @@ class OwnerDecryptor:
             self.outputs = int(header["outputs"])
             self.output_period = int(header["output_period"])
             self.final_scale = float(header["final_scale"])
+            check = header.get("check")
+            self.check = CheckRows.from_json(check, self.outputs) if check is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise FheError(f"owner secret: malformed header ({exc!r})") from None
-        self.ctx = SealContext(self.params)
+        # Rows of the last layer the result really holds: the logits, then the check rows.
+        self._used_rows = self.outputs + (len(self.check.rows) + 1 if self.check is not None else 0)
+        self.ctx = CkksContext(self.params)
         sealapi = self.ctx.sealapi
-        if self.batch < 1 or self.ctx.slots % self.batch or not 0 < self.outputs <= self.output_period:
+        if self.batch < 1 or self.ctx.slots % self.batch or not 0 < self._used_rows <= self.output_period:
             raise FheError("owner secret: inconsistent output layout")
         self.elements = self.ctx.slots // self.batch
         if self.elements % self.output_period:
@@ -506,7 +664,21 @@ class OwnerDecryptor:
         return order[:, 0] if top_k == 1 else order[:, :top_k]
 
     def _logits(self, result: bytes) -> np.ndarray:
-        """Decrypted logits. Owner-side only (benchmarks, tests): never send these to a device."""
+        """Decrypted logits of a result that passes every check. Owner-side only: never send these to a device."""
+        logits, residual = self._decrypt(result)
+        if self.check is not None:
+            bad = np.flatnonzero(residual > self.check.tolerance)
+            if len(bad):
+                raise FheError(
+                    f"FHE result sample {int(bad[0])}: check slots off by {float(residual[bad[0]]):.3g} "
+                    f"(tolerance {self.check.tolerance:.3g}): modified or forged"
+                )
+        elif np.max(residual, initial=0.0) > _LAYOUT_TOLERANCE:
+            raise FheError("FHE result: decrypts to an inconsistent layout (tampered or forged)")
+        return logits
+
+    def _decrypt(self, result: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [count, outputs] and each sample's residual (relative to 1 + max|y|); checks the envelope only."""
         header, blobs = _unpack(MAGIC_RESULT, result, "FHE result")
         try:
             model_id, count, digest = str(header["model_id"]), int(header["count"]), str(header["digest"])
@@ -520,7 +692,7 @@ class OwnerDecryptor:
             raise FheError("FHE result: the sample count does not match its ciphertexts")
         if hashlib.sha256(b"".join(blobs)).hexdigest() != digest:
             raise FheError("FHE result: digest mismatch (corrupted or tampered in transit)")
-        out = []
+        logits, residuals = [], []
         for i, blob in enumerate(blobs):
             ct = load_object("Ciphertext", self.ctx.context, blob, f"FHE result ciphertext {i}")
             if ct.parms_id() != self.ctx.parms_id(0) or ct.size() != 2 or ct.is_ntt_form() is False:
@@ -530,23 +702,28 @@ class OwnerDecryptor:
             if not math.isclose(ct.scale, self.final_scale, rel_tol=1e-9):
                 raise FheError(f"FHE result ciphertext {i}: scale 2^{math.log2(ct.scale):.2f} is not this program's")
             values = self._decode(ct).reshape(self.elements, self.batch).T  # [batch, elements]
-            out.append(self._checked(values, i))
-        return np.concatenate(out)[:count]
+            y, residual = self._residuals(values)
+            logits.append(y)
+            residuals.append(residual)
+        return np.concatenate(logits)[:count], np.concatenate(residuals)[:count]
 
-    def _checked(self, values: np.ndarray, index: int) -> np.ndarray:
-        """The logits of each sample, after checking the repetition a genuine result must have.
+    def _residuals(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's logits, and how far its slots are from what an honest evaluation gives.
 
-        A genuine result repeats each sample's output vector (period m') through its slots and
-        is ~0 in the padding rows; a tampered or forged ciphertext decrypts to noise that fails.
+        An honest result repeats each sample's output rows (period m') through its slots, is ~0 in
+        the padding rows and, with the check on, holds R y and kappa in the check rows. The residual
+        is the largest deviation from all of that, relative to 1 + max|y|, so that it compares with
+        a tolerance measured on other inputs.
         """
         per = values.reshape(self.batch, -1, self.output_period)  # [batch, copies, m']
-        first = per[:, :1, :]
-        scale = 1.0 + np.max(np.abs(first[:, :, : self.outputs]))
-        # Noise grows with depth and magnitude; 1e-2 relative is two orders above what we measure.
-        tolerance = 1e-2 * scale
-        if (
-            np.max(np.abs(per - first)) > tolerance
-            or np.max(np.abs(first[:, :, self.outputs :]), initial=0.0) > tolerance
-        ):
-            raise FheError(f"FHE result ciphertext {index}: decrypts to an inconsistent layout (tampered or forged)")
-        return first[:, 0, : self.outputs]
+        first = per[:, 0, :]
+        y = first[:, : self.outputs]
+        deviation = np.max(np.abs(per - first[:, None, :]), axis=(1, 2))
+        padding = np.max(np.abs(first[:, self._used_rows :]), axis=1, initial=0.0)
+        deviation = np.maximum(deviation, padding)
+        if self.check is not None:
+            k = len(self.check.rows)
+            checks = first[:, self.outputs : self.outputs + k]
+            deviation = np.maximum(deviation, np.max(np.abs(checks - y @ self.check.rows.T), axis=1))
+            deviation = np.maximum(deviation, np.abs(first[:, self.outputs + k] - self.check.constant))
+        return y, deviation / (1.0 + np.max(np.abs(y), axis=1))

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from modelcloak.fhe.errors import FheError
 
-__all__ = ["SECURITY_LEVELS", "MAX_LOG_Q", "CkksParameters", "choose_parameters", "check_parameters"]
+__all__ = [
+    "SECURITY_LEVELS",
+    "MAX_LOG_Q",
+    "CkksParameters",
+    "candidate_parameters",
+    "check_parameters",
+    "choose_parameters",
+]
 
 SECURITY_LEVELS = (128, 192, 256)
 # Max log2(q) per ring degree (classical, ternary secret), HomomorphicEncryption.org standard table.
@@ -105,27 +112,56 @@ def check_parameters(params: CkksParameters) -> None:
         )
 
 
-def choose_parameters(depth: int, min_slots: int, security: int = 128, scale_bits: int | None = None) -> CkksParameters:
+def choose_parameters(
+    depth: int,
+    min_slots: int,
+    security: int = 128,
+    scale_bits: int | None = None,
+    poly_degree: int | None = None,
+) -> CkksParameters:
     """The smallest ring degree whose modulus budget fits `depth` rescales, and the largest scale that fits.
 
     `min_slots` is the widest layer's packed length: a ciphertext must hold at least one copy.
-    A fixed `scale_bits` skips the scale search (and may force a larger ring).
+    A fixed `scale_bits` skips the scale search (and may force a larger ring); a fixed
+    `poly_degree` skips the ring search (and may force a smaller scale).
     """
+    return _search(depth, min_slots, security, scale_bits, poly_degree)[0]
+
+
+def candidate_parameters(depth: int, min_slots: int, security: int = 128) -> list[CkksParameters]:
+    """For each ring degree that fits, from the cheapest, its largest scale: the ladder `protect` climbs
+    while the measured labels still differ from the plaintext model's."""
+    return _search(depth, min_slots, security, None, None)
+
+
+def _search(
+    depth: int, min_slots: int, security: int, scale_bits: int | None, poly_degree: int | None
+) -> list[CkksParameters]:
     if security not in SECURITY_LEVELS:
         raise FheError(f"security level must be one of {SECURITY_LEVELS} bits, got {security}")
     if depth < 1:
         raise FheError(f"an FHE program needs at least one multiplication, got depth {depth}")
     if scale_bits is not None and not MIN_SCALE_BITS <= scale_bits <= MAX_PRIME_BITS:
         raise FheError(f"scale bits must be {MIN_SCALE_BITS}..{MAX_PRIME_BITS}, got {scale_bits}")
+    if poly_degree is not None and poly_degree not in RING_DEGREES:
+        raise FheError(f"ring degree must be one of {', '.join(map(str, RING_DEGREES))}, got {poly_degree}")
+    if poly_degree is not None and poly_degree // 2 < min_slots:
+        raise FheError(f"ring degree {poly_degree} has {poly_degree // 2} slots; this program needs {min_slots}")
     choices = (scale_bits,) if scale_bits is not None else SCALE_BITS_CHOICES
-    for n in RING_DEGREES:
+    found = []
+    for n in (poly_degree,) if poly_degree is not None else RING_DEGREES:
         if n // 2 < min_slots:
             continue
         for bits in choices:
             chain = _chain(depth, bits)
             if sum(chain) <= MAX_LOG_Q[security][n]:
-                return CkksParameters(security, n, chain, bits)
-    raise FheError(
-        f"no secure CKKS parameters for depth {depth} with {min_slots} slots at {security}-bit security "
-        f"(largest ring {RING_DEGREES[-1]}); use fewer layers or activations, or a lower security level"
-    )
+                found.append(CkksParameters(security, n, chain, bits))
+                break
+    if not found:
+        fixed = f" with scale 2^{scale_bits}" if scale_bits is not None else ""
+        fixed += f" at ring degree {poly_degree}" if poly_degree is not None else ""
+        raise FheError(
+            f"no secure CKKS parameters for depth {depth} with {min_slots} slots at {security}-bit security{fixed}; "
+            "use fewer layers or activations, a smaller scale, a larger ring or a lower security level"
+        )
+    return found

@@ -33,6 +33,7 @@ from modelcloak.keys.errors import KeyProviderError
 from modelcloak.keys.providers import KeyProvider, _into_secret
 from modelcloak.licensing.errors import OwnerError
 from modelcloak.licensing.protocol import (
+    FHE_RESULT_REFUSED,
     HPKE_SUITE,
     MODEL_KEY_SIZE,
     USAGE_KEY_SIZE,
@@ -362,7 +363,9 @@ class FheLabelClient(UsageReporter):
         try:
             answer = self.client.post("/v1/fhe/labels", body)
         except RequestRefused as exc:
-            if exc.status in (400, 401, 403, 404, 422):  # refused before counting: nothing is owed
+            if exc.status == 422 and FHE_RESULT_REFUSED in str(exc):  # refused and counted: sequence used
+                self._finish(sequence + 1)
+            elif exc.status in (400, 401, 403, 404, 422):  # refused before counting: nothing is owed
                 self._finish(None)
             raise
         self._finish(sequence + 1)

@@ -61,6 +61,10 @@ def usage_mac(usage_key: bytes, licence_id: str, reporter_id: str, sequence: int
     return hmac.new(usage_key, usage_mac_input(licence_id, reporter_id, sequence, queries), hashlib.sha256).digest()
 
 
+# The one answer (HTTP 422) to every refused FHE result, whatever the cause; the refusal is counted.
+FHE_RESULT_REFUSED = "encrypted result refused; the request is counted against the licence's quota"
+
+
 def fhe_request_mac(
     usage_key: bytes, licence_id: str, reporter_id: str, sequence: int, queries: int, result: bytes
 ) -> bytes:

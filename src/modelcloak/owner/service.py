@@ -25,6 +25,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from modelcloak.licensing.protocol import (
+    FHE_RESULT_REFUSED,
     HPKE_SUITE,
     MAX_BATCH_QUERIES,
     MAX_SEQUENCE,
@@ -598,7 +599,7 @@ class OwnerService:
         # licence, one read per stream, and all writes flushed together at commit.
         licences: dict[str, Licence] = session.info.setdefault("licences", {})
         streams: dict[tuple[str, str], UsageStream] = session.info.setdefault("streams", {})
-        batches: dict[tuple[str, str, int], int] = session.info.setdefault("batches", {})
+        batches: dict[tuple[str, str, int], tuple[int, bytes]] = session.info.setdefault("batches", {})
         with session.no_autoflush:
             licence = licences.get(licence_id)
             if licence is None:
@@ -619,8 +620,9 @@ class OwnerService:
                 previous = batches.get((licence_id, reporter_id, sequence))
                 if previous is None:
                     row = session.get(UsageBatch, (licence_id, reporter_id, sequence))
-                    previous = row.queries if row is not None else None
-                if previous != queries:
+                    previous = (row.queries, row.mac) if row is not None else None
+                # FHE requests with the same count can differ in their result: the MAC tells them apart.
+                if previous is None or previous[0] != queries or not hmac.compare_digest(previous[1], mac):
                     raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
                 return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
         if sequence != last + 1:
@@ -633,7 +635,7 @@ class OwnerService:
             stream = UsageStream(licence_id=licence_id, reporter_id=reporter_id, last_sequence=0, queries=0)
             session.add(stream)
         streams[(licence_id, reporter_id)] = stream
-        batches[(licence_id, reporter_id, sequence)] = queries
+        batches[(licence_id, reporter_id, sequence)] = (queries, mac)
         stream.last_sequence = sequence
         stream.queries += queries
         licence.queries_used += queries
@@ -675,11 +677,16 @@ class OwnerService:
     ) -> tuple[list[Any], UsageAck]:
         """Decrypt an encrypted result for a licensed device and return only its labels, metered.
 
-        The request is a usage batch of `queries` samples whose MAC also covers the result, so the
-        order is: check the MAC (no write), decrypt and check the sample count (no write), then count
-        the batch exactly once like any usage report (a resend of an acknowledged batch gets its
-        labels again without being counted twice). Raw decryptions never leave this method: CKKS
-        decryptions in an evaluator's hands allow key recovery (Li and Micciancio 2021).
+        The request is a usage batch of `queries` samples whose MAC also covers the result. Order:
+        check the MAC and the licence (no write), decrypt and check the result, then count the batch
+        exactly once like any usage report, whether the result was accepted or not. Every refusal
+        of the result itself (another model, malformed, wrong level or scale, a modified or forged
+        ciphertext, a wrong sample count) is the same `FHE_RESULT_REFUSED` 422, counted: distinct
+        answers, or free ones, would let a device probe the checks (docs/FHE.md). The cause goes to
+        the owner's audit log only. A resend of an acknowledged batch is answered again (labels or
+        refusal) without being counted twice, and must be byte-identical (its MAC is compared).
+        Raw decryptions never leave this method: CKKS decryptions in an evaluator's hands allow key
+        recovery (Li and Micciancio 2021).
         """
         _check_usage_shape(licence_id, reporter_id, sequence, queries)
         with self.store.transaction() as session:
@@ -693,6 +700,10 @@ class OwnerService:
                 raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
             if licence.expires_at <= self.clock():
                 raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
+            stored_batch = session.get(UsageBatch, (licence_id, reporter_id, sequence))
+            if stored_batch is not None and not hmac.compare_digest(stored_batch.mac, mac):
+                # Checked before decrypting: another result under an acknowledged sequence is not a resend.
+                raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
             decryptor = self._fhe_decryptors.get(licence.model_id)
             if decryptor is None:
                 stored = session.get(FheSecret, licence.model_id)
@@ -702,14 +713,21 @@ class OwnerService:
                 decryptor = self._fhe_decryptors[licence.model_id] = _fhe_decryptor(secret)
         from modelcloak.fhe import FheError
 
+        cause = None
+        labels: Any = None
         try:
             with self._fhe_lock:
                 labels = decryptor.labels(result, top_k=top_k)
+            if len(labels) != queries:
+                cause = f"the result holds {len(labels)} samples, the request counts {queries}"
         except FheError as exc:
-            raise RequestRefused(f"encrypted result refused: {exc}", 422) from None
-        if len(labels) != queries:
-            raise RequestRefused(f"the result holds {len(labels)} samples, the request counts {queries}", 400)
+            cause = str(exc)
         ack = self._usage_committer.submit((licence_id, reporter_id, sequence, queries, mac, result))
+        if cause is not None:
+            if not ack.duplicate:
+                with self.store.transaction() as session:
+                    self.store.audit(session, "fhe.refused", licence_id, "refused", sequence=sequence, cause=cause)
+            raise RequestRefused(FHE_RESULT_REFUSED, 422)
         return labels.tolist(), ack
 
     def _usage_key(self, licence: Licence) -> bytes:

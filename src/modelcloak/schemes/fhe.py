@@ -92,6 +92,8 @@ class FheScheme:
         )
 
     def describe(self, document: Mapping[str, Any]) -> list[tuple[str, str]]:
+        from modelcloak.fhe.report import describe_measured
+
         fhe = document.get("fhe")
         if not isinstance(fhe, dict):
             return []
@@ -100,7 +102,8 @@ class FheScheme:
                 "fhe",
                 f"CKKS ({fhe.get('backend')}), {fhe.get('security')}-bit, activation {fhe.get('activation')}, "
                 f"{'encrypted' if fhe.get('encrypt_weights') else 'encoded'} weights, model id {fhe.get('model_id')}",
-            )
+            ),
+            ("fhe measured", describe_measured(fhe.get("measured"))),
         ]
 
 
@@ -135,7 +138,8 @@ def _owner_labels(key: Any, options: FheLabels | None) -> _OwnerLabels | None:
     client = FheLabelClient(
         OwnerClient(key.url),
         licence_id=key.licence_id,
-        reporter_id=key.instance_id,
+        # Its own sequence stream, as `run --fhe-labels` uses: never collides with usage reports.
+        reporter_id=f"{key.instance_id}.fhe",
         usage_key=key.usage_key,
         state_path=options.state_path,
     )
@@ -148,22 +152,32 @@ def _compile(public: onnx.ModelProto, private: onnx.ModelProto, options: FheOpti
     The secret is written (exclusively, 0600) before the bundle so that a bundle never exists
     without it; the plan's `on_failure` removes it again if writing the bundle fails.
     """
-    from modelcloak.fhe import FheError, compile_onnx, protect_program
+    from modelcloak.fhe import FheError, protect_program
+    from modelcloak.fhe.head import program_for
 
-    features = _boundary_features(public, options.calibration) if options.activation == "relu-poly" else None
+    # Calibration features also measure the encrypted head's agreement and its check tolerance.
+    features = _boundary_features(public, options.calibration) if options.calibration is not None else None
     try:
-        program = compile_onnx(private, activation=options.activation, calibration=features)
-        model = protect_program(program, security=options.security, encrypt_weights=options.encrypt_weights)
+        program, activation = program_for(private, options.activation, features, options.head)
+        model = protect_program(
+            program,
+            security=options.security,
+            encrypt_weights=options.encrypt_weights,
+            scale_bits=options.scale_bits,
+            poly_degree=options.poly_degree,
+            probe=features,
+        )
     except FheError as exc:
         raise ModelcloakError(f"cannot protect the private part with FHE: {exc}") from None
     _write_secret(options.secret_out, model.owner_secret)
     entry = {
         "model_id": model.model_id,
-        "activation": options.activation,
+        "activation": activation,
         "security": model.params.security,
         "encrypt_weights": options.encrypt_weights,
         "batch": model.batch,
         "backend": "tenseal-ckks",
+        "measured": model.measured,
     }
     return model.edge_package, entry
 

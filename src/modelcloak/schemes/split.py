@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class SplitScheme:
         public, private, chosen = cut_model(model, request)
         private_bytes = private.SerializeToString()
         del private
-        after_write = []
+        after_write: list[Callable[[Path], None]] = []
         if request.native_enclave is not None:
             from modelcloak.native import build_for_bundle, check_private_part
 

@@ -1,4 +1,4 @@
-"""Thin helpers over SEAL (through `tenseal.sealapi`): contexts, the level chain, in-memory serialization.
+"""Microsoft SEAL's CKKS through `tenseal.sealapi`: contexts, the level chain, in-memory serialization.
 
 SEAL's Python binding only saves to and loads from a path. Keys and ciphertexts must not touch
 the disk (the secret key least of all), so every save/load goes through an anonymous in-memory
@@ -15,7 +15,7 @@ import numpy as np
 from modelcloak.fhe.errors import FheError
 from modelcloak.fhe.params import CkksParameters, check_parameters
 
-__all__ = ["SealContext", "galois_element", "load_object", "save_object"]
+__all__ = ["CkksContext", "galois_element", "load_object", "save_object"]
 
 # Larger than any object this scheme makes (Galois keys at N=32768 with a long chain are ~100 MiB).
 MAX_OBJECT_BYTES = 1 << 30
@@ -76,7 +76,7 @@ def galois_element(step: int, poly_modulus_degree: int) -> int:
     return pow(3, step, 2 * poly_modulus_degree)
 
 
-class SealContext:
+class CkksContext:
     """A SEAL CKKS context for one parameter set, with its level chain spelled out.
 
     Chain index k is the level whose modulus is primes q_0..q_k; fresh ciphertexts sit at

@@ -19,6 +19,7 @@ import onnx
 
 from modelcloak import __version__
 from modelcloak.bundle import DEFAULT_CHUNK_SIZE, Manifest, SectionSource, write_bundle
+from modelcloak.bundle.serial import serial_entry
 from modelcloak.bundle.signing import load_private_key
 from modelcloak.errors import ModelcloakError
 from modelcloak.keys import KeyProvider
@@ -62,6 +63,7 @@ def protect(
     lock_to: Sequence[Any] = (),
     lock_method: str = "uniform-shift",
     fhe: dict[str, Any] | None = None,
+    serial: int | None = None,
 ) -> Manifest:
     """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
@@ -129,6 +131,7 @@ def protect(
             "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
         },
         "policy": dict(policy or {}),
+        **serial_entry(serial),  # release number devices can require a minimum of (bundle/serial.py)
     }
     locking = _Locking(lock_to, lock_method) if lock_to else None
     if scheme == "split":

@@ -74,6 +74,9 @@ def protect(
         Optional[Path], typer.Option("--sign-key", help="Ed25519 private key (PEM) to sign with.")
     ] = None,
     label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
+    serial: Annotated[
+        Optional[int], typer.Option("--serial", min=0, help="Release number devices can require (--min-serial).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
     cut_after: Annotated[Optional[str], typer.Option("--cut-after", help="split: last public node.")] = None,
     cut_tensors: Annotated[
@@ -182,6 +185,7 @@ def protect(
             scheme=scheme,
             signer=sign_key,
             label=label,
+            serial=serial,
             progress=lambda n: bar.advance(task, n),
             **split_options,
         )
@@ -254,6 +258,10 @@ def run(
         typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
+    min_serial: Annotated[
+        Optional[int],
+        typer.Option("--min-serial", min=0, help="Refuse bundles older than this serial (needs --trusted-signer)."),
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime.")] = None,
     cast: Annotated[
         bool, typer.Option("--cast", help="Convert inputs to the model's types (never wraps integers).")
@@ -324,6 +332,7 @@ def run(
         trusted_signers=trusted_signer,
         threads=threads,
         cache_policy="strict" if strict else "override",
+        min_serial=min_serial,
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
     ) as session:
@@ -388,6 +397,8 @@ def inspect(
     )
     table.add_row("key", f"id {manifest.key_id} ({key.get('provider')}{kdf_text})")
     table.add_row("signature", signature)
+    if "serial" in doc:
+        table.add_row("serial", str(doc["serial"]))
     created = doc.get("created", {})
     table.add_row(
         "created",

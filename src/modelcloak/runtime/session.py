@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from modelcloak import hygiene
 from modelcloak.bundle import Bundle
+from modelcloak.bundle.serial import check_serial
 from modelcloak.bundle.signing import load_public_key
 from modelcloak.keys import KeyProvider
 from modelcloak.runtime import cacheguard
@@ -180,6 +181,7 @@ def load(
     enclave_threads: int | None = None,
     enclave_timeout: float = 10.0,
     device_key: Any = None,
+    min_serial: int | None = None,
 ) -> SealedSession:
     """Open a protected bundle with a key from `key` and return a session ready to run.
 
@@ -190,6 +192,9 @@ def load(
 
     Split bundles also start the enclave process, which reads its own key from
     `enclave_key_file` or `enclave_key_env`; this process never sees that key.
+
+    `min_serial` refuses bundles older than that owner release number (rollback); it needs
+    `trusted_signers`, since only the signature keeps a key holder from rewriting the number.
 
     Bundles locked to devices need `device_key`, this device's key
     (`modelcloak.keys.open_device_key(state_dir)`): the weights are unlocked in memory with it.
@@ -215,6 +220,7 @@ def load(
         if lock is not None and device_key is None:
             raise SessionError("this bundle is locked to a device: give this device's key (--device-state DIR)")
         report.signer = sealed.verify_signature(trusted or None, require=require_signature)
+        check_serial(sealed.manifest.document, min_serial, report.signer if trusted else None)
         report.seconds["verify"] = clock() - started
         extra_sections: dict[str, bytes] = {"fhe": b""} if scheme == "fhe" else {}
         runner = _open_graph(

@@ -303,9 +303,8 @@ def run(
     ] = None,
 ) -> None:
     """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
-    import numpy as np
 
-    from modelcloak.cli.run_io import check_output_path, save_outputs
+    from modelcloak.cli.run_io import check_output_path, output_lines, save_outputs
     from modelcloak.runtime import load
 
     feeds = _load_inputs(inputs)
@@ -361,9 +360,8 @@ def run(
         written = save_outputs(output, results)
         out.print(f"wrote {written} output(s) to {output}")
         return
-    for name, value in results.items():
-        out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
-        out.print(np.array2string(value, threshold=200, precision=5), highlight=False)
+    for line in output_lines(results):
+        out.print(line, highlight=False, markup=False)
 
 
 @app.command()

@@ -25,6 +25,7 @@ import numpy as np
 
 from modelcloak import hygiene, schemes
 from modelcloak.bundle import Bundle
+from modelcloak.bundle.serial import check_serial
 from modelcloak.bundle.signing import load_public_key
 from modelcloak.keys import KeyProvider
 from modelcloak.options import LoadOptions
@@ -56,6 +57,7 @@ def load(bundle: str | Path, *, key: KeyProvider, options: LoadOptions | None = 
             raise SessionError(f"bundle scheme {name!r} cannot be loaded by this version of modelcloak")
         scheme = schemes.get(name)
         report.signer = sealed.verify_signature(trusted or None, require=chosen.require_signature)
+        check_serial(sealed.manifest.document, chosen.min_serial, report.signer if trusted else None)
         report.seconds["verify"] = time.perf_counter() - started
         licence = _licence(key, chosen)
         context = schemes.OpenContext(key=key, options=chosen, report=report, started=started, licence=licence)

@@ -287,6 +287,8 @@ class LoadOptions:
     threads: int | None = None
     trusted_signers: tuple[bytes | str | Path, ...] = ()
     require_signature: bool = False
+    # Refuse bundles whose owner release number is below this (rollback); needs trusted_signers.
+    min_serial: int | None = None
     cache_policy: str = "override"
     session_config: Mapping[str, Any] | None = None
     enclave: EnclaveConfig | None = None

@@ -12,6 +12,7 @@ import onnx
 
 from modelcloak import __version__, schemes
 from modelcloak.bundle import DEFAULT_CHUNK_SIZE, Manifest, write_bundle
+from modelcloak.bundle.serial import serial_entry
 from modelcloak.bundle.signing import load_private_key
 from modelcloak.keys import KeyProvider
 from modelcloak.model import ModelError, load_model, signature
@@ -53,6 +54,7 @@ def protect(
     lock: LockOptions | Sequence[DeviceLockKey] | None = None,
     fhe: FheOptions | Mapping[str, Any] | None = None,
     native_enclave: str | Path | None = None,
+    serial: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -70,8 +72,10 @@ def protect(
     - `lock`: `lock` (a `LockOptions`, or just the devices' exported `DeviceLockKey`s).
     - `fhe`: `cut` (the private part after it must be a dense stack) and `fhe` (`FheOptions`).
 
-    `native_enclave` (split): a directory in which the private part's native C enclave is
-    generated and compiled (docs/NATIVE.md); a private part it cannot run is refused up front.
+    `serial` is a release number devices can require a minimum of (`LoadOptions.min_serial`),
+    so an older signed bundle cannot be rolled back in. `native_enclave` (split): a directory in
+    which the private part's native C enclave is generated and compiled (docs/NATIVE.md); a
+    private part it cannot run is refused up front.
     """
     request = ProtectRequest(
         cut=CutSelector.coerce(cut) if cut is not None else None,
@@ -94,7 +98,7 @@ def protect(
     failed = True
     master = enclave_master = None
     try:
-        extra = _manifest(proto, label, plan.manifest)
+        extra = _manifest(proto, label, {**plan.manifest, **serial_entry(serial)})
         master, key_spec = key.new_key()
         enclave_spec = None
         if plan.enclave_key is not None:

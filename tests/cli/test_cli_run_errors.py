@@ -113,3 +113,26 @@ def test_float64_input_needs_cast(sealed):
     one_line_error(cli("run", str(folder / "m.mcb"), str(folder / "x64.npy"), *key), "must be float32, got float64")
     result = cli("run", str(folder / "m.mcb"), str(folder / "x64.npy"), *key, "--cast")
     assert result.returncode == 0, result.stderr
+
+
+def test_sequence_output_is_printed_and_saved(tmp_path, key_file):
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("SplitToSequence", ["x"], ["parts"], keepdims=0)],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, None)],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 9
+    protect(model, tmp_path / "m.mcb", key=key_file)
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    key = ["--key-file", str(key_file.path)]
+    shown = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), *key)
+    assert shown.returncode == 0, shown.stderr
+    assert "parts: sequence of 2" in shown.stdout and "parts[1]: shape [3]" in shown.stdout
+    saved = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), *key, "-o", str(tmp_path / "y.npz"))
+    assert saved.returncode == 0, saved.stderr
+    with np.load(tmp_path / "y.npz") as archive:
+        assert archive["parts.1"].tolist() == [3.0, 4.0, 5.0]

@@ -35,6 +35,9 @@ def protect(
     ] = None,
     label: Annotated[Optional[str], typer.Option(help="Free-text label stored in the manifest.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bundle.")] = False,
+    serial: Annotated[
+        Optional[int], typer.Option("--serial", min=0, help="Release number devices can require (--min-serial).")
+    ] = None,
     cut_after: Annotated[Optional[str], typer.Option("--cut-after", help="split: last public node.")] = None,
     cut_tensors: Annotated[
         Optional[str], typer.Option("--cut-tensors", help="split: comma-separated boundary tensors.")
@@ -130,6 +133,7 @@ def protect(
             signer=sign_key,
             label=label,
             progress=lambda n: bar.advance(task, n),
+            serial=serial,
             **options,
         )
     signed = "signed" if manifest.signer_public_key else "unsigned"
@@ -251,6 +255,10 @@ def run(
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime.")] = None,
+    min_serial: Annotated[
+        Optional[int],
+        typer.Option("--min-serial", min=0, help="Refuse bundles older than this serial (needs --trusted-signer)."),
+    ] = None,
     cast: Annotated[
         bool, typer.Option("--cast", help="Convert inputs to the model's types (never wraps integers).")
     ] = False,
@@ -295,9 +303,8 @@ def run(
     ] = None,
 ) -> None:
     """Verify and decrypt BUNDLE in memory and run it on INPUTS (fhe: write the encrypted result)."""
-    import numpy as np
 
-    from modelcloak.cli.run_io import check_output_path, save_outputs
+    from modelcloak.cli.run_io import check_output_path, output_lines, save_outputs
     from modelcloak.inference import load
     from modelcloak.options import LoadOptions, Metering
     from modelcloak.runtime import FheSession
@@ -328,6 +335,7 @@ def run(
         backend=backend,
         trusted_signers=tuple(trusted_signer or ()),
         threads=threads,
+        min_serial=min_serial,
         cache_policy="strict" if strict else "override",
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
@@ -358,9 +366,8 @@ def run(
         written = save_outputs(output, results)
         out.print(f"wrote {written} output(s) to {output}")
         return
-    for name, value in results.items():
-        out.print(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
-        out.print(np.array2string(value, threshold=200, precision=5), highlight=False)
+    for line in output_lines(results):
+        out.print(line, highlight=False, markup=False)
 
 
 def inspect(
@@ -405,6 +412,8 @@ def inspect(
             table.add_row(kind[:-1], f"{spec.get('name')} {spec.get('dtype')} {spec.get('shape')}")
     for entry in manifest.sections:
         table.add_row("section", f"{entry.name}: {entry.size:,} bytes encrypted")
+    if "serial" in doc:
+        table.add_row("serial", str(doc["serial"]))
     if doc.get("policy"):
         table.add_row("policy", json.dumps(doc.get("policy", {})))
     if manifest.scheme in SCHEMES:

@@ -12,7 +12,7 @@ import numpy as np
 
 from modelcloak.errors import ModelcloakError
 
-__all__ = ["check_output_path", "load_inputs", "save_outputs"]
+__all__ = ["check_output_path", "load_inputs", "output_lines", "save_outputs"]
 
 
 def load_inputs(path: Path) -> dict[str, Any] | np.ndarray:
@@ -73,3 +73,20 @@ def save_outputs(path: Path, results: Mapping[str, Any]) -> int:
     except (OSError, ValueError) as exc:
         raise ModelcloakError(f"cannot write {path}: {exc}") from None
     return len(arrays)
+
+
+def output_lines(results: Mapping[str, Any]) -> list[str]:
+    """Outputs as text for the terminal: a header and the values per output (sequences item by item)."""
+    lines: list[str] = []
+    for name, value in results.items():
+        if value is None:
+            lines.append(f"{name}: empty optional")
+        elif isinstance(value, list | tuple):
+            lines.append(f"{name}: sequence of {len(value)}")
+            for index, item in enumerate(value):
+                lines.extend(output_lines({f"{name}[{index}]": item}))
+        else:
+            array = np.asarray(value)
+            lines.append(f"{name}: shape {list(array.shape)} dtype {array.dtype}")
+            lines.append(np.array2string(array, threshold=200, precision=5))
+    return lines

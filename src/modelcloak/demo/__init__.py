@@ -89,6 +89,8 @@ def run_demo(
         result.seconds = time.perf_counter() - began
         if step != "summary":
             ctx.save(result)
+        if "summary" not in chosen:  # the summary lists these for every step; without it, each step does
+            summary.print_files_and_commands(ctx, [result])
         console.print(f"    [dim]{step}: {result.seconds:.1f} s[/]")
         results[step] = result
     console.print(f"[bold]demo done[/] in {time.perf_counter() - started:.0f} s ({', '.join(chosen)})")

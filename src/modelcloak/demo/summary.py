@@ -62,7 +62,7 @@ def plot(rows: list[Row], target: Path) -> Path:
 
     names = [row.scheme for row in rows]
     positions = range(len(rows))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 1.8), sharey=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.4), sharey=True)
     device = [100 * (row.accuracy or 0) for row in rows]
     thief = [100 * row.thief_accuracy if row.thief_accuracy is not None else float("nan") for row in rows]
     left.barh([p + 0.2 for p in positions], device, height=0.38, color="#3b7dd8", label="on the licensed device")
@@ -72,7 +72,7 @@ def plot(rows: list[Row], target: Path) -> Path:
     left.set_xlabel("test accuracy, %")
     left.set_yticks(list(positions), names)
     left.invert_yaxis()
-    left.legend(loc="lower left", fontsize=8)
+    left.legend(loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=3, fontsize=8, frameon=False)
     ratios = [row.latency_ratio or float("nan") for row in rows]
     right.barh(list(positions), ratios, height=0.5, color="#6a6a6a")
     right.set_xscale("log")
@@ -88,6 +88,19 @@ def plot(rows: list[Row], target: Path) -> Path:
     return target
 
 
+def print_files_and_commands(ctx: DemoContext, results: list[StepResult]) -> None:
+    """What each step wrote, and how to repeat it: the demo's own command, then the commands it stands for."""
+    ctx.console.print("[bold]files[/]")
+    for result in results:
+        for what, path in result.files.items():
+            ctx.console.print(f"  {what}: {path}", highlight=False)
+    ctx.console.print("[bold]repeat[/] (the demo's step, then the commands it stands for)")
+    for result in results:
+        ctx.console.print(f"  modelcloak demo --only {result.step} --workdir {ctx.shown(ctx.workdir)}", highlight=False)
+        for command in result.commands:
+            ctx.console.print(f"      {command}", highlight=False, soft_wrap=True)
+
+
 def run(ctx: DemoContext) -> StepResult:
     results = load_results(ctx)
     rows = [row for result in results for row in result.rows]
@@ -98,16 +111,8 @@ def run(ctx: DemoContext) -> StepResult:
     png = plot(rows, ctx.path("demo.png"))
     md = ctx.path("summary.md")
     md.write_text(markdown(rows))
-    ctx.console.print("[bold]files[/]")
-    for result in results:
-        for what, path in result.files.items():
-            ctx.console.print(f"  {what}: {path}", highlight=False)
-    ctx.console.print(f"  summary table: {ctx.shown(md)}\n  plot: {ctx.shown(png)}", highlight=False)
-    ctx.console.print("[bold]repeat a step[/] (the demo's own, then the commands it stands for)")
-    for result in results:
-        ctx.console.print(f"  modelcloak demo --only {result.step} --workdir {ctx.shown(ctx.workdir)}", highlight=False)
-        for command in result.commands:
-            ctx.console.print(f"      {command}", highlight=False, soft_wrap=True)
+    ctx.console.print(f"summary table: {ctx.shown(md)}\nplot: {ctx.shown(png)}", highlight=False)
+    print_files_and_commands(ctx, results)
     return StepResult(
         "summary",
         [],

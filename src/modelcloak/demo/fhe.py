@@ -82,6 +82,7 @@ def run(ctx: DemoContext) -> StepResult:
     from modelcloak.keys import KeyFile, generate_key_file
     from modelcloak.licensing.client import OwnerBackendKey, SimAttester
     from modelcloak.owner.evidence.sim import SimDevice
+    from modelcloak.runtime.session import FheSession
 
     settings = ctx.settings
     plain = ctx.model()
@@ -134,6 +135,8 @@ def run(ctx: DemoContext) -> StepResult:
         with modelcloak.load(
             bundle, key=provider, fhe_labels=modelcloak.FheLabels(owner / "labels.state"), threads=settings.threads
         ) as session:
+            if not isinstance(session, FheSession):
+                raise DemoError(f"{bundle} opened as a {type(session).__name__}, not an fhe session")
             answer = session.run({INPUT_NAME: x})[OUTPUT_NAME]
             sent += len(x)
             repeats = max(3, settings.latency_repeats // 5)

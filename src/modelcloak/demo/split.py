@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcloak.demo.context import INPUT_NAME, SEED, DemoContext, Row, StepResult, median_seconds
+from modelcloak.demo.context import INPUT_NAME, SEED, DemoContext, DemoError, Row, StepResult, median_seconds
 
 
 def _recommended_cut(ctx: DemoContext, model_path) -> tuple[int, Any]:  # noqa: ANN001 - a Path
@@ -91,6 +91,7 @@ def run(ctx: DemoContext) -> StepResult:
     import modelcloak
     from modelcloak.eval.extraction import attack_bundle, black_box_reference
     from modelcloak.keys import KeyFile, generate_key_file
+    from modelcloak.runtime.session import SplitSession
 
     settings = ctx.settings
     plain = ctx.model()
@@ -114,6 +115,8 @@ def run(ctx: DemoContext) -> StepResult:
     reference = ort.InferenceSession(str(plain.path), options, providers=["CPUExecutionProvider"])
     one = {INPUT_NAME: plain.x_test[:1]}
     with modelcloak.load(bundle, key=key, enclave_key_file=enclave_key_path, threads=settings.threads) as session:
+        if not isinstance(session, SplitSession):
+            raise DemoError(f"{bundle} opened as a {type(session).__name__}, not a split session")
         (answer,) = session.run({INPUT_NAME: plain.x_test}).values()  # "label" under the label policy
         boundary = session.boundary({INPUT_NAME: plain.x_test[:1]})
         plain_latency, split_latency = median_seconds(

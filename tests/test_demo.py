@@ -179,10 +179,10 @@ def test_the_whole_demo_and_its_table(tmp_path: Path):
     assert lock["refused_on_device_b"] and "locked to" in lock["device_b_error"]
     # The control: the same locked bundle on its own device is the plain model.
     assert lock["device_a_labels_equal"] is True and lock["device_a_accuracy"] > 0.85
-    # A forged entry on the wrong device: real-looking, finite outputs at chance (10 classes; 300
-    # digits give a standard error of about 1.7 points).
-    assert lock["forged_outputs_finite"] is True
-    assert abs(lock["forged_accuracy"] - lock["chance_accuracy"]) < 0.08, lock["forged_accuracy"]
+    # A forged entry on the wrong device: real-looking, finite outputs at chance (10 classes, so
+    # 10%; measured 7-11% over runs, each with a fresh lock key). The same bar as test_lock_scheme.
+    assert lock["forged_outputs_finite"] is True and lock["chance_accuracy"] == 0.1
+    assert lock["forged_accuracy"] < 0.2, lock["forged_accuracy"]
 
     split = _facts(tmp_path, "split")
     assert split["labels_equal"] is True and split["labels_only"] is True
@@ -196,6 +196,7 @@ def test_the_whole_demo_and_its_table(tmp_path: Path):
     # CKKS is approximate: a digit whose top two logits are within its noise could flip; none did
     # in any run so far, and one is allowed for.
     assert fhe["labels_equal_count"] >= fhe["samples"] - 1
+    assert fhe["samples"] == 300
     assert fhe["metered"] == fhe["samples_sent"] == fhe["samples"] + 1  # the batch, then one timed digit
     assert fhe["encrypted_head_ms"] > 0
 

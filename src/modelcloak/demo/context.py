@@ -53,7 +53,7 @@ class DemoSettings:
     attack_budget: int = 500  # label-only queries of the split step's attacker
     query_budget: int = 5000  # the split enclave's budget per session
     recommend_cuts: int = 4  # how many candidate cuts `recommend` measures (the latest ones)
-    fhe_samples: int = 128  # test digits sent through the encrypted head and the owner backend
+    fhe_samples: int = 1000  # test digits sent through the encrypted head and the owner backend (at most test_samples)
     latency_repeats: int = 30  # interleaved single-digit runs per latency figure (median)
     threads: int = 1  # torch and onnxruntime threads: a second thread mostly spins on a busy machine
 
@@ -66,7 +66,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(epochs=2, test_samples=300, recommend_cuts=2, fhe_samples=32, latency_repeats=10)
+        return cls(epochs=2, test_samples=300, recommend_cuts=2, fhe_samples=300, latency_repeats=10)
 
 
 @dataclass

@@ -167,7 +167,7 @@ def run(ctx: DemoContext) -> StepResult:
         step="fhe",
         rows=[
             Row(
-                "fhe (last layer, owner labels)",
+                "fhe (last layer; owner answers labels)",
                 accuracy,
                 encrypted_latency / plain_latency,
                 "public layers and encrypted weights; labels only, each one metered",

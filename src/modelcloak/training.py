@@ -45,6 +45,7 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    threads: int | None = None,
 ) -> torch.nn.Module:
     """Train `module` with Adam and cross-entropy on (x, y); return it in eval mode.
 
@@ -52,7 +53,8 @@ def train_classifier(
     generator and any random layers draw from a seeded fork of the global RNG (the caller's
     RNG state is left as it was). Threads are capped at min(2, cpu count) for the duration,
     because more threads than cores only adds contention on the small shared machines this
-    runs on, and restored afterwards.
+    runs on, and restored afterwards; `threads` sets another cap (1 is much faster on a busy
+    machine, where a second thread spins waiting for a core).
     `progress` shows a rich progress bar over all batches of all epochs on `console`.
     """
     torch = import_torch()
@@ -67,7 +69,7 @@ def train_classifier(
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     loss_fn = torch.nn.CrossEntropyLoss()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
     try:
         with torch.random.fork_rng(devices=[]), progress_bar(progress, console) as bar:
             torch.manual_seed(seed)

@@ -478,15 +478,26 @@ def keygen(
 
 
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's model, key and bundle.")] = Path(
-        "modelcloak-demo"
-    ),
-    epochs: Annotated[int, typer.Option(help="Training epochs for the MNIST CNN.")] = 3,
+    workdir: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path("modelcloak-demo"),
+    only: Annotated[
+        Optional[list[str]],
+        typer.Option("--only", help="Only this step: seal, lock, split, fhe, summary (repeat)."),
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller settings (CI): 2 epochs, 300 test digits.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs for the MNIST CNN.")] = None,
+    attack_budget: Annotated[
+        Optional[int], typer.Option("--attack-budget", help="split: the attacker's label-only queries.")
+    ] = None,
 ) -> None:
-    """Train a small CNN on real MNIST digits, seal it, and compare sealed and plain accuracy."""
-    from modelcloak.zoo.demo import run_demo
+    """The whole product on real MNIST digits: seal, lock, split (with an attack), fhe + owner backend, summary."""
+    import dataclasses
 
-    run_demo(workdir, out, epochs=epochs)
+    from modelcloak.demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    chosen = {"epochs": epochs, "attack_budget": attack_budget}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    run_demo(workdir, out, settings, only=only)
 
 
 def register(app: typer.Typer) -> None:

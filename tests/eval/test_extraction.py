@@ -235,7 +235,8 @@ def test_enclave_query_budget_stops_the_attack(task: DigitsTask) -> None:
     assert "20 equations" in algebraic.note and "answered 20 of 43" in algebraic.note
 
     # Without the owner's answers the evaluator cannot read 397 test answers through a 30-sample budget.
-    with pytest.raises(ModelcloakError, match="pass victim_outputs"):
+    # The message names the cause and what to do instead, in words a CLI user can act on (issue 14, item 8).
+    with pytest.raises(ModelcloakError, match="query budget is 30 samples.*plain ONNX model instead"):
         task.attack(limited, [50], victim_outputs=None)
 
 
@@ -258,12 +259,15 @@ def test_attacks_are_reproducible(task: DigitsTask, label_runs: dict[int, list[E
 
 
 def test_budgets_above_the_pool_are_capped(task: DigitsTask) -> None:
-    rows = task.attack(task.bundle({"output": "topk:3"}), [5000])
-    knockoff = _row(rows, "knockoff", 5000)
-    assert knockoff.queries_answered == len(task.pool_x)
-    assert f"capped at the pool size ({len(task.pool_x)})" in knockoff.note
+    pool = len(task.pool_x)
+    rows = task.attack(task.bundle({"output": "topk:3"}), [1000, 5000])
+    # Both budgets buy the same attacker (the whole pool): one row, reported at what it had (issue 14).
+    assert {r.budget for r in rows} == {pool}
+    knockoff = _row(rows, "knockoff", pool)
+    assert knockoff.queries_answered == pool
+    assert f"capped at the pool size ({pool}; asked 1000, 5000)" in knockoff.note
     assert knockoff.policy == "topk:3" and knockoff.fidelity > 0.9
-    assert _row(rows, "algebraic", 5000).note.startswith("n/a")
+    assert _row(rows, "algebraic", pool).note.startswith("n/a")
 
 
 def test_references(task: DigitsTask) -> None:
@@ -282,7 +286,8 @@ def test_references(task: DigitsTask) -> None:
     assert all(r.attack == "black-box" and r.cut == -1 and r.policy == "label" for r in rows)
     assert by_budget[0].queries_answered == 0 and by_budget[0].fidelity < 0.4
     assert by_budget[50].fidelity > by_budget[0].fidelity + 0.3
-    assert by_budget[5000].queries_answered == len(task.pool_x) and "capped" in by_budget[5000].note
+    capped = by_budget[len(task.pool_x)]
+    assert capped.queries_answered == len(task.pool_x) and "capped" in capped.note
 
 
 def test_write_report_renders_na_and_all_three_files(tmp_path: Path) -> None:
@@ -296,11 +301,15 @@ def test_write_report_renders_na_and_all_three_files(tmp_path: Path) -> None:
     paths = write_report(rows, tmp_path, title="t")
     markdown = paths["md"].read_text()
     assert "| last-layer | label | algebraic | n/a |" in markdown
-    assert "| last-layer | scores | algebraic | 1.000 / 0.950 |" in markdown
+    assert "| last-layer | scores | algebraic | 1.000 |" in markdown  # one seed: a mean, no interval
+    assert "one seed, so no interval" in markdown
     assert "nan" not in markdown.lower()
+    # The best attacker at the label cut is the knockoff (0.85 > black-box 0.62).
+    assert "| last-layer | label | best attacker | 0.850 |" in markdown
     csv_text = paths["csv"].read_text()
     assert csv_text.splitlines()[0].startswith("cut,policy,budget,attack,queries_answered,accuracy,fidelity")
     assert ",n/a,n/a," in csv_text
+    assert paths["summary_csv"].read_text().startswith("cut,cut_name,policy,attack,budget,seeds,fidelity_mean")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from digits_victim import dense_model, digits_split
 
 from modelcloak.errors import ModelcloakError
 from modelcloak.eval.extraction import (
@@ -80,57 +80,20 @@ class DigitsTask:
         )
 
 
-def _digits_model(x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
-    """Train the victim with torch (seeded, full batch) and write it as a plain two-Gemm ONNX graph."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is faster and immune to busy cores
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-        for _ in range(200):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(inputs), targets).backward()
-            optimizer.step()
-    torch.set_num_threads(threads)
-    w0, b0, w1, b1 = (p.detach().numpy().astype(np.float32) for p in net.parameters())
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gemm", ["x", "w0", "b0"], ["h0"], name="fc0", transB=1),
-            helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
-            helper.make_node("Gemm", ["r0", "w1", "b1"], ["logits"], name="fc1", transB=1),
-        ],
-        "digits",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(a, n) for a, n in ((w0, "w0"), (b0, "b0"), (w1, "w1"), (b1, "b1"))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> DigitsTask:
     import onnxruntime as ort
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train, pool = order[:397], order[397:1197], order[1197:]
-    model = _digits_model(x[train], y[train])
+    split = digits_split()
+    model = dense_model(split.train_x, split.train_y, (HIDDEN,))
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     folder = tmp_path_factory.mktemp("extraction")
     return DigitsTask(
         model=model,
-        pool_x=x[pool],
-        test_x=x[test],
-        test_y=y[test],
-        victim_logits=plain.run(None, {"x": x[test]})[0],
+        pool_x=split.pool_x,
+        test_x=split.test_x,
+        test_y=split.test_y,
+        victim_logits=plain.run(None, {"x": split.test_x})[0],
         host_key=generate_key_file(folder / "host.key"),
         enclave_key=generate_key_file(folder / "enclave.key"),
         folder=folder,

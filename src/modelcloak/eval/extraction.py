@@ -469,14 +469,20 @@ def black_box_reference(
     pool_x, test_x, test_y = _check_data(pool_x, test_x, test_y)
     victim_labels, victim_scores = _split_victim_outputs(_predict_batches(victim_predict, test_x), len(test_x))
     n_classes = _class_count(None, victim_scores, victim_labels, test_y)
-    # The victim is deterministic: label the whole pool once; each seed's attacker reads its own prefix.
+    # The victim is deterministic: label every sample some seed's attacker asks for once; each
+    # attacker then reads its own prefix. Through a bundle this spends only those queries.
+    orders = {run_seed: np.random.default_rng(run_seed).permutation(len(pool_x)) for run_seed in run_seeds}
+    most = max(capped)
+    asked = np.unique(np.concatenate([order[:most] for order in orders.values()])) if most else np.zeros(0, int)
+    pool_labels = np.zeros(len(pool_x), dtype=np.int64)
     began = time.perf_counter()
-    pool_labels, _ = _split_victim_outputs(_predict_batches(victim_predict, pool_x), len(pool_x))
-    per_query = (time.perf_counter() - began) / len(pool_x)
+    if len(asked):
+        pool_labels[asked], _ = _split_victim_outputs(_predict_batches(victim_predict, pool_x[asked]), len(asked))
+    per_query = (time.perf_counter() - began) / max(1, len(asked))
     rows = []
     test_t = torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32))
     for run_seed in run_seeds:
-        order = np.random.default_rng(run_seed).permutation(len(pool_x))
+        order = orders[run_seed]
         for budget, cap_note in capped.items():
             began = time.perf_counter()
             model = _raw_model(pool_x.shape[1:], n_classes, run_seed)

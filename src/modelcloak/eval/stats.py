@@ -73,10 +73,6 @@ class Spread:
     q3: float
     n: int
 
-    def overlaps(self, other: Spread) -> bool:
-        """Whether the two interquartile ranges overlap: the measurements cannot tell them apart."""
-        return self.q1 <= other.q3 and other.q1 <= self.q3
-
 
 def spread(values: Sequence[float]) -> Spread:
     ordered = sorted(float(v) for v in values)

@@ -178,6 +178,11 @@ def sweep_model(
     from modelcloak.model.cut import candidate_cuts
     from modelcloak.protector import protect
 
+    # The cache guard first, as on a device: torch and onnxruntime read their cache settings when
+    # they initialise (see zoo/demo.py).
+    from modelcloak.runtime import cacheguard
+
+    cacheguard.apply("override")
     started = time.perf_counter()
     proto = load_model(model)
     candidates = candidate_cuts(proto)
@@ -273,3 +278,103 @@ def sweep_model(
         + "\n".join(f"- {line}" for line in cut_lines)
     )
     return SweepResult(rows, [candidates[i] for i in chosen], setup, seconds, phases)
+
+
+def attack_user_bundle(
+    bundle: Path,
+    data: AttackerData,
+    *,
+    host_key: Any,
+    enclave_key_file: Path,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    progress: bool = True,
+    console: Any = None,
+) -> SweepResult:
+    """Attack one split bundle (the owner's plain model is not at hand), with both references.
+
+    The victim is read through sessions of the bundle itself: its answers on the test set (for
+    fidelity and the white-box row's accuracy) and the black-box attacker's labels, each through
+    its own session and enclave budget, under the bundle's output policy (top-K and scores are
+    reduced to the top label, which is what the black-box attacker trains on).
+    """
+    from modelcloak.bundle import Bundle
+    from modelcloak.eval import extraction
+    from modelcloak.inference import load
+    from modelcloak.runtime.errors import EnclaveError
+
+    started = time.perf_counter()
+    with Bundle.open(bundle) as sealed:
+        manifest = sealed.manifest
+    if manifest.scheme != "split":
+        raise EvalError(f"{bundle} is a {manifest.scheme!r} bundle; extraction attacks need a split bundle")
+    boundary = [b.get("name", "?") for b in manifest.document.get("split", {}).get("boundary", [])]
+    cut_name = f"bundle (boundary {', '.join(boundary)})" if boundary else "bundle"
+    seeds = list(seeds)
+    effective = extraction._capped_budgets(budgets, len(data.pool_x))
+    total = 3 * len(effective) * len(seeds)
+    with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as evaluator:
+        input_name = extraction._single_input(evaluator)
+        output = evaluator.enclave.info.policy.output
+        evaluator_policy = evaluator.enclave.info.policy.spec
+        result_name = evaluator.enclave.info.outputs[0].name
+
+        def victim_predict(batch: np.ndarray) -> np.ndarray:
+            try:
+                answer = np.asarray(evaluator.run({input_name: batch})[result_name])
+            except EnclaveError as exc:
+                raise EvalError(
+                    f"the references need the victim's answers through {bundle.name}, and its enclave refused "
+                    f"({exc}); attack the owner's plain ONNX model instead, which builds its own bundles"
+                ) from None
+            if output == "topk":
+                return answer[:, 0]
+            return answer.reshape(len(batch)) if output == "label" else answer
+
+        victim_outputs = extraction._predict_batches(victim_predict, data.test_x)
+        labels, _ = extraction._split_victim_outputs(victim_outputs, len(data.test_x))
+        rows: list[Any] = [
+            extraction.ExtractionResult(
+                cut=-1,
+                policy="n/a",
+                budget=0,
+                attack="white-box",
+                queries_answered=0,
+                accuracy=float(np.mean(labels == data.test_y)),
+                fidelity=1.0,
+                seconds=0.0,
+                note="the victim's own answers through the bundle",
+            )
+        ]
+        with extraction._progress(progress, console) as bar:
+            task = bar.add_task("attacks", total=total) if bar else None
+
+            def step(description: str) -> None:
+                if bar is not None:
+                    bar.update(task, advance=1, description=description)
+
+            rows += extraction.attack_bundle(
+                bundle,
+                host_key=host_key,
+                enclave_key_file=enclave_key_file,
+                pool_x=data.pool_x,
+                test_x=data.test_x,
+                test_y=data.test_y,
+                budgets=budgets,
+                cut_index=-1,
+                seeds=seeds,
+                cut_name=cut_name,
+                victim_outputs=victim_outputs,
+                on_step=step,
+            )
+            rows += extraction.black_box_reference(
+                victim_predict, data.pool_x, data.test_x, data.test_y, budgets, seeds=seeds, on_step=step
+            )
+    rows = extraction.with_best_attacker(rows)
+    seconds = time.perf_counter() - started
+    setup = (
+        f"{data.assumption()}\n\nBundle {bundle.name}: cut at {', '.join(boundary) or 'an unnamed boundary'}, "
+        f"output policy {evaluator_policy}. "
+        f"Victim test accuracy {rows[0].accuracy:.3f}. Computed in {seconds:.0f} s on {extraction._machine()}."
+    )
+    return SweepResult(rows, [], setup, seconds)

@@ -293,29 +293,26 @@ def test_mnist_report_end_to_end(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def measured(task: DigitsTask):
     from modelcloak.eval.recommend import Targets, recommend
+    from modelcloak.eval.sweep import attacker_data
 
+    data = attacker_data(task.pool_x, task.test_x, task.test_y, source="digits")
     return recommend(
-        task.model,
-        pool_x=task.pool_x,
-        test_x=task.test_x,
-        test_y=task.test_y,
-        targets=Targets(attack_budget=50, max_fidelity=1.0, max_latency_ratio=1e9),
-        repeats=3,
+        task.model, data, targets=Targets(attack_budget=50, max_fidelity=1.0), seeds=[0], rounds=2, calls=2
     )
 
 
-def test_recommend_measures_every_cut_and_picks_the_cheapest(measured):
+def test_recommend_measures_every_cut(measured):
     assert len(measured.cuts) >= 2
     for advice in measured.cuts:
-        assert 0.0 <= advice.attacker_fidelity <= 1.0 and advice.latency_ratio > 0
-    assert measured.chosen is not None
-    assert measured.chosen.latency_ratio == min(a.latency_ratio for a in measured.cuts)
+        assert 0.0 <= advice.attacker_fidelity <= 1.0 and advice.latency_ratio > 0 and advice.latency.n == 2
+        assert "knockoff" in advice.best_attacks or "black-box" in advice.best_attacks
+    assert measured.chosen is not None and measured.chosen.meets
 
 
 def test_recommend_says_when_no_cut_meets_the_target(task, measured):
     from modelcloak.eval.recommend import Targets, choose
 
-    strict = choose(task.model, measured.cuts, Targets(attack_budget=50, max_fidelity=0.05, max_latency_ratio=1e9))
+    strict = choose(task.model, measured.cuts, Targets(attack_budget=50, max_fidelity=0.05))
     assert strict.chosen is None
     assert all("attacker fidelity" in " ".join(a.reasons) for a in strict.cuts)
     text = " ".join(strict.suggestions)
@@ -326,13 +323,9 @@ def test_recommend_respects_the_enclave_memory_budget(task, measured):
     from modelcloak.eval.recommend import Targets, choose
 
     smallest = min(a.private_weight_bytes for a in measured.cuts)
-    fits = choose(
-        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest)
-    )
+    fits = choose(task.model, measured.cuts, Targets(max_fidelity=1.0, enclave_memory_bytes=smallest))
     assert fits.chosen is not None and fits.chosen.private_weight_bytes == smallest
-    too_small = choose(
-        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest - 1)
-    )
+    too_small = choose(task.model, measured.cuts, Targets(max_fidelity=1.0, enclave_memory_bytes=smallest - 1))
     assert too_small.chosen is None
     assert all("enclave budget" in " ".join(a.reasons) for a in too_small.cuts)
     assert any("memory budget" in idea for idea in too_small.suggestions)

@@ -1235,4 +1235,10 @@ def _progress(enabled: bool, console: Any) -> Iterator[Any]:
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        yield bar
+        try:
+            yield bar
+        except BaseException:
+            # Leave no half-drawn bar above the error: a failure is one line (CONTRIBUTING.md).
+            bar.live.transient = True
+            bar.stop()
+            raise

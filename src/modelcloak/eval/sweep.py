@@ -194,6 +194,8 @@ def sweep_model(
             raise EvalError(f"cut index {index} is out of range (0..{len(candidates) - 1})")
     if not policies:
         raise EvalError("give at least one output policy")
+    seeds = extraction._check_seeds(seeds)  # refused before any progress is drawn
+    extraction._capped_budgets(budgets, len(data.pool_x))
     inputs = signature(proto).inputs
     if len(inputs) != 1:
         raise EvalError(f"extraction attacks take one input array; this model has {len(inputs)} inputs")
@@ -205,7 +207,6 @@ def sweep_model(
         return plain.run(None, {input_name: np.ascontiguousarray(batch, dtype=dtype)})[0]
 
     victim_logits = extraction._predict_batches(victim_predict, test_x)
-    seeds = list(seeds)
     effective = extraction._capped_budgets(budgets, len(pool_x))
     total = (len(chosen) * len(policies) * 2 + 1) * len(effective) * len(seeds)
     names = dict(cut_names or {})
@@ -310,7 +311,7 @@ def attack_user_bundle(
         raise EvalError(f"{bundle} is a {manifest.scheme!r} bundle; extraction attacks need a split bundle")
     boundary = [b.get("name", "?") for b in manifest.document.get("split", {}).get("boundary", [])]
     cut_name = f"bundle (boundary {', '.join(boundary)})" if boundary else "bundle"
-    seeds = list(seeds)
+    seeds = extraction._check_seeds(seeds)
     effective = extraction._capped_budgets(budgets, len(data.pool_x))
     total = 3 * len(effective) * len(seeds)
     with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as evaluator:
@@ -323,9 +324,12 @@ def attack_user_bundle(
             try:
                 answer = np.asarray(evaluator.run({input_name: batch})[result_name])
             except EnclaveError as exc:
+                budget = evaluator.enclave.info.policy.query_budget
+                why = f"its enclave's query budget is {budget} samples" if budget is not None else f"{exc}"
                 raise EvalError(
-                    f"the references need the victim's answers through {bundle.name}, and its enclave refused "
-                    f"({exc}); attack the owner's plain ONNX model instead, which builds its own bundles"
+                    f"cannot score the attacks through {bundle.name}: the victim's answers on the "
+                    f"{len(data.test_x)} test samples and the black-box attacker's queries go through the bundle, "
+                    f"and {why}; attack the owner's plain ONNX model instead, which builds its own bundles"
                 ) from None
             if output == "topk":
                 return answer[:, 0]

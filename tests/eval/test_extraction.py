@@ -156,6 +156,22 @@ def test_algebraic_attack_tells_when_the_private_part_is_not_one_layer(task: Dig
     assert row.max_logit_error is not None and row.max_logit_error > 0.1
 
 
+def test_crafted_algebraic_attack_needs_no_data(task: DigitsTask) -> None:
+    """Item 6: Gaussian boundary tensors instead of pool samples solve a dense last layer too."""
+    rows = task.attack(task.bundle({"output": "scores"}), [20, 500])
+    crafted = _row(rows, "algebraic, crafted", 500)
+    assert crafted.queries_answered == HIDDEN + 1 + 10
+    assert crafted.fidelity >= 0.99 and crafted.max_logit_error is not None and crafted.max_logit_error < 1e-3
+    assert "data-free" in crafted.note and "rank 33" in crafted.note  # full rank d + 1 at once
+    # Too few equations: underdetermined, and it shows (20 < d + 1 unknowns per class).
+    assert _row(rows, "algebraic, crafted", 20).fidelity < crafted.fidelity
+    # Negative control: ReLU + dense is not one affine map, crafted inputs or not.
+    relu = task.bundle({"output": "scores"}, cut={"after_node": "fc0"}, name="scores-relu-dense")
+    assert "not one affine layer" in _row(task.attack(relu, [500]), "algebraic, crafted", 500).note
+    # Under label there is nothing to solve and no crafted row.
+    assert not [r for r in task.attack(task.bundle({"output": "label"}), [50]) if r.attack == "algebraic, crafted"]
+
+
 def test_label_policy_makes_the_algebraic_attack_na_and_lowers_fidelity(
     label_runs: dict[int, list[ExtractionResult]], scores_runs: dict[int, list[ExtractionResult]]
 ) -> None:

@@ -268,6 +268,82 @@ def _attack_session(
                 )
             )
             _step(on_step, f"{label} {policy} seed {seed} budget {budget}: {attack}")
+    if output == "scores":
+        rows += _crafted_algebraic(session, boundary, victim, test_y, budgets, cut_index, cut_name, seed, n_classes)
+        _step(on_step, f"{label} {policy} seed {seed}: {CRAFTED}")
+    return rows
+
+
+CRAFTED = "algebraic, crafted"
+
+
+def _crafted_algebraic(
+    session: SplitSession,
+    boundary: _Boundary,
+    victim: tuple[np.ndarray, np.ndarray | None],
+    test_y: np.ndarray,
+    budgets: dict[int, str],
+    cut_index: int,
+    cut_name: str,
+    seed: int,
+    n_classes: int,
+) -> list[ExtractionResult]:
+    """The algebraic attack without data: the attacker sends boundary tensors of their own making.
+
+    The enclave accepts any tensor of the boundary's shape, so an attacker who needs equations
+    does not need a pool: d + 11 Gaussian boundary vectors have full rank at once (natural
+    boundaries often do not: dead ReLU units are always zero).
+    Only float boundaries can be crafted freely; the rows say so otherwise. It runs in the same
+    session after the natural queries of the same seed, so under an enclave query budget it gets
+    what that attacker left: read its rows there as "after the natural attack".
+    """
+    policy = session.enclave.info.policy.spec
+    width = boundary.pool_f.shape[1]
+    need = width + 1 + _ALGEBRAIC_EXTRA
+    most = min(max(budgets), need)
+    rng = np.random.default_rng([seed, 1])  # another stream than the query order of the same seed
+    crafted = {
+        name: rng.standard_normal((most, *value.shape[1:])).astype(value.dtype) for name, value in boundary.pool.items()
+    }
+    rows = []
+    if any(value.dtype.kind != "f" for value in boundary.pool.values()):
+        crafted = {}
+    answers, answered, times = (
+        _query_prefixes(session, crafted, np.arange(most), [most]) if crafted and most else (None, 0, [(0, 0.0)])
+    )
+    flat = _flatten(crafted, most) if crafted and most else np.zeros((0, width), np.float32)
+    victim_labels, victim_scores = victim
+    for budget in budgets:
+        if not crafted:
+            rows.append(
+                ExtractionResult(
+                    cut_index, policy, budget, CRAFTED, 0, math.nan, math.nan, 0.0,
+                    "n/a: the boundary is not a float tensor, so it cannot be crafted freely", cut_name, seed=seed,
+                )
+            )  # fmt: skip
+            continue
+        asked = min(budget, need)
+        used = min(asked, answered)
+        began = time.perf_counter()
+        logits, note = _algebraic(
+            flat[:used], answers[:used] if used else np.zeros((0, n_classes)), boundary.test_f, n_classes
+        )
+        notes = [f"data-free: {used} Gaussian boundary tensors", note]
+        if used < asked:
+            notes.append(f"the enclave answered {used} of {asked} queries")
+        rows.append(
+            _score(
+                ExtractionResult(
+                    cut_index, "scores", budget, CRAFTED, used, 0.0, 0.0, 0.0, cut_name=cut_name, seed=seed
+                ),
+                logits,
+                test_y,
+                victim_labels,
+                victim_scores,
+                seconds=_time_to(times, used) + time.perf_counter() - began,
+                note="; ".join(notes),
+            )
+        )
     return rows
 
 

@@ -208,7 +208,8 @@ def sweep_model(
 
     victim_logits = extraction._predict_batches(victim_predict, test_x)
     effective = extraction._capped_budgets(budgets, len(pool_x))
-    total = (len(chosen) * len(policies) * 2 + 1) * len(effective) * len(seeds)
+    crafted = sum(policy == "scores" for policy in policies) * len(chosen) * len(seeds)  # one step per attacker
+    total = (len(chosen) * len(policies) * 2 + 1) * len(effective) * len(seeds) + crafted
     names = dict(cut_names or {})
     phases: dict[str, float] = {}
     rows: list[Any] = [extraction.white_box_reference(victim_predict, test_x, data.test_y)]

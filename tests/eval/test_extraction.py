@@ -219,6 +219,19 @@ def test_enclave_query_budget_stops_the_attack(task: DigitsTask) -> None:
         task.attack(limited, [50], victim_outputs=None)
 
 
+def test_a_budget_reset_attacker_restarts_the_enclave_until_done(task: DigitsTask) -> None:
+    """Item 6: the per-session budget does not survive a restart; the attacker gets everything."""
+    limited = task.bundle({"output": "label", "query_budget": 30}, name="label-budget-30")
+    row = _row(task.attack(limited, [100], restart_enclave=True), "knockoff", 100)
+    assert row.queries_answered == 100
+    assert "restarting the enclave 3 time(s) for 100 answers" in row.note
+    # The same answers as an attacker facing no budget at all.
+    unlimited = _row(task.attack(task.bundle({"output": "label"}), [100]), "knockoff", 100)
+    assert row.fidelity == unlimited.fidelity and row.accuracy == unlimited.accuracy
+    # Negative control: without restarts the same bundle stops the attacker at 30.
+    assert _row(task.attack(limited, [100]), "knockoff", 100).queries_answered == 30
+
+
 def test_a_rate_limit_slows_the_attack_but_does_not_stop_it(task: DigitsTask) -> None:
     # 100 samples/s with a burst of 100: the last 50 of 150 queries wait about half a second.
     limited = task.bundle({"output": "label", "rate_limit_per_s": 100.0}, name="label-rate-100")

@@ -30,6 +30,7 @@ deterministic), and the time to each prefix is measured rather than estimated.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -132,6 +133,7 @@ def attack_bundle(
     cut_name: str = "",
     victim_outputs: np.ndarray | None = None,
     on_step: Callable[[str], None] | None = None,
+    restart_enclave: bool = False,
 ) -> list[ExtractionResult]:
     """Knockoff at every budget, and the algebraic attack at every budget, against one split bundle.
 
@@ -144,6 +146,8 @@ def attack_bundle(
     score fidelity; by default they are read through a second session of the same bundle (its
     own enclave, its own budget), which fails when that budget cannot cover the test set.
     `on_step` is called once per finished (seed, budget, attack) with a short description.
+    `restart_enclave` models the budget-reset attacker: whenever the enclave's query budget runs
+    out, they start a new session (a new enclave process, with a fresh budget) and go on.
     Returns, per seed, one knockoff and one algebraic row per budget, in `budgets` order.
     """
     from modelcloak.inference import load
@@ -161,16 +165,46 @@ def attack_bundle(
             victim_outputs = _victim_outputs_through_bundle(bundle, host_key, enclave_key_file, input_name, test_x)
         victim = _split_victim_outputs(victim_outputs, len(test_x))
         boundary = _Boundary(pool_boundary, pool_f, test_f)
-        for number, run_seed in enumerate(run_seeds):
-            if number == 0:
-                rows += _attack_session(
-                    session, boundary, victim, test_y, capped, cut_index, cut_name, run_seed, on_step
-                )
-                continue
-            # Every further seed is another attacker: a new session, so an enclave budget spent by
-            # the previous attacker does not stop this one (the budget is per session).
-            with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as fresh:
-                rows += _attack_session(fresh, boundary, victim, test_y, capped, cut_index, cut_name, run_seed, on_step)
+        sessions = contextlib.ExitStack()
+
+        def reopen() -> SplitSession:
+            return sessions.enter_context(load(bundle, key=host_key, enclave_key_file=enclave_key_file))
+
+        with sessions:
+            rows += _each_seed(
+                session, bundle, host_key, enclave_key_file, boundary, victim, test_y, capped,
+                cut_index, cut_name, run_seeds, on_step, reopen if restart_enclave else None,
+            )  # fmt: skip
+    return rows
+
+
+def _each_seed(
+    session: SplitSession,
+    bundle: Path,
+    host_key: KeyProvider,
+    enclave_key_file: Path,
+    boundary: _Boundary,
+    victim: tuple[np.ndarray, np.ndarray | None],
+    test_y: np.ndarray,
+    capped: dict[int, str],
+    cut_index: int,
+    cut_name: str,
+    run_seeds: list[int],
+    on_step: Callable[[str], None] | None,
+    reopen: Callable[[], SplitSession] | None,
+) -> list[ExtractionResult]:
+    from modelcloak.inference import load
+
+    rows: list[ExtractionResult] = []
+    for number, run_seed in enumerate(run_seeds):
+        args = (boundary, victim, test_y, capped, cut_index, cut_name, run_seed, on_step, reopen)
+        if number == 0:
+            rows += _attack_session(session, *args)
+            continue
+        # Every further seed is another attacker: a new session, so an enclave budget spent by
+        # the previous attacker does not stop this one (the budget is per session).
+        with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as fresh:
+            rows += _attack_session(fresh, *args)
     return rows
 
 
@@ -193,6 +227,7 @@ def _attack_session(
     cut_name: str,
     seed: int,
     on_step: Callable[[str], None] | None,
+    reopen: Callable[[], SplitSession] | None = None,
 ) -> list[ExtractionResult]:
     """One attacker (one seed) against one enclave session: every budget, both attacks."""
     label = cut_name or str(cut_index)
@@ -213,7 +248,9 @@ def _attack_session(
         for b in budgets
         for attack in ("knockoff", "algebraic")
     }
-    answers, answered, times = _query_prefixes(session, boundary.pool, order, sorted(set(wanted.values())))
+    answers, answered, times, restarts = _query_prefixes(
+        session, boundary.pool, order, sorted(set(wanted.values())), reopen
+    )
 
     # The attacker standardises with statistics of the whole pool: computing boundary tensors
     # costs no queries, so this is free to them.
@@ -242,6 +279,8 @@ def _attack_session(
             asked = wanted[budget, attack]
             used = min(asked, answered)
             notes = [cap_note]
+            if restarts:
+                notes.append(f"budget reset by restarting the enclave {restarts} time(s) for {answered} answers in all")
             if used < asked:
                 limit = "" if info.policy.query_budget is None else f" (its query budget is {info.policy.query_budget})"
                 notes.append(f"the enclave answered {used} of {asked} queries{limit}")
@@ -308,8 +347,8 @@ def _crafted_algebraic(
     rows = []
     if any(value.dtype.kind != "f" for value in boundary.pool.values()):
         crafted = {}
-    answers, answered, times = (
-        _query_prefixes(session, crafted, np.arange(most), [most]) if crafted and most else (None, 0, [(0, 0.0)])
+    answers, answered, times, _ = (
+        _query_prefixes(session, crafted, np.arange(most), [most]) if crafted and most else (None, 0, [(0, 0.0)], 0)
     )
     flat = _flatten(crafted, most) if crafted and most else np.zeros((0, width), np.float32)
     victim_labels, victim_scores = victim
@@ -348,8 +387,12 @@ def _crafted_algebraic(
 
 
 def _query_prefixes(
-    session: SplitSession, pool_boundary: dict[str, np.ndarray], order: np.ndarray, checkpoints: list[int]
-) -> tuple[np.ndarray, int, list[tuple[int, float]]]:
+    session: SplitSession,
+    pool_boundary: dict[str, np.ndarray],
+    order: np.ndarray,
+    checkpoints: list[int],
+    reopen: Callable[[], SplitSession] | None = None,
+) -> tuple[np.ndarray, int, list[tuple[int, float]], int]:
     """Query the enclave for pool rows `order[:max(checkpoints)]`, as the attacker would.
 
     Returns the answers in query order ([n, 1] labels, [n, K] top-K indices or [n, C] scores),
@@ -358,7 +401,9 @@ def _query_prefixes(
     refuses a batch it does not cover whole), so an enclave budget below the attack budget
     yields exactly that many answers; the count is cross-checked with STATS. Under a rate limit
     the attacker sends batches no larger than its burst and waits when refused: the limit then
-    shows in `seconds`, not in the number of answers.
+    shows in `seconds`, not in the number of answers. With `reopen`, the attacker starts a new
+    session (a new enclave process) whenever the budget runs out, and goes on: the last value
+    returned is how many restarts that took.
     """
     from modelcloak.enclave.protocol import ErrorCode
     from modelcloak.runtime.errors import EnclaveError
@@ -374,12 +419,20 @@ def _query_prefixes(
     marks: list[tuple[int, float]] = [(0, 0.0)]
     began = time.perf_counter()
     stopped = False
+    restarts = 0
+    served = 0
     for checkpoint in checkpoints:
         while answered < checkpoint and not stopped:
             take = min(batch, checkpoint - answered)
             left = enclave.stats().budget_left
             if left is not None:
                 take = min(take, left)
+            if take <= 0 and reopen is not None:
+                served += enclave.stats().samples_served - served_before
+                enclave = reopen().enclave
+                served_before = enclave.stats().samples_served
+                restarts += 1
+                continue
             if take <= 0:
                 stopped = True
                 break
@@ -397,11 +450,11 @@ def _query_prefixes(
             pieces.append(np.asarray(reply[result_name]).reshape(len(rows), -1))
             answered += len(rows)
         marks.append((answered, time.perf_counter() - began))
-    served = enclave.stats().samples_served - served_before
+    served += enclave.stats().samples_served - served_before
     if served != answered:
-        raise ModelcloakError(f"the enclave reports {served} samples served, but the attack received {answered}")
+        raise ModelcloakError(f"the enclaves report {served} samples served, but the attack received {answered}")
     answers = np.concatenate(pieces) if pieces else np.zeros((0, 1), dtype=np.int64)
-    return answers, answered, marks
+    return answers, answered, marks, restarts
 
 
 def _time_to(marks: list[tuple[int, float]], length: int) -> float:

@@ -1018,7 +1018,13 @@ def _plot(summaries: Sequence[Summary], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     cuts = list(dict.fromkeys(s.label for s in summaries if s.attack not in REFERENCE_ATTACKS)) or ["—"]
-    fig, axes = plt.subplots(1, len(cuts), figsize=(6 * len(cuts), 4.2), squeeze=False, sharey=True)
+    # At most three panels a row: a sweep over every cut of a CNN has nine.
+    columns = min(3, len(cuts))
+    grid_rows = math.ceil(len(cuts) / columns)
+    fig, grid = plt.subplots(grid_rows, columns, figsize=(6 * columns, 4.2 * grid_rows), squeeze=False, sharey=True)
+    panels = list(grid.flat)
+    for unused in panels[len(cuts) :]:
+        unused.set_visible(False)
     white = [s for s in summaries if s.attack == "white-box"]
     black = sorted((s for s in summaries if s.attack == "black-box"), key=lambda s: s.budget)
     ticks = sorted({s.budget for s in summaries if s.attack != "white-box"})
@@ -1035,7 +1041,7 @@ def _plot(summaries: Sequence[Summary], path: Path, title: str) -> None:
             **style,
         )
 
-    for axis, cut in zip(axes[0], cuts):
+    for axis, cut in zip(panels, cuts):
         series: dict[tuple[str, str], list[Summary]] = {}
         for summary in summaries:
             if summary.attack not in REFERENCE_ATTACKS and summary.label == cut and summary.applicable:
@@ -1059,9 +1065,10 @@ def _plot(summaries: Sequence[Summary], path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
     seeds = max((s.seeds for s in summaries), default=1)
-    axes[0][0].set_ylabel(
-        "fidelity (agreement with the victim)" + (f"\nmean of {seeds} seeds, 95% interval" if seeds > 1 else "")
-    )
+    for row in grid:
+        row[0].set_ylabel(
+            "fidelity (agreement with the victim)" + (f"\nmean of {seeds} seeds, 95% interval" if seeds > 1 else "")
+        )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -185,7 +185,7 @@ def interleaved_latency_ratios(
     batch: int = 1,
     rounds: int = 7,
     calls: int = 5,
-    threads: int | None = None,
+    threads: int | None = 1,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[int, list[float]]:
     """Split/whole latency ratios per cut, one per round, measured interleaved.
@@ -196,6 +196,12 @@ def interleaved_latency_ratios(
     each round times the whole model and every cut (in a rotated order), each as the median of
     `calls` runs, and divides within the round, so a load change hits numerator and denominator
     alike. Callers take the median over rounds (`stats.spread`).
+
+    Every runtime, the whole model's included, gets `threads` intra-op threads, one by default:
+    with every cut's enclave standing by, multi-threaded onnxruntime pools keep spinning after
+    each run and steal the cores of whichever cut is being timed (seen: 8x for one cut, 94x for
+    its neighbour with a private part of the same size, in one run on two cores). One thread
+    each makes the ratio like for like; `bench_splits` measures the default thread pools.
     """
     import contextlib
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from digits_victim import dense_model, digits_split
 
 from modelcloak.errors import ModelcloakError
 from modelcloak.eval.extraction import (
@@ -80,57 +80,20 @@ class DigitsTask:
         )
 
 
-def _digits_model(x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
-    """Train the victim with torch (seeded, full batch) and write it as a plain two-Gemm ONNX graph."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is faster and immune to busy cores
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-        for _ in range(200):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(inputs), targets).backward()
-            optimizer.step()
-    torch.set_num_threads(threads)
-    w0, b0, w1, b1 = (p.detach().numpy().astype(np.float32) for p in net.parameters())
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gemm", ["x", "w0", "b0"], ["h0"], name="fc0", transB=1),
-            helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
-            helper.make_node("Gemm", ["r0", "w1", "b1"], ["logits"], name="fc1", transB=1),
-        ],
-        "digits",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(a, n) for a, n in ((w0, "w0"), (b0, "b0"), (w1, "w1"), (b1, "b1"))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> DigitsTask:
     import onnxruntime as ort
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    test, train, pool = order[:397], order[397:1197], order[1197:]
-    model = _digits_model(x[train], y[train])
+    split = digits_split()
+    model = dense_model(split.train_x, split.train_y, (HIDDEN,))
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     folder = tmp_path_factory.mktemp("extraction")
     return DigitsTask(
         model=model,
-        pool_x=x[pool],
-        test_x=x[test],
-        test_y=y[test],
-        victim_logits=plain.run(None, {"x": x[test]})[0],
+        pool_x=split.pool_x,
+        test_x=split.test_x,
+        test_y=split.test_y,
+        victim_logits=plain.run(None, {"x": split.test_x})[0],
         host_key=generate_key_file(folder / "host.key"),
         enclave_key=generate_key_file(folder / "enclave.key"),
         folder=folder,
@@ -193,6 +156,22 @@ def test_algebraic_attack_tells_when_the_private_part_is_not_one_layer(task: Dig
     assert row.max_logit_error is not None and row.max_logit_error > 0.1
 
 
+def test_crafted_algebraic_attack_needs_no_data(task: DigitsTask) -> None:
+    """Item 6: Gaussian boundary tensors instead of pool samples solve a dense last layer too."""
+    rows = task.attack(task.bundle({"output": "scores"}), [20, 500])
+    crafted = _row(rows, "algebraic, crafted", 500)
+    assert crafted.queries_answered == HIDDEN + 1 + 10
+    assert crafted.fidelity >= 0.99 and crafted.max_logit_error is not None and crafted.max_logit_error < 1e-3
+    assert "data-free" in crafted.note and "rank 33" in crafted.note  # full rank d + 1 at once
+    # Too few equations: underdetermined, and it shows (20 < d + 1 unknowns per class).
+    assert _row(rows, "algebraic, crafted", 20).fidelity < crafted.fidelity
+    # Negative control: ReLU + dense is not one affine map, crafted inputs or not.
+    relu = task.bundle({"output": "scores"}, cut={"after_node": "fc0"}, name="scores-relu-dense")
+    assert "not one affine layer" in _row(task.attack(relu, [500]), "algebraic, crafted", 500).note
+    # Under label there is nothing to solve and no crafted row.
+    assert not [r for r in task.attack(task.bundle({"output": "label"}), [50]) if r.attack == "algebraic, crafted"]
+
+
 def test_label_policy_makes_the_algebraic_attack_na_and_lowers_fidelity(
     label_runs: dict[int, list[ExtractionResult]], scores_runs: dict[int, list[ExtractionResult]]
 ) -> None:
@@ -235,8 +214,22 @@ def test_enclave_query_budget_stops_the_attack(task: DigitsTask) -> None:
     assert "20 equations" in algebraic.note and "answered 20 of 43" in algebraic.note
 
     # Without the owner's answers the evaluator cannot read 397 test answers through a 30-sample budget.
-    with pytest.raises(ModelcloakError, match="pass victim_outputs"):
+    # The message names the cause and what to do instead, in words a CLI user can act on (issue 14, item 8).
+    with pytest.raises(ModelcloakError, match="query budget is 30 samples.*plain ONNX model instead"):
         task.attack(limited, [50], victim_outputs=None)
+
+
+def test_a_budget_reset_attacker_restarts_the_enclave_until_done(task: DigitsTask) -> None:
+    """Item 6: the per-session budget does not survive a restart; the attacker gets everything."""
+    limited = task.bundle({"output": "label", "query_budget": 30}, name="label-budget-30")
+    row = _row(task.attack(limited, [100], restart_enclave=True), "knockoff", 100)
+    assert row.queries_answered == 100
+    assert "restarting the enclave 3 time(s) for 100 answers" in row.note
+    # The same answers as an attacker facing no budget at all.
+    unlimited = _row(task.attack(task.bundle({"output": "label"}), [100]), "knockoff", 100)
+    assert row.fidelity == unlimited.fidelity and row.accuracy == unlimited.accuracy
+    # Negative control: without restarts the same bundle stops the attacker at 30.
+    assert _row(task.attack(limited, [100]), "knockoff", 100).queries_answered == 30
 
 
 def test_a_rate_limit_slows_the_attack_but_does_not_stop_it(task: DigitsTask) -> None:
@@ -258,12 +251,15 @@ def test_attacks_are_reproducible(task: DigitsTask, label_runs: dict[int, list[E
 
 
 def test_budgets_above_the_pool_are_capped(task: DigitsTask) -> None:
-    rows = task.attack(task.bundle({"output": "topk:3"}), [5000])
-    knockoff = _row(rows, "knockoff", 5000)
-    assert knockoff.queries_answered == len(task.pool_x)
-    assert f"capped at the pool size ({len(task.pool_x)})" in knockoff.note
+    pool = len(task.pool_x)
+    rows = task.attack(task.bundle({"output": "topk:3"}), [1000, 5000])
+    # Both budgets buy the same attacker (the whole pool): one row, reported at what it had (issue 14).
+    assert {r.budget for r in rows} == {pool}
+    knockoff = _row(rows, "knockoff", pool)
+    assert knockoff.queries_answered == pool
+    assert f"capped at the pool size ({pool}; asked 1000, 5000)" in knockoff.note
     assert knockoff.policy == "topk:3" and knockoff.fidelity > 0.9
-    assert _row(rows, "algebraic", 5000).note.startswith("n/a")
+    assert _row(rows, "algebraic", pool).note.startswith("n/a")
 
 
 def test_references(task: DigitsTask) -> None:
@@ -282,7 +278,8 @@ def test_references(task: DigitsTask) -> None:
     assert all(r.attack == "black-box" and r.cut == -1 and r.policy == "label" for r in rows)
     assert by_budget[0].queries_answered == 0 and by_budget[0].fidelity < 0.4
     assert by_budget[50].fidelity > by_budget[0].fidelity + 0.3
-    assert by_budget[5000].queries_answered == len(task.pool_x) and "capped" in by_budget[5000].note
+    capped = by_budget[len(task.pool_x)]
+    assert capped.queries_answered == len(task.pool_x) and "capped" in capped.note
 
 
 def test_write_report_renders_na_and_all_three_files(tmp_path: Path) -> None:
@@ -296,11 +293,15 @@ def test_write_report_renders_na_and_all_three_files(tmp_path: Path) -> None:
     paths = write_report(rows, tmp_path, title="t")
     markdown = paths["md"].read_text()
     assert "| last-layer | label | algebraic | n/a |" in markdown
-    assert "| last-layer | scores | algebraic | 1.000 / 0.950 |" in markdown
+    assert "| last-layer | scores | algebraic | 1.000 |" in markdown  # one seed: a mean, no interval
+    assert "one seed, so no interval" in markdown
     assert "nan" not in markdown.lower()
+    # The best attacker at the label cut is the knockoff (0.85 > black-box 0.62).
+    assert "| last-layer | label | best attacker | 0.850 |" in markdown
     csv_text = paths["csv"].read_text()
     assert csv_text.splitlines()[0].startswith("cut,policy,budget,attack,queries_answered,accuracy,fidelity")
     assert ",n/a,n/a," in csv_text
+    assert paths["summary_csv"].read_text().startswith("cut,cut_name,policy,attack,budget,seeds,fidelity_mean")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -321,29 +322,26 @@ def test_mnist_report_end_to_end(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def measured(task: DigitsTask):
     from modelcloak.eval.recommend import Targets, recommend
+    from modelcloak.eval.sweep import attacker_data
 
+    data = attacker_data(task.pool_x, task.test_x, task.test_y, source="digits")
     return recommend(
-        task.model,
-        pool_x=task.pool_x,
-        test_x=task.test_x,
-        test_y=task.test_y,
-        targets=Targets(attack_budget=50, max_fidelity=1.0, max_latency_ratio=1e9),
-        repeats=3,
+        task.model, data, targets=Targets(attack_budget=50, max_fidelity=1.0), seeds=[0], rounds=2, calls=2
     )
 
 
-def test_recommend_measures_every_cut_and_picks_the_cheapest(measured):
+def test_recommend_measures_every_cut(measured):
     assert len(measured.cuts) >= 2
     for advice in measured.cuts:
-        assert 0.0 <= advice.attacker_fidelity <= 1.0 and advice.latency_ratio > 0
-    assert measured.chosen is not None
-    assert measured.chosen.latency_ratio == min(a.latency_ratio for a in measured.cuts)
+        assert 0.0 <= advice.attacker_fidelity <= 1.0 and advice.latency_ratio > 0 and advice.latency.n == 2
+        assert "knockoff" in advice.best_attacks or "black-box" in advice.best_attacks
+    assert measured.chosen is not None and measured.chosen.meets
 
 
 def test_recommend_says_when_no_cut_meets_the_target(task, measured):
     from modelcloak.eval.recommend import Targets, choose
 
-    strict = choose(task.model, measured.cuts, Targets(attack_budget=50, max_fidelity=0.05, max_latency_ratio=1e9))
+    strict = choose(task.model, measured.cuts, Targets(attack_budget=50, max_fidelity=0.05))
     assert strict.chosen is None
     assert all("attacker fidelity" in " ".join(a.reasons) for a in strict.cuts)
     text = " ".join(strict.suggestions)
@@ -354,13 +352,9 @@ def test_recommend_respects_the_enclave_memory_budget(task, measured):
     from modelcloak.eval.recommend import Targets, choose
 
     smallest = min(a.private_weight_bytes for a in measured.cuts)
-    fits = choose(
-        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest)
-    )
+    fits = choose(task.model, measured.cuts, Targets(max_fidelity=1.0, enclave_memory_bytes=smallest))
     assert fits.chosen is not None and fits.chosen.private_weight_bytes == smallest
-    too_small = choose(
-        task.model, measured.cuts, Targets(max_fidelity=1.0, max_latency_ratio=1e9, enclave_memory_bytes=smallest - 1)
-    )
+    too_small = choose(task.model, measured.cuts, Targets(max_fidelity=1.0, enclave_memory_bytes=smallest - 1))
     assert too_small.chosen is None
     assert all("enclave budget" in " ".join(a.reasons) for a in too_small.cuts)
     assert any("memory budget" in idea for idea in too_small.suggestions)

@@ -12,24 +12,22 @@ from modelcloak.cli.common import KeyFileOpt, err, int_list, load_inputs, out
 from modelcloak.errors import ModelcloakError
 
 
-def task_data(task: str | None, data: Path | None) -> tuple[Any, Any, Any]:
-    """(attacker pool, test inputs, test labels) from a shipped task or an .npz with pool_x/test_x/test_y."""
-    import numpy as np
+def task_data(task: str | None, data: Path | None) -> Any:
+    """The attacker's data (`sweep.AttackerData`) from a shipped task or an owner's .npz."""
+    from modelcloak.eval.sweep import arrays_data, shipped_task
 
     if (task is None) == (data is None):
-        raise ModelcloakError("give exactly one of --task mnist or --data FILE.npz (arrays pool_x, test_x, test_y)")
+        raise ModelcloakError(
+            "give exactly one of --task mnist or --data FILE.npz (arrays pool_x, test_x, test_y; optionally "
+            "train_x, the victim's training inputs, to check the pool against)"
+        )
     if task is not None:
-        if task != "mnist":
-            raise ModelcloakError(f"unknown task {task!r}; shipped tasks: mnist")
-        from modelcloak.zoo.mnist import load_mnist
-
-        split = load_mnist()
-        return split.x_train, split.x_test, split.y_test
+        return shipped_task(task)
     assert data is not None
     loaded = load_inputs(data)
-    if not isinstance(loaded, dict) or not {"pool_x", "test_x", "test_y"} <= set(loaded):
+    if not isinstance(loaded, dict):
         raise ModelcloakError(f"{data} must be an .npz with arrays pool_x, test_x and test_y")
-    return loaded["pool_x"], loaded["test_x"], np.asarray(loaded["test_y"])
+    return arrays_data(loaded, str(data))
 
 
 def eval_accuracy(
@@ -57,107 +55,183 @@ def eval_accuracy(
     out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+def _str_list(text: str, what: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise ModelcloakError(f"{what} must list at least one value")
+    return items
+
+
+def _seed_list(text: str) -> list[int]:
+    seeds = int_list(text, "--seeds") or []
+    if not seeds:
+        raise ModelcloakError("--seeds must list at least one seed")
+    return seeds
+
+
 def eval_extraction(
-    bundle: Annotated[Optional[Path], typer.Argument(help="Split bundle to attack (omit with --report).")] = None,
+    target: Annotated[
+        Optional[Path],
+        typer.Argument(
+            metavar="MODEL.onnx|BUNDLE",
+            help="Your plain ONNX model (every cut is swept) or one split bundle (omit with --report).",
+        ),
+    ] = None,
     key_file: KeyFileOpt = None,
-    enclave_key_file: Annotated[Optional[Path], typer.Option("--enclave-key-file", help="The enclave's key.")] = None,
+    enclave_key_file: Annotated[
+        Optional[Path], typer.Option("--enclave-key-file", help="The enclave's key (BUNDLE only).")
+    ] = None,
     task: Annotated[Optional[str], typer.Option(help="Shipped task providing attacker data: mnist.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help=".npz with pool_x, test_x, test_y.")] = None,
-    budgets: Annotated[str, typer.Option(help="Comma-separated query budgets.")] = "0,50,500,5000",
+    data: Annotated[
+        Optional[Path], typer.Option(help=".npz with pool_x, test_x, test_y (optionally train_x, the victim's).")
+    ] = None,
+    budgets: Annotated[str, typer.Option(help="Comma-separated query budgets.")] = "0,50,500",
+    policies: Annotated[str, typer.Option(help="Output policies to try (MODEL.onnx).")] = "label,scores",
+    cuts: Annotated[Optional[str], typer.Option(help="Comma-separated cut indices (MODEL.onnx; default: all).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated attacker seeds; each is one attacker.")] = "0,1,2",
     report: Annotated[
-        bool, typer.Option("--report", help="Full MNIST report: train, split per cut and policy.")
+        bool, typer.Option("--report", help="Full MNIST report: train a victim, split per cut and policy.")
     ] = False,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for extraction.md/csv/png.")] = Path("eval-extraction"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the report files.")] = Path("eval-extraction"),
 ) -> None:
-    """Attack a split bundle as the device operator could: knockoff (labels) and algebraic (scores)."""
-    from modelcloak.eval import extraction
+    """Attack your model at every cut (or one split bundle) as the device operator could, with both references."""
+    from modelcloak.eval import extraction, sweep
 
     budget_list = int_list(budgets, "--budgets") or [0]
+    seed_list = _seed_list(seeds)
     if report:
-        if bundle is not None:
-            raise ModelcloakError("--report builds its own bundles; do not pass BUNDLE")
-        rows = extraction.mnist_report(out_dir, budgets=budget_list, progress=True)
+        if target is not None:
+            raise ModelcloakError("--report builds its own model and bundles; do not pass MODEL.onnx or BUNDLE")
+        rows = extraction.mnist_report(out_dir, budgets=budget_list, seeds=seed_list, progress=True)
+        paths = [out_dir / name for name in ("extraction.md", "extraction.csv", "extraction.png")]
     else:
-        from modelcloak.bundle import Bundle
-        from modelcloak.keys import KeyFile
-
-        if bundle is None or key_file is None or enclave_key_file is None:
+        if target is None:
             raise ModelcloakError(
-                "attacking a bundle needs BUNDLE, --key-file and --enclave-key-file (or use --report)"
+                "eval extraction needs BUNDLE (a split bundle, with --key-file and --enclave-key-file) or "
+                "MODEL.onnx (every cut is swept), or --report"
             )
-        pool_x, test_x, test_y = task_data(task, data)
-        with Bundle.open(bundle) as sealed:
-            if sealed.manifest.scheme != "split":
-                raise ModelcloakError(f"{bundle} is a {sealed.manifest.scheme!r} bundle; extraction attacks need split")
-        rows = extraction.attack_bundle(
-            bundle,
-            host_key=KeyFile(key_file),
-            enclave_key_file=enclave_key_file,
-            pool_x=pool_x,
-            test_x=test_x,
-            test_y=test_y,
-            budgets=budget_list,
-            cut_index=-1,
+        attacker = task_data(task, data)
+        if _is_bundle(target):
+            from modelcloak.keys import KeyFile
+
+            if key_file is None or enclave_key_file is None:
+                raise ModelcloakError("attacking a bundle needs --key-file and --enclave-key-file")
+            result = sweep.attack_user_bundle(
+                target,
+                attacker,
+                host_key=KeyFile(key_file),
+                enclave_key_file=enclave_key_file,
+                budgets=budget_list,
+                seeds=seed_list,
+                console=err,
+            )
+        else:
+            result = sweep.sweep_model(
+                target,
+                attacker,
+                cuts=int_list(cuts, "--cuts"),
+                policies=_str_list(policies, "--policies"),
+                budgets=budget_list,
+                seeds=seed_list,
+                console=err,
+            )
+        rows = result.rows
+        written = extraction.write_report(
+            rows, out_dir, title=f"extraction attacks on {target.name}", setup=result.setup
         )
-    table = Table(title="extraction")
-    for column in ("cut", "policy", "attack", "budget", "answered", "accuracy", "fidelity"):
+        paths = list(written.values())
+    table = Table(title=f"best attacker per cut: mean fidelity [95% interval] over {len(seed_list)} seed(s)")
+    summaries = extraction.summarise(rows)
+    shown_budgets = sorted({s.budget for s in summaries if s.attack != "white-box"})
+    for column in ("cut", "policy", "attacker", *(f"budget {b}" for b in shown_budgets)):
         table.add_column(column)
-    for r in rows:
-        shown = (f"{r.accuracy:.3f}", f"{r.fidelity:.3f}") if r.applicable else ("n/a", "n/a")
-        table.add_row(str(r.cut_name or r.cut), r.policy, r.attack, str(r.budget), str(r.queries_answered), *shown)
+    groups: dict[tuple[str, str, str], dict[int, Any]] = {}
+    for s in summaries:
+        if s.attack in (extraction.BEST, "black-box", "white-box"):
+            groups.setdefault((s.label, s.policy, s.attack), {})[s.budget] = s
+    for (label, policy, attack), by_budget in groups.items():
+        if attack == "white-box":
+            cells = [next(iter(by_budget.values())).fidelity.text()] * len(shown_budgets)
+            attack = f"white-box (victim accuracy {next(iter(by_budget.values())).accuracy.text()})"
+        else:
+            cells = [by_budget[b].fidelity.text() if b in by_budget else "" for b in shown_budgets]
+        table.add_row(label, policy, attack, *cells)
     out.print(table)
-    if report:
-        out.print(f"wrote {out_dir / 'extraction.md'}, {out_dir / 'extraction.csv'} and {out_dir / 'extraction.png'}")
-    else:
-        assert bundle is not None
-        paths = extraction.write_report(rows, out_dir, title=f"extraction attacks on {bundle.name}")
-        out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    out.print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def _is_bundle(path: Path) -> bool:
+    """A modelcloak bundle (by its magic bytes), or else a model file for `load_model`."""
+    from modelcloak.bundle import Bundle
+    from modelcloak.bundle.errors import NotABundleError
+
+    try:
+        with Bundle.open(path):
+            return True
+    except NotABundleError:
+        return False
 
 
 def recommend(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     task: Annotated[Optional[str], typer.Option(help="Shipped task providing attacker data: mnist.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help=".npz with pool_x, test_x, test_y.")] = None,
-    max_fidelity: Annotated[float, typer.Option(help="Highest attacker fidelity you accept.")] = 0.5,
+    data: Annotated[
+        Optional[Path], typer.Option(help=".npz with pool_x, test_x, test_y (optionally train_x, the victim's).")
+    ] = None,
+    max_fidelity: Annotated[float, typer.Option(help="Highest attacker fidelity you accept, in (0, 1].")] = 0.5,
     attack_budget: Annotated[int, typer.Option(help="Queries the attacker may make.")] = 500,
-    max_latency: Annotated[float, typer.Option(help="Highest split/whole latency ratio you accept.")] = 1.5,
+    policy: Annotated[str, typer.Option(help="The enclave's output policy: label, topk:K or scores.")] = "label",
+    max_latency: Annotated[
+        Optional[float], typer.Option(help="Highest split/whole latency ratio you accept (default: no limit).")
+    ] = None,
     enclave_memory_mb: Annotated[float, typer.Option(help="Enclave memory budget for private weights.")] = 64.0,
     cuts: Annotated[Optional[str], typer.Option(help="Comma-separated cut indices (default: all).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated attacker seeds.")] = "0,1,2",
+    rounds: Annotated[int, typer.Option(help="Interleaved latency rounds (the median decides).")] = 7,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for recommend.md/csv/png.")] = Path("recommend"),
 ) -> None:
     """Where to stop: the cheapest cut meeting your fidelity, latency and memory targets, with the evidence."""
-    from rich.progress import Progress
-
-    from modelcloak.eval.recommend import Targets
+    from modelcloak.eval.extraction import write_report
+    from modelcloak.eval.recommend import Targets, write_recommendation
     from modelcloak.eval.recommend import recommend as do_recommend
 
-    pool_x, test_x, test_y = task_data(task, data)
+    # Everything that can be refused is refused before any measurement starts.
     targets = Targets(
         max_fidelity=max_fidelity,
         attack_budget=attack_budget,
+        policy=policy,
         max_latency_ratio=max_latency,
         enclave_memory_bytes=int(enclave_memory_mb * 1024 * 1024),
     )
-    with Progress(console=err, transient=True) as bar:
-        task_id = bar.add_task("measuring", total=None)
-        result = do_recommend(
-            model,
-            pool_x=pool_x,
-            test_x=test_x,
-            test_y=test_y,
-            targets=targets,
-            cuts=int_list(cuts, "--cuts"),
-            on_step=lambda label: bar.update(task_id, description=label),
-        )
+    seed_list = _seed_list(seeds)
+    if rounds < 1:
+        raise ModelcloakError("--rounds must be at least 1")
+    attacker = task_data(task, data)
+    result = do_recommend(
+        model,
+        attacker,
+        targets=targets,
+        cuts=int_list(cuts, "--cuts"),
+        seeds=seed_list,
+        rounds=rounds,
+        progress=True,
+        console=err,
+    )
+    title = f"where to cut {model.name}"
+    paths = write_recommendation(result, out_dir, title=title, setup=result.evidence.setup)
+    write_report(
+        result.evidence.rows, out_dir, title=f"extraction evidence for {model.name}", setup=result.evidence.setup
+    )
     table = Table(title=f"cuts of {model.name}")
-    for column in ("cut", "after", "private params", "latency x", "attacker fidelity", "meets", "why not"):
+    for column in ("cut", "after", "private params", "latency x", "attacker fidelity [95%]", "meets", "why not"):
         table.add_column(column, overflow="fold")
     for a in result.cuts:
         table.add_row(
             str(a.cut),
             a.after_node,
             f"{a.private_parameters:,}",
-            f"{a.latency_ratio:.2f}",
-            f"{a.attacker_fidelity:.2f}",
+            f"{a.latency.median:.2f} ({a.latency.q1:.2f}-{a.latency.q3:.2f})",
+            a.fidelity.text(2),
             "yes" if a.meets else "no",
             "; ".join(a.reasons),
         )
@@ -170,6 +244,7 @@ def recommend(
         out.print("no cut meets every target.")
         for idea in result.suggestions:
             out.print(f"  - {idea}")
+    out.print(f"wrote {', '.join(str(p) for p in paths.values())} and the extraction report beside them")
 
 
 def register(app: typer.Typer) -> None:

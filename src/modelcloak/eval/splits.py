@@ -176,3 +176,73 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str) -> dict[
     fig.savefig(paths["png"], dpi=110)
     plt.close(fig)
     return paths
+
+
+def interleaved_latency_ratios(
+    model: str | Path | onnx.ModelProto,
+    *,
+    cuts: Sequence[int],
+    batch: int = 1,
+    rounds: int = 7,
+    calls: int = 5,
+    threads: int | None = 1,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[int, list[float]]:
+    """Split/whole latency ratios per cut, one per round, measured interleaved.
+
+    A decision between cuts must not hang on when each cut happened to be timed: on a shared
+    machine, timing the cuts one after another let the load of the moment decide (ratios for one
+    private part ranged 4x to 33x between runs). Here every cut's enclave is started first; then
+    each round times the whole model and every cut (in a rotated order), each as the median of
+    `calls` runs, and divides within the round, so a load change hits numerator and denominator
+    alike. Callers take the median over rounds (`stats.spread`).
+
+    Every runtime, the whole model's included, gets `threads` intra-op threads, one by default:
+    with every cut's enclave standing by, multi-threaded onnxruntime pools keep spinning after
+    each run and steal the cores of whichever cut is being timed (seen: 8x for one cut, 94x for
+    its neighbour with a private part of the same size, in one run on two cores). One thread
+    each makes the ratio like for like; `bench_splits` measures the default thread pools.
+    """
+    import contextlib
+
+    import onnxruntime as ort
+
+    if rounds < 1 or calls < 1 or batch < 1:
+        raise ModelcloakError("rounds, calls and batch must be at least 1")
+    proto = load_model(model)
+    candidates = candidate_cuts(proto)
+    for index in cuts:
+        if not 0 <= index < len(candidates):
+            raise ModelcloakError(f"cut index {index} is out of range (0..{len(candidates) - 1})")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    whole = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = _random_inputs(proto, batch)
+    ratios: dict[int, list[float]] = {index: [] for index in cuts}
+    with tempfile.TemporaryDirectory(prefix="modelcloak-latency-") as scratch, contextlib.ExitStack() as stack:
+        folder = Path(scratch)
+        host_key, enclave_key = generate_key_file(folder / "host.key"), generate_key_file(folder / "enclave.key")
+        sessions = {}
+        for index in cuts:
+            if on_step:
+                on_step(f"latency: starting the enclave of cut {index}")
+            bundle = folder / f"cut{index}.mcb"
+            protect(
+                proto, bundle, key=host_key, scheme="split", cut={"index": index}, enclave_key=enclave_key, verify=False
+            )
+            sessions[index] = stack.enter_context(
+                load(bundle, key=host_key, threads=threads, enclave_key_file=enclave_key.path, enclave_threads=threads)
+            )
+            sessions[index].run(feeds)  # warm-up: first runs allocate arenas
+        whole.run(None, feeds)
+        order = list(cuts)
+        for number in range(rounds):
+            if on_step:
+                on_step(f"latency: round {number + 1} of {rounds}")
+            shift = number % len(order) if order else 0
+            whole_ms = _median_ms(lambda: whole.run(None, feeds), calls)
+            for index in order[shift:] + order[:shift]:
+                split_ms = _median_ms(lambda s=sessions[index]: s.run(feeds), calls)
+                ratios[index].append(split_ms / whole_ms)
+    return ratios

@@ -23,6 +23,7 @@ def _recommended_cut(ctx: DemoContext, model_path) -> tuple[int, Any]:  # noqa: 
     import onnx
 
     from modelcloak.eval.recommend import Targets, recommend
+    from modelcloak.eval.sweep import attacker_data
     from modelcloak.model.cut import candidate_cuts
 
     proto = onnx.load(model_path)
@@ -38,15 +39,19 @@ def _recommended_cut(ctx: DemoContext, model_path) -> tuple[int, Any]:  # noqa: 
     targets = Targets(attack_budget=ctx.settings.attack_budget)
     plain = ctx.model()
     with ctx.console.status("    recommend: timing each cut and attacking it ...") as status:
+        data = attacker_data(
+            plain.x_pool,
+            plain.x_test,
+            plain.y_test,
+            source="digits the victim was not trained on",
+        )
         recommendation = recommend(
             proto,
-            pool_x=plain.x_pool,
-            test_x=plain.x_test,
-            test_y=plain.y_test,
+            data,
             targets=targets,
             cuts=cuts,
-            repeats=max(3, ctx.settings.latency_repeats // 3),
-            seed=SEED,
+            seeds=(SEED,),
+            rounds=max(3, ctx.settings.latency_repeats // 3),
             on_step=lambda text: status.update(f"    recommend: {text}"),
         )
     for advice in recommendation.cuts:

@@ -133,7 +133,7 @@ def protect(
     locking = _Locking(lock_to, lock_method) if lock_to else None
     if scheme == "split":
         from modelcloak.enclave.policy import PolicyError, parse_policy
-        from modelcloak.model.cut import find_cut, split_model
+        from modelcloak.model.cut import find_cut, split_model, verify_split
 
         try:
             extra["policy"] = parse_policy(extra["policy"]).to_json()
@@ -141,6 +141,7 @@ def protect(
             raise ModelcloakError(f"invalid output policy: {exc}") from None
         chosen = find_cut(proto, **cut)
         public, private = split_model(proto, chosen)
+        verify_split(proto, public, private, chosen)  # never write a bundle that cannot run its inputs
         private_bytes = private.SerializeToString()
         del private
         extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}

@@ -99,7 +99,8 @@ def test_cuts_keep_the_sequence_axis_symbolic():
     gru = _model("gru")
     for cut in candidate_cuts(gru):
         for spec in cut.boundary:
-            assert spec.shape[:2] == ("seq", "batch"), (cut.index, spec)
+            if spec.dtype.startswith("float"):
+                assert spec.shape[:2] == ("seq", "batch"), (cut.index, spec)
 
 
 def test_verify_split_refuses_a_boundary_that_freezes_the_sequence():

@@ -604,19 +604,24 @@ class _TypeTable:
             else:
                 probe.graph.output.append(helper.make_empty_tensor_value_info(name))
         try:
-            session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                probe.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"]
+            )
         except Exception:  # e.g. a custom op onnxruntime lacks: those tensors stay unknown
             return
         wanted = [o.name for o in session.get_outputs()]
         inputs = [v for v in self.graph.model.graph.input if v.name not in self.graph.weights]
+        measured = None
         for symbols, plans in _probe_plans(inputs, self.batch):
             try:
                 runs = [dict(zip(wanted, session.run(wanted, _probe_feeds(inputs, plan)))) for plan in plans]
             except Exception:  # sizes this model refuses (e.g. shorter than a kernel): try larger ones
                 continue
+            measured = (symbols, plans, runs)
             break
-        else:
+        if measured is None:
             return
+        symbols, plans, runs = measured
         for name in names:
             shapes = [run[name].shape if isinstance(run[name], np.ndarray) else None for run in runs]
             if any(shape is None or len(shape) != len(shapes[0]) for shape in shapes):
@@ -1092,9 +1097,7 @@ def _input_symbols(inputs: Sequence[onnx.ValueInfoProto], batch: str) -> list[st
     return symbols
 
 
-def _probe_plans(
-    inputs: Sequence[onnx.ValueInfoProto], batch: str
-) -> Iterable[tuple[list[str], list[dict[str, int]]]]:
+def _probe_plans(inputs: Sequence[onnx.ValueInfoProto], batch: str) -> Iterable[tuple[list[str], list[dict[str, int]]]]:
     """(symbols, runs): a base run, then one run per symbol with only that symbol moved by one."""
     symbols = _input_symbols(inputs, batch)
     for base, step in _PROBE_SCALES:

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +40,46 @@ __all__ = ["EnclaveClient", "EnclaveError", "EnclaveInfo", "EnclaveStats"]
 EnclaveStats = protocol.Stats
 _READ_POLL_S = 0.25  # how often the reader thread checks whether the client is closing
 _LOAD_PIECE = 1 << 20  # LOAD_DATA frames carry at most 1 MiB (less if the enclave's limit is lower)
+
+# The enclave runs `python -I` (no PYTHONPATH, no user site, no script directory on sys.path) and
+# finds modelcloak where this host found it: the host's own install decides what code the
+# enclave runs, never the environment of whoever started the host.
+_PACKAGE_ROOT = str(Path(protocol.__file__).resolve().parents[2])
+_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from modelcloak.enclave.__main__ import main; sys.exit(main())"
+)
+# What survives from the host's environment into the enclave's scrubbed one (besides the
+# variable named by --key-env): locale only. Everything else (PYTHONPATH, LD_PRELOAD,
+# PYTHONSTARTUP, OMP_*/ORT_* knobs, HOME with its caches) is the host user's to set, not the enclave's.
+_KEPT_VARIABLES = ("LANG", "LC_ALL", "LC_CTYPE")
+
+
+def default_command() -> list[str]:
+    """The isolated launcher: this interpreter, `-I`, and a bootstrap that imports modelcloak from its install."""
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, _PACKAGE_ROOT]
+
+
+def enclave_environment(key_args: Sequence[str], extra: Mapping[str, str] | None, workdir: str) -> dict[str, str]:
+    """The scrubbed environment an enclave starts with: PATH, locale, HOME/TMPDIR = its own
+    directory, the key variable if the key comes from one, and whatever the caller's code adds."""
+    env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({name: os.environ[name] for name in _KEPT_VARIABLES if name in os.environ})
+    if "--key-env" in key_args:
+        name = key_args[list(key_args).index("--key-env") + 1]
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(extra or {})
+    return env
+
+
+def _absolute_key_file(key_args: Sequence[str]) -> list[str]:
+    """--key-file relative to the host's directory, since the enclave runs in its own."""
+    args = list(key_args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--key-file":
+            args[i + 1] = os.path.abspath(args[i + 1])
+    return args
+
 
 # How each refusal reads to a user: policy and input refusals, bundle refusals, the rest.
 _REFUSED = {
@@ -348,7 +391,29 @@ class _Connection:
             self.proc.stderr.close()
 
 
-def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """The RESULT tensors, only if they are exactly what READY announced under the policy: same
+    names, dtypes, ranks and fixed dims. Anything else (e.g. scores where READY promised labels)
+    is refused, whatever the enclave says about its policy later."""
+    specs = {spec.name: spec for spec in announced}
+    got = dict(results)
+    if len(got) != len(results) or set(got) != set(specs):
+        raise EnclaveError(
+            f"enclave sent result tensors {sorted(got)} where READY announced {sorted(specs)}; the result is refused"
+        )
+    for name, array in got.items():
+        spec = specs[name]
+        fits = array.ndim == len(spec.shape) and all(d is None or d == n for d, n in zip(spec.shape, array.shape))
+        if (spec.dtype is not None and array.dtype != spec.dtype) or not fits:
+            shape = "[" + ",".join("?" if d is None else str(d) for d in spec.shape) + "]"
+            raise EnclaveError(
+                f"enclave sent result {name!r} as {array.dtype.name}{list(array.shape)} where READY announced "
+                f"{spec.dtype.name if spec.dtype is not None else '?'}{shape}; the result is refused"
+            )
+    return got
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes], workdir: str | None = None) -> None:
     """Finalizer: an enclave whose client was dropped without close() must not outlive it."""
     if proc.poll() is None:
         try:
@@ -356,6 +421,8 @@ def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             pass
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class EnclaveClient:
@@ -370,13 +437,17 @@ class EnclaveClient:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
-        """`command` replaces `python -m modelcloak.enclave` (e.g. a Gramine launcher); `--fd`,
-        the key arguments and options are appended to it."""
-        self._command = list(command) if command else [sys.executable, "-m", "modelcloak.enclave"]
+        """`command` replaces the isolated `python -I` launcher (e.g. a Gramine launcher); `--fd`,
+        the key arguments and options are appended to it. The enclave never inherits the host's
+        environment: it gets `enclave_environment()` (PATH, locale, its own HOME/TMPDIR, the key
+        variable) plus `env`, and runs in a fresh private working directory removed after it exits.
+        """
+        self._command = list(command) if command else default_command()
         self._max_frame_bytes = max_frame_bytes
         self._extra_args = list(extra_args)
         self._env = dict(env) if env is not None else None
         self._conn: _Connection | None = None
+        self._workdir: str | None = None
         self._last_proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
         self._hello: protocol.Hello | None = None
@@ -415,7 +486,9 @@ class EnclaveClient:
             if self._conn is not None and self._conn.proc.poll() is None:
                 raise EnclaveError("the enclave is already running; use restart() for a fresh one")
             self._teardown()
+            key_args = _absolute_key_file(key_args)
             self._start_args = (list(key_args), threads, start_timeout)
+            self._workdir = tempfile.mkdtemp(prefix="modelcloak-enclave-")  # 0700, ours alone
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = [*self._command, "--fd", str(child.fileno()), *key_args]
             argv += ["--max-frame-bytes", str(self._max_frame_bytes)]
@@ -430,14 +503,16 @@ class EnclaveClient:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env=self._env,
+                    env=enclave_environment(key_args, self._env, self._workdir),
+                    cwd=self._workdir,
                 )
             except OSError as exc:
                 parent.close()
+                self._remove_workdir()
                 raise EnclaveError(f"cannot start the enclave ({argv[0]}): {exc.strerror or exc}") from None
             finally:
                 child.close()  # only the enclave holds that end now: its death is our end of input
-            self._finalizer = weakref.finalize(self, _kill_quietly, proc)
+            self._finalizer = weakref.finalize(self, _kill_quietly, proc, self._workdir)
             self._last_proc = proc
             self._conn = _Connection(proc, parent, self._max_frame_bytes)
             try:
@@ -520,11 +595,17 @@ class EnclaveClient:
                     pass
             self._teardown()
 
+    def _remove_workdir(self) -> None:
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
     def _teardown(self, grace: float = 0.0) -> None:
         conn, self._conn = self._conn, None
         self._info = None
         self._hello = None
         if conn is None:
+            self._remove_workdir()
             return
         if grace:
             conn.exit_code(grace)
@@ -534,6 +615,7 @@ class EnclaveClient:
         except subprocess.TimeoutExpired:
             pass
         conn.close()
+        self._remove_workdir()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -583,9 +665,10 @@ class EnclaveClient:
             )
         reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, timeout)
         try:
-            return dict(protocol.decode_tensors(reply))
+            results = protocol.decode_tensors(reply)
         except ProtocolError as exc:
             raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+        return _announced_results(results, info.outputs)
 
     def stats(self, timeout: float = 10.0) -> EnclaveStats:
         """Samples and requests served, requests refused, budget and budget left (None = unlimited)."""

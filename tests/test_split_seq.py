@@ -116,3 +116,34 @@ def test_verify_split_refuses_a_boundary_that_freezes_the_sequence():
     frozen = type(cut)(**{**cut.__dict__, "boundary": frozen_boundary})
     with pytest.raises(ModelError, match="declares boundary tensor .* but at batch=.*seq="):
         verify_split(model, public, private, frozen)
+
+
+@pytest.mark.parametrize("batch_named", [True, False])
+def test_budget_counts_the_declared_batch_axis(keys, batch_named, monkeypatch):
+    """A sequence-first boundary [seq, batch, F] is charged `batch` samples per call, not `seq`.
+
+    Control (batch_named=False): a bundle sealed with split.batch naming a symbol no input has
+    (as bundles from before split.batch behave), so the enclave falls back to the leading dim and
+    charges `seq`: the test tells the two rules apart.
+    """
+    host_key, enclave_key, folder = keys
+    model = _model("gru")
+    cut = candidate_cuts(model)[2]
+    bundle = folder / f"gru-budget-{batch_named}.mcb"
+    if not batch_named:
+        monkeypatch.setattr("modelcloak.model.cut.batch_symbol", lambda model: "not-an-axis")
+    protect(
+        model,
+        bundle,
+        key=host_key,
+        scheme="split",
+        cut={"index": cut.index},
+        enclave_key=enclave_key,
+        policy={"output": "label", "query_budget": 20},
+        verify=False,
+    )
+    feeds = _feeds("gru", batch=3, seq=7)
+    with load(bundle, key=host_key, enclave_key_file=enclave_key.path) as session:
+        session.run(feeds)
+        left = session.enclave.stats().budget_left
+    assert left == (20 - 3 if batch_named else 20 - 7)

@@ -133,7 +133,7 @@ def protect(
     locking = _Locking(lock_to, lock_method) if lock_to else None
     if scheme == "split":
         from modelcloak.enclave.policy import PolicyError, parse_policy
-        from modelcloak.model.cut import find_cut, split_model, verify_split
+        from modelcloak.model.cut import batch_symbol, find_cut, split_model, verify_split
 
         try:
             extra["policy"] = parse_policy(extra["policy"]).to_json()
@@ -144,7 +144,7 @@ def protect(
         verify_split(proto, public, private, chosen)  # never write a bundle that cannot run its inputs
         private_bytes = private.SerializeToString()
         del private
-        extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
+        extra["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary], "batch": batch_symbol(proto)}
         sections, weights_size = _graph_sections(public, "public.", None, locking)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
     elif scheme == "fhe":

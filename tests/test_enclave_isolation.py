@@ -20,6 +20,7 @@ import split_models
 
 import modelcloak
 from modelcloak.bundle.container import Bundle
+from modelcloak.enclave import sandbox
 from modelcloak.enclave.protocol import TensorSpec
 from modelcloak.keys import generate_key_file
 from modelcloak.protector import protect
@@ -146,6 +147,52 @@ def test_enclave_runs_in_its_own_directory_with_a_scrubbed_environment(tmp_path,
     finally:
         client.close()
     assert "MC_SECRET_HOST_VARIABLE" not in environ and "PYTHONPATH" not in environ
-    assert environ["HOME"] == cwd and cwd != str(tmp_path) and Path(cwd).name.startswith("modelcloak-enclave-")
+    assert environ["TMPDIR"] == cwd and cwd != str(tmp_path) and Path(cwd).name.startswith("modelcloak-enclave-")
+    assert environ["HOME"] == sandbox.NO_HOME
     assert not Path(cwd).exists()  # removed with the enclave
     assert argv[1] == "-I"
+
+
+def _open_files(pid: int) -> list[str]:
+    """Paths of the regular files and directories `pid` holds open (sockets, pipes, devices excluded)."""
+    paths = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/") and not target.startswith("/dev/"):
+            paths.append(target)
+    return paths
+
+
+@pytest.mark.parametrize("home", ["scrubbed", "writable"])
+def test_enclave_holds_no_file_open_after_the_sandbox(tmp_path, label_bundle, home):
+    """After LOAD (sandbox installed), the enclave holds no file: in particular not onnxruntime's
+    telemetry database. Control (home="writable"): the same enclave given a writable HOME through a
+    launcher that skips the enclave's own scrub holds that database open, so the check can fail."""
+    bundle, _, enclave_key = label_bundle
+    header, private, feeds = _sealed_private(bundle)
+    if home == "scrubbed":
+        client = EnclaveClient()
+    else:
+        fake_home = tmp_path / "home"
+        fake_home.mkdir()
+        skip_scrub = (
+            "import sys; sys.path.insert(0, sys.argv.pop(1)); from modelcloak.enclave import sandbox; "
+            "sandbox.scrub_environment = lambda: None; from modelcloak.enclave.__main__ import main; sys.exit(main())"
+        )
+        client = EnclaveClient(command=[sys.executable, "-I", "-c", skip_scrub, SRC], env={"HOME": str(fake_home)})
+    try:
+        client.start(["--key-file", str(enclave_key.path)], threads=1)
+        info = client.load(header, private)
+        client.infer(feeds)
+        held = _open_files(client.pid)
+    finally:
+        client.close()
+    assert "seccomp" in info.sandbox or "nofile_limited" in info.sandbox
+    telemetry = [path for path in held if "onnxruntime.db" in path]
+    if home == "scrubbed":
+        assert held == [], held
+    else:
+        assert telemetry, held

@@ -105,6 +105,7 @@ def _send_startup_error(fd: int, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     hardening = sandbox.Hardening()
+    sandbox.scrub_environment()
     sandbox.harden_early(hardening, max_address_space=args.max_memory_mb * 1024 * 1024 if args.max_memory_mb else None)
     started_at, started_monotonic = _process_start_time()
     try:

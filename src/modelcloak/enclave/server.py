@@ -51,6 +51,12 @@ _SECTION_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 
+# onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
+# before the first session. Its event database is kept from opening at all by the HOME that
+# __main__ sets (sandbox.scrub_environment), since onnxruntime opens it at import.
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()
+
 
 def key_id(key: bytes) -> str:
     """The public id of a key, the same derivation the host uses (docs/FORMAT.md, "Keys")."""

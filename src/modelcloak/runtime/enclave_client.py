@@ -52,6 +52,7 @@ _BOOTSTRAP = (
 # variable named by --key-env): locale only. Everything else (PYTHONPATH, LD_PRELOAD,
 # PYTHONSTARTUP, OMP_*/ORT_* knobs, HOME with its caches) is the host user's to set, not the enclave's.
 _KEPT_VARIABLES = ("LANG", "LC_ALL", "LC_CTYPE")
+_NO_HOME = "/dev/null/modelcloak-enclave-has-no-home"  # = modelcloak.enclave.sandbox.NO_HOME
 
 
 def default_command() -> list[str]:
@@ -60,9 +61,10 @@ def default_command() -> list[str]:
 
 
 def enclave_environment(key_args: Sequence[str], extra: Mapping[str, str] | None, workdir: str) -> dict[str, str]:
-    """The scrubbed environment an enclave starts with: PATH, locale, HOME/TMPDIR = its own
-    directory, the key variable if the key comes from one, and whatever the caller's code adds."""
-    env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1"}
+    """The scrubbed environment an enclave starts with: PATH, locale, TMPDIR = its own directory,
+    a HOME that cannot exist (no per-user caches, no telemetry database), the key variable if
+    the key comes from one, and whatever the caller's code adds."""
+    env = {"PATH": os.defpath, "HOME": _NO_HOME, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1"}
     env.update({name: os.environ[name] for name in _KEPT_VARIABLES if name in os.environ})
     if "--key-env" in key_args:
         name = key_args[list(key_args).index("--key-env") + 1]

@@ -42,9 +42,18 @@ Definitions (also in the `splits` documentation):
   per sample crossing the cut. Symbolic dims other than the batch count as 1 in both; a node
   whose shapes cannot be determined contributes 0 FLOPs.
 * **Shapes.** `onnx.shape_inference` (with data propagation) types every tensor it can; tensors
-  whose dtype, rank or dims it leaves unknown are measured by running the whole model once in
-  onnxruntime on zero inputs at batch 1 and 2 with those tensors as extra outputs: dims that follow
-  the batch become the graph's batch symbol (e.g. "batch").
+  whose dtype, rank or dims it leaves unknown are measured by running the whole model in
+  onnxruntime: once with every symbolic input dim at its own size, then once per symbol with only
+  that symbol moved by one. A dim that never moves is fixed; one that equals one symbol in every
+  run takes that symbol's name (e.g. "batch", "seq"); any other moving dim stays symbolic but
+  unnamed (None). No symbolic dim is ever frozen to the size it had in a probe.
+* **Verification.** `verify_split` runs the public and private parts at two sizes of every
+  symbolic dim and checks each boundary tensor against its declared shape and the outputs against
+  the whole model; `protect` calls it, so a split bundle that cannot run its own declared inputs
+  is never written.
+* **Batch axis.** `batch_symbol`: a symbolic input dim named like "batch" wherever it sits (axis 1
+  of a sequence-first RNN), else the first input's dim 0. The enclave's query budget counts rows
+  of that axis.
 """
 
 from __future__ import annotations

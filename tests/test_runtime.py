@@ -114,7 +114,7 @@ def test_input_errors_are_clear(sealed, key_file):
             session.run(np.zeros((1, 16), np.complex128))
         # Lossless-in-kind casts (float64 from a default .npy) are accepted.
         assert session.run(np.zeros((1, 16), np.float64))["logits"].dtype == np.float32
-        with pytest.raises(SessionError, match="inference failed"):
+        with pytest.raises(SessionError, match=r"^input .x. must have shape \[batch, 16\], got \[1, 5\]$"):
             session.run(np.zeros((1, 5), np.float32))
         session.close()
         with pytest.raises(SessionError, match="closed"):

@@ -63,7 +63,7 @@ class OrtBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors become one SessionError line, not a coloured log on stderr
         for name, value in (session_config or {}).items():
             # SessionOptions attributes by name, anything else as a session config entry; the cache
             # guard below then removes whatever would write the model to disk.

@@ -652,7 +652,8 @@ class EnclaveClient:
         for spec in info.inputs:
             array = np.asarray(feeds[spec.name])
             if spec.dtype is not None and array.dtype != spec.dtype:
-                if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+                crosses_kind = array.dtype.kind in "biu" and spec.dtype.kind in "fc"  # ids or masks as floats
+                if crosses_kind or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                     raise EnclaveError(f"input {spec.name!r} must be {spec.dtype.name}, got {array.dtype.name}")
                 array = array.astype(spec.dtype)
             tensors.append((spec.name, array))

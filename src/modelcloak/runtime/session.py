@@ -45,6 +45,15 @@ class LoadReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _check_shape(name: str, array: np.ndarray, declared: list | None) -> None:
+    """Refuse an input whose rank or fixed dims differ from the signed signature, in one line."""
+    if declared is None:
+        return
+    if array.ndim != len(declared) or any(isinstance(d, int) and d != n for d, n in zip(declared, array.shape)):
+        expected = "[" + ", ".join("?" if d is None else str(d) for d in declared) + "]"
+        raise SessionError(f"input {name!r} must have shape {expected}, got {list(array.shape)}")
+
+
 class SealedSession:
     """A loaded protected model. `run` takes a dict of arrays (or one array for one input)."""
 
@@ -59,6 +68,7 @@ class SealedSession:
         self._input_dtypes = {
             spec["name"]: np.dtype(spec["dtype"]) for spec in manifest_document.get("model", {}).get("inputs", [])
         }
+        self._input_shapes = {spec["name"]: spec.get("shape") for spec in signature.get("inputs", [])}
         self.licence: Any = None  # a runtime.metering.LicensedUse when the key came from the owner backend
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
@@ -100,9 +110,13 @@ class SealedSession:
             array = np.asarray(value)
             expected = self._input_dtypes.get(name)
             if expected is not None and array.dtype != expected:
-                if not np.can_cast(array.dtype, expected, casting="same_kind"):
+                # Same-kind casts only (float64 -> float32): integers or bools fed to a float input
+                # are almost always the wrong array (token ids, masks), so they are refused.
+                crosses_kind = array.dtype.kind in "biu" and expected.kind in "fc"
+                if crosses_kind or not np.can_cast(array.dtype, expected, casting="same_kind"):
                     raise SessionError(f"input {name!r} must be {expected.name}, got {array.dtype.name}")
                 array = array.astype(expected)
+            _check_shape(name, array, self._input_shapes.get(name))
             feeds[name] = np.ascontiguousarray(array)
         return feeds
 
@@ -233,6 +247,8 @@ def load(
     report.hardening = hygiene.harden_process()
     trusted = [load_public_key(s) if not isinstance(s, bytes) else s for s in trusted_signers or []]
 
+    if enclave_key_file and enclave_key_env:
+        raise SessionError("give the enclave key one way: --enclave-key-file or --enclave-key-env, not both")
     with Bundle.open(bundle) as sealed:
         scheme = sealed.manifest.scheme
         if scheme not in _PREFIXES:

@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,6 +121,21 @@ class EnclaveInfo:
         return [spec.name for spec in self.outputs]
 
 
+class _FramingLost(Exception):
+    """The enclave reported a frame this host never sent: the stream is out of step."""
+
+
+_FRAMING_CODES = frozenset({ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_TYPE})
+
+
+def _framing_lost(payload: bytes | bytearray) -> bool:
+    try:
+        code, _ = protocol.decode_error(payload)
+    except ProtocolError:
+        return True
+    return code in _FRAMING_CODES
+
+
 def _seconds(value: float) -> str:
     return f"{value:.1f}" if abs(value - round(value, 1)) < 1e-9 else f"{value:.3g}"
 
@@ -166,6 +182,7 @@ class _Connection:
         self._pending: dict[int, _Pending] = {0: _Pending()}  # request id 0: HELLO or a start-up error
         self._next_id = 1
         self.broken: str | None = None  # why this connection can no longer be used
+        self.info: EnclaveInfo | None = None  # what this connection's READY said
         self._closing = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
         self._reader = threading.Thread(target=self._read_loop, name=f"enclave-{proc.pid}-reader", daemon=True)
@@ -252,6 +269,8 @@ class _Connection:
                 if payload is None:
                     break
                 self._deliver(msg_type, request_id, payload)
+        except _FramingLost as lost:
+            reason = str(lost)
         except Exception as exc:  # never let the reader die silently: waiters would hang to their timeout
             reason = f"enclave connection failed ({type(exc).__name__}: {exc})"
         if reason is not None:
@@ -260,6 +279,14 @@ class _Connection:
         self._fail_all(reason)
 
     def _deliver(self, msg_type: int, request_id: int, payload: bytearray) -> None:
+        if msg_type == MsgType.ERROR and _framing_lost(payload):
+            # This host never sends short, oversized or unknown frames: such a report means the
+            # byte stream is out of step, and the enclave may be swallowing later requests as
+            # the body of a frame that does not exist. Nothing on this connection can be trusted.
+            raise _FramingLost(
+                "the connection to the enclave lost its framing (the enclave reported: "
+                f"{protocol.decode_error(payload)[1]})"
+            )
         with self._lock:
             pending = self._pending.get(request_id)
         if pending is None or pending.event.is_set():
@@ -315,10 +342,19 @@ class _Connection:
             raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
 
     def request(
-        self, build: Callable[[int], Iterable[bytes | memoryview]], expect: MsgType, timeout: float
+        self,
+        build: Callable[[int], Iterable[bytes | memoryview]],
+        expect: MsgType,
+        timeout: float,
+        shown: float | None = None,
     ) -> bytearray:
-        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id."""
+        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id.
+
+        `shown` is the timeout named in a timeout error (the caller's whole limit, when `timeout`
+        is what is left of it)."""
         deadline = time.monotonic() + timeout
+        if shown is not None:
+            timeout = shown
         pending = _Pending()
         with self._lock:
             if self.broken is not None:
@@ -438,6 +474,8 @@ class EnclaveClient:
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        max_restarts: int = 2,
     ) -> None:
         """`command` replaces the isolated `python -I` launcher (e.g. a Gramine launcher); `--fd`,
         the key arguments and options are appended to it. The enclave never inherits the host's
@@ -445,6 +483,10 @@ class EnclaveClient:
         variable) plus `env`, and runs in a fresh private working directory removed after it exits.
         """
         self._command = list(command) if command else default_command()
+        # infer/stats/ping without an explicit timeout wait this long, restarts included.
+        self.timeout = timeout
+        # How often one call may restart a dead or out-of-step enclave before it gives up.
+        self.max_restarts = max_restarts
         self._max_frame_bytes = max_frame_bytes
         self._extra_args = list(extra_args)
         self._env = dict(env) if env is not None else None
@@ -552,7 +594,7 @@ class EnclaveClient:
         except ProtocolError as exc:
             raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
         self._last_load = (bytes(header), ciphertext, timeout)
-        self._info = EnclaveInfo(
+        self._info = conn.info = EnclaveInfo(
             inputs=ready.inputs,
             outputs=ready.results,
             private_outputs=ready.private_outputs,
@@ -565,7 +607,68 @@ class EnclaveClient:
         )
         return self._info
 
-    def restart(self) -> EnclaveInfo | None:
+    def _recover(self, broken: _Connection, deadline: float) -> None:
+        """Restart after `broken` failed, unless another caller already did (then reuse theirs)."""
+        remaining = deadline - time.monotonic()
+        if not self._lifecycle.acquire(timeout=max(0.0, remaining)):
+            raise EnclaveError(f"the enclave is restarting and did not come back within {_seconds(remaining)} s")
+        try:
+            if self._conn is not None and self._conn is not broken and self._conn.broken is None:
+                return
+            self.restart(deadline=deadline)
+        finally:
+            self._lifecycle.release()
+
+    def _with_recovery(
+        self,
+        call: Callable[[_Connection, protocol.Hello, float, float], Any],
+        timeout: float | None,
+        need_model: bool = False,
+    ) -> Any:
+        """Run `call` on the current connection; if the enclave died or the stream lost its framing,
+        restart (bounded by max_restarts and by the deadline) and run it again. Refusals, timeouts
+        and bad input are never retried: a retry could not change them."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        restarts = 0
+        while True:
+            conn, hello = self._wait_running(deadline, limit, need_model)
+            try:
+                return call(conn, hello, max(0.0, deadline - time.monotonic()), limit)
+            except EnclaveError as exc:
+                if exc.code is not None or conn.broken is None:
+                    raise
+                if restarts >= self.max_restarts or self._last_load is None:
+                    suffix = f" (after {restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
+                    raise EnclaveError(f"{exc}{suffix}") from None
+                if time.monotonic() >= deadline:
+                    raise EnclaveError(f"{exc}; no time left within {_seconds(limit)} s to restart it") from None
+                restarts += 1
+                try:
+                    self._recover(conn, deadline)
+                except EnclaveError as failed:
+                    raise EnclaveError(f"{exc}; restarting the enclave failed: {failed}") from None
+
+    def _wait_running(
+        self, deadline: float, limit: float, need_model: bool = False
+    ) -> tuple[_Connection, protocol.Hello]:
+        """The live connection; while a restart is in progress, wait for it rather than fail."""
+        conn, hello = self._conn, self._hello
+        if conn is not None and hello is not None and (conn.info is not None or not need_model):
+            return conn, hello
+        if self._start_args is None:
+            raise EnclaveError("the enclave is not running; call start() first")
+        if not self._lifecycle.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise EnclaveError(f"the enclave is restarting and did not come back within {_seconds(limit)} s")
+        self._lifecycle.release()
+        conn, hello = self._conn, self._hello
+        if conn is None or hello is None:
+            raise EnclaveError("the enclave is not running (a restart failed or it was closed); call restart()")
+        if conn.info is None and need_model:
+            raise EnclaveError("no model is loaded in the enclave; call load() first")
+        return conn, hello
+
+    def restart(self, *, deadline: float | None = None) -> EnclaveInfo | None:
         """Kill the enclave, start a fresh one with the same arguments and re-send the last LOAD.
 
         The fresh process has a fresh per-session query budget: budgets that must survive
@@ -577,11 +680,15 @@ class EnclaveClient:
             key_args, threads, start_timeout = self._start_args
             last_load = self._last_load
             self._teardown()
-            self.start(key_args, threads=threads, start_timeout=start_timeout)
+
+            def bounded(limit: float) -> float:
+                return limit if deadline is None else max(0.001, min(limit, deadline - time.monotonic()))
+
+            self.start(key_args, threads=threads, start_timeout=bounded(start_timeout))
             if last_load is None:
                 return None
             header, ciphertext, timeout = last_load
-            return self.load(header, ciphertext, timeout=timeout)
+            return self.load(header, ciphertext, timeout=bounded(timeout))
 
     def close(self, timeout: float = 5.0) -> None:
         """SHUTDOWN (the enclave wipes and exits 0), or kill it if it does not comply in time."""
@@ -636,10 +743,15 @@ class EnclaveClient:
             raise EnclaveError("the enclave is not running; call start() first")
         return conn, hello
 
-    def infer(self, feeds: Mapping[str, np.ndarray], timeout: float = 10.0) -> dict[str, np.ndarray]:
-        """Run the private part on `feeds` (by input name); returns what the policy allows, by name."""
-        conn, hello = self._require_running()
-        info = self.info
+    def infer(self, feeds: Mapping[str, np.ndarray], timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run the private part on `feeds` (by input name); returns what the policy allows, by name.
+
+        `timeout` (default: the client's `timeout`) bounds the whole call, restarts included.
+        """
+        limit = self.timeout if timeout is None else timeout
+        conn, _ = self._wait_running(time.monotonic() + limit, limit, need_model=True)
+        info = conn.info
+        assert info is not None
         names = set(info.input_names)
         missing = [n for n in info.input_names if n not in feeds]
         unknown = [n for n in feeds if n not in names]
@@ -661,33 +773,46 @@ class EnclaveClient:
             payload = protocol.encode_tensors(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
-        if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
-            raise EnclaveError(
-                f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
-                "send smaller batches or start the enclave with a larger max_frame_bytes"
+
+        def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> dict[str, np.ndarray]:
+            if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
+                raise EnclaveError(
+                    f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
+                    "send smaller batches or start the enclave with a larger max_frame_bytes"
+                )
+            reply = conn.request(
+                lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
             )
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, timeout)
-        try:
-            results = protocol.decode_tensors(reply)
-        except ProtocolError as exc:
-            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
-        return _announced_results(results, info.outputs)
+            try:
+                results = protocol.decode_tensors(reply)
+            except ProtocolError as exc:
+                raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+            assert conn.info is not None
+            return _announced_results(results, conn.info.outputs)
 
-    def stats(self, timeout: float = 10.0) -> EnclaveStats:
+        return self._with_recovery(call, timeout, need_model=True)
+
+    def stats(self, timeout: float | None = None) -> EnclaveStats:
         """Samples and requests served, requests refused, budget and budget left (None = unlimited)."""
-        conn, _ = self._require_running()
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, timeout)
-        try:
-            return protocol.decode_stats(reply)
-        except ProtocolError as exc:
-            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
 
-    def ping(self, payload_bytes: int = 0, timeout: float = 10.0) -> float:
+        def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> EnclaveStats:
+            reply = conn.request(
+                lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, remaining, limit
+            )
+            try:
+                return protocol.decode_stats(reply)
+            except ProtocolError as exc:
+                raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+
+        return self._with_recovery(call, timeout)
+
+    def ping(self, payload_bytes: int = 0, timeout: float | None = None) -> float:
         """Round trip of a PING carrying `payload_bytes` (echoed back); seconds. For health checks and benchmarks."""
         conn, _ = self._require_running()
         body = os.urandom(payload_bytes) if payload_bytes else b""
+        limit = self.timeout if timeout is None else timeout
         began = time.perf_counter()
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, timeout)
+        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, limit)
         elapsed = time.perf_counter() - began
         if bytes(reply) != body:
             raise EnclaveError("enclave sent a malformed frame: PONG does not echo the PING payload")

@@ -300,7 +300,7 @@ def load(
 
     key_args = ["--key-file", str(enclave_key_file)] if enclave_key_file else ["--key-env", str(enclave_key_env)]
     mark = clock()
-    enclave = EnclaveClient()
+    enclave = EnclaveClient(timeout=enclave_timeout)  # bounds every run(), restarts included
     try:
         enclave.start(key_args, threads=enclave_threads)
         enclave.load(header, private, timeout=max(enclave_timeout, 30.0))

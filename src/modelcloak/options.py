@@ -217,7 +217,12 @@ class EnclaveConfig:
     command: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if (self.key_file is None) == (self.key_env is None):
+        if self.key_file is not None and self.key_env is not None:
+            raise LoadOptionError(
+                "give the enclave key one way: `enclave_key_file` or `enclave_key_env`, not both",
+                parameter="enclave.key_file",
+            )
+        if self.key_file is None and self.key_env is None:
             raise LoadOptionError(
                 "the enclave needs exactly one key source: key_file or key_env", parameter="enclave.key_file"
             )

@@ -136,7 +136,7 @@ def test_passphrase_from_environment(tmp_path, mlp):
         ("no-key", "give exactly one key source"),
         ("missing-input", "does not exist"),
         ("bad-input", "not a readable .npy/.npz"),
-        ("wrong-shape", "inference failed"),
+        ("wrong-shape", "must have shape [batch, 16], got [1, 3]"),
         ("not-a-bundle", "not a modelcloak bundle"),
         ("bad-out", "--out must name a .npz"),
     ],

@@ -130,7 +130,7 @@ def test_wrong_names_and_options_are_refused_with_the_parameter_named(world):
     assert caught.value.parameter == "threads"
     with pytest.raises(OptionError, match="unknown load option 'treads'"):
         modelcloak.load(folder / "seal.mcb", key=host, treads=2)
-    with pytest.raises(OptionError, match="exactly one key source"):
+    with pytest.raises(OptionError, match="give the enclave key one way"):
         LoadOptions.from_keywords(enclave_key_file=enclave.path, enclave_key_env="X")
 
 

@@ -437,7 +437,8 @@ def test_malformed_frames_get_errors_and_the_enclave_keeps_serving(key_file: Pat
 
 
 def test_enclave_killed_mid_request_is_reported_and_restart_recovers(key_file: Path, seal, reference) -> None:
-    with enclave(["--key-file", str(key_file)], seal({"output": "scores"})) as client:
+    """With automatic restarts off (max_restarts=0), a death is reported and restart() recovers."""
+    with enclave(["--key-file", str(key_file)], seal({"output": "scores"}), max_restarts=0) as client:
         first_pid = client.pid
         os.kill(first_pid, signal.SIGSTOP)  # the request below is certainly in flight when the kill lands
         outcome: dict[str, object] = {}
@@ -465,6 +466,30 @@ def test_enclave_killed_mid_request_is_reported_and_restart_recovers(key_file: P
         np.testing.assert_allclose(client.infer({"h": x})["logits"], reference(x), atol=1e-5)
 
 
+def test_enclave_killed_mid_request_restarts_by_itself(key_file: Path, seal, reference) -> None:
+    """Default client: the call in flight when the enclave dies is answered by a fresh enclave."""
+    with enclave(["--key-file", str(key_file)], seal({"output": "scores"})) as client:
+        first_pid = client.pid
+        os.kill(first_pid, signal.SIGSTOP)
+        outcome: dict[str, object] = {}
+        x = samples(13, 2)
+
+        def ask() -> None:
+            try:
+                outcome["result"] = client.infer({"h": x}, timeout=30.0)
+            except EnclaveError as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=ask)
+        worker.start()
+        time.sleep(0.3)
+        os.kill(first_pid, signal.SIGKILL)
+        worker.join(timeout=60)
+        assert "error" not in outcome, outcome.get("error")
+        np.testing.assert_allclose(outcome["result"]["logits"], reference(x), atol=1e-5)
+        assert client.pid != first_pid
+
+
 def test_hung_enclave_times_out_then_recovers(key_file: Path, seal, reference) -> None:
     with enclave(["--key-file", str(key_file)], seal({"output": "scores"})) as client:
         os.kill(client.pid, signal.SIGSTOP)
@@ -477,6 +502,85 @@ def test_hung_enclave_times_out_then_recovers(key_file: Path, seal, reference) -
         os.kill(client.pid, signal.SIGCONT)  # the late answer to the timed-out request is dropped
         x = samples(16, 3)
         np.testing.assert_allclose(client.infer({"h": x})["logits"], reference(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("restarts", [2, 0])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        protocol.FRAME_HEADER.pack(0x7FFF_FFF0, MsgType.INFER, 77),  # a header claiming 2 GiB
+        struct.pack(">I", 3) + b"abc",  # shorter than its own header
+        protocol.encode_frame(0x42, 78, b"?"),  # a type no host sends
+    ],
+    ids=["2GiB", "short", "unknown-type"],
+)
+def test_junk_on_the_channel_is_recovered_from(key_file: Path, seal, reference, junk: bytes, restarts: int) -> None:
+    """Bytes this host never sends put the stream out of step; the client notices the enclave's
+    report, kills it and (restarts=2) answers from a fresh enclave. Control (restarts=0): the same
+    junk does break the connection, reported as lost framing instead of waiting out the timeout."""
+    with enclave(["--key-file", str(key_file)], seal({"output": "scores"}), max_restarts=restarts) as client:
+        first_pid = client.pid
+        client._conn._wsock.sendall(junk)  # as if a bug or another writer had sent it
+        x = samples(21, 3)
+        if restarts:
+            np.testing.assert_allclose(client.infer({"h": x}, timeout=30)["logits"], reference(x), atol=1e-5)
+            assert client.pid != first_pid
+        else:
+            with pytest.raises(EnclaveError, match="lost its framing") as caught:
+                client.infer({"h": x}, timeout=30)
+            assert "did not answer" not in str(caught.value)
+
+
+def test_callers_during_a_restart_wait_for_it(key_file: Path, seal, reference) -> None:
+    """Threads querying while another thread restarts the enclave get answers, not 'call start()'."""
+    with enclave(["--key-file", str(key_file)], seal({"output": "scores"})) as client:
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def worker(thread: int) -> None:
+            i = 0
+            while not stop.is_set():
+                x = samples(5000 + 100 * thread + i, 2)
+                try:
+                    got = client.infer({"h": x}, timeout=30)["logits"]
+                except EnclaveError as exc:
+                    failures.append(str(exc))
+                    return
+                if not np.allclose(got, reference(x), atol=1e-5):
+                    failures.append(f"thread {thread}: wrong answer")
+                i += 1
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(2):
+            time.sleep(0.2)
+            client.restart()
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert failures == []
+
+
+def test_session_timeout_bounds_run(tmp_path: Path) -> None:
+    """load(..., enclave_timeout=2) bounds run(): a stopped enclave is reported at 2 s, not 10."""
+    from conftest import make_mlp
+
+    from modelcloak.keys import generate_key_file
+    from modelcloak.protector import protect
+    from modelcloak.inference import load
+
+    host_key, enclave_key = generate_key_file(tmp_path / "h.key"), generate_key_file(tmp_path / "e.key")
+    protect(make_mlp(), tmp_path / "m.mcb", key=host_key, scheme="split", cut={"last": 1}, enclave_key=enclave_key)
+    with load(tmp_path / "m.mcb", key=host_key, enclave_key_file=enclave_key.path, enclave_timeout=2) as session:
+        x = np.zeros((1, 16), np.float32)
+        session.run(x)
+        os.kill(session.enclave.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(EnclaveError, match=r"^enclave did not answer within 2.0 s \(the process is stopped\)$"):
+                session.run(x)
+        finally:
+            os.kill(session.enclave.pid, signal.SIGCONT)
 
 
 def test_several_threads_each_get_their_own_answer(scores_enclave: EnclaveClient, reference) -> None:

@@ -102,9 +102,25 @@ def _send_startup_error(fd: int, message: str) -> None:
         pass
 
 
+class _quiet_stderr:  # noqa: N801  (used as a statement-like context manager)
+    """Descriptor 2 to /dev/null for the duration (native libraries write there directly)."""
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     hardening = sandbox.Hardening()
+    sandbox.scrub_environment()
     sandbox.harden_early(hardening, max_address_space=args.max_memory_mb * 1024 * 1024 if args.max_memory_mb else None)
     started_at, started_monotonic = _process_start_time()
     try:
@@ -124,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     from modelcloak.enclave import protocol
-    from modelcloak.enclave.server import EnclaveServer
+
+    with _quiet_stderr():
+        # onnxruntime's telemetry warns at import that it cannot persist a device id (HOME is
+        # unusable on purpose); that line would otherwise be the enclave's "last words".
+        from modelcloak.enclave.server import EnclaveServer
 
     max_frame = args.max_frame_bytes or protocol.DEFAULT_MAX_FRAME_BYTES
     if not protocol.MIN_MAX_FRAME_BYTES <= max_frame <= protocol.MAX_MAX_FRAME_BYTES:

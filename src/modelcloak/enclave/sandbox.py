@@ -95,6 +95,20 @@ def harden_early(report: Hardening, *, max_address_space: int | None = None) -> 
         report.notes.append(f"resource limits: {exc}")
 
 
+# A home no process can create (a path below a character device), so nothing the enclave loads can
+# open or create per-user files: onnxruntime 1.32 opens a telemetry database
+# (~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db) at import and keeps it open.
+NO_HOME = "/dev/null/modelcloak-enclave-has-no-home"
+_HOME_VARIABLES = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME")
+
+
+def scrub_environment() -> None:
+    """Point every per-user directory at NO_HOME before the heavy imports. The host already
+    starts the enclave with a scrubbed environment; this holds even under another launcher."""
+    for name in _HOME_VARIABLES:
+        os.environ[name] = NO_HOME
+
+
 def limit_open_files(report: Hardening, limit: int = DEFAULT_NOFILE) -> None:
     """Cap RLIMIT_NOFILE: after loading, the enclave needs no descriptors beyond the ones it holds."""
     try:

@@ -51,6 +51,12 @@ _SECTION_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 
+# onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
+# before the first session. Its event database is kept from opening at all by the HOME that
+# __main__ sets (sandbox.scrub_environment), since onnxruntime opens it at import.
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()
+
 
 def key_id(key: bytes) -> str:
     """The public id of a key, the same derivation the host uses (docs/FORMAT.md, "Keys")."""
@@ -229,6 +235,7 @@ class SealedSection:
     size: int
     policy: OutputPolicy
     manifest_digest: bytes
+    batch_symbol: str = "batch"  # the symbolic dim the budget counts (manifest split.batch)
 
 
 def _field(document: dict[str, Any], name: str, kind: type, where: str = "manifest") -> Any:
@@ -301,8 +308,12 @@ def parse_header(header: bytes, own_key_id: str) -> SealedSection:
         policy = policy_mod.parse_policy(document.get("policy") or None)
     except PolicyError as exc:
         raise Refusal(ErrorCode.BAD_POLICY, f"cannot enforce the bundle's policy: {exc}") from None
+    split = document.get("split")
+    batch = split.get("batch", "batch") if isinstance(split, dict) else "batch"
+    if not isinstance(batch, str) or not batch:
+        raise Refusal(bad, "manifest split.batch must name the batch axis's symbol")
     index, name, size = mine[0]
-    return SealedSection(salt, chunk_size, name, index, size, policy, hashlib.sha256(header).digest())
+    return SealedSection(salt, chunk_size, name, index, size, policy, hashlib.sha256(header).digest(), batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +324,14 @@ def _spec_of(arg: Any) -> TensorSpec:
     code = protocol.ORT_TYPE_CODES.get(arg.type)
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (arg.shape or []))
     return TensorSpec(arg.name, protocol.DTYPE_BY_CODE[code] if code else None, shape)
+
+
+def _batch_axis(arg: Any, symbol: str) -> int | None:
+    """The axis of an onnxruntime input whose symbolic dim is the batch symbol, if it has one."""
+    for axis, dim in enumerate(arg.shape or []):
+        if dim == symbol:
+            return axis
+    return None
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:
@@ -342,6 +361,7 @@ class EnclaveServer:
         self._started_monotonic = started_monotonic
         self._session: ort.InferenceSession | None = None
         self._inputs: tuple[TensorSpec, ...] = ()
+        self._batch_axes: tuple[int | None, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
         self._policy = OutputPolicy()
         self._meter: Meter | None = None
@@ -460,6 +480,7 @@ class EnclaveServer:
             _wipe_mapping(buffer)
         self._session = session
         self._inputs = tuple(_spec_of(a) for a in session.get_inputs())
+        self._batch_axes = tuple(_batch_axis(a, sealed.batch_symbol) for a in session.get_inputs())
         self._outputs = tuple(_spec_of(a) for a in session.get_outputs())
         try:
             policy_mod.check_applicable(sealed.policy, self._outputs[0].shape if self._outputs else None)
@@ -564,7 +585,8 @@ class EnclaveServer:
             )
             raise Refusal(ErrorCode.BAD_INPUT, "inputs do not match the private part: " + "; ".join(parts))
         samples = 0
-        for spec in self._inputs:
+        counted = any(axis is not None for axis in self._batch_axes)
+        for spec, axis in zip(self._inputs, self._batch_axes):
             array = feeds[spec.name]
             if spec.dtype is not None and array.dtype != spec.dtype:
                 raise Refusal(
@@ -577,8 +599,13 @@ class EnclaveServer:
                     ErrorCode.BAD_INPUT,
                     f"input {spec.name!r} must have shape {_shape_text(spec.shape)}, got {list(array.shape)}",
                 )
-            # Samples are batch rows; the largest leading dimension counts, so no input can hide some.
-            samples = max(samples, array.shape[0] if array.ndim else 1)
+            # Samples are rows of the batch axis the cut declares (axis 1 in a sequence-first
+            # layout); the largest counts, so no input can hide some. A part whose inputs name no
+            # batch axis (a bundle from before split.batch) is charged by its leading dims.
+            if counted:
+                samples = max(samples, array.shape[axis] if axis is not None else 1)
+            else:
+                samples = max(samples, array.shape[0] if array.ndim else 1)
         return feeds, samples
 
     def _infer(self, frame: _Frame) -> None:

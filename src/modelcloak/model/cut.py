@@ -42,9 +42,18 @@ Definitions (also in the `splits` documentation):
   per sample crossing the cut. Symbolic dims other than the batch count as 1 in both; a node
   whose shapes cannot be determined contributes 0 FLOPs.
 * **Shapes.** `onnx.shape_inference` (with data propagation) types every tensor it can; tensors
-  whose dtype, rank or dims it leaves unknown are measured by running the whole model once in
-  onnxruntime on zero inputs at batch 1 and 2 with those tensors as extra outputs: dims that follow
-  the batch become the graph's batch symbol (e.g. "batch").
+  whose dtype, rank or dims it leaves unknown are measured by running the whole model in
+  onnxruntime: once with every symbolic input dim at its own size, then once per symbol with only
+  that symbol moved by one. A dim that never moves is fixed; one that equals one symbol in every
+  run takes that symbol's name (e.g. "batch", "seq"); any other moving dim stays symbolic but
+  unnamed (None). No symbolic dim is ever frozen to the size it had in a probe.
+* **Verification.** `verify_split` runs the public and private parts at two sizes of every
+  symbolic dim and checks each boundary tensor against its declared shape and the outputs against
+  the whole model; `protect` calls it, so a split bundle that cannot run its own declared inputs
+  is never written.
+* **Batch axis.** `batch_symbol`: a symbolic input dim named like "batch" wherever it sits (axis 1
+  of a sequence-first RNN), else the first input's dim 0. The enclave's query budget counts rows
+  of that axis.
 """
 
 from __future__ import annotations
@@ -128,8 +137,14 @@ _SUB_BYTE_BITS = {
     if hasattr(TensorProto, name)
 }
 
-_PROBE_BATCHES = (1, 2)
 _DEFAULT_BATCH = "batch"
+# Sizes the shape probe gives symbolic dims: (first symbol's base, step between symbols), tried in
+# order until the model runs. Each symbol gets its own base, and each probe run moves one symbol
+# to base + 1, so no two symbols (and no symbol and a fixed dim) are confused by coincidence.
+_PROBE_SCALES = ((3, 2), (17, 4), (67, 8))
+# Floating inputs are probed with this value instead of zeros: a dim that depends on values (e.g.
+# NonZero) is then less likely to collapse to 0 on both runs.
+_PROBE_FILL = 0.5
 
 
 @dataclass(frozen=True)
@@ -576,7 +591,12 @@ class _TypeTable:
         return names
 
     def _probe(self, names: list[str]) -> None:
-        """Run the model on zeros with `names` as extra outputs and read their dtypes and shapes."""
+        """Run the model with `names` as extra outputs and read their dtypes and shapes.
+
+        Every symbolic input dim is varied on its own (see `_probe_plans`), so a dim that follows
+        one symbol exactly takes that symbol's name, a dim that changes in any other way stays
+        dynamic (None), and only a dim that never changes is written down as a number.
+        """
         if not names:
             return
         import onnxruntime as ort
@@ -592,50 +612,35 @@ class _TypeTable:
                 probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
             else:
                 probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            wanted = [o.name for o in session.get_outputs()]
-            runs = [
-                dict(zip(wanted, session.run(wanted, self._zero_feeds(session, batch)))) for batch in _PROBE_BATCHES
-            ]
+            session = ort.InferenceSession(
+                probe.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"]
+            )
         except Exception:  # e.g. a custom op onnxruntime lacks: those tensors stay unknown
             return
-        for name in names:
-            first, second = runs[0][name], runs[1][name]
-            if not isinstance(first, np.ndarray) or first.ndim != second.ndim:
-                continue
-            dims: list[int | str | None] = []
-            for small, large in zip(first.shape, second.shape):
-                if small == large:
-                    dims.append(int(small))
-                elif (small, large) == _PROBE_BATCHES:
-                    dims.append(self.batch)
-                else:  # grows with the batch, but is not the batch itself (e.g. batch x seq)
-                    dims.append(None)
+        wanted = [o.name for o in session.get_outputs()]
+        inputs = [v for v in self.graph.model.graph.input if v.name not in self.graph.weights]
+        measured = None
+        for symbols, plans in _probe_plans(inputs, self.batch):
             try:
-                elem = helper.np_dtype_to_tensor_dtype(first.dtype)
+                runs = [dict(zip(wanted, session.run(wanted, _probe_feeds(inputs, plan)))) for plan in plans]
+            except Exception:  # sizes this model refuses (e.g. shorter than a kernel): try larger ones
+                continue
+            measured = (symbols, plans, runs)
+            break
+        if measured is None:
+            return
+        symbols, plans, runs = measured
+        for name in names:
+            shapes = [run[name].shape if isinstance(run[name], np.ndarray) else None for run in runs]
+            if any(shape is None or len(shape) != len(shapes[0]) for shape in shapes):
+                continue
+            dims = [_name_dim([shape[axis] for shape in shapes], symbols, plans) for axis in range(len(shapes[0]))]
+            try:
+                elem = helper.np_dtype_to_tensor_dtype(runs[0][name].dtype)
             except (KeyError, ValueError, TypeError):
                 continue
             self.types[name] = (elem, dims)
-
-    def _zero_feeds(self, session: object, batch: int) -> dict[str, np.ndarray]:
-        feeds = {}
-        by_name = {v.name: v for v in self.graph.model.graph.input}
-        for info in session.get_inputs():  # type: ignore[attr-defined]
-            value = by_name[info.name]
-            elem, dims = _value_type(value) or (TensorProto.FLOAT, [])
-            shape = []
-            for i, dim in enumerate(dims or []):
-                if isinstance(dim, int):
-                    shape.append(dim)
-                else:  # the batch (dim 0), or another symbolic dim taken as 1
-                    shape.append(batch if i == 0 else 1)
-            dtype = helper.tensor_dtype_to_np_dtype(elem)
-            feeds[info.name] = np.zeros(shape, dtype=dtype)
-        return feeds
 
     def spec(self, name: str) -> TensorSpec | None:
         """dtype and shape for a boundary tensor; None when the dtype or the rank is unknown.
@@ -792,6 +797,82 @@ def split_model(model: onnx.ModelProto, cut: Cut) -> tuple[onnx.ModelProto, onnx
                 f"the {label} part of the cut after {cut.after_node!r} is not a valid model: {first}"
             ) from None
     return public_model, private_model
+
+
+def verify_split(model: onnx.ModelProto, public: onnx.ModelProto, private: onnx.ModelProto, cut: Cut) -> None:
+    """Run the parts the way a split bundle will, at two sizes of every symbolic dim, and refuse
+    a cut whose parts do not reproduce the whole model.
+
+    Checked at each size: every boundary tensor the public part produces has the dtype and shape
+    the cut declares (a fixed dim must match; a symbolic one is free), the private part accepts
+    the boundary, and its outputs equal the whole model's (rtol 1e-3, atol 1e-4: the parts are
+    optimised separately). A model that onnxruntime cannot run on probe inputs at all (every size
+    tried fails) cannot be checked this way and passes unchecked.
+
+    Raises:
+        ModelError: one line naming the cut, the size and what went wrong.
+    """
+    import onnxruntime as ort
+
+    def session(part: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(part.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"])
+
+    inputs = [v for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+    whole = session(model)
+    chosen: tuple[list[str], list[dict[str, int]]] | None = None
+    for symbols, plans in _probe_plans(inputs, _batch_symbol(model)):
+        moved = {symbol: size + 1 for symbol, size in plans[0].items()}
+        sizes = [plans[0], moved]
+        try:
+            expected = [whole.run(None, _probe_feeds(inputs, plan)) for plan in sizes]
+        except Exception:
+            continue
+        chosen = (symbols, sizes)
+        break
+    if chosen is None:
+        return
+    where = f"the cut after {cut.after_node!r}"
+    try:
+        public_session, private_session = session(public), session(private)
+    except Exception as exc:
+        raise ModelError(f"{where} builds a part onnxruntime cannot load: {_first_line(exc)}") from None
+    specs = {spec.name: spec for spec in cut.boundary}
+    for plan, want in zip(chosen[1], expected):
+        sizes = ", ".join(f"{k}={v}" for k, v in plan.items() if not k.startswith("\0"))
+        feeds = _probe_feeds(inputs, plan)
+        try:
+            produced = dict(zip([o.name for o in public_session.get_outputs()], public_session.run(None, feeds)))
+        except Exception as exc:
+            raise ModelError(f"the public part of {where} fails at {sizes}: {_first_line(exc)}") from None
+        boundary = {name: produced[name] if name in produced else feeds[name] for name in cut.tensors}
+        for name, value in boundary.items():
+            spec = specs[name]
+            fits = value.ndim == len(spec.shape) and all(
+                not isinstance(d, int) or d == got for d, got in zip(spec.shape, value.shape)
+            )
+            if not fits or value.dtype.name != spec.dtype:
+                raise ModelError(
+                    f"{where} declares boundary tensor {name!r} as {_describe_spec(spec).split(': ', 1)[1]}, "
+                    f"but at {sizes} it is {value.dtype.name}[{','.join(map(str, value.shape))}]"
+                )
+        try:
+            got = private_session.run(None, {i.name: boundary[i.name] for i in private_session.get_inputs()})
+        except Exception as exc:
+            raise ModelError(f"the private part of {where} fails at {sizes}: {_first_line(exc)}") from None
+        for output, mine, theirs in zip(model.graph.output, got, want):
+            mine, theirs = np.asarray(mine), np.asarray(theirs)
+            same = mine.shape == theirs.shape and (
+                np.allclose(mine, theirs, rtol=1e-3, atol=1e-4, equal_nan=True)
+                if mine.dtype.kind in "fc"
+                else np.array_equal(mine, theirs)
+            )
+            if not same:
+                raise ModelError(f"{where} does not reproduce output {output.name!r} of the whole model at {sizes}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def describe_cut_table(cuts: list[Cut]) -> list[dict]:
@@ -993,11 +1074,79 @@ def _live(order: list[int], nodes: list[onnx.NodeProto], uses: list[list[str]], 
 
 
 def _batch_symbol(model: onnx.ModelProto) -> str:
-    for value in model.graph.input:
+    """The symbol of the batch axis: a symbolic input dim named like "batch" wherever it sits (a
+    sequence-first RNN has it on axis 1), else the first input's symbolic dim 0."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    for value in inputs:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param and "batch" in dim.dim_param.lower():
+                return dim.dim_param
+    for value in inputs:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
             return dims[0].dim_param
     return _DEFAULT_BATCH
+
+
+def batch_symbol(model: onnx.ModelProto) -> str:
+    """The name of the model's batch axis, as cuts declare it in their boundary shapes."""
+    return _batch_symbol(model)
+
+
+def _input_symbols(inputs: Sequence[onnx.ValueInfoProto], batch: str) -> list[str]:
+    """Every symbolic input dim, the batch first; an unnamed dynamic dim gets a private name."""
+    symbols = [batch]
+    for value in inputs:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                name = dim.dim_param or f"\0{value.name}:{axis}"
+                if name not in symbols:
+                    symbols.append(name)
+    return symbols
+
+
+def _probe_plans(inputs: Sequence[onnx.ValueInfoProto], batch: str) -> Iterable[tuple[list[str], list[dict[str, int]]]]:
+    """(symbols, runs): a base run, then one run per symbol with only that symbol moved by one."""
+    symbols = _input_symbols(inputs, batch)
+    for base, step in _PROBE_SCALES:
+        values = {symbol: base + step * i for i, symbol in enumerate(symbols)}
+        plans = [values] + [{**values, symbol: values[symbol] + 1} for symbol in symbols]
+        yield symbols, plans
+
+
+def _probe_feeds(inputs: Sequence[onnx.ValueInfoProto], sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for value in inputs:
+        elem, dims = _value_type(value) or (TensorProto.FLOAT, [])
+        shape = []
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(int(dim.dim_value))
+            else:
+                shape.append(sizes[dim.dim_param or f"\0{value.name}:{axis}"])
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem or TensorProto.FLOAT))
+        feeds[value.name] = np.full(shape, _PROBE_FILL if dtype.kind == "f" else 0, dtype=dtype)
+    return feeds
+
+
+def _name_dim(sizes: list[int], symbols: list[str], plans: list[dict[str, int]]) -> int | str | None:
+    """A probed dim: a number if it never moved, a symbol if it tracked exactly one, else None."""
+    if all(size == sizes[0] for size in sizes):
+        return int(sizes[0])
+    for symbol in symbols:
+        if all(size == plan[symbol] for size, plan in zip(sizes, plans)):
+            return None if symbol.startswith("\0") else symbol
+    return None
+
+
+def _quiet_options() -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    return options
 
 
 def _value_type(value: onnx.ValueInfoProto) -> tuple[int, list[int | str | None] | None] | None:

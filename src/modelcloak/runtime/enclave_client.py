@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +41,48 @@ __all__ = ["EnclaveClient", "EnclaveError", "EnclaveInfo", "EnclaveStats"]
 EnclaveStats = protocol.Stats
 _READ_POLL_S = 0.25  # how often the reader thread checks whether the client is closing
 _LOAD_PIECE = 1 << 20  # LOAD_DATA frames carry at most 1 MiB (less if the enclave's limit is lower)
+
+# The enclave runs `python -I` (no PYTHONPATH, no user site, no script directory on sys.path) and
+# finds modelcloak where this host found it: the host's own install decides what code the
+# enclave runs, never the environment of whoever started the host.
+_PACKAGE_ROOT = str(Path(protocol.__file__).resolve().parents[2])
+_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from modelcloak.enclave.__main__ import main; sys.exit(main())"
+)
+# What survives from the host's environment into the enclave's scrubbed one (besides the
+# variable named by --key-env): locale only. Everything else (PYTHONPATH, LD_PRELOAD,
+# PYTHONSTARTUP, OMP_*/ORT_* knobs, HOME with its caches) is the host user's to set, not the enclave's.
+_KEPT_VARIABLES = ("LANG", "LC_ALL", "LC_CTYPE")
+_NO_HOME = "/dev/null/modelcloak-enclave-has-no-home"  # = modelcloak.enclave.sandbox.NO_HOME
+
+
+def default_command() -> list[str]:
+    """The isolated launcher: this interpreter, `-I`, and a bootstrap that imports modelcloak from its install."""
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, _PACKAGE_ROOT]
+
+
+def enclave_environment(key_args: Sequence[str], extra: Mapping[str, str] | None, workdir: str) -> dict[str, str]:
+    """The scrubbed environment an enclave starts with: PATH, locale, TMPDIR = its own directory,
+    a HOME that cannot exist (no per-user caches, no telemetry database), the key variable if
+    the key comes from one, and whatever the caller's code adds."""
+    env = {"PATH": os.defpath, "HOME": _NO_HOME, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.update({name: os.environ[name] for name in _KEPT_VARIABLES if name in os.environ})
+    if "--key-env" in key_args:
+        name = key_args[list(key_args).index("--key-env") + 1]
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(extra or {})
+    return env
+
+
+def _absolute_key_file(key_args: Sequence[str]) -> list[str]:
+    """--key-file relative to the host's directory, since the enclave runs in its own."""
+    args = list(key_args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--key-file":
+            args[i + 1] = os.path.abspath(args[i + 1])
+    return args
+
 
 # How each refusal reads to a user: policy and input refusals, bundle refusals, the rest.
 _REFUSED = {
@@ -73,6 +119,21 @@ class EnclaveInfo:
     @property
     def output_names(self) -> list[str]:
         return [spec.name for spec in self.outputs]
+
+
+class _FramingLost(Exception):
+    """The enclave reported a frame this host never sent: the stream is out of step."""
+
+
+_FRAMING_CODES = frozenset({ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_TYPE})
+
+
+def _framing_lost(payload: bytes | bytearray) -> bool:
+    try:
+        code, _ = protocol.decode_error(payload)
+    except ProtocolError:
+        return True
+    return code in _FRAMING_CODES
 
 
 def _seconds(value: float) -> str:
@@ -121,6 +182,7 @@ class _Connection:
         self._pending: dict[int, _Pending] = {0: _Pending()}  # request id 0: HELLO or a start-up error
         self._next_id = 1
         self.broken: str | None = None  # why this connection can no longer be used
+        self.info: EnclaveInfo | None = None  # what this connection's READY said
         self._closing = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
         self._reader = threading.Thread(target=self._read_loop, name=f"enclave-{proc.pid}-reader", daemon=True)
@@ -207,6 +269,8 @@ class _Connection:
                 if payload is None:
                     break
                 self._deliver(msg_type, request_id, payload)
+        except _FramingLost as lost:
+            reason = str(lost)
         except Exception as exc:  # never let the reader die silently: waiters would hang to their timeout
             reason = f"enclave connection failed ({type(exc).__name__}: {exc})"
         if reason is not None:
@@ -215,6 +279,14 @@ class _Connection:
         self._fail_all(reason)
 
     def _deliver(self, msg_type: int, request_id: int, payload: bytearray) -> None:
+        if msg_type == MsgType.ERROR and _framing_lost(payload):
+            # This host never sends short, oversized or unknown frames: such a report means the
+            # byte stream is out of step, and the enclave may be swallowing later requests as
+            # the body of a frame that does not exist. Nothing on this connection can be trusted.
+            raise _FramingLost(
+                "the connection to the enclave lost its framing (the enclave reported: "
+                f"{protocol.decode_error(payload)[1]})"
+            )
         with self._lock:
             pending = self._pending.get(request_id)
         if pending is None or pending.event.is_set():
@@ -270,10 +342,19 @@ class _Connection:
             raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
 
     def request(
-        self, build: Callable[[int], Iterable[bytes | memoryview]], expect: MsgType, timeout: float
+        self,
+        build: Callable[[int], Iterable[bytes | memoryview]],
+        expect: MsgType,
+        timeout: float,
+        shown: float | None = None,
     ) -> bytearray:
-        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id."""
+        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id.
+
+        `shown` is the timeout named in a timeout error (the caller's whole limit, when `timeout`
+        is what is left of it)."""
         deadline = time.monotonic() + timeout
+        if shown is not None:
+            timeout = shown
         pending = _Pending()
         with self._lock:
             if self.broken is not None:
@@ -348,7 +429,29 @@ class _Connection:
             self.proc.stderr.close()
 
 
-def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """The RESULT tensors, only if they are exactly what READY announced under the policy: same
+    names, dtypes, ranks and fixed dims. Anything else (e.g. scores where READY promised labels)
+    is refused, whatever the enclave says about its policy later."""
+    specs = {spec.name: spec for spec in announced}
+    got = dict(results)
+    if len(got) != len(results) or set(got) != set(specs):
+        raise EnclaveError(
+            f"enclave sent result tensors {sorted(got)} where READY announced {sorted(specs)}; the result is refused"
+        )
+    for name, array in got.items():
+        spec = specs[name]
+        fits = array.ndim == len(spec.shape) and all(d is None or d == n for d, n in zip(spec.shape, array.shape))
+        if (spec.dtype is not None and array.dtype != spec.dtype) or not fits:
+            shape = "[" + ",".join("?" if d is None else str(d) for d in spec.shape) + "]"
+            raise EnclaveError(
+                f"enclave sent result {name!r} as {array.dtype.name}{list(array.shape)} where READY announced "
+                f"{spec.dtype.name if spec.dtype is not None else '?'}{shape}; the result is refused"
+            )
+    return got
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes], workdir: str | None = None) -> None:
     """Finalizer: an enclave whose client was dropped without close() must not outlive it."""
     if proc.poll() is None:
         try:
@@ -356,6 +459,8 @@ def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             pass
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class EnclaveClient:
@@ -369,14 +474,24 @@ class EnclaveClient:
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        max_restarts: int = 2,
     ) -> None:
-        """`command` replaces `python -m modelcloak.enclave` (e.g. a Gramine launcher); `--fd`,
-        the key arguments and options are appended to it."""
-        self._command = list(command) if command else [sys.executable, "-m", "modelcloak.enclave"]
+        """`command` replaces the isolated `python -I` launcher (e.g. a Gramine launcher); `--fd`,
+        the key arguments and options are appended to it. The enclave never inherits the host's
+        environment: it gets `enclave_environment()` (PATH, locale, its own HOME/TMPDIR, the key
+        variable) plus `env`, and runs in a fresh private working directory removed after it exits.
+        """
+        self._command = list(command) if command else default_command()
+        # infer/stats/ping without an explicit timeout wait this long, restarts included.
+        self.timeout = timeout
+        # How often one call may restart a dead or out-of-step enclave before it gives up.
+        self.max_restarts = max_restarts
         self._max_frame_bytes = max_frame_bytes
         self._extra_args = list(extra_args)
         self._env = dict(env) if env is not None else None
         self._conn: _Connection | None = None
+        self._workdir: str | None = None
         self._last_proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
         self._hello: protocol.Hello | None = None
@@ -415,7 +530,9 @@ class EnclaveClient:
             if self._conn is not None and self._conn.proc.poll() is None:
                 raise EnclaveError("the enclave is already running; use restart() for a fresh one")
             self._teardown()
+            key_args = _absolute_key_file(key_args)
             self._start_args = (list(key_args), threads, start_timeout)
+            self._workdir = tempfile.mkdtemp(prefix="modelcloak-enclave-")  # 0700, ours alone
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = [*self._command, "--fd", str(child.fileno()), *key_args]
             argv += ["--max-frame-bytes", str(self._max_frame_bytes)]
@@ -430,14 +547,16 @@ class EnclaveClient:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env=self._env,
+                    env=enclave_environment(key_args, self._env, self._workdir),
+                    cwd=self._workdir,
                 )
             except OSError as exc:
                 parent.close()
+                self._remove_workdir()
                 raise EnclaveError(f"cannot start the enclave ({argv[0]}): {exc.strerror or exc}") from None
             finally:
                 child.close()  # only the enclave holds that end now: its death is our end of input
-            self._finalizer = weakref.finalize(self, _kill_quietly, proc)
+            self._finalizer = weakref.finalize(self, _kill_quietly, proc, self._workdir)
             self._last_proc = proc
             self._conn = _Connection(proc, parent, self._max_frame_bytes)
             try:
@@ -475,7 +594,7 @@ class EnclaveClient:
         except ProtocolError as exc:
             raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
         self._last_load = (bytes(header), ciphertext, timeout)
-        self._info = EnclaveInfo(
+        self._info = conn.info = EnclaveInfo(
             inputs=ready.inputs,
             outputs=ready.results,
             private_outputs=ready.private_outputs,
@@ -488,7 +607,68 @@ class EnclaveClient:
         )
         return self._info
 
-    def restart(self) -> EnclaveInfo | None:
+    def _recover(self, broken: _Connection, deadline: float) -> None:
+        """Restart after `broken` failed, unless another caller already did (then reuse theirs)."""
+        remaining = deadline - time.monotonic()
+        if not self._lifecycle.acquire(timeout=max(0.0, remaining)):
+            raise EnclaveError(f"the enclave is restarting and did not come back within {_seconds(remaining)} s")
+        try:
+            if self._conn is not None and self._conn is not broken and self._conn.broken is None:
+                return
+            self.restart(deadline=deadline)
+        finally:
+            self._lifecycle.release()
+
+    def _with_recovery(
+        self,
+        call: Callable[[_Connection, protocol.Hello, float, float], Any],
+        timeout: float | None,
+        need_model: bool = False,
+    ) -> Any:
+        """Run `call` on the current connection; if the enclave died or the stream lost its framing,
+        restart (bounded by max_restarts and by the deadline) and run it again. Refusals, timeouts
+        and bad input are never retried: a retry could not change them."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        restarts = 0
+        while True:
+            conn, hello = self._wait_running(deadline, limit, need_model)
+            try:
+                return call(conn, hello, max(0.0, deadline - time.monotonic()), limit)
+            except EnclaveError as exc:
+                if exc.code is not None or conn.broken is None:
+                    raise
+                if restarts >= self.max_restarts or self._last_load is None:
+                    suffix = f" (after {restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
+                    raise EnclaveError(f"{exc}{suffix}") from None
+                if time.monotonic() >= deadline:
+                    raise EnclaveError(f"{exc}; no time left within {_seconds(limit)} s to restart it") from None
+                restarts += 1
+                try:
+                    self._recover(conn, deadline)
+                except EnclaveError as failed:
+                    raise EnclaveError(f"{exc}; restarting the enclave failed: {failed}") from None
+
+    def _wait_running(
+        self, deadline: float, limit: float, need_model: bool = False
+    ) -> tuple[_Connection, protocol.Hello]:
+        """The live connection; while a restart is in progress, wait for it rather than fail."""
+        conn, hello = self._conn, self._hello
+        if conn is not None and hello is not None and (conn.info is not None or not need_model):
+            return conn, hello
+        if self._start_args is None:
+            raise EnclaveError("the enclave is not running; call start() first")
+        if not self._lifecycle.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise EnclaveError(f"the enclave is restarting and did not come back within {_seconds(limit)} s")
+        self._lifecycle.release()
+        conn, hello = self._conn, self._hello
+        if conn is None or hello is None:
+            raise EnclaveError("the enclave is not running (a restart failed or it was closed); call restart()")
+        if conn.info is None and need_model:
+            raise EnclaveError("no model is loaded in the enclave; call load() first")
+        return conn, hello
+
+    def restart(self, *, deadline: float | None = None) -> EnclaveInfo | None:
         """Kill the enclave, start a fresh one with the same arguments and re-send the last LOAD.
 
         The fresh process has a fresh per-session query budget: budgets that must survive
@@ -500,11 +680,15 @@ class EnclaveClient:
             key_args, threads, start_timeout = self._start_args
             last_load = self._last_load
             self._teardown()
-            self.start(key_args, threads=threads, start_timeout=start_timeout)
+
+            def bounded(limit: float) -> float:
+                return limit if deadline is None else max(0.001, min(limit, deadline - time.monotonic()))
+
+            self.start(key_args, threads=threads, start_timeout=bounded(start_timeout))
             if last_load is None:
                 return None
             header, ciphertext, timeout = last_load
-            return self.load(header, ciphertext, timeout=timeout)
+            return self.load(header, ciphertext, timeout=bounded(timeout))
 
     def close(self, timeout: float = 5.0) -> None:
         """SHUTDOWN (the enclave wipes and exits 0), or kill it if it does not comply in time."""
@@ -520,11 +704,17 @@ class EnclaveClient:
                     pass
             self._teardown()
 
+    def _remove_workdir(self) -> None:
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
     def _teardown(self, grace: float = 0.0) -> None:
         conn, self._conn = self._conn, None
         self._info = None
         self._hello = None
         if conn is None:
+            self._remove_workdir()
             return
         if grace:
             conn.exit_code(grace)
@@ -534,6 +724,7 @@ class EnclaveClient:
         except subprocess.TimeoutExpired:
             pass
         conn.close()
+        self._remove_workdir()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -552,10 +743,15 @@ class EnclaveClient:
             raise EnclaveError("the enclave is not running; call start() first")
         return conn, hello
 
-    def infer(self, feeds: Mapping[str, np.ndarray], timeout: float = 10.0) -> dict[str, np.ndarray]:
-        """Run the private part on `feeds` (by input name); returns what the policy allows, by name."""
-        conn, hello = self._require_running()
-        info = self.info
+    def infer(self, feeds: Mapping[str, np.ndarray], timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run the private part on `feeds` (by input name); returns what the policy allows, by name.
+
+        `timeout` (default: the client's `timeout`) bounds the whole call, restarts included.
+        """
+        limit = self.timeout if timeout is None else timeout
+        conn, _ = self._wait_running(time.monotonic() + limit, limit, need_model=True)
+        info = conn.info
+        assert info is not None
         names = set(info.input_names)
         missing = [n for n in info.input_names if n not in feeds]
         unknown = [n for n in feeds if n not in names]
@@ -568,7 +764,8 @@ class EnclaveClient:
         for spec in info.inputs:
             array = np.asarray(feeds[spec.name])
             if spec.dtype is not None and array.dtype != spec.dtype:
-                if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+                crosses_kind = array.dtype.kind in "biu" and spec.dtype.kind in "fc"  # ids or masks as floats
+                if crosses_kind or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                     raise EnclaveError(f"input {spec.name!r} must be {spec.dtype.name}, got {array.dtype.name}")
                 array = array.astype(spec.dtype)
             tensors.append((spec.name, array))
@@ -576,32 +773,46 @@ class EnclaveClient:
             payload = protocol.encode_tensors(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
-        if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
-            raise EnclaveError(
-                f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
-                "send smaller batches or start the enclave with a larger max_frame_bytes"
+
+        def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> dict[str, np.ndarray]:
+            if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
+                raise EnclaveError(
+                    f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
+                    "send smaller batches or start the enclave with a larger max_frame_bytes"
+                )
+            reply = conn.request(
+                lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
             )
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, timeout)
-        try:
-            return dict(protocol.decode_tensors(reply))
-        except ProtocolError as exc:
-            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+            try:
+                results = protocol.decode_tensors(reply)
+            except ProtocolError as exc:
+                raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+            assert conn.info is not None
+            return _announced_results(results, conn.info.outputs)
 
-    def stats(self, timeout: float = 10.0) -> EnclaveStats:
+        return self._with_recovery(call, timeout, need_model=True)
+
+    def stats(self, timeout: float | None = None) -> EnclaveStats:
         """Samples and requests served, requests refused, budget and budget left (None = unlimited)."""
-        conn, _ = self._require_running()
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, timeout)
-        try:
-            return protocol.decode_stats(reply)
-        except ProtocolError as exc:
-            raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
 
-    def ping(self, payload_bytes: int = 0, timeout: float = 10.0) -> float:
+        def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> EnclaveStats:
+            reply = conn.request(
+                lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, remaining, limit
+            )
+            try:
+                return protocol.decode_stats(reply)
+            except ProtocolError as exc:
+                raise EnclaveError(f"enclave sent a malformed frame: {exc}") from None
+
+        return self._with_recovery(call, timeout)
+
+    def ping(self, payload_bytes: int = 0, timeout: float | None = None) -> float:
         """Round trip of a PING carrying `payload_bytes` (echoed back); seconds. For health checks and benchmarks."""
         conn, _ = self._require_running()
         body = os.urandom(payload_bytes) if payload_bytes else b""
+        limit = self.timeout if timeout is None else timeout
         began = time.perf_counter()
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, timeout)
+        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, limit)
         elapsed = time.perf_counter() - began
         if bytes(reply) != body:
             raise EnclaveError("enclave sent a malformed frame: PONG does not echo the PING payload")

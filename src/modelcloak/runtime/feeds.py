@@ -48,7 +48,17 @@ def check_feeds(inputs: Mapping[str, Any] | Any, input_specs: Sequence[Mapping[s
         name = str(spec["name"])
         kind = spec.get("dtype")
         feeds[name] = inputs[name] if kind is None else _check(inputs[name], str(kind), f"input {name!r}")
+        _check_shape(name, feeds[name], spec.get("shape"))
     return feeds
+
+
+def _check_shape(name: str, value: Any, declared: Sequence[Any] | None) -> None:
+    """Refuse a tensor whose rank or fixed dims differ from the signed signature, in one line."""
+    if declared is None or not isinstance(value, np.ndarray):
+        return
+    if value.ndim != len(declared) or any(isinstance(d, int) and d != n for d, n in zip(declared, value.shape)):
+        expected = "[" + ", ".join("?" if d is None else str(d) for d in declared) + "]"
+        raise SessionError(f"input {name!r} must have shape {expected}, got {list(value.shape)}")
 
 
 def _check(value: Any, kind: str, what: str) -> Any:

@@ -41,11 +41,12 @@ CLAIMS = SchemeClaims(
 
 def cut_model(model: onnx.ModelProto, request: ProtectRequest) -> tuple[onnx.ModelProto, onnx.ModelProto, Any]:
     """(public part, private part, the chosen cut) for the request's cut selector."""
-    from modelcloak.model.cut import find_cut, split_model
+    from modelcloak.model.cut import find_cut, split_model, verify_split
 
     assert request.cut is not None  # checked by the scheme's `check`
     chosen = find_cut(model, **request.cut.as_find_cut_arguments())
     public, private = split_model(model, chosen)
+    verify_split(model, public, private, chosen)  # never write a bundle that cannot run its own inputs
     return public, private, chosen
 
 
@@ -62,6 +63,8 @@ class SplitScheme:
         )
 
     def build(self, model: onnx.ModelProto, request: ProtectRequest, base_dir: Path | None) -> BundlePlan:
+        from modelcloak.model.cut import batch_symbol
+
         policy = coerce_policy(request.policy)
         public, private, chosen = cut_model(model, request)
         private_bytes = private.SerializeToString()
@@ -80,7 +83,7 @@ class SplitScheme:
         sections, manifest, cleanup = part_sections(public, "public.", None, request.lock)
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
         manifest["policy"] = policy.to_json()
-        manifest["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary]}
+        manifest["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary], "batch": batch_symbol(model)}
         return BundlePlan(
             sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup, after_write=after_write
         )
@@ -99,7 +102,8 @@ class SplitScheme:
         runner = open_graph(bundle, context.key, "public.", context.report, context.options, lock=lock)
         header, private = bundle.header, bundle.section_ciphertext("private")
         mark = time.perf_counter()
-        enclave = EnclaveClient(command=list(config.command) if config.command else None)
+        # The timeout bounds every run(), restarts included.
+        enclave = EnclaveClient(command=list(config.command) if config.command else None, timeout=config.timeout)
         try:
             enclave.start(config.key_arguments(), threads=config.threads)
             enclave.load(header, private, timeout=max(config.timeout, 30.0))

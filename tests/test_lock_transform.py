@@ -36,10 +36,29 @@ def ks_critical(n: int, m: int, alpha_coefficient: float = 1.63) -> float:
     return alpha_coefficient * np.sqrt((n + m) / (n * m))
 
 
+def numba_installed() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        if os.environ.get("MODELCLOAK_REQUIRE_ALL"):
+            pytest.fail("numba (the compiled unlock kernel, modelcloak[lock]) is not installed")
+        return False
+    return True
+
+
+KERNELS = ["numpy", "numba"] if numba_installed() else ["numpy"]
+
+
 def round_trip(arrays: dict[str, np.ndarray], method: str = "uniform-shift") -> dict[str, np.ndarray]:
+    """Lock, then unlock with every installed kernel; the kernels must agree bit for bit."""
     locked, params = lock_weights(arrays, KEY, SALT, method=method)
     json.dumps(params)  # the params go into the manifest: they must be JSON
-    return unlock_weights(locked, KEY, SALT, json.loads(json.dumps(params)), method=method)
+    params = json.loads(json.dumps(params))
+    outputs = [unlock_weights(locked, KEY, SALT, params, method=method, kernel=k) for k in KERNELS]
+    for other in outputs[1:]:
+        for name, array in outputs[0].items():
+            assert_bit_identical(other[name], array)
+    return outputs[0]
 
 
 def assert_bit_identical(a: np.ndarray, b: np.ndarray) -> None:
@@ -215,12 +234,37 @@ def real_locked(real_weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
     return lock_weights(real_weights, KEY, SALT)
 
 
-def test_real_trained_weights_round_trip(real_weights, real_locked) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_real_trained_weights_round_trip(real_weights, real_locked, kernel: str) -> None:
     locked, params = real_locked
     assert len(params["tensors"]) > 100
-    out = unlock_weights(locked, KEY, SALT, params)
+    out = unlock_weights(locked, KEY, SALT, params, kernel=kernel)
     for name, array in real_weights.items():
         assert_bit_identical(out[name], array)
+
+
+@pytest.mark.skipif("numba" not in KERNELS, reason="numba is not installed")
+def test_kernels_decode_wrong_keys_identically(real_weights, real_locked) -> None:
+    """The compiled kernel is the same function as the numpy path, garbage included."""
+    locked, params = real_locked
+    numpy_out = unlock_weights(locked, WRONG, SALT, params, kernel="numpy")
+    numba_out = unlock_weights(locked, WRONG, SALT, params, kernel="numba")
+    differs = 0
+    for name, array in numpy_out.items():
+        assert_bit_identical(numba_out[name], array)
+        differs += not np.array_equal(array, real_weights[name])
+    assert differs == len(params["tensors"])  # control: the wrong key really decodes other weights
+
+
+def test_kernel_choice() -> None:
+    from modelcloak.lock.kernel import NUMBA_BREAK_EVEN_WEIGHTS, choose_kernel
+
+    assert choose_kernel(10**9, "numpy") == "numpy"
+    with pytest.raises(LockError, match="not one of"):
+        choose_kernel(10, "fortran")
+    if "numba" in KERNELS:
+        assert choose_kernel(10, "numba") == "numba"
+        assert choose_kernel(NUMBA_BREAK_EVEN_WEIGHTS, "auto") == "numba"
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from modelcloak.lock.errors import LockError
+from modelcloak.lock.kernel import LUT_BITS, choose_kernel, numba_decoder, pack_table
 
 __all__ = [
     "LOCK_VERSION",
@@ -68,7 +70,10 @@ _SLOTS = 1 << _CODE_BITS  # the size of the uniform ("slot") domain: codes are u
 # chunks 3x slower (millions of minor faults per 25M-weight unlock). Memory stays flat, too.
 _CHUNK = 1 << 13
 # Encrypting zeros yields the keystream; one read-only buffer serves every chunk and thread.
-_ZEROS = np.zeros(_CHUNK * 8, dtype=np.uint8)
+# Elements per chunk of the compiled path: its only temporary is the keystream (8 bytes per
+# weight), allocated once per worker thread, so chunks can be large; 2^15 keeps it in L2.
+_COMPILED_CHUNK = 1 << 15
+_ZEROS = np.zeros(max(_CHUNK, _COMPILED_CHUNK) * 8, dtype=np.uint8)
 _ZEROS.flags.writeable = False
 _MAX_THREADS = 8  # beyond this memory bandwidth, not arithmetic, is the limit
 _MAX_BUCKETS = 16384  # 2*sqrt(n) reaches it at n = 67M weights
@@ -167,13 +172,15 @@ def unlock_weights(
     params: Mapping[str, Any],
     *,
     method: str | None = None,
+    kernel: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Invert `lock_weights`. With the right key the result is bit-identical to the original.
 
     With a wrong key uniform-shift returns finite weights of the right dtype and shape that
     follow each tensor's distribution (and nothing signals the error); plain-aes returns
     garbage; permutation returns a differently shuffled tensor. Tensors that params do not name
-    pass through. Malformed params or arrays raise LockError.
+    pass through. Malformed params or arrays raise LockError. `kernel` ("auto", "numba",
+    "numpy") picks the uniform-shift decoder (modelcloak.lock.kernel.choose_kernel); all are exact.
     """
     if not isinstance(params, Mapping):
         raise LockError("lock params must be a mapping (the 'lock' entry of the manifest)")
@@ -190,6 +197,8 @@ def unlock_weights(
     missing = [name for name in tensors if name not in locked]
     if missing:
         raise LockError(f"locked tensor {missing[0]!r} is missing ({len(missing)} of {len(tensors)} missing)")
+    total = sum(int(np.asarray(locked[name]).size) for name in tensors)
+    chosen = choose_kernel(total, kernel) if recorded == "uniform-shift" else "numpy"
     out: dict[str, np.ndarray] = {}
     for name, array in locked.items():
         spec = tensors.get(name)
@@ -206,7 +215,7 @@ def unlock_weights(
             )
         flat = np.ascontiguousarray(array).reshape(-1)
         if recorded == "uniform-shift":
-            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt)
+            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt, kernel=chosen)
         elif recorded == "plain-aes":
             values = _xor_keystream(name, flat, cipher_key, salt)
         else:
@@ -271,6 +280,15 @@ class _Keystream:
         zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
         written = encryptor.update_into(zeros, out)
         return out[:written]
+
+    def bytes_into(self, offset: int, nbytes: int, buffer: np.ndarray) -> np.ndarray:
+        """Like bytes_at, written into `buffer` (at least nbytes + 15 bytes) to spare an allocation."""
+        assert offset % 16 == 0 and buffer.size >= nbytes + 15
+        counter = (self._start + offset // 16) % (1 << 128)
+        encryptor = Cipher(self._algorithm, modes.CTR(counter.to_bytes(16, "big"))).encryptor()
+        zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
+        written = encryptor.update_into(zeros, buffer)
+        return buffer[:written]
 
 
 def _xor_keystream(name: str, flat: np.ndarray, key: memoryview, salt: bytes) -> np.ndarray:
@@ -502,20 +520,20 @@ def _secure_generator() -> np.random.Generator:
     return np.random.Generator(np.random.PCG64DXSM(secrets.randbits(128)))
 
 
-def _run_chunks(total: int, work: Callable[[int, int], None]) -> None:
+def _run_chunks(total: int, work: Callable[[int, int], None], *, chunk: int = _CHUNK) -> None:
     """Call work(start, stop) over [0, total) in _CHUNK pieces, on a few threads when it pays.
 
     numpy's ufuncs and the AES update release the GIL, and chunks touch disjoint slices of the
     output with independent keystream offsets, so threads scale on multi-core devices.
     """
-    starts = range(0, total, _CHUNK)
+    starts = range(0, total, chunk)
     workers = min(_MAX_THREADS, os.cpu_count() or 1, len(starts))
     if workers <= 1:
         for start in starts:
-            work(start, min(start + _CHUNK, total))
+            work(start, min(start + chunk, total))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelcloak-lock") as pool:
-        futures = [pool.submit(work, start, min(start + _CHUNK, total)) for start in starts]
+        futures = [pool.submit(work, start, min(start + chunk, total)) for start in starts]
         for future in futures:
             future.result()
 
@@ -567,7 +585,14 @@ def _shift_lock(name: str, flat: np.ndarray, key: memoryview, salt: bytes) -> tu
 
 
 def _shift_unlock(
-    name: str, codes: np.ndarray, dtype: np.dtype, spec: Mapping[str, Any], key: memoryview, salt: bytes
+    name: str,
+    codes: np.ndarray,
+    dtype: np.dtype,
+    spec: Mapping[str, Any],
+    key: memoryview,
+    salt: bytes,
+    *,
+    kernel: str = "numpy",
 ) -> np.ndarray:
     fmt = _format(name, dtype)
     if spec.get("code_bits") != _CODE_BITS:
@@ -580,6 +605,9 @@ def _shift_unlock(
         # One value fills the whole slot domain (a constant tensor): every code decodes to it,
         # and its q = 2^64 does not fit the arithmetic below.
         out_bits[:] = _ordinal_to_bits(table.ord_start[:1], fmt)[0]
+        return out.astype(np.dtype(dtype), copy=False)
+    if kernel == "numba":
+        _shift_unlock_compiled(codes, table, fmt, stream, out_bits)
         return out.astype(np.dtype(dtype), copy=False)
 
     def unlock_chunk(start: int, stop: int) -> None:
@@ -601,6 +629,30 @@ def _shift_unlock(
 
     _run_chunks(codes.size, unlock_chunk)
     return out.astype(np.dtype(dtype), copy=False)
+
+
+def _shift_unlock_compiled(
+    codes: np.ndarray, table: _Table, fmt: _FloatFormat, stream: _Keystream, out_bits: np.ndarray
+) -> None:
+    decode = numba_decoder()
+    local = threading.local()
+    codes = codes.astype(np.uint64, copy=False)
+    code_mask = np.uint64(_SLOTS - 1)
+    lut_shift = np.uint64(_CODE_BITS - LUT_BITS)
+    top_bit, all_bits = np.uint64(fmt.bits - 1), np.uint64((1 << fmt.bits) - 1)
+    rows, lut = pack_table(table.ord_start, table.slot_start, table.slot_last, table.quot, table.rem)
+    inverse = rows.view(np.float64)
+
+    def unlock_chunk(start: int, stop: int) -> None:
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = np.empty(_COMPILED_CHUNK * 8 + 16, dtype=np.uint8)
+        words = stream.bytes_into(start * 8, (stop - start) * 8, buffer).view("<u8")
+        decode(
+            codes[start:stop], words, code_mask, lut, lut_shift, rows, inverse, top_bit, all_bits, out_bits[start:stop]
+        )
+
+    _run_chunks(codes.size, unlock_chunk, chunk=_COMPILED_CHUNK)
 
 
 def _fit_segments(sorted_ord: np.ndarray, fmt: _FloatFormat, rng: np.random.Generator) -> tuple[list[int], list[int]]:

@@ -244,6 +244,8 @@ def load(
         lock = sealed.manifest.document.get("lock")
         if lock is not None and device_key is None:
             raise SessionError("this bundle is locked to a device: give this device's key (--device-state DIR)")
+        if lock is None and device_key is not None:
+            raise SessionError(f"this {scheme} bundle is not locked to a device; drop --device-state (device_key)")
         report.signer = sealed.verify_signature(trusted or None, require=require_signature)
         report.seconds["verify"] = clock() - started
         extra_sections: dict[str, bytes] = {"fhe": b""} if scheme == "fhe" else {}

@@ -109,7 +109,7 @@ def unlock_into(
         raise LockError("lock parameters have no layout or tensor table")
     method = params.get("method")
     locked: dict[str, np.ndarray] = {}
-    targets: dict[str, tuple[int, int]] = {}
+    targets: dict[str, np.ndarray] = {}
     for entry in layout:
         try:
             name, offset, length, code_offset, code_length = entry
@@ -123,10 +123,12 @@ def unlock_into(
         if offset < 0 or offset + length > weights.nbytes:
             raise LockError(f"locked tensor {name!r} does not fit the weights buffer")
         locked[name] = np.frombuffer(codes, dtype=dtype, count=count, offset=code_offset).reshape(spec["shape"])
-        targets[name] = (offset, length)
-    values = unlock_weights(locked, key, salt, params)
-    for name, (offset, length) in targets.items():
-        data = memoryview(np.ascontiguousarray(values[name])).cast("B")
-        if data.nbytes != length:
-            raise LockError(f"unlocked tensor {name!r} has {data.nbytes} bytes, the graph expects {length}")
-        weights[offset : offset + length] = data
+        value_type = np.dtype(spec["dtype"])
+        if length != count * value_type.itemsize:
+            raise LockError(
+                f"locked tensor {name!r} has {count * value_type.itemsize} bytes, the graph expects {length}"
+            )
+        # Decoded straight into the weights buffer: no second copy of the weights, and no plaintext
+        # weights in memory that is not the wiped, non-dumpable buffer.
+        targets[name] = np.frombuffer(weights, dtype=value_type, count=count, offset=offset)
+    unlock_weights(locked, key, salt, params, into=targets)

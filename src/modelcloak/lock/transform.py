@@ -173,6 +173,7 @@ def unlock_weights(
     *,
     method: str | None = None,
     kernel: str | None = None,
+    into: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Invert `lock_weights`. With the right key the result is bit-identical to the original.
 
@@ -181,6 +182,8 @@ def unlock_weights(
     garbage; permutation returns a differently shuffled tensor. Tensors that params do not name
     pass through. Malformed params or arrays raise LockError. `kernel` ("auto", "numba",
     "numpy") picks the uniform-shift decoder (modelcloak.lock.kernel.choose_kernel); all are exact.
+    `into` maps tensor names to writable, C-contiguous arrays of the tensor's dtype and size (the
+    runtime's weights buffer): those tensors are decoded straight into them, with no copy.
     """
     if not isinstance(params, Mapping):
         raise LockError("lock params must be a mapping (the 'lock' entry of the manifest)")
@@ -214,15 +217,28 @@ def unlock_weights(
                 f"params say {expected.str} {list(shape)}"
             )
         flat = np.ascontiguousarray(array).reshape(-1)
+        target = _target(name, (into or {}).get(name), dtype, flat.size)
         if recorded == "uniform-shift":
-            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt, kernel=chosen)
+            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt, kernel=chosen, out=target)
         elif recorded == "plain-aes":
             values = _xor_keystream(name, flat, cipher_key, salt)
         else:
             values = np.empty_like(flat)
             values[_permutation(name, flat.size, cipher_key, salt)] = flat
+        if target is not None and values is not target:
+            target[:] = values
+            values = target
         out[name] = values.reshape(shape)
     return out
+
+
+def _target(name: str, array: np.ndarray | None, dtype: np.dtype, size: int) -> np.ndarray | None:
+    """The caller's destination for one tensor, flattened, after checking it can take the values."""
+    if array is None:
+        return None
+    if array.dtype != dtype or array.size != size or not array.flags.c_contiguous or not array.flags.writeable:
+        raise LockError(f"the destination for tensor {name!r} is not a writable contiguous {dtype} array of {size}")
+    return array.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,13 +609,15 @@ def _shift_unlock(
     salt: bytes,
     *,
     kernel: str = "numpy",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     fmt = _format(name, dtype)
     if spec.get("code_bits") != _CODE_BITS:
         raise LockError(f"tensor {name!r}: code_bits {spec.get('code_bits')!r} is not supported")
     table = _compile(*_read_pieces(name, spec.get("pieces"), fmt))
     stream = _Keystream(key, "uniform-shift", salt, name)
-    out = np.empty(codes.size, dtype=np.dtype(dtype).newbyteorder("="))
+    if out is None or not out.dtype.isnative:
+        out = np.empty(codes.size, dtype=np.dtype(dtype).newbyteorder("="))
     out_bits = out.view(fmt.uint)
     if table.width.size == 1 and int(table.width[0]) == 1:
         # One value fills the whole slot domain (a constant tensor): every code decodes to it,

@@ -60,16 +60,17 @@ def lock_graph(
 ) -> LockedGraph:
     """Lock every lockable initializer of `model` with `key`; nothing is locked in place."""
     arrays = {t.name: numpy_helper.to_array(t, str(base_dir) if base_dir else "") for t in model.graph.initializer}
-    lockable = {name for name, array in arrays.items() if is_lockable(array)}
+    control = _control_inputs(model.graph)
+    lockable = {name for name, array in arrays.items() if is_lockable(array) and name not in control}
     if not lockable:
-        raise LockError("this model has no floating-point initializer of 1 KiB or more: there is nothing to lock")
+        raise LockError("this model has no floating-point initializer of two or more values: there is nothing to lock")
     reordered = onnx.ModelProto()
     reordered.CopyFrom(model)
     initializers = sorted(reordered.graph.initializer, key=lambda t: t.name in lockable)  # stable: locked last
     del reordered.graph.initializer[:]
     reordered.graph.initializer.extend(initializers)
 
-    graph, records, total_size = externalize_weights(reordered)
+    graph, records, total_size = externalize_weights(reordered, also=lockable)
     plain_records = [r for r in records if r.name not in lockable]
     locked_records = [r for r in records if r.name in lockable]
     if len(locked_records) != len(lockable):  # an initializer the importer keeps inline was judged lockable
@@ -97,6 +98,37 @@ def lock_graph(
         codes_size=position,
         params=params,
     )
+
+
+# Node inputs that steer the computation rather than carry learned values (sizes, scales, bounds,
+# pad amounts): a wrong key must not turn them into absurd output sizes or crash the runtime.
+_CONTROL = {
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Clip": (1, 2),
+    "Pad": (1, 2, 3),
+    "Slice": (1, 2, 3, 4),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "TopK": (1,),
+    "Split": (1,),
+}
+
+
+def _control_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Initializer names used as a control input of a node anywhere (subgraphs included)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for index in _CONTROL.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index]:
+                names.add(node.input[index])
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= _control_inputs(sub)
+    return names
 
 
 def unlock_into(

@@ -542,19 +542,19 @@ def _markdown(bench: LockBench, command: str) -> str:
         f"Command: `{command}`. Devices: {bench.devices}. Machine: {os.uname().machine}, {os.cpu_count()} cores.",
         f"Chance: {100 * bench.chance:.0f}% (10 balanced classes, {len({r.model for r in bench.accuracy})} models).",
         "",
-        "## Accuracy on held-out MNIST digits",
-        "",
-        "| model | variant | accuracy | bit-identical | note |",
-        "|---|---|---:|---|---|",
     ]
+    if bench.accuracy:
+        lines += ["## Accuracy on held-out MNIST digits", "", "| model | variant | accuracy | bit-identical | note |"]
+        lines += ["|---|---|---:|---|---|"]
     for r in bench.accuracy:
         identical = "" if r.identical is None else ("yes" if r.identical else "NO")
         lines.append(f"| {r.model} | {r.variant} | {_pct(r.accuracy)} | {identical} | {r.note} |")
-    lines += ["", "## Wrong-key weights against real weights (two-sample KS distance per tensor)", ""]
-    lines += [
-        "| model | method | tensors | weights | KS median | KS max | all finite |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
+    if bench.ks:
+        lines += ["", "## Wrong-key weights against real weights (two-sample KS distance per tensor)", ""]
+        lines += [
+            "| model | method | tensors | weights | KS median | KS max | all finite |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
     for (model, method), rows in _groups(bench.ks).items():
         values = [r.ks for r in rows]
         lines.append(

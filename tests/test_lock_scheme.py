@@ -115,7 +115,7 @@ def test_a_locked_bundle_needs_a_device_key(world):
 
 
 def test_the_weights_section_holds_no_locked_weight(world):
-    """The plain weights section carries only what is too small to lock; the big tensors are codes."""
+    """The plain weights section carries no float weight: every tensor, biases included, is codes."""
     folder, host, a, _ = world
     model = make_mlp(sizes=(16, 256, 10))
     bundle = folder / "layout.mcb"
@@ -125,9 +125,9 @@ def test_the_weights_section_holds_no_locked_weight(world):
     with Bundle.open(bundle) as sealed:
         sizes = {entry.name: entry.size for entry in sealed.manifest.sections}
         lock = sealed.manifest.document["lock"]
-    # w0 (16x256) and w1 (256x10) are locked: 8-byte codes each; b0 (1 KiB) too; b1 (40 B) stays plain.
-    assert sizes["weights"] < 1024
-    assert sizes["locked"] == 8 * (16 * 256 + 256 * 10 + 256)
+    # Every float tensor is locked, the 10-value b1 included: 8-byte codes each; no weight stays plain.
+    assert sizes["weights"] == 0
+    assert sizes["locked"] == 8 * (16 * 256 + 256 * 10 + 256 + 10)
     assert lock["method"] == "uniform-shift" and lock["devices"][0]["device"] == a.fingerprint
     assert "lock_key" not in json.dumps(lock)
 

@@ -19,13 +19,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9, help="alternating seal/lock loads per model (median)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the MNIST models")
+    parser.add_argument(
+        "--synthetic-weights", type=int, default=100_000_000, help="size of the synthetic MLP (0: none)"
+    )
+    parser.add_argument("--overhead-only", action="store_true", help="only the load-time and size rows")
+    parser.add_argument("--no-efficientnet", action="store_true", help="leave EfficientNet-Lite0 out")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "lock")
     args = parser.parse_args()
 
     from modelcloak.eval.lockbench import bench_lock, write_lock_report
 
-    command = f"python benchmarks/bench_lock.py --repeats {args.repeats} --epochs {args.epochs}"
-    bench = bench_lock(repeats=args.repeats, epochs=args.epochs)
+    command = " ".join(["python", *sys.argv])
+    bench = bench_lock(
+        repeats=args.repeats,
+        epochs=args.epochs,
+        synthetic_weights=args.synthetic_weights,
+        overhead_only=args.overhead_only,
+        efficientnet=not args.no_efficientnet,
+    )
     paths = write_lock_report(bench, args.out, command=command)
     print(paths["md"].read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))

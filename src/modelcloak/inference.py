@@ -56,6 +56,8 @@ def load(bundle: str | Path, *, key: KeyProvider, options: LoadOptions | None = 
         if name not in schemes.SCHEMES:
             raise SessionError(f"bundle scheme {name!r} cannot be loaded by this version of modelcloak")
         scheme = schemes.get(name)
+        if "lock" not in sealed.manifest.document and chosen.device_key is not None:
+            raise SessionError(f"this {name} bundle is not locked to a device; drop `device_key`")
         report.signer = sealed.verify_signature(trusted or None, require=chosen.require_signature)
         check_serial(sealed.manifest.document, chosen.min_serial, report.signer if trusted else None)
         report.seconds["verify"] = time.perf_counter() - started

@@ -18,7 +18,7 @@ def bench():
     from modelcloak.eval.lockbench import bench_lock
 
     swtpm.require_swtpm()
-    return bench_lock(repeats=1, epochs=1, soft=False, efficientnet=False, progress=False)
+    return bench_lock(repeats=1, epochs=1, soft=False, efficientnet=False, progress=False, synthetic_weights=300_000)
 
 
 def _rows(bench, model):
@@ -63,9 +63,13 @@ def test_ks_rows_separate_the_three_methods(bench):
 def test_overhead_rows_and_report_files(bench, tmp_path):
     from modelcloak.eval.lockbench import write_lock_report
 
-    assert {r.model for r in bench.overhead} == {"mnist-cnn", "mnist-mlp"}
+    assert {r.model for r in bench.overhead} == {"mnist-cnn", "mnist-mlp", "synthetic-mlp-300k"}
     for row in bench.overhead:
-        assert 0 < row.unlock_s < row.lock_load_s and row.seal_load_s > 0
+        assert 0 < row.unlock_s < row.lock_load_s and row.seal_load_s > 0 and row.seal_cpu_s > 0
+        assert row.weights > 0 and row.lock_bytes > row.seal_bytes > 0  # measured from the files
+        assert row.kernel in ("numpy", "numba") and (row.cold_numba_s is None) == (row.kernel == "numpy")
+    synthetic = next(r for r in bench.overhead if r.model.startswith("synthetic"))
+    assert 290_000 <= synthetic.weights <= 310_000
     paths = write_lock_report(bench, tmp_path)
     assert paths["png"].stat().st_size > 0
     with paths["accuracy"].open() as handle:

@@ -127,7 +127,9 @@ def test_another_tpm_cannot_unseal_the_first_ones_blobs(
         return Spy()
 
     monkeypatch.setattr(t, "_esapi", spying_esapi)
-    with pytest.raises(KeyProviderError, match="is not the one .* was enrolled on"):
+    # With the comparison off, the code cannot tell another TPM from a damaged blob; the refusal
+    # (what this part checks) is the other TPM's TPM2_Load failing the blob's integrity check.
+    with pytest.raises(KeyProviderError, match="fails the TPM's integrity check"):
         on_b.key_for(spec)
     assert loads == ["attempted"], "the refusal must come from TPM2_Load on the other TPM"
 
@@ -243,8 +245,47 @@ def test_tampered_sealed_blob_is_refused(tpm: swtpm.SwTpm, tmp_path: Path) -> No
     blob = bytearray(private.read_bytes())
     blob[-5] ^= 0x01
     private.write_bytes(bytes(blob))
-    with pytest.raises(KeyProviderError):
+    with pytest.raises(KeyProviderError, match="is the one .* enrolled on, but it refuses sealed.priv") as refused:
         t.TpmDeviceKey(tmp_path / "device", tcti=tpm.tcti).key_for(spec)
+    assert "cleared" not in str(refused.value)  # the TPM is the right one; the file is what is wrong
+
+
+def test_a_file_or_a_damaged_record_where_the_state_belongs(tmp_path: Path) -> None:
+    from modelcloak.keys.device import open_device_key
+
+    t = tpm_api()
+    lock_file = tmp_path / "device.lock"
+    lock_file.write_text(json.dumps({"fingerprint": "tpm:0000", "lock_key": "00" * 32}))
+    with pytest.raises(KeyProviderError, match="is an exported device lock key file .*, not a device state directory"):
+        open_device_key(lock_file)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(KeyProviderError, match="notes.txt is a file, not a device state directory; --device-state"):
+        t.TpmDeviceKey(tmp_path / "notes.txt")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "device.json").write_text(json.dumps({"version": 1}))
+    with pytest.raises(KeyProviderError, match="lacks kind, device_id, fingerprint: the enrolment record is damaged"):
+        open_device_key(state)
+    (state / "device.json").write_text(json.dumps({"version": 1, "kind": "hsm", "device_id": "x", "fingerprint": "y"}))
+    with pytest.raises(KeyProviderError, match="of kind 'hsm'; this version knows tpm, software"):
+        open_device_key(state)
+    with pytest.raises(KeyProviderError, match="nope.lock is missing; the device exports it with"):
+        DeviceLockKey.from_file(tmp_path / "nope.lock")
+
+
+def test_the_tcti_recorded_at_enrolment_is_used(tpm: swtpm.SwTpm, tmp_path: Path, monkeypatch) -> None:
+    t = tpm_api()
+    monkeypatch.delenv("TPM2TOOLS_TCTI", raising=False)
+    monkeypatch.delenv("TSS2_TCTI", raising=False)
+    t.enroll_device(tmp_path / "device", tcti=tpm.tcti)
+    key, spec = t.TpmDeviceKey(tmp_path / "device", tcti=tpm.tcti).new_key()
+    recorded = t.TpmDeviceKey(tmp_path / "device")
+    assert recorded.tcti == tpm.tcti
+    assert raw(recorded.key_for(spec)) == raw(key)
+    # The environment still overrides the record (control: a TCTI nothing answers on fails).
+    monkeypatch.setenv("TSS2_TCTI", "device:/nonexistent/tpmrm9")
+    with pytest.raises(KeyProviderError, match="no TPM reachable through TCTI 'device:/nonexistent/tpmrm9'"):
+        t.TpmDeviceKey(tmp_path / "device").key_for(spec)
 
 
 def test_default_tcti_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

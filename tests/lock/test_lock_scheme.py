@@ -9,6 +9,7 @@ last one is the point of the uniform-shift lock, and the plain-aes run is its ne
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_a_locked_bundle_needs_a_device_key(world):
 
 
 def test_the_weights_section_holds_no_locked_weight(world):
-    """The plain weights section carries only what is too small to lock; the big tensors are codes."""
+    """The plain weights section carries no float weight: every tensor, biases included, is codes."""
     folder, host, a, _ = world
     model = make_mlp(sizes=(16, 256, 10))
     bundle = folder / "layout.mcb"
@@ -126,9 +127,9 @@ def test_the_weights_section_holds_no_locked_weight(world):
     with Bundle.open(bundle) as sealed:
         sizes = {entry.name: entry.size for entry in sealed.manifest.sections}
         lock = sealed.manifest.document["lock"]
-    # w0 (16x256) and w1 (256x10) are locked: 8-byte codes each; b0 (1 KiB) too; b1 (40 B) stays plain.
-    assert sizes["weights"] < 1024
-    assert sizes["locked"] == 8 * (16 * 256 + 256 * 10 + 256)
+    # Every float tensor is locked, the 10-value b1 included: 8-byte codes each; no weight stays plain.
+    assert sizes["weights"] == 0
+    assert sizes["locked"] == 8 * (16 * 256 + 256 * 10 + 256 + 10)
     assert lock["method"] == "uniform-shift" and lock["devices"][0]["device"] == a.fingerprint
     assert "lock_key" not in json.dumps(lock)
 
@@ -358,6 +359,52 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
 
         missing = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"))
         assert missing.returncode == 2 and "--device-state" in missing.stderr
+
+        # Without --tcti (and no TCTI in the environment) the TCTI recorded at enrolment is used.
+        no_env = {k: v for k, v in os.environ.items() if k not in ("TPM2TOOLS_TCTI", "TSS2_TCTI")}
+        recorded = subprocess.run(
+            [sys.executable, "-m", "modelcloak", "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
+             "--key-file", str(tmp_path / "host.key"), "--device-state", str(tmp_path / "dev-a"),
+             "-o", str(tmp_path / "y2.npz")],
+            capture_output=True, text=True, timeout=180, env=no_env,
+        )  # fmt: skip
+        assert recorded.returncode == 0, recorded.stderr
+        assert np.array_equal(np.load(tmp_path / "y2.npz")["logits"], reference_outputs(model, x))
+        # Control: an explicit TCTI still wins over the recorded one (a dead one here fails).
+        second.stop()
+        explicit = cli(
+            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "--device-state", str(tmp_path / "dev-a"), "--tcti", second.tcti,
+        )  # fmt: skip
+        assert explicit.returncode == 2 and f"no TPM reachable through TCTI '{second.tcti}'" in explicit.stderr
+
+        # Wrong things in the right places get messages that name them.
+        lock_file_as_state = cli(
+            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "--device-state", str(tmp_path / "a.lock"),
+        )  # fmt: skip
+        assert lock_file_as_state.returncode == 2
+        assert "is an exported device lock key file" in lock_file_as_state.stderr, lock_file_as_state.stderr
+        no_lock_file = cli(
+            "protect", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "n.mcb"), "--scheme", "lock",
+            "--key-file", str(tmp_path / "host.key"), "--lock-to", str(tmp_path / "nope.lock"),
+        )  # fmt: skip
+        assert no_lock_file.returncode == 2 and "incomplete" not in no_lock_file.stderr
+        assert "nope.lock is missing; the device exports it with" in no_lock_file.stderr, no_lock_file.stderr
+        sealed = cli(
+            "protect",
+            str(tmp_path / "mlp.onnx"),
+            "-o",
+            str(tmp_path / "s.mcb"),
+            "--key-file",
+            str(tmp_path / "host.key"),
+        )
+        assert sealed.returncode == 0, sealed.stderr
+        unlocked = cli(
+            "run", str(tmp_path / "s.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "--device-state", str(tmp_path / "dev-a"),
+        )  # fmt: skip
+        assert unlocked.returncode == 2 and "is not locked to a device; drop --device-state" in unlocked.stderr
     finally:
         first.stop()
         second.stop()

@@ -566,9 +566,9 @@ def test_session_timeout_bounds_run(tmp_path: Path) -> None:
     """load(..., enclave_timeout=2) bounds run(): a stopped enclave is reported at 2 s, not 10."""
     from conftest import make_mlp
 
+    from modelcloak.inference import load
     from modelcloak.keys import generate_key_file
     from modelcloak.protector import protect
-    from modelcloak.inference import load
 
     host_key, enclave_key = generate_key_file(tmp_path / "h.key"), generate_key_file(tmp_path / "e.key")
     protect(make_mlp(), tmp_path / "m.mcb", key=host_key, scheme="split", cut={"last": 1}, enclave_key=enclave_key)

@@ -42,7 +42,7 @@ PARAMETER_FLAGS = {
     "enclave_key": "--enclave-key-file",
     "enclave_key_file": "--enclave-key-file",
     "enclave_key_env": "--enclave-key-env",
-    "device_key": "--device-state DIR",
+    "device_key": "--device-state",
     "lock": "--lock-to",
     "fhe": "--fhe-*",
     "fhe.secret_out": "--fhe-secret-out",

@@ -181,7 +181,7 @@ def run(ctx: DemoContext) -> StepResult:
         facts={
             "cut": cut,
             "recommended": recommendation.chosen is not None,
-            "recommend": [a.to_json() for a in recommendation.cuts],
+            "recommend": [a.to_row() for a in recommendation.cuts],
             "suggestions": recommendation.suggestions,
             "labels_equal": equal == len(labels),
             "labels_only": bool(labels_only),

@@ -28,7 +28,6 @@ import secrets
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,11 +70,19 @@ class KsRow:
 class OverheadRow:
     model: str
     weights: int
+    kernel: str  # the unlock kernel of the lock loads ("numpy" or "numba", warm)
     seal_load_s: float
     lock_load_s: float
     unlock_s: float
-    overhead: float  # (lock - seal) / seal
+    overhead: float  # (lock - seal) / seal, wall
     unlock_share: float  # unlock / lock load
+    seal_cpu_s: float
+    lock_cpu_s: float
+    cpu_overhead: float  # (lock - seal) / seal, CPU time of the loading process
+    seal_bytes: int
+    lock_bytes: int
+    size_ratio: float  # lock bundle / seal bundle
+    cold_numba_s: float | None  # first locked load with numba in a fresh process (imports numba)
 
 
 @dataclass
@@ -188,6 +195,12 @@ class _Devices:
 
         return SoftwareDeviceKey(self.a.state_dir, identity_root=self.b.identity_root)
 
+    def a_spec(self) -> dict[str, str]:
+        """How another process opens device A's key (modelcloak.eval.locktiming)."""
+        if self.kind == "swtpm":
+            return {"kind": "tpm", "state": str(self.a.state_dir), "tcti": self.tcti_a}
+        return {"kind": "software", "state": str(self.a.state_dir), "identity_root": str(self.a.identity_root)}
+
     def close(self) -> None:
         self._stack.close()
 
@@ -217,8 +230,14 @@ def bench_lock(
     seed: int = 0,
     progress: bool = True,
     console: Console | None = None,
+    synthetic_weights: int = 100_000_000,
+    overhead_only: bool = False,
 ) -> LockBench:
-    """Run every measurement of the lock scheme (see the module docstring); nothing is written."""
+    """Run every measurement of the lock scheme (see the module docstring); nothing is written.
+
+    `synthetic_weights` adds a float32 MLP of about that many weights to the load timing (0: none);
+    `overhead_only` skips the accuracy, soft-lock and KS rows.
+    """
     if repeats < 1 or epochs < 1:
         raise ModelcloakError("repeats and epochs must be at least 1")
     import torch
@@ -241,20 +260,29 @@ def bench_lock(
             try:
                 for name, module in models.items():
                     onnx_models[name] = _to_onnx(module)
-                    accuracy += _hard_lock_rows(name, onnx_models[name], split, host, devices, folder, advance)
-                    ks += _ks_rows(name, onnx_models[name])
-                if soft:
+                    if not overhead_only:
+                        accuracy += _hard_lock_rows(name, onnx_models[name], split, host, devices, folder, advance)
+                        ks += _ks_rows(name, onnx_models[name])
+                if soft and not overhead_only:
                     for name, module in models.items():
                         advance(f"{name}: soft lock fine-tune and quantisation")
                         accuracy += _soft_rows(name, module, onnx_models[name], split, seed)
                 if efficientnet:
                     advance("EfficientNet-Lite0: export")
                     onnx_models["efficientnet-lite0"] = _efficientnet()
-                    ks += _ks_rows("efficientnet-lite0", onnx_models["efficientnet-lite0"])
-                overhead = []
+                    if not overhead_only:
+                        ks += _ks_rows("efficientnet-lite0", onnx_models["efficientnet-lite0"])
+                overhead: list[OverheadRow] = []
                 for name, model in onnx_models.items():
                     advance(f"{name}: seal vs lock load time")
-                    overhead.append(_overhead(name, model, host, devices, folder, repeats))
+                    overhead += _overhead(name, model, host, devices, folder, repeats)
+                onnx_models.clear()
+                if synthetic_weights:
+                    millions = synthetic_weights >= 1e6
+                    size = f"{synthetic_weights / 1e6:.0f}M" if millions else f"{synthetic_weights // 1000}k"
+                    label = f"synthetic-mlp-{size}"
+                    advance(f"{label}: build, seal and lock")
+                    overhead += _overhead(label, synthetic_mlp(synthetic_weights), host, devices, folder, repeats)
             finally:
                 devices.close()
         return LockBench(accuracy, ks, overhead, devices.kind, chance=1 / 10)
@@ -380,25 +408,101 @@ def _ks_rows(name: str, model: onnx.ModelProto) -> list[KsRow]:
 
 def _overhead(
     name: str, model: onnx.ModelProto, host: Any, devices: _Devices, folder: Path, repeats: int
-) -> OverheadRow:
-    from modelcloak.inference import load
+) -> list[OverheadRow]:
+    """Seal vs lock load time, measured in a child process without torch (modelcloak.eval.locktiming)."""
+    import json
+    import subprocess
+    import sys
+
+    from modelcloak.lock.kernel import _numba_installed
     from modelcloak.protector import protect
 
     sealed, locked = folder / f"{name}-timing-seal.mcb", folder / f"{name}-timing-lock.mcb"
     protect(model, sealed, key=host, scheme="seal")
     protect(model, locked, key=host, scheme="lock", lock=[devices.a_handle()])
-    seal_s, lock_s, unlock_s = [], [], []
-    for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
-        start = time.perf_counter()
-        with load(sealed, key=host):
-            seal_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with load(locked, key=host, device_key=devices.a) as session:
-            lock_s.append(time.perf_counter() - start)
-            unlock_s.append(session.report.seconds["unlock"])
     weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-    seal, lock, unlock = (statistics.median(v) for v in (seal_s, lock_s, unlock_s))
-    return OverheadRow(name, weights, seal, lock, unlock, (lock - seal) / seal, unlock / lock)
+    del model  # the 100M-weight model is 400 MB; the child needs the memory more
+    kernels = ["numpy", "numba"] if _numba_installed() else ["numpy"]
+    spec = {
+        "seal": str(sealed),
+        "lock": str(locked),
+        "key": str(host.path),
+        "repeats": repeats,
+        "kernels": kernels,
+        "device": devices.a_spec(),
+    }
+    spec_path = folder / f"{name}-timing.json"
+    spec_path.write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "modelcloak.eval.locktiming", str(spec_path)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "MODELCLOAK_LOCK_KERNEL"},
+    )
+    if done.returncode != 0:
+        raise ModelcloakError(f"the timing process failed for {name}: {done.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["torch_imported"]:
+        raise ModelcloakError("the timing process imported torch; its timings would not be those of a device")
+    seal = result["seal"]
+    sizes = sealed.stat().st_size, locked.stat().st_size
+    rows = []
+    for kernel in kernels:
+        lock = result[f"lock-{kernel}"]
+        cold = result.get("cold_numba", {}).get("wall") if kernel == "numba" else None
+        rows.append(
+            OverheadRow(
+                name,
+                weights,
+                kernel,
+                seal["wall"],
+                lock["wall"],
+                lock["unlock"],
+                (lock["wall"] - seal["wall"]) / seal["wall"],
+                lock["unlock"] / lock["wall"],
+                seal["cpu"],
+                lock["cpu"],
+                (lock["cpu"] - seal["cpu"]) / seal["cpu"],
+                sizes[0],
+                sizes[1],
+                sizes[1] / sizes[0],
+                cold,
+            )
+        )
+    for path in (sealed, locked):
+        path.unlink()
+    return rows
+
+
+def synthetic_mlp(weights: int, *, seed: int = 0) -> onnx.ModelProto:
+    """A float32 MLP of about `weights` weights (square MatMuls of width <= 5000, biases, ReLUs), N(0, 0.02)."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    width = min(5000, max(16, math.isqrt(weights)))
+    layers = max(1, round(weights / (width * width + width)))
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    current = "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width), dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+        b = (rng.standard_normal(width, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"h{i}"]),
+        ]
+        current = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "synthetic-mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, [1, width])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +521,9 @@ def write_lock_report(bench: LockBench, out_dir: Path, *, command: str = "modelc
         "png": out_dir / "lock.png",
     }
     for key, rows in (("accuracy", bench.accuracy), ("ks", bench.ks), ("overhead", bench.overhead)):
+        if not rows:
+            paths.pop(key)
+            continue
         with paths[key].open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
             writer.writeheader()
@@ -437,32 +544,38 @@ def _markdown(bench: LockBench, command: str) -> str:
         f"Command: `{command}`. Devices: {bench.devices}. Machine: {os.uname().machine}, {os.cpu_count()} cores.",
         f"Chance: {100 * bench.chance:.0f}% (10 balanced classes, {len({r.model for r in bench.accuracy})} models).",
         "",
-        "## Accuracy on held-out MNIST digits",
-        "",
-        "| model | variant | accuracy | bit-identical | note |",
-        "|---|---|---:|---|---|",
     ]
+    if bench.accuracy:
+        lines += ["## Accuracy on held-out MNIST digits", "", "| model | variant | accuracy | bit-identical | note |"]
+        lines += ["|---|---|---:|---|---|"]
     for r in bench.accuracy:
         identical = "" if r.identical is None else ("yes" if r.identical else "NO")
         lines.append(f"| {r.model} | {r.variant} | {_pct(r.accuracy)} | {identical} | {r.note} |")
-    lines += ["", "## Wrong-key weights against real weights (two-sample KS distance per tensor)", ""]
-    lines += [
-        "| model | method | tensors | weights | KS median | KS max | all finite |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
+    if bench.ks:
+        lines += ["", "## Wrong-key weights against real weights (two-sample KS distance per tensor)", ""]
+        lines += [
+            "| model | method | tensors | weights | KS median | KS max | all finite |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
     for (model, method), rows in _groups(bench.ks).items():
         values = [r.ks for r in rows]
         lines.append(
             f"| {model} | {method} | {len(rows)} | {sum(r.weights for r in rows):,} | {statistics.median(values):.4f} "
             f"| {max(values):.4f} | {'yes' if all(r.finite for r in rows) else 'no'} |"
         )
-    lines += ["", "## Unlock overhead (medians of alternating loads)", ""]
-    lines += ["| model | weights | seal load ms | lock load ms | unlock ms | overhead | unlock share |"]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Load time and size: seal vs lock (medians of rotating loads, in a process without torch)", ""]
+    lines += [
+        "| model | weights | unlock kernel | seal load ms | lock load ms | overhead (wall) | unlock ms "
+        "| seal CPU ms | lock CPU ms | overhead (CPU) | seal MB | lock MB | size ratio | cold first load, numba |"
+    ]
+    lines += ["|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bench.overhead:
+        cold = "" if r.cold_numba_s is None else f"{1000 * r.cold_numba_s:.0f} ms"
         lines.append(
-            f"| {r.model} | {r.weights:,} | {1000 * r.seal_load_s:.1f} | {1000 * r.lock_load_s:.1f} "
-            f"| {1000 * r.unlock_s:.1f} | {100 * r.overhead:+.1f}% | {100 * r.unlock_share:.1f}% |"
+            f"| {r.model} | {r.weights:,} | {r.kernel} | {1000 * r.seal_load_s:.1f} | {1000 * r.lock_load_s:.1f} "
+            f"| {100 * r.overhead:+.1f}% | {1000 * r.unlock_s:.1f} | {1000 * r.seal_cpu_s:.1f} "
+            f"| {1000 * r.lock_cpu_s:.1f} | {100 * r.cpu_overhead:+.1f}% | {r.seal_bytes / 1e6:.1f} "
+            f"| {r.lock_bytes / 1e6:.1f} | {r.size_ratio:.2f}x | {cold} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -481,7 +594,9 @@ def _plot(bench: LockBench, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r.model for r in bench.accuracy})
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 6))
+    panels = len(models) + bool(bench.ks) + bool(bench.overhead)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 6), squeeze=False)
+    axes = list(axes[0])
     for ax, model in zip(axes, models):
         rows = [r for r in bench.accuracy if r.model == model and r.accuracy is not None]
         ax.barh([r.variant for r in rows], [100 * r.accuracy for r in rows], color="tab:blue")
@@ -492,14 +607,28 @@ def _plot(bench: LockBench, path: Path) -> None:
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(loc="lower right")
-    ax = axes[-1]
-    groups = _groups(bench.ks)
-    labels = [f"{model}\n{method}" for model, method in groups]
-    ax.boxplot([[r.ks for r in rows] for rows in groups.values()], orientation="horizontal", tick_labels=labels)
-    ax.set_xscale("symlog", linthresh=1e-3)  # permutation's KS is exactly 0
-    ax.set_xlabel("KS distance per tensor")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.set_title("do wrong-key weights look real?")
+    axes = axes[len(models) :]
+    if bench.ks:
+        ax = axes.pop(0)
+        groups = _groups(bench.ks)
+        labels = [f"{model}\n{method}" for model, method in groups]
+        ax.boxplot([[r.ks for r in rows] for rows in groups.values()], orientation="horizontal", tick_labels=labels)
+        ax.set_xscale("symlog", linthresh=1e-3)  # permutation's KS is exactly 0
+        ax.set_xlabel("KS distance per tensor")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title("do wrong-key weights look real?")
+    if bench.overhead:
+        ax = axes.pop(0)
+        labels = [f"{r.model}\n{r.kernel}" for r in bench.overhead]
+        y = np.arange(len(labels))
+        ax.barh(y - 0.2, [r.seal_load_s for r in bench.overhead], 0.4, label="seal load", color="tab:gray")
+        ax.barh(y + 0.2, [r.lock_load_s for r in bench.overhead], 0.4, label="lock load", color="tab:orange")
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("load time, s (median, wall)")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
+        ax.set_title("what unlocking adds to a load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -154,6 +154,8 @@ def write_private(path: Path, data: bytes) -> None:
 def read_state(state_dir: Path, kind: str | None = None) -> dict[str, Any]:
     """The enrolment record of `state_dir`, with a clear error when it is missing or not of `kind`."""
     path = state_dir / DEVICE_FILE
+    if state_dir.exists() and not state_dir.is_dir():
+        raise KeyProviderError(f"{state_dir} is {_file_kind(state_dir)}, not a device state directory; {_STATE_HINT}")
     if not state_dir.is_dir():
         raise KeyProviderError(f"device state directory {state_dir} does not exist; enroll this device first")
     try:
@@ -166,13 +168,44 @@ def read_state(state_dir: Path, kind: str | None = None) -> dict[str, Any]:
         raise KeyProviderError(f"cannot read {path}: {exc}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise KeyProviderError(f"{path} is not a modelcloak device record of version {STATE_VERSION}")
+    missing = [field for field in _STATE_FIELDS if not isinstance(state.get(field), str) or not state[field]]
+    if missing:
+        raise KeyProviderError(
+            f"{path} lacks {', '.join(missing)}: the enrolment record is damaged or was edited; "
+            "restore it from a backup or enroll this device again"
+        )
+    if state["kind"] not in DEVICE_KINDS:
+        raise KeyProviderError(
+            f"{path} records a device of kind {state['kind']!r}; this version knows {', '.join(DEVICE_KINDS)}"
+        )
     if kind is not None and state.get("kind") != kind:
         raise KeyProviderError(f"{state_dir} holds a {state.get('kind')!r} enrolment, not a {kind!r} one")
     return state
 
 
-def read_private(path: Path, what: str) -> bytes:
-    """Read a state file, refusing one that other users can read (like KeyFile does)."""
+DEVICE_KINDS = ("tpm", "software")
+_STATE_FIELDS = ("kind", "device_id", "fingerprint")
+_STATE_HINT = "--device-state takes the directory given to `modelcloak device enroll --state`"
+
+
+def _file_kind(path: Path) -> str:
+    """What a file given where a state directory belongs is, for the error message."""
+    try:
+        document = json.loads(path.read_bytes()[:65536])
+    except (OSError, ValueError):
+        return "a file"
+    if isinstance(document, dict) and {"fingerprint", "lock_key"} <= document.keys():
+        return "an exported device lock key file (the owner's side, for --lock-to)"
+    if isinstance(document, dict) and "kind" in document and "device_id" in document:
+        return f"a device record ({DEVICE_FILE}); give the directory that holds it"
+    return "a file"
+
+
+def read_private(path: Path, what: str, *, missing: str | None = None) -> bytes:
+    """Read a state file, refusing one that other users can read (like KeyFile does).
+
+    `missing` replaces the default "the enrolment in DIR is incomplete" when the file is absent.
+    """
     try:
         info = path.stat()
         if info.st_mode & 0o077:
@@ -180,7 +213,10 @@ def read_private(path: Path, what: str) -> bytes:
             raise KeyProviderError(f"{what} {path} is readable by other users (mode {mode:o}); chmod 600 it")
         return path.read_bytes()
     except FileNotFoundError:
-        raise KeyProviderError(f"{what} {path} is missing; the enrolment in {path.parent} is incomplete") from None
+        reason = missing or f"the enrolment in {path.parent} is incomplete"
+        raise KeyProviderError(f"{what} {path} is missing; {reason}") from None
+    except IsADirectoryError:
+        raise KeyProviderError(f"{what} {path} is a directory, not a file") from None
     except PermissionError:
         raise KeyProviderError(f"no permission to read {what} {path}") from None
 
@@ -350,7 +386,11 @@ class DeviceLockKey(KeyProvider):
     def from_file(cls, path: str | Path) -> DeviceLockKey:
         """Read a lock-key file written by `write_lock_key_file` (refuses group/world-readable files)."""
         path = Path(path)
-        raw = read_private(path, "device lock key file")
+        raw = read_private(
+            path,
+            "device lock key file",
+            missing="the device exports it with `modelcloak device export-lock-key --state DIR --out FILE`",
+        )
         try:
             document = json.loads(raw)
             fingerprint = str(document["fingerprint"])

@@ -63,7 +63,11 @@ _INSTALL_HINT = "pip install 'modelcloak[tpm]' (needs the system's libtss2: apt-
 
 def default_tcti() -> str:
     """$TPM2TOOLS_TCTI, else $TSS2_TCTI, else the kernel resource manager device."""
-    return os.environ.get("TPM2TOOLS_TCTI") or os.environ.get("TSS2_TCTI") or DEFAULT_TCTI
+    return _environment_tcti() or DEFAULT_TCTI
+
+
+def _environment_tcti() -> str | None:
+    return os.environ.get("TPM2TOOLS_TCTI") or os.environ.get("TSS2_TCTI") or None
 
 
 def _pytss() -> ModuleType:
@@ -285,14 +289,18 @@ class TpmDeviceKey(DeviceKeyBase):
 
     def __init__(self, state_dir: str | Path, *, tcti: str | None = None) -> None:
         self.state_dir = Path(state_dir)
-        self.tcti = tcti or default_tcti()
         self._state = read_state(self.state_dir, "tpm")
+        self.tcti = tcti or _environment_tcti() or self._recorded_tcti() or DEFAULT_TCTI
         if self._state.get("primary_template") != PRIMARY_TEMPLATE:
             raise KeyProviderError(
                 f"{self.state_dir} was enrolled with primary template {self._state.get('primary_template')!r}, "
                 f"this version knows {PRIMARY_TEMPLATE!r}"
             )
         self._identity = identity_from_state(self._state)
+
+    def _recorded_tcti(self) -> str | None:
+        recorded = self._state.get("tcti")
+        return recorded if isinstance(recorded, str) and recorded else None
 
     @property
     def identity(self) -> DeviceIdentity:
@@ -328,7 +336,16 @@ class TpmDeviceKey(DeviceKeyBase):
                     sealed = ectx.load(primary, private, public)
                 except tss.TSS2_Exception:
                     # The private blob is bound to the primary that sealed it: another TPM, or this
-                    # one after TPM2_Clear, fails the blob's integrity check here.
+                    # one after TPM2_Clear, fails the blob's integrity check here. The storage key
+                    # was just found to be the enrolled one, so unless that comparison is switched
+                    # off (tests do, to see the TPM refuse on its own) the blob itself is damaged.
+                    if _device_id(primary_public) == self._identity.device_id:
+                        raise KeyProviderError(
+                            f"the TPM behind TCTI {self.tcti!r} is the one {fingerprint} was enrolled on, but it "
+                            f"refuses {SEALED_PRIVATE} in {self.state_dir}: the file fails the TPM's integrity "
+                            "check (damaged or altered); restore the state directory from a backup, or enroll "
+                            "again and re-lock the models"
+                        ) from None
                     raise KeyProviderError(cleared) from None
                 encrypt = tss.TPMA_SESSION.ENCRYPT | tss.TPMA_SESSION.CONTINUESESSION
                 if pcrs:

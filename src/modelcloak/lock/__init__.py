@@ -24,7 +24,7 @@ from modelcloak.lock.soft import (
 from modelcloak.lock.transform import (
     LOCK_VERSION,
     METHODS,
-    MIN_LOCK_BYTES,
+    MIN_LOCK_ELEMENTS,
     is_lockable,
     ks_distance,
     lock_weights,
@@ -35,7 +35,7 @@ __all__ = [
     "EXTRA_VARIANTS",
     "LOCK_VERSION",
     "METHODS",
-    "MIN_LOCK_BYTES",
+    "MIN_LOCK_ELEMENTS",
     "LockError",
     "LockSite",
     "VARIANTS",

@@ -60,16 +60,17 @@ def lock_graph(
 ) -> LockedGraph:
     """Lock every lockable initializer of `model` with `key`; nothing is locked in place."""
     arrays = {t.name: numpy_helper.to_array(t, str(base_dir) if base_dir else "") for t in model.graph.initializer}
-    lockable = {name for name, array in arrays.items() if is_lockable(array)}
+    control = _control_inputs(model.graph)
+    lockable = {name for name, array in arrays.items() if is_lockable(array) and name not in control}
     if not lockable:
-        raise LockError("this model has no floating-point initializer of 1 KiB or more: there is nothing to lock")
+        raise LockError("this model has no floating-point initializer of two or more values: there is nothing to lock")
     reordered = onnx.ModelProto()
     reordered.CopyFrom(model)
     initializers = sorted(reordered.graph.initializer, key=lambda t: t.name in lockable)  # stable: locked last
     del reordered.graph.initializer[:]
     reordered.graph.initializer.extend(initializers)
 
-    graph, records, total_size = externalize_weights(reordered)
+    graph, records, total_size = externalize_weights(reordered, also=lockable)
     plain_records = [r for r in records if r.name not in lockable]
     locked_records = [r for r in records if r.name in lockable]
     if len(locked_records) != len(lockable):  # an initializer the importer keeps inline was judged lockable
@@ -99,6 +100,37 @@ def lock_graph(
     )
 
 
+# Node inputs that steer the computation rather than carry learned values (sizes, scales, bounds,
+# pad amounts): a wrong key must not turn them into absurd output sizes or crash the runtime.
+_CONTROL = {
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Clip": (1, 2),
+    "Pad": (1, 2, 3),
+    "Slice": (1, 2, 3, 4),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "TopK": (1,),
+    "Split": (1,),
+}
+
+
+def _control_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Initializer names used as a control input of a node anywhere (subgraphs included)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for index in _CONTROL.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index]:
+                names.add(node.input[index])
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= _control_inputs(sub)
+    return names
+
+
 def unlock_into(
     codes: memoryview, params: dict[str, Any], key: bytes | memoryview, salt: bytes, weights: memoryview
 ) -> None:
@@ -109,7 +141,7 @@ def unlock_into(
         raise LockError("lock parameters have no layout or tensor table")
     method = params.get("method")
     locked: dict[str, np.ndarray] = {}
-    targets: dict[str, tuple[int, int]] = {}
+    targets: dict[str, np.ndarray] = {}
     for entry in layout:
         try:
             name, offset, length, code_offset, code_length = entry
@@ -123,10 +155,12 @@ def unlock_into(
         if offset < 0 or offset + length > weights.nbytes:
             raise LockError(f"locked tensor {name!r} does not fit the weights buffer")
         locked[name] = np.frombuffer(codes, dtype=dtype, count=count, offset=code_offset).reshape(spec["shape"])
-        targets[name] = (offset, length)
-    values = unlock_weights(locked, key, salt, params)
-    for name, (offset, length) in targets.items():
-        data = memoryview(np.ascontiguousarray(values[name])).cast("B")
-        if data.nbytes != length:
-            raise LockError(f"unlocked tensor {name!r} has {data.nbytes} bytes, the graph expects {length}")
-        weights[offset : offset + length] = data
+        value_type = np.dtype(spec["dtype"])
+        if length != count * value_type.itemsize:
+            raise LockError(
+                f"locked tensor {name!r} has {count * value_type.itemsize} bytes, the graph expects {length}"
+            )
+        # Decoded straight into the weights buffer: no second copy of the weights, and no plaintext
+        # weights in memory that is not the wiped, non-dumpable buffer.
+        targets[name] = np.frombuffer(weights, dtype=value_type, count=count, offset=offset)
+    unlock_weights(locked, key, salt, params, into=targets)

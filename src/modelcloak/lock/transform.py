@@ -19,8 +19,8 @@ key decodes to random bit patterns (magnitudes up to 3e38 and NaNs).
 multiset of values is kept, so sorted locked weights equal sorted real weights and every
 statistic of the marginal is exposed; it is here as a comparison point.
 
-Which tensors: floating-point arrays of at least 1 KiB (weights); smaller ones (shapes, scalars,
-tiny biases) and non-float arrays pass through untouched, as the bundle keeps such tensors inline.
+Which tensors: floating-point arrays of at least two elements, biases and tiny convolutions
+included; single numbers and non-float arrays pass through untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,11 +44,12 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from modelcloak.lock.errors import LockError
+from modelcloak.lock.kernel import LUT_BITS, choose_kernel, numba_decoder, pack_table
 
 __all__ = [
     "LOCK_VERSION",
     "METHODS",
-    "MIN_LOCK_BYTES",
+    "MIN_LOCK_ELEMENTS",
     "is_lockable",
     "ks_distance",
     "lock_weights",
@@ -56,8 +58,13 @@ __all__ = [
 
 LOCK_VERSION = 2  # 2: the CDF is stored as pieces (1 stored segments)
 METHODS = ("uniform-shift", "plain-aes", "permutation")
-# Same threshold as the bundle's inline limit: smaller tensors are shapes, scalars and tiny biases.
-MIN_LOCK_BYTES = 1024
+# Every float tensor with two or more elements is locked: biases and 72-weight convolutions carry
+# the model's value too. A single number decodes to itself under any key (its CDF is a point).
+MIN_LOCK_ELEMENTS = 2
+# Below this many weights a tensor's published CDF knots are rounded to 3 significant bits: with
+# exact knots, a bias of 10 values would publish half of them (min, max and the quantiles).
+COARSE_KNOTS_BELOW = 4096
+_COARSE_KEPT_MANTISSA_BITS = 3
 KEY_SIZE = 32
 MIN_SALT_SIZE = 16
 
@@ -68,7 +75,10 @@ _SLOTS = 1 << _CODE_BITS  # the size of the uniform ("slot") domain: codes are u
 # chunks 3x slower (millions of minor faults per 25M-weight unlock). Memory stays flat, too.
 _CHUNK = 1 << 13
 # Encrypting zeros yields the keystream; one read-only buffer serves every chunk and thread.
-_ZEROS = np.zeros(_CHUNK * 8, dtype=np.uint8)
+# Elements per chunk of the compiled path: its only temporary is the keystream (8 bytes per
+# weight), allocated once per worker thread, so chunks can be large; 2^15 keeps it in L2.
+_COMPILED_CHUNK = 1 << 15
+_ZEROS = np.zeros(max(_CHUNK, _COMPILED_CHUNK) * 8, dtype=np.uint8)
 _ZEROS.flags.writeable = False
 _MAX_THREADS = 8  # beyond this memory bandwidth, not arithmetic, is the limit
 _MAX_BUCKETS = 16384  # 2*sqrt(n) reaches it at n = 67M weights
@@ -81,8 +91,8 @@ _LUT_BITS = 16  # top bits of a slot used to jump close to the right piece
 
 
 def is_lockable(array: np.ndarray) -> bool:
-    """True for floating-point arrays of at least MIN_LOCK_BYTES bytes (the tensors we lock)."""
-    return array.dtype.kind == "f" and array.nbytes >= MIN_LOCK_BYTES
+    """True for floating-point arrays of at least MIN_LOCK_ELEMENTS elements (the tensors we lock)."""
+    return array.dtype.kind == "f" and array.size >= MIN_LOCK_ELEMENTS
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -167,13 +177,18 @@ def unlock_weights(
     params: Mapping[str, Any],
     *,
     method: str | None = None,
+    kernel: str | None = None,
+    into: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Invert `lock_weights`. With the right key the result is bit-identical to the original.
 
     With a wrong key uniform-shift returns finite weights of the right dtype and shape that
     follow each tensor's distribution (and nothing signals the error); plain-aes returns
     garbage; permutation returns a differently shuffled tensor. Tensors that params do not name
-    pass through. Malformed params or arrays raise LockError.
+    pass through. Malformed params or arrays raise LockError. `kernel` ("auto", "numba",
+    "numpy") picks the uniform-shift decoder (modelcloak.lock.kernel.choose_kernel); all are exact.
+    `into` maps tensor names to writable, C-contiguous arrays of the tensor's dtype and size (the
+    runtime's weights buffer): those tensors are decoded straight into them, with no copy.
     """
     if not isinstance(params, Mapping):
         raise LockError("lock params must be a mapping (the 'lock' entry of the manifest)")
@@ -190,6 +205,8 @@ def unlock_weights(
     missing = [name for name in tensors if name not in locked]
     if missing:
         raise LockError(f"locked tensor {missing[0]!r} is missing ({len(missing)} of {len(tensors)} missing)")
+    total = sum(int(np.asarray(locked[name]).size) for name in tensors)
+    chosen = choose_kernel(total, kernel) if recorded == "uniform-shift" else "numpy"
     out: dict[str, np.ndarray] = {}
     for name, array in locked.items():
         spec = tensors.get(name)
@@ -205,15 +222,28 @@ def unlock_weights(
                 f"params say {expected.str} {list(shape)}"
             )
         flat = np.ascontiguousarray(array).reshape(-1)
+        target = _target(name, (into or {}).get(name), dtype, flat.size)
         if recorded == "uniform-shift":
-            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt)
+            values = _shift_unlock(name, flat, dtype, spec, cipher_key, salt, kernel=chosen, out=target)
         elif recorded == "plain-aes":
             values = _xor_keystream(name, flat, cipher_key, salt)
         else:
             values = np.empty_like(flat)
             values[_permutation(name, flat.size, cipher_key, salt)] = flat
+        if target is not None and values is not target:
+            target[:] = values
+            values = target
         out[name] = values.reshape(shape)
     return out
+
+
+def _target(name: str, array: np.ndarray | None, dtype: np.dtype, size: int) -> np.ndarray | None:
+    """The caller's destination for one tensor, flattened, after checking it can take the values."""
+    if array is None:
+        return None
+    if array.dtype != dtype or array.size != size or not array.flags.c_contiguous or not array.flags.writeable:
+        raise LockError(f"the destination for tensor {name!r} is not a writable contiguous {dtype} array of {size}")
+    return array.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +301,15 @@ class _Keystream:
         zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
         written = encryptor.update_into(zeros, out)
         return out[:written]
+
+    def bytes_into(self, offset: int, nbytes: int, buffer: np.ndarray) -> np.ndarray:
+        """Like bytes_at, written into `buffer` (at least nbytes + 15 bytes) to spare an allocation."""
+        assert offset % 16 == 0 and buffer.size >= nbytes + 15
+        counter = (self._start + offset // 16) % (1 << 128)
+        encryptor = Cipher(self._algorithm, modes.CTR(counter.to_bytes(16, "big"))).encryptor()
+        zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
+        written = encryptor.update_into(zeros, buffer)
+        return buffer[:written]
 
 
 def _xor_keystream(name: str, flat: np.ndarray, key: memoryview, salt: bytes) -> np.ndarray:
@@ -502,20 +541,20 @@ def _secure_generator() -> np.random.Generator:
     return np.random.Generator(np.random.PCG64DXSM(secrets.randbits(128)))
 
 
-def _run_chunks(total: int, work: Callable[[int, int], None]) -> None:
+def _run_chunks(total: int, work: Callable[[int, int], None], *, chunk: int = _CHUNK) -> None:
     """Call work(start, stop) over [0, total) in _CHUNK pieces, on a few threads when it pays.
 
     numpy's ufuncs and the AES update release the GIL, and chunks touch disjoint slices of the
     output with independent keystream offsets, so threads scale on multi-core devices.
     """
-    starts = range(0, total, _CHUNK)
+    starts = range(0, total, chunk)
     workers = min(_MAX_THREADS, os.cpu_count() or 1, len(starts))
     if workers <= 1:
         for start in starts:
-            work(start, min(start + _CHUNK, total))
+            work(start, min(start + chunk, total))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelcloak-lock") as pool:
-        futures = [pool.submit(work, start, min(start + _CHUNK, total)) for start in starts]
+        futures = [pool.submit(work, start, min(start + chunk, total)) for start in starts]
         for future in futures:
             future.result()
 
@@ -567,19 +606,31 @@ def _shift_lock(name: str, flat: np.ndarray, key: memoryview, salt: bytes) -> tu
 
 
 def _shift_unlock(
-    name: str, codes: np.ndarray, dtype: np.dtype, spec: Mapping[str, Any], key: memoryview, salt: bytes
+    name: str,
+    codes: np.ndarray,
+    dtype: np.dtype,
+    spec: Mapping[str, Any],
+    key: memoryview,
+    salt: bytes,
+    *,
+    kernel: str = "numpy",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     fmt = _format(name, dtype)
     if spec.get("code_bits") != _CODE_BITS:
         raise LockError(f"tensor {name!r}: code_bits {spec.get('code_bits')!r} is not supported")
     table = _compile(*_read_pieces(name, spec.get("pieces"), fmt))
     stream = _Keystream(key, "uniform-shift", salt, name)
-    out = np.empty(codes.size, dtype=np.dtype(dtype).newbyteorder("="))
+    if out is None or not out.dtype.isnative:
+        out = np.empty(codes.size, dtype=np.dtype(dtype).newbyteorder("="))
     out_bits = out.view(fmt.uint)
     if table.width.size == 1 and int(table.width[0]) == 1:
         # One value fills the whole slot domain (a constant tensor): every code decodes to it,
         # and its q = 2^64 does not fit the arithmetic below.
         out_bits[:] = _ordinal_to_bits(table.ord_start[:1], fmt)[0]
+        return out.astype(np.dtype(dtype), copy=False)
+    if kernel == "numba":
+        _shift_unlock_compiled(codes, table, fmt, stream, out_bits)
         return out.astype(np.dtype(dtype), copy=False)
 
     def unlock_chunk(start: int, stop: int) -> None:
@@ -601,6 +652,30 @@ def _shift_unlock(
 
     _run_chunks(codes.size, unlock_chunk)
     return out.astype(np.dtype(dtype), copy=False)
+
+
+def _shift_unlock_compiled(
+    codes: np.ndarray, table: _Table, fmt: _FloatFormat, stream: _Keystream, out_bits: np.ndarray
+) -> None:
+    decode = numba_decoder()
+    local = threading.local()
+    codes = codes.astype(np.uint64, copy=False)
+    code_mask = np.uint64(_SLOTS - 1)
+    lut_shift = np.uint64(_CODE_BITS - LUT_BITS)
+    top_bit, all_bits = np.uint64(fmt.bits - 1), np.uint64((1 << fmt.bits) - 1)
+    rows, lut = pack_table(table.ord_start, table.slot_start, table.slot_last, table.quot, table.rem)
+    inverse = rows.view(np.float64)
+
+    def unlock_chunk(start: int, stop: int) -> None:
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = np.empty(_COMPILED_CHUNK * 8 + 16, dtype=np.uint8)
+        words = stream.bytes_into(start * 8, (stop - start) * 8, buffer).view("<u8")
+        decode(
+            codes[start:stop], words, code_mask, lut, lut_shift, rows, inverse, top_bit, all_bits, out_bits[start:stop]
+        )
+
+    _run_chunks(codes.size, unlock_chunk, chunk=_COMPILED_CHUNK)
 
 
 def _fit_segments(sorted_ord: np.ndarray, fmt: _FloatFormat, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -659,7 +734,28 @@ def _fit_segments(sorted_ord: np.ndarray, fmt: _FloatFormat, rng: np.random.Gene
                 continue  # zero width: merge into the next bucket (its mass is carried by `mass`)
             knots.append((ordinal, mass))
         knots.append((rest(m - 1) + 1, weight))
+        if n < COARSE_KNOTS_BELOW:
+            knots = _coarse_knots(knots, fmt)
     return _merge_atoms(knots, atoms, n, fmt)
+
+
+def _coarse_knots(knots: list[tuple[int, Fraction]], fmt: _FloatFormat) -> list[tuple[int, Fraction]]:
+    """Round knot ordinals to a grid of 3 significant bits, the ends outwards; merge those that meet.
+
+    The first knot must stay <= the smallest weight and the last > the largest, so they round down
+    and up; inner knots round down, and a knot that lands on the previous one is dropped (its
+    bucket merges into the next, as an empty bucket does). The CDF stays a CDF of the same mass.
+    """
+    step = 1 << (fmt.mantissa - _COARSE_KEPT_MANTISSA_BITS)
+    top = (1 << fmt.bits) - 1
+    coarse = [(knots[0][0] // step * step, knots[0][1])]
+    for ordinal, mass in knots[1:-1]:
+        rounded = ordinal // step * step
+        if rounded > coarse[-1][0]:
+            coarse.append((rounded, mass))
+    last, mass = knots[-1]
+    coarse.append((min(-(-last // step) * step, top + 1), mass))  # inner knots are below `last`
+    return coarse
 
 
 def _bucket_count(n: int) -> int:
@@ -672,7 +768,12 @@ def _bucket_count(n: int) -> int:
     it was one for tensors of 10^5 weights and more. The CDF costs 16 bytes per knot: ~2/sqrt(n)
     of the locked tensor's size.
     """
-    return int(max(4, min(math.ceil(2 * math.sqrt(n)), n // 64, _MAX_BUCKETS)))
+    # Small tensors publish coarse knots (see _coarse_knots), so they can afford more of them: with
+    # >= 64 weights per bucket, coarse knots fitted small skewed tensors (BatchNorm variances) badly
+    # enough for wrong-key weights to stand out (27% of EfficientNet's tensors above the KS 5%
+    # critical value, against 5-8% with >= 8 weights per bucket).
+    per_bucket = 8 if n < COARSE_KNOTS_BELOW else 64
+    return int(max(4, min(math.ceil(2 * math.sqrt(n)), n // per_bucket, _MAX_BUCKETS)))
 
 
 def _bucket_probabilities(m: int, buckets: int) -> list[Fraction]:

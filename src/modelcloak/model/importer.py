@@ -6,7 +6,7 @@ ONNX is the one intermediate form; PyTorch arrives through `torch_export.export_
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,19 +239,22 @@ def _movable(tensor: TensorProto) -> bool:
     return count * itemsize >= INLINE_LIMIT or tensor.data_location == TensorProto.EXTERNAL
 
 
-def externalize_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[WeightRecord], int]:
+def externalize_weights(
+    model: onnx.ModelProto, *, also: Collection[str] = ()
+) -> tuple[onnx.ModelProto, list[WeightRecord], int]:
     """Split a model into a weightless graph and a layout of its large initializers.
 
     Returns the graph (initializers rewritten to point at WEIGHTS_LOCATION offsets), the records,
     and the weights section's total size. The input model is not modified. Use `weight_pieces`
-    to stream the weight bytes in record order.
+    to stream the weight bytes in record order. Initializers named in `also` move to the weights
+    section whatever their size (the lock scheme locks small ones too).
     """
     graph_only = onnx.ModelProto()
     graph_only.CopyFrom(model)
     records: list[WeightRecord] = []
     offset = 0
     for tensor in graph_only.graph.initializer:
-        if not _movable(tensor):
+        if not (_movable(tensor) or tensor.name in also):
             continue
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
         length = count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -1,0 +1,92 @@
+"""bench-lock's load timing, run in a process of its own that never imports torch.
+
+The parent (modelcloak.eval.lockbench) trains and exports models with torch, which starts
+threads and maps hundreds of MB; timing loads in that process would slow both sides alike and
+make the lock's share look smaller than on a device. Here one process loads the seal bundle and
+the lock bundle (with each unlock kernel) in rotating order, records wall and CPU time per load,
+and prints medians as JSON:
+
+    python -m modelcloak.eval.locktiming SPEC.json
+
+SPEC: {"seal": path, "lock": path, "key": host key file, "repeats": n, "kernels": [...],
+"device": {"kind": "tpm", "state": dir, "tcti": str} or {"kind": "software", "state": dir,
+"identity_root": dir}}. The first locked load with the numba kernel is timed on its own
+("cold"): it includes importing numba and loading its compiled code from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "time_loads"]
+
+
+def _device_key(spec: dict[str, Any]) -> Any:
+    if spec["kind"] == "tpm":
+        from modelcloak.keys.tpm import TpmDeviceKey
+
+        return TpmDeviceKey(spec["state"], tcti=spec.get("tcti"))
+    from modelcloak.keys.device import SoftwareDeviceKey
+
+    return SoftwareDeviceKey(spec["state"], identity_root=Path(spec["identity_root"]))
+
+
+def _timed(load: Any, bundle: str, **kwargs: Any) -> tuple[float, float, float]:
+    """(wall s, CPU s, unlock s) of one load, session closed outside the timing."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    session = load(bundle, **kwargs)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    unlock = session.report.seconds.get("unlock", 0.0)
+    session.close()
+    return wall, cpu, unlock
+
+
+def time_loads(spec: dict[str, Any]) -> dict[str, Any]:
+    from modelcloak.keys import KeyFile
+    from modelcloak.inference import load
+
+    host = KeyFile(spec["key"])
+    device = _device_key(spec["device"])
+    kernels = list(spec.get("kernels", ["numpy"]))
+    _timed(load, spec["seal"], key=host)  # warm-up: imports onnxruntime, fills the page cache
+    result: dict[str, Any] = {"torch_imported": "torch" in sys.modules}
+    if "numba" in kernels:
+        os.environ["MODELCLOAK_LOCK_KERNEL"] = "numba"
+        wall, cpu, unlock = _timed(load, spec["lock"], key=host, device_key=device)
+        result["cold_numba"] = {"wall": wall, "cpu": cpu, "unlock": unlock}
+    variants = ["seal", *(f"lock-{k}" for k in kernels)]
+    samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    for repeat in range(int(spec["repeats"])):
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]  # rotate: drift hits all
+        for variant in order:
+            if variant == "seal":
+                samples[variant].append(_timed(load, spec["seal"], key=host))
+            else:
+                os.environ["MODELCLOAK_LOCK_KERNEL"] = variant.removeprefix("lock-")
+                samples[variant].append(_timed(load, spec["lock"], key=host, device_key=device))
+    for variant, runs in samples.items():
+        result[variant] = {
+            "wall": statistics.median(r[0] for r in runs),
+            "cpu": statistics.median(r[1] for r in runs),
+            "unlock": statistics.median(r[2] for r in runs),
+            "walls": [r[0] for r in runs],
+        }
+    result["torch_imported"] = result["torch_imported"] or "torch" in sys.modules
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(args[0]).read_text())
+    print(json.dumps(time_loads(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,7 +90,7 @@ def world(database: str, tmp_path: Path) -> World:
     model_key = secrets.token_bytes(32)
     service.register_model("mnist", model_key)
     device = SimDevice.create(tmp_path / "dev1.pem")
-    service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity)
+    service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity, customer="acme")
     licence = service.issue_licence("mnist", device_id="dev1", allow_sim=True, valid_for=timedelta(days=30))
     yield World(service, clock, device, model_key, licence, tmp_path)
     store.close()
@@ -234,12 +234,53 @@ def test_registry_loads_known_kinds_lazily_and_refuses_missing_ones(monkeypatch:
 
 
 def test_instance_count_limit(world: World) -> None:
-    licence = world.service.issue_licence("mnist", max_instances=2, allow_sim=True)
+    licence = world.service.issue_licence("mnist", max_instances=2, customer="acme", allow_sim=True)
     world.release(licence=licence, instance="a")
     world.release(licence=licence, instance="b")
     world.release(licence=licence, instance="a")  # a known instance comes back: not a new one
     with refused("2 of 2 instances"):
         world.release(licence=licence, instance="c")
+
+
+def test_instance_licence_of_another_customer_releases_nothing(world: World) -> None:
+    """The cross-tenant attack: dev1 (customer acme, licensed for mnist) asks for model m2's key through
+    customer globex's instance licence. Control: globex's own device gets it, and so does dev1 through
+    an acme instance licence for m2."""
+    m2_key = secrets.token_bytes(32)
+    world.service.register_model("m2", m2_key)
+    globex = world.service.issue_licence("m2", max_instances=5, customer="globex", allow_sim=True)
+    with refused("not a device of licence"):
+        world.release(licence=globex, device_id="dev1", instance="x")
+    other = SimDevice.create(world.tmp / "globex.pem")
+    world.service.enroll_device("gx1", "sim", MEASUREMENT, identity=other.identity, customer="globex")
+    world.device, mine = other, world.device
+    assert world.release(licence=globex, device_id="gx1", instance="g")[:32] == m2_key  # control
+    world.device = mine
+    acme = world.service.issue_licence("m2", max_instances=5, customer="acme", allow_sim=True)
+    assert world.release(licence=acme, device_id="dev1", instance="x")[:32] == m2_key  # control
+    assert _refused_slots(world, globex) == 1  # the refused attempt took no slot
+
+
+def _refused_slots(world: World, licence: str) -> int:
+    return next(row["instances"] for row in world.service.licences() if row["id"] == licence)
+
+
+def test_instance_licences_need_a_customer_and_device_licences_keep_theirs(world: World) -> None:
+    with refused("needs the customer"):
+        world.service.issue_licence("mnist", max_instances=2, allow_sim=True)
+    with refused("belongs to customer acme, not globex"):
+        world.service.issue_licence("mnist", device_id="dev1", customer="globex")
+    licence = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True)
+    assert next(row for row in world.service.licences() if row["id"] == licence)["customer"] == "acme"
+    # A device without a customer only ever uses licences bound to it by id.
+    loner = SimDevice.create(world.tmp / "loner.pem")
+    world.service.enroll_device("loner", "sim", MEASUREMENT, identity=loner.identity)
+    pooled = world.service.issue_licence("mnist", max_instances=9, customer="acme", allow_sim=True)
+    world.device = loner
+    with refused("not a device of licence"):
+        world.release(licence=pooled, device_id="loner")
+    own = world.service.issue_licence("mnist", device_id="loner", allow_sim=True)
+    assert world.release(licence=own, device_id="loner")[:32] == world.model_key
 
 
 def test_licence_terms_are_validated(world: World) -> None:

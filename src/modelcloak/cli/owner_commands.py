@@ -27,6 +27,9 @@ MasterFileOpt = Annotated[
 MasterEnvOpt = Annotated[
     Optional[str], typer.Option("--master-key-env", help="Environment variable holding the master key (hex/base64).")
 ]
+CustomerOpt = Annotated[
+    Optional[str], typer.Option("--customer", help="The customer (tenant) the device or licence belongs to.")
+]
 MeasurementOpt = Annotated[
     Optional[list[str]], typer.Option("--measurement", "-m", help="Expected measurement NAME=HEX (repeat).")
 ]
@@ -160,11 +163,12 @@ def register(app: typer.Typer) -> None:
         identity: Annotated[
             Optional[str], typer.Option("--identity", help="Fingerprint of the device's attestation key (hex).")
         ] = None,
+        customer: CustomerOpt = None,
         db: DatabaseOpt = None,
     ) -> None:
-        """Enrol a device: its evidence kind, attestation identity and expected measurements."""
+        """Enrol a device: its evidence kind, attestation identity, expected measurements and customer."""
         service = _service(db, None, None, master=False)
-        service.enroll_device(device_id, kind, _measurements(measurement), identity)
+        service.enroll_device(device_id, kind, _measurements(measurement), identity, customer=customer)
         warning = " (sim: INSECURE, development only)" if kind == "sim" else ""
         out.print(f"enrolled device {device_id}{warning}", highlight=False)
 
@@ -172,7 +176,10 @@ def register(app: typer.Typer) -> None:
     def licence_issue(
         model: Annotated[str, typer.Option("--model", help="Registered model id.")],
         device: Annotated[Optional[str], typer.Option("--device", help="Bind to this enrolled device.")] = None,
-        instances: Annotated[Optional[int], typer.Option("--instances", help="Or: at most N instances.")] = None,
+        instances: Annotated[
+            Optional[int], typer.Option("--instances", help="Or: at most N instances of --customer's devices.")
+        ] = None,
+        customer: CustomerOpt = None,
         days: Annotated[float, typer.Option("--days", help="Valid for this many days.")] = 365.0,
         quota: Annotated[Optional[int], typer.Option("--quota", help="Query quota (default: unlimited).")] = None,
         revalidate: Annotated[int, typer.Option("--revalidate", help="Online revalidation period, seconds.")] = 3600,
@@ -194,6 +201,7 @@ def register(app: typer.Typer) -> None:
             model,
             device_id=device,
             max_instances=instances,
+            customer=customer,
             valid_for=timedelta(days=days),
             query_quota=quota,
             revalidate_seconds=revalidate,

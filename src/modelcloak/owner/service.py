@@ -255,9 +255,18 @@ class OwnerService:
             self.store.audit(session, "model.register", model_id, "ok")
 
     def enroll_device(
-        self, device_id: str, verifier_kind: str, measurements: dict[str, str], identity: str | None = None
+        self,
+        device_id: str,
+        verifier_kind: str,
+        measurements: dict[str, str],
+        identity: str | None = None,
+        *,
+        customer: str | None = None,
     ) -> None:
+        """Enrol a device; `customer` is the tenant whose instance licences it may use (none: device licences only)."""
         check_id(device_id, "device id")
+        if customer is not None:
+            check_id(customer, "customer")
         if verifier_kind not in KNOWN_KINDS:
             raise RequestRefused(f"unknown evidence kind {verifier_kind!r}; known: {', '.join(KNOWN_KINDS)}", 400)
         expected = check_measurements(measurements)
@@ -275,10 +284,13 @@ class OwnerService:
                     verifier_kind=verifier_kind,
                     identity=identity.lower() if identity else None,
                     expected_measurements=json.dumps(expected, sort_keys=True),
+                    customer=customer,
                     created_at=self.clock(),
                 )
             )
-            self.store.audit(session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity)
+            self.store.audit(
+                session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity, customer=customer
+            )
 
     def issue_licence(
         self,
@@ -286,6 +298,7 @@ class OwnerService:
         *,
         device_id: str | None = None,
         max_instances: int | None = None,
+        customer: str | None = None,
         valid_for: timedelta = timedelta(days=365),
         query_quota: int | None = None,
         revalidate_seconds: int = 3600,
@@ -298,6 +311,11 @@ class OwnerService:
             raise RequestRefused("a licence is bound to exactly one of a device or an instance count", 400)
         if max_instances is not None and max_instances < 1:
             raise RequestRefused("the instance count must be at least 1", 400)
+        if customer is not None:
+            check_id(customer, "customer")
+        elif max_instances is not None:
+            # Without a customer an instance licence would admit every enrolled device of every tenant.
+            raise RequestRefused("an instance licence needs the customer whose devices may use it (--customer)", 400)
         if query_quota is not None and query_quota < 0:
             raise RequestRefused("the query quota cannot be negative", 400)
         if valid_for <= timedelta(0):
@@ -310,13 +328,20 @@ class OwnerService:
         with self.store.transaction() as session:
             if session.get(Model, model_id) is None:
                 raise RequestRefused(f"model {model_id} is not registered", 404)
-            if device_id is not None and session.get(Device, device_id) is None:
-                raise RequestRefused(f"device {device_id} is not enrolled", 404)
+            if device_id is not None:
+                bound = session.get(Device, device_id)
+                if bound is None:
+                    raise RequestRefused(f"device {device_id} is not enrolled", 404)
+                if customer is not None and bound.customer != customer:
+                    refusal = f"device {device_id} belongs to customer {bound.customer}, not {customer}"
+                    raise RequestRefused(refusal, 400)
+                customer = bound.customer
             session.add(
                 Licence(
                     id=licence_id,
                     model_id=model_id,
                     device_id=device_id,
+                    customer=customer,
                     max_instances=max_instances,
                     expires_at=now + valid_for,
                     query_quota=query_quota,
@@ -337,6 +362,7 @@ class OwnerService:
                 "ok",
                 model=model_id,
                 device=device_id,
+                customer=customer,
                 max_instances=max_instances,
                 quota=query_quota,
                 allow_sim=allow_sim,
@@ -367,6 +393,7 @@ class OwnerService:
                     "id": row.id,
                     "model": row.model_id,
                     "device": row.device_id,
+                    "customer": row.customer,
                     "max_instances": row.max_instances,
                     "instances": instances.get(row.id, 0),
                     "expires_at": row.expires_at.isoformat(),
@@ -520,6 +547,10 @@ class OwnerService:
             raise RequestRefused("unknown device: enrol it with `modelcloak owner device enroll`")
         if licence.device_id is not None and licence.device_id != device.id:
             raise RequestRefused(f"licence {licence.id} is bound to another device")
+        if licence.device_id is None and (licence.customer is None or device.customer != licence.customer):
+            # An instance licence admits only its own customer's devices; one without a customer (issued
+            # before customers existed) admits nobody until it is reissued.
+            raise RequestRefused(f"device {device.id} is not a device of licence {licence.id}'s customer")
         if claims.kind != device.verifier_kind:
             raise RequestRefused(
                 f"device {device.id} is enrolled for {device.verifier_kind!r} evidence, not {claims.kind!r}"

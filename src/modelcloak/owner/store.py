@@ -98,6 +98,7 @@ class Device(Base):
     verifier_kind: Mapped[str] = mapped_column(String(32))
     identity: Mapped[str | None] = mapped_column(String(256), nullable=True)
     expected_measurements: Mapped[str] = mapped_column(Text, default="{}")  # JSON name -> hex
+    customer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the tenant the device belongs to
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
     def measurements(self) -> dict[str, str]:
@@ -109,6 +110,7 @@ class Licence(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
+    customer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # whose devices may use it
     max_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     query_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -191,6 +191,30 @@ def test_revalidation_and_offline_grace_on_the_device(backend: Backend) -> None:
         provider.revalidate(later)  # reachable and refused: stop at once, grace or not
 
 
+def test_sql_update_under_a_running_server_releases_nothing(backend: Backend) -> None:
+    """Issue 12's attack on the live server: a revoked licence un-revoked, extended and lifted to an
+    unlimited quota by raw SQL (database credentials only) stays refused; control: an untouched
+    licence is released by the same server."""
+    from sqlalchemy import create_engine, text
+
+    victim = backend.licence(query_quota=1)
+    backend.service.revoke_licence(victim, "contract ended")
+    raw = create_engine(backend.service.store.url)
+    with raw.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE licences SET revoked_at = NULL, revocation_reason = NULL, query_quota = NULL,"
+                " allow_debug = TRUE WHERE id = :id"
+            ),
+            {"id": victim},
+        )
+    raw.dispose()
+    with pytest.raises(RequestRefused, match="failed its integrity check") as refusal:
+        backend.usage_key(victim)
+    assert refusal.value.status == 403
+    assert len(backend.usage_key(backend.licence())) == 32  # control
+
+
 def test_quota_is_exact_under_concurrent_reporters(backend: Backend) -> None:
     quota = 60
     licence = backend.licence(query_quota=quota)

@@ -7,6 +7,7 @@ right (the negative control), so a test cannot pass because everything is refuse
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -283,6 +284,109 @@ def test_instance_licences_need_a_customer_and_device_licences_keep_theirs(world
     assert world.release(licence=own, device_id="loner")[:32] == world.model_key
 
 
+# --- row integrity: database write access alone must not grant anything ------------------------------
+
+
+def _sql(world: World, statement: str, **params) -> None:
+    """A raw write with the database's own driver, as someone holding only database credentials would."""
+    with world.service.store.engine.begin() as connection:
+        connection.execute(text(statement), params)
+
+
+def _fresh(world: World) -> str:
+    return world.service.issue_licence("mnist", device_id="dev1", allow_sim=True, query_quota=5)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE licences SET revoked_at = NULL, revocation_reason = NULL WHERE id = :id",
+        "UPDATE licences SET expires_at = :far WHERE id = :id",
+        "UPDATE licences SET queries_used = 0 WHERE id = :id",
+        "UPDATE licences SET query_quota = NULL WHERE id = :id",
+        "UPDATE licences SET model_id = 'm2' WHERE id = :id",
+    ],
+)
+def test_licence_rows_changed_by_sql_release_nothing(world: World, statement: str) -> None:
+    """Attack: a licence that releases nothing (revoked, expired, quota used up) is 'repaired', or pointed
+    at another model, by an SQL UPDATE without the master key. Control: a licence written after it,
+    untouched, is released; the audit log names the refusal."""
+    world.service.register_model("m2", secrets.token_bytes(32))
+    victim = _fresh(world)
+    key = _usage_key(world, victim)
+    _report(world, key, 1, 5, licence=victim)  # quota used up
+    with refused("quota exhausted"):
+        world.release(licence=victim)
+    world.service.revoke_licence(victim, "contract ended")
+    world.clock.now += timedelta(days=400)  # and expired
+    far = world.clock.now + timedelta(days=3650)
+    _sql(world, statement, id=victim, far=far)
+    with refused(f"licence {victim} failed its integrity check"):
+        world.release(licence=victim)
+    control = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True)
+    assert world.release(licence=control)[:32] == world.model_key
+    refusals = [e for e in _audit(world) if e.event == "key.release" and e.outcome == "refused"]
+    assert "integrity check" in refusals[-1].detail
+
+
+@pytest.mark.parametrize(
+    ("statement", "measurements"),
+    [
+        ("UPDATE devices SET expected_measurements = :cd WHERE id = 'dev1'", {"app": "cd" * 32}),
+        ("UPDATE devices SET identity = :other WHERE id = 'dev1'", MEASUREMENT),
+        ("UPDATE devices SET customer = 'globex' WHERE id = 'dev1'", MEASUREMENT),
+    ],
+)
+def test_device_rows_changed_by_sql_release_nothing(world: World, statement: str, measurements: dict) -> None:
+    """Attack: the device's expected measurements, pinned key or customer are rewritten to match a
+    modified device (or another tenant's licence). Control: before the UPDATE the same release works,
+    and a second device's untouched row still releases afterwards."""
+    intruder = SimDevice.create(world.tmp / "intruder.pem")
+    if "identity" in statement:
+        world.device = intruder
+        with refused("not device dev1's enrolled key"):  # what the UPDATE is meant to get around
+            world.release(licence=world.licence)
+    else:
+        assert world.release(licence=world.licence)[:32] == world.model_key
+    _sql(world, statement, cd=json.dumps({"app": "cd" * 32}), other=intruder.identity)
+    with refused("device dev1 failed its integrity check"):
+        world.release(licence=world.licence, measurements=measurements)
+    second = SimDevice.create(world.tmp / "second.pem")
+    world.service.enroll_device("dev2", "sim", MEASUREMENT, identity=second.identity)
+    world.device = second
+    licence = world.service.issue_licence("mnist", device_id="dev2", allow_sim=True)
+    assert world.release(licence=licence, device_id="dev2")[:32] == world.model_key
+
+
+def test_usage_on_a_tampered_licence_is_refused_and_untouched_rows_count(world: World) -> None:
+    victim = _fresh(world)
+    key = _usage_key(world, victim)
+    _report(world, key, 1, 5, licence=victim)
+    _sql(world, "UPDATE licences SET queries_used = 0 WHERE id = :id", id=victim)
+    with refused("integrity check"):
+        _report(world, key, 2, 5, licence=victim)
+    control = _fresh(world)
+    control_key = _usage_key(world, control)
+    assert _report(world, control_key, 1, 3, licence=control).queries_used == 3
+    assert _report(world, control_key, 2, 2, licence=control).queries_used == 5  # the tag follows the count
+
+
+def test_rows_from_before_tags_are_refused_until_the_owner_tags_them(world: World) -> None:
+    _sql(world, "UPDATE licences SET row_tag = NULL WHERE id = :id", id=world.licence)
+    with refused("no integrity tag"):
+        world.release()
+    assert world.service.tag_untagged_rows() == 1
+    assert world.release()[:32] == world.model_key
+    assert world.service.tag_untagged_rows() == 0
+
+
+def test_a_row_tag_made_under_another_master_key_does_not_verify(world: World) -> None:
+    other = OwnerService(world.service.store, MasterKey(secrets.token_bytes(32)), clock=world.clock)
+    with refused("integrity check"):
+        other.revoke_licence(world.licence)
+    world.service.revoke_licence(world.licence)  # control: the right key revokes
+
+
 def test_licence_terms_are_validated(world: World) -> None:
     with refused("exactly one of a device or an instance count"):
         world.service.issue_licence("mnist")
@@ -391,7 +495,10 @@ def test_model_keys_are_sealed_under_the_master_key(world: World, database: str)
         assert world.model_key not in Path(database).read_bytes()
     wrong = OwnerService(world.service.store, MasterKey(secrets.token_bytes(32)), clock=world.clock)
     wrong.registry = VerifierRegistry({"sim": SimVerifier()})
-    licence = wrong.issue_licence("mnist", device_id="dev1", allow_sim=True)  # sealing works with any key...
+    # Rows tagged by the wrong key itself (a device enrolled and a licence issued with it) pass their
+    # integrity checks, so what is left to refuse is opening the model key sealed under the right one.
+    wrong.enroll_device("devw", "sim", MEASUREMENT, identity=world.device.identity)
+    licence = wrong.issue_licence("mnist", device_id="devw", allow_sim=True)  # sealing works with any key...
     with pytest.raises(OwnerError, match="wrong master key"):
         world.service.master.open(sealed, "model:other")  # ...a ciphertext moved to another row does not open
     world.service.master.open(sealed, "model:mnist")
@@ -404,7 +511,7 @@ def test_model_keys_are_sealed_under_the_master_key(world: World, database: str)
     with pytest.raises(OwnerError, match="wrong master key"):
         wrong.release_key(
             licence_id=licence,
-            device_id="dev1",
+            device_id="devw",
             instance_id="i",
             nonce=nonce,
             ephemeral_public_key=ephemeral,

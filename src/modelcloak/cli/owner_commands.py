@@ -123,6 +123,23 @@ def register(app: typer.Typer) -> None:
         finally:
             store.close()
 
+    @owner_app.command("migrate")
+    def migrate_command(
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+    ) -> None:
+        """Bring the schema to the newest revision and tag rows made before integrity tags existed."""
+        from modelcloak.owner.store import schema_revision
+
+        service = _service(db, master_key_file, master_key_env, master=True)
+        try:
+            tagged = service.tag_untagged_rows()
+            revision = schema_revision(service.store.engine)
+        finally:
+            service.store.close()
+        out.print(f"database at schema revision {revision}; tagged {tagged} untagged row(s)", highlight=False)
+
     @model_app.command("register")
     def model_register(
         model_id: Annotated[str, typer.Argument(help="Name for the model (used by licences).")],
@@ -165,9 +182,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
         customer: CustomerOpt = None,
         db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
     ) -> None:
         """Enrol a device: its evidence kind, attestation identity, expected measurements and customer."""
-        service = _service(db, None, None, master=False)
+        # The master key tags the row, so that a database write alone cannot change what it admits.
+        service = _service(db, master_key_file, master_key_env, master=True)
         service.enroll_device(device_id, kind, _measurements(measurement), identity, customer=customer)
         warning = " (sim: INSECURE, development only)" if kind == "sim" else ""
         out.print(f"enrolled device {device_id}{warning}", highlight=False)
@@ -217,9 +237,11 @@ def register(app: typer.Typer) -> None:
         licence_id: Annotated[str, typer.Argument(help="Licence to revoke.")],
         reason: Annotated[str, typer.Option(help="Shown to the runtime.")] = "revoked by the owner",
         db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
     ) -> None:
-        """Revoke a licence: later key releases are refused with REASON."""
-        _service(db, None, None, master=False).revoke_licence(licence_id, reason)
+        """Revoke a licence: later key releases and usage reports are refused with REASON."""
+        _service(db, master_key_file, master_key_env, master=True).revoke_licence(licence_id, reason)
         out.print(f"revoked {licence_id}", highlight=False)
 
     @licence_app.command("list")

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from modelcloak.owner.errors import OwnerError
 from modelcloak.owner.evidence.base import Claims, EvidenceError, binding_digest
 from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
+from modelcloak.owner.integrity import check_row, seal_row
 from modelcloak.owner.protocol import (
     HPKE_SUITE,
     MAX_BATCH_QUERIES,
@@ -275,19 +276,19 @@ class OwnerService:
         if identity is None and verifier_kind in ("sim", "tpm"):
             # Without a pinned key, anyone could make sim/tpm evidence for these measurements.
             raise RequestRefused(f"{verifier_kind} devices need their attestation identity (key fingerprint)", 400)
+        device = Device(
+            id=device_id,
+            verifier_kind=verifier_kind,
+            identity=identity.lower() if identity else None,
+            expected_measurements=json.dumps(expected, sort_keys=True),
+            customer=customer,
+            created_at=self.clock(),
+        )
+        seal_row(self.master.row_tag_key, device)
         with self.store.transaction() as session:
             if session.get(Device, device_id) is not None:
                 raise RequestRefused(f"device {device_id} is already enrolled", 409)
-            session.add(
-                Device(
-                    id=device_id,
-                    verifier_kind=verifier_kind,
-                    identity=identity.lower() if identity else None,
-                    expected_measurements=json.dumps(expected, sort_keys=True),
-                    customer=customer,
-                    created_at=self.clock(),
-                )
-            )
+            session.add(device)
             self.store.audit(
                 session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity, customer=customer
             )
@@ -336,25 +337,25 @@ class OwnerService:
                     refusal = f"device {device_id} belongs to customer {bound.customer}, not {customer}"
                     raise RequestRefused(refusal, 400)
                 customer = bound.customer
-            session.add(
-                Licence(
-                    id=licence_id,
-                    model_id=model_id,
-                    device_id=device_id,
-                    customer=customer,
-                    max_instances=max_instances,
-                    expires_at=now + valid_for,
-                    query_quota=query_quota,
-                    queries_used=0,
-                    revalidate_seconds=revalidate_seconds,
-                    offline_grace_seconds=offline_grace_seconds,
-                    allow_sim=allow_sim,
-                    allow_debug=allow_debug,
-                    expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
-                    sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
-                    created_at=now,
-                )
+            licence = Licence(
+                id=licence_id,
+                model_id=model_id,
+                device_id=device_id,
+                customer=customer,
+                max_instances=max_instances,
+                expires_at=now + valid_for,
+                query_quota=query_quota,
+                queries_used=0,
+                revalidate_seconds=revalidate_seconds,
+                offline_grace_seconds=offline_grace_seconds,
+                allow_sim=allow_sim,
+                allow_debug=allow_debug,
+                expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
+                sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
+                created_at=now,
             )
+            seal_row(self.master.row_tag_key, licence)
+            session.add(licence)
             self.store.audit(
                 session,
                 "licence.issue",
@@ -373,10 +374,12 @@ class OwnerService:
     def revoke_licence(self, licence_id: str, reason: str = "revoked by the owner") -> None:
         with self.store.transaction() as session:
             licence = self._locked_licence(session, licence_id)
+            check_row(self.master.row_tag_key, licence)
             if licence.revoked_at is not None:
                 raise RequestRefused(f"licence {licence_id} is already revoked", 409)
             licence.revoked_at = self.clock()
             licence.revocation_reason = reason
+            seal_row(self.master.row_tag_key, licence)
             self.store.audit(session, "licence.revoke", licence_id, "ok", reason=reason)
 
     def licences(self) -> list[dict[str, Any]]:
@@ -421,6 +424,22 @@ class OwnerService:
                 }
                 for s in session.scalars(query)
             ]
+
+    def tag_untagged_rows(self) -> int:
+        """Give licences and devices made before row tags existed their tag; returns how many were tagged.
+
+        Run once after upgrading to schema revision 0004, by the owner, on a database they trust at
+        that moment: it vouches for whatever those rows hold now.
+        """
+        tagged = 0
+        with self.store.transaction() as session:
+            for table in (Licence, Device):
+                for row in session.scalars(select(table).where(table.row_tag.is_(None))):
+                    seal_row(self.master.row_tag_key, row)
+                    tagged += 1
+            if tagged:
+                self.store.audit(session, "rows.tag", "licences+devices", "ok", tagged=tagged)
+        return tagged
 
     def queries_used(self, licence_id: str) -> int:
         with self.store.transaction() as session:
@@ -539,12 +558,14 @@ class OwnerService:
         self, session: Session, licence: Licence, device: Device | None, claims: Claims, instance_id: str
     ) -> None:
         now = self.clock()
+        check_row(self.master.row_tag_key, licence)  # before any of its columns is believed
         if licence.revoked_at is not None:
             raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
         if licence.expires_at <= now:
             raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
         if device is None:
             raise RequestRefused("unknown device: enrol it with `modelcloak owner device enroll`")
+        check_row(self.master.row_tag_key, device)
         if licence.device_id is not None and licence.device_id != device.id:
             raise RequestRefused(f"licence {licence.id} is bound to another device")
         if licence.device_id is None and (licence.customer is None or device.customer != licence.customer):
@@ -632,7 +653,9 @@ class OwnerService:
         with session.no_autoflush:
             licence = licences.get(licence_id)
             if licence is None:
-                licence = licences[licence_id] = self._locked_licence(session, licence_id)
+                licence = self._locked_licence(session, licence_id)
+                check_row(self.master.row_tag_key, licence)
+                licences[licence_id] = licence
             if result is None:
                 expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
             else:
@@ -667,6 +690,7 @@ class OwnerService:
         stream.last_sequence = sequence
         stream.queries += queries
         licence.queries_used += queries
+        seal_row(self.master.row_tag_key, licence)
         session.add(
             UsageBatch(
                 licence_id=licence_id,
@@ -716,6 +740,7 @@ class OwnerService:
             licence = session.get(Licence, licence_id)
             if licence is None:
                 raise RequestRefused(f"unknown licence {licence_id}", 404)
+            check_row(self.master.row_tag_key, licence)
             expected = fhe_request_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries, result)
             if not hmac.compare_digest(expected, mac):
                 raise RequestRefused("decryption request signature does not verify", 401)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -99,6 +101,7 @@ class Device(Base):
     identity: Mapped[str | None] = mapped_column(String(256), nullable=True)
     expected_measurements: Mapped[str] = mapped_column(Text, default="{}")  # JSON name -> hex
     customer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the tenant the device belongs to
+    row_tag: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # owner/integrity.py
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
     def measurements(self) -> dict[str, str]:
@@ -123,6 +126,7 @@ class Licence(Base):
     sealed_usage_key: Mapped[bytes] = mapped_column(LargeBinary)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    row_tag: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # owner/integrity.py
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
@@ -321,6 +325,8 @@ class MasterKey:
         if len(key) != MASTER_KEY_SIZE:
             raise OwnerError(f"master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
         self._aead = AESGCM(bytes(key))
+        # A separate key for row integrity tags, so no MAC and no ciphertext ever share a key.
+        self.row_tag_key = HKDF(hashes.SHA256(), 32, salt=None, info=b"modelcloak owner row tags v1").derive(bytes(key))
 
     @classmethod
     def from_provider(cls, provider: Any) -> MasterKey:

@@ -387,6 +387,42 @@ def test_a_row_tag_made_under_another_master_key_does_not_verify(world: World) -
     world.service.revoke_licence(world.licence)  # control: the right key revokes
 
 
+class _Exploding:
+    """A verifier whose parser fails the way third-party parsers do on hostile bytes."""
+
+    kind = "sim"
+
+    def verify(self, evidence: bytes, *, now: datetime):
+        raise OverflowError("cannot convert float infinity to integer")
+
+
+def test_a_parser_error_on_hostile_evidence_is_a_4xx_with_an_audit_entry(world: World) -> None:
+    world.service.registry = VerifierRegistry({"sim": _Exploding()})
+    with refused("malformed sim evidence") as caught:
+        world.release()
+    assert caught.value.status == 400
+    assert "malformed sim evidence" in _audit(world)[-1].detail
+    world.service.registry = VerifierRegistry({"sim": SimVerifier()})
+    assert world.release()[:32] == world.model_key  # control
+
+
+@pytest.mark.parametrize("bad_key", [bytes(32), bytes([1]) + bytes(31), bytes(31)])
+def test_low_order_and_short_ephemeral_keys_are_400_before_anything_is_spent(world: World, bad_key: bytes) -> None:
+    nonce = world.service.new_nonce(world.licence)[0]
+    with refused("X25519") as caught:
+        world.service.release_key(
+            licence_id=world.licence,
+            device_id="dev1",
+            instance_id="i1",
+            nonce=nonce,
+            ephemeral_public_key=bad_key,
+            evidence_kind="sim",
+            evidence=world.device.evidence(binding_digest(nonce, bad_key), MEASUREMENT),
+        )
+    assert caught.value.status == 400
+    assert world.release()[:32] == world.model_key  # control: a real ephemeral key
+
+
 def test_licence_terms_are_validated(world: World) -> None:
     with refused("exactly one of a device or an instance count"):
         world.service.issue_licence("mnist")
@@ -426,6 +462,27 @@ def test_usage_batches_count_once_and_resends_are_acknowledged(world: World) -> 
     assert {(u["reporter"], u["queries"]) for u in world.service.usage(world.licence)} == {("r1", 15), ("r2", 7)}
 
 
+def test_revocation_and_expiry_stop_usage_reports_at_once(world: World) -> None:
+    """Attack: a runtime keeps reporting (and so keeps being allowed to answer) after its licence was
+    revoked or expired. Control: the same reporter's batch just before is counted, and a resend of an
+    acknowledged batch is still acknowledged (not counted again) so the device can drop it."""
+    key = _usage_key(world)
+    assert _report(world, key, 1, 3).queries_used == 3  # control
+    world.service.revoke_licence(world.licence, "contract ended")
+    with refused("was revoked: contract ended"):
+        _report(world, key, 2, 1)
+    assert _report(world, key, 1, 3).duplicate is True
+    assert world.service.queries_used(world.licence) == 3
+
+    expiring = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True, valid_for=timedelta(hours=1))
+    other = _usage_key(world, expiring)
+    assert _report(world, other, 1, 2, licence=expiring).queries_used == 2  # control, before expiry
+    world.clock.now += timedelta(hours=1)
+    with refused("expired at"):
+        _report(world, other, 2, 1, licence=expiring)
+    assert world.service.queries_used(expiring) == 2
+
+
 def test_usage_with_a_bad_signature_is_refused(world: World) -> None:
     key = _usage_key(world)
     with refused("signature does not verify"):
@@ -454,6 +511,7 @@ def test_quota_is_enforced_on_usage_and_release(world: World) -> None:
 
 
 def _audit(world: World) -> list[AuditEntry]:
+    world.service.refusals.flush()  # refusal entries are written in batches, off the request path
     with world.service.store.transaction() as session:
         return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id)))
 

@@ -61,7 +61,8 @@ def _service(db: str | None, master_key_file: Path | None, master_key_env: str |
 
     provider = _master_provider(master_key_file, master_key_env, required=master)
     master_key = MasterKey.from_provider(provider) if provider is not None else None
-    return OwnerService(Store(_database(db)), master_key)
+    # Only commands that write with the master key migrate; read-only ones refuse an old schema instead.
+    return OwnerService(Store(_database(db), migrate_schema=master), master_key)
 
 
 def _measurements(pairs: list[str] | None) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import queue
 import re
 import secrets
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.evidence.base import Claims, EvidenceError, binding_digest
 from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
 from modelcloak.owner.integrity import check_row, seal_row
@@ -40,6 +41,7 @@ from modelcloak.owner.protocol import (
     release_info,
     usage_mac,
 )
+from modelcloak.owner.refusals import RefusalLog
 from modelcloak.owner.store import (
     Device,
     FheSecret,
@@ -55,6 +57,7 @@ from modelcloak.owner.store import (
 )
 
 NONCE_LIFETIME = timedelta(seconds=120)
+_log = logging.getLogger("modelcloak.owner")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]{2,256}$")
@@ -187,6 +190,15 @@ class GroupCommit:
             raise slot[3]
         return slot[2]
 
+    def _apply_group(self, group: list[list[Any]]) -> None:
+        with self.store.transaction() as session:
+            for slot in group:
+                slot[2], slot[3] = None, None
+                try:
+                    slot[2] = self.apply(session, *slot[0])
+                except RequestRefused as exc:
+                    slot[3] = exc
+
     def _run(self) -> None:
         while True:
             group = [self._queue.get()]
@@ -195,15 +207,21 @@ class GroupCommit:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            # Licence rows are locked in ascending id order in every worker, so two workers' groups
+            # cannot wait on each other in a cycle (the stable sort keeps each reporter's batches in order).
+            group.sort(key=lambda slot: slot[0][0])
             try:
-                with self.store.transaction() as session:
-                    for slot in group:
-                        try:
-                            slot[2] = self.apply(session, *slot[0])
-                        except RequestRefused as exc:
-                            slot[3] = exc
+                for attempt in range(1, 4):
+                    try:
+                        self._apply_group(group)
+                        break
+                    except DatabaseUnavailable as exc:
+                        if not exc.retryable or attempt == 3:
+                            raise
+                        _log.warning("usage group retried after %s", exc)
             except Exception as exc:  # the commit failed: nothing in this group was stored
-                failure = exc if isinstance(exc, OwnerError) else OwnerError(f"usage not stored: {exc}")
+                _log.error("usage group of %d batches not stored", len(group), exc_info=True)
+                failure = exc if isinstance(exc, OwnerError) else DatabaseUnavailable(f"usage not stored: {exc}")
                 for slot in group:
                     slot[2], slot[3] = None, slot[3] or failure
             for slot in group:
@@ -229,6 +247,7 @@ class OwnerService:
         self._fhe_decryptors: dict[str, Any] = {}  # model id -> OwnerDecryptor (parsing a secret is slow)
         self._fhe_lock = threading.Lock()  # SEAL's decryptor is not documented as thread-safe
         self._usage_committer = GroupCommit(store, self._apply_usage)
+        self.refusals = RefusalLog(store)
 
     @property
     def master(self) -> MasterKey:
@@ -458,7 +477,15 @@ class OwnerService:
             session.add(Nonce(value=nonce.hex(), licence_id=licence_id, expires_at=now + NONCE_LIFETIME))
             # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
             # (an expired nonce is refused as unknown just the same).
-            session.execute(delete(Nonce).where(Nonce.expires_at < now - NONCE_LIFETIME))
+            # SKIP LOCKED: workers cleaning up at the same time each take rows nobody else holds, instead
+            # of locking overlapping sets in different orders (a deadlock between two workers).
+            stale = (
+                select(Nonce.value)
+                .where(Nonce.expires_at < now - NONCE_LIFETIME)
+                .limit(1000)
+                .with_for_update(skip_locked=True)
+            )
+            session.execute(delete(Nonce).where(Nonce.value.in_(stale)))
         return nonce, now + NONCE_LIFETIME
 
     def release_key(
@@ -479,14 +506,16 @@ class OwnerService:
         subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
         try:
             self._spend_nonce(licence_id, nonce)
-            try:
-                public_key = X25519PublicKey.from_public_bytes(ephemeral_public_key)
-            except ValueError:
-                raise RequestRefused("the ephemeral public key is not a 32-byte X25519 key", 400) from None
+            public_key = _ephemeral_key(ephemeral_public_key)
             try:
                 claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
             except EvidenceError as exc:
                 raise RequestRefused(f"evidence refused: {exc}") from None
+            except Exception as exc:  # noqa: BLE001  a parser's surprise on hostile bytes is still the sender's fault
+                _log.warning("evidence verifier for %r raised on malformed input", evidence_kind, exc_info=True)
+                raise RequestRefused(
+                    f"evidence refused: malformed {evidence_kind} evidence ({type(exc).__name__})", 400
+                ) from None
             if claims.kind != evidence_kind:
                 raise RequestRefused(f"evidence claims kind {claims.kind!r}, sent as {evidence_kind!r}")
             expected_binding = binding_digest(nonce, ephemeral_public_key)
@@ -530,8 +559,9 @@ class OwnerService:
                 )
                 return release
         except RequestRefused as exc:
-            with self.store.transaction() as session:
-                self.store.audit(session, "key.release", licence_id, "refused", reason=str(exc), **subject)
+            # Queued, not committed here: anyone can cause refusals, so they must not each cost a synced write.
+            self.refusals.record("key.release", licence_id, reason=str(exc), **subject)
+            exc.audited = True
             raise
 
     def _spend_nonce(self, licence_id: str, nonce: bytes) -> None:
@@ -675,7 +705,13 @@ class OwnerService:
                     previous = row.queries if row is not None else None
                 if previous != queries:
                     raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
+                # Acknowledged again even after revocation: it was counted before, and the device may drop it.
                 return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
+        # A new batch is new use: a revoked or expired licence has none, from the moment it is revoked.
+        if licence.revoked_at is not None:
+            raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
+        if licence.expires_at <= self.clock():
+            raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
         if sequence != last + 1:
             raise RequestRefused(f"batch {sequence} arrives after {last}: batches {last + 1}.. are missing", 409)
         if licence.query_quota is not None and licence.queries_used + queries > licence.query_quota:
@@ -762,6 +798,10 @@ class OwnerService:
                 labels = decryptor.labels(result, top_k=top_k)
         except FheError as exc:
             raise RequestRefused(f"encrypted result refused: {exc}", 422) from None
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+            # A licensed device's malformed envelope (infinite counts, absurd nesting) is its own error.
+            _log.warning("FHE envelope for licence %s raised while parsing", licence_id, exc_info=True)
+            raise RequestRefused(f"encrypted result refused: malformed envelope ({type(exc).__name__})", 422) from None
         if len(labels) != queries:
             raise RequestRefused(f"the result holds {len(labels)} samples, the request counts {queries}", 400)
         ack = self._usage_committer.submit((licence_id, reporter_id, sequence, queries, mac, result))
@@ -773,6 +813,21 @@ class OwnerService:
             key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
             self._usage_keys[licence.id] = key
         return key
+
+
+def _ephemeral_key(raw: bytes) -> X25519PublicKey:
+    """The device's ephemeral X25519 key; refuses keys whose shared secret would be all zeros.
+
+    RFC 7748 low-order points (the all-zero key among them) make every key agreement come out as
+    zeros, which `cryptography` refuses with ValueError deep in HPKE; checked here, up front, with one
+    agreement against a throwaway key, so the request gets a 400 before any licence state is touched.
+    """
+    try:
+        public_key = X25519PublicKey.from_public_bytes(raw)
+        X25519PrivateKey.generate().exchange(public_key)
+    except ValueError:
+        raise RequestRefused("the ephemeral public key is not a usable 32-byte X25519 key", 400) from None
+    return public_key
 
 
 def _fhe_decryptor(owner_secret: bytes) -> Any:

@@ -46,9 +46,10 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 
 MASTER_KEY_SIZE = 32
+MIGRATION_LOCK_ID = 0x6D63_6F77_6E72  # "mcownr": the PostgreSQL advisory lock migrations take
 _SEAL_LABEL = b"modelcloak owner secret v1\x00"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -258,12 +259,53 @@ def migrate(engine: Engine) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
+    check_schema(engine, allow_behind=True)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Several workers starting together on one database: one migrates, the others wait here
+                # and then find the schema at head (on SQLite, BEGIN IMMEDIATE serialises the same way).
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except OperationalError as exc:
-        raise OwnerError(f"cannot reach or migrate the database: {_first_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot reach or migrate the database: {_first_line(exc)}") from None
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def check_schema(engine: Engine, *, allow_behind: bool) -> None:
+    """Refuse a database this release cannot use: one from a newer release, or (unless allowed) one not migrated."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    try:
+        current = schema_revision(engine)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from None
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    head = head_revision()
+    if current is not None and current not in known:
+        raise OwnerError(
+            f"the database is at schema revision {current}, newer than this release knows (newest {head}): "
+            "upgrade modelcloak, or point --db at this release's database"
+        )
+    if current != head and not allow_behind:
+        raise OwnerError(
+            f"the database is at schema revision {current or 'none'}, this release needs {head}: "
+            "run `modelcloak owner migrate --master-key-file ...` first"
+        )
 
 
 def schema_revision(engine: Engine) -> str | None:
@@ -287,6 +329,8 @@ class Store:
         self.dialect = self.engine.dialect.name
         if migrate_schema:
             migrate(self.engine)
+        else:
+            check_schema(self.engine, allow_behind=False)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _guard_audit_flush)
         # SQLite has one writer at a time, and a connection that finds the lock taken sleeps in
@@ -302,7 +346,10 @@ class Store:
                 with session.begin():
                     yield session
             except OperationalError as exc:
-                raise OwnerError(f"database error: {_first_line(exc)}") from None
+                failure = DatabaseUnavailable(f"database error: {_first_line(exc)}")
+                # Deadlock or serialisation failure between workers: nothing was written, the caller may retry.
+                failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+                raise failure from None
 
     def audit(self, session: Session, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
         session.add(
@@ -310,6 +357,14 @@ class Store:
                 at=now_utc(), event=event_name, subject=subject, outcome=outcome, detail=json.dumps(detail, default=str)
             )
         )
+
+    def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers a trivial query."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"database error: {_first_line(exc)}") from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -65,10 +65,11 @@ class SealedSession:
         feeds = self._feeds(inputs)
         if self.licence is None:
             return self._compute(feeds)
-        self.licence.before()
-        results = self._compute(feeds)
         first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
-        self.licence.after(int(first.shape[0]) if first.ndim else 1)
+        samples = int(first.shape[0]) if first.ndim else 1
+        self.licence.before(samples)  # with a quota, reserves the samples: refused means nothing is answered
+        results = self._compute(feeds)
+        self.licence.after(samples)
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:

@@ -152,3 +152,77 @@ def test_405_names_the_allowed_method_and_the_schema_lists_error_codes(live: Bac
     spec = httpx.get(live.server.url + "/v1/openapi.json").json()
     usage = spec["paths"]["/v1/usage"]["post"]["responses"]
     assert {"200", "401", "403", "409", "413", "422", "503"} <= set(usage)
+
+
+# --- hygiene and bounds (issue 12 items 8 and 9) ------------------------------------------------------
+
+
+def test_a_half_sent_body_is_cut_off_with_408_and_audited(live: Backend) -> None:
+    import socket
+
+    from modelcloak.owner.api import BODY_TIMEOUT
+
+    before = _refusals(live)
+    with socket.create_connection(("127.0.0.1", live.server.port), timeout=BODY_TIMEOUT * 4) as slow:
+        slow.sendall(
+            b"POST /v1/nonce HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        answer = slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert _wait_for_refusals(live, before + 1) == before + 1
+    assert httpx.post(live.server.url + "/v1/nonce", json={"licence_id": live.fuzz_licence}).status_code == 200
+
+
+def test_one_address_over_its_rate_gets_429_and_others_do_not(live: Backend) -> None:
+    """The limit is per client address (here the ASGI app in process, with a limit of 5 in a burst,
+    so the test does not depend on how fast this machine can send)."""
+    from starlette.testclient import TestClient
+
+    from modelcloak.owner.api import create_app
+
+    app = create_app(live.service, rate=0.001, burst=5)
+    noisy = TestClient(app, client=("203.0.113.7", 1234))
+    quiet = TestClient(app, client=("203.0.113.8", 1234))
+    statuses = [noisy.get("/v1/health").status_code for _ in range(8)]
+    assert statuses == [200] * 5 + [429] * 3
+    assert noisy.get("/v1/health").headers["retry-after"] == "1"
+    assert quiet.get("/v1/health").status_code == 200  # control: another address is unaffected
+
+
+def test_a_database_outage_is_503_without_internals_and_logged(tmp_path: Path) -> None:
+    from postgres import PostgresCluster, require_postgres
+
+    with PostgresCluster(require_postgres()) as cluster:
+        backend = Backend(cluster.new_database(), tmp_path)
+        backend.server.start()
+        try:
+            assert httpx.get(backend.server.url + "/v1/health").status_code == 200  # control
+            licence = backend.licence()
+            backend.service.store.close()
+            cluster.stop()
+            for path, body in (("/v1/health", None), ("/v1/nonce", {"licence_id": licence})):
+                answer = httpx.request("GET" if body is None else "POST", backend.server.url + path, json=body)
+                assert answer.status_code == 503, answer.text
+                assert str(cluster.port) not in answer.text and "127.0.0.1" not in answer.text
+                assert answer.headers["retry-after"]
+        finally:
+            backend.server.stop()
+    log = backend.server.log.read_text()
+    assert "database unavailable" in log and str(cluster.port) in log
+
+
+def test_printed_database_urls_hide_the_password_and_sqlite_files_are_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from modelcloak.owner.store import Store, redacted
+
+    shown = redacted("postgresql://owner:s3cret-pw@db.internal:5432/licences")
+    assert "s3cret-pw" not in shown and "db.internal" in shown
+    assert redacted("postgresql://owner@db.internal/licences").endswith("/licences")  # control: nothing to hide
+    old_umask = os.umask(0o022)
+    try:
+        Store(tmp_path / "owner.db").close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "owner.db").stat().st_mode) == 0o600

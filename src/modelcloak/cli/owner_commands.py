@@ -41,6 +41,13 @@ def _database(db: str | None) -> str:
     return db or os.environ.get(DB_ENV) or DEFAULT_DATABASE
 
 
+def _shown(database: str) -> str:
+    """The database for printing: a URL's password masked (terminals and logs are not secret stores)."""
+    from modelcloak.owner.store import redacted
+
+    return redacted(database)
+
+
 def _master_provider(master_key_file: Path | None, master_key_env: str | None, *, required: bool) -> Any:
     from modelcloak.keys import EnvKey, KeyFile
 
@@ -100,7 +107,7 @@ def register(app: typer.Typer) -> None:
         from modelcloak.owner.server import serve as run_server
 
         provider = _master_provider(master_key_file, master_key_env, required=True)
-        out.print(f"owner backend on {host}:{port}, database {_database(db)}", highlight=False)
+        out.print(f"owner backend on {host}:{port}, database {_shown(_database(db))}", highlight=False)
         run_server(_database(db), provider, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
     @owner_app.command("init")
@@ -120,7 +127,8 @@ def register(app: typer.Typer) -> None:
         MasterKey.from_provider(provider)
         store = Store(_database(db))
         try:
-            out.print(f"database {_database(db)} at schema revision {schema_revision(store.engine)}", highlight=False)
+            revision = schema_revision(store.engine)
+            out.print(f"database {_shown(_database(db))} at schema revision {revision}", highlight=False)
         finally:
             store.close()
 

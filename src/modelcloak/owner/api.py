@@ -7,9 +7,11 @@ Every answer other than success is JSON {"error": "<one line>"} with a 4xx statu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -29,6 +31,11 @@ MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing
 # base64; 16 MiB allows 100 ciphertexts per request.
 FHE_MAX_BODY = 16 * 1024 * 1024
 FHE_PATH = "/v1/fhe/labels"
+BODY_TIMEOUT = 15.0
+# Per client address. Generous: a device makes a handful of requests per minute, and a busy site
+# behind one NAT address still fits; what it stops is one address flooding the backend.
+DEFAULT_RATE = 2000.0
+DEFAULT_BURST = 4000.0
 _log = logging.getLogger("modelcloak.owner")
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
@@ -100,6 +107,40 @@ def _b64(value: str, what: str) -> bytes:
         raise RequestRefused(f"{what} is not valid base64", 400) from None
 
 
+class RateLimit:
+    """Token buckets per client address: `rate` requests per second on average, bursts up to `burst`.
+
+    Bounds what one address can make the backend do (parse, verify, audit) before anyone is
+    authenticated; over the limit the answer is 429 with Retry-After, and the buckets of addresses
+    that went quiet are forgotten so the table itself stays small.
+    """
+
+    def __init__(self, app: ASGIApp, *, rate: float, burst: float, on_refusal: Callable[[Scope], None]) -> None:
+        self.app = app
+        self.rate = rate
+        self.burst = burst
+        self.on_refusal = on_refusal
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, last refill)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.rate <= 0:
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        tokens, last = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[address] = (tokens, now)
+            self.on_refusal(scope)
+            await _send_error(send, 429, "too many requests from this address", retry_after=1)
+            return
+        self._buckets[address] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:  # forget full buckets (idle addresses)
+            self._buckets = {a: b for a, b in self._buckets.items() if b[0] < self.burst - 1}
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses bodies over `limit` bytes with 413, by Content-Length and by counting what arrives."""
 
@@ -135,7 +176,14 @@ class BodyLimit:
         chunks: list[bytes] = []
         received = 0
         while True:
-            message = await receive()
+            try:
+                # A client that sends headers and then trickles (or never sends) its body would hold a
+                # connection and a buffer for ever; it gets BODY_TIMEOUT seconds for the whole body.
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except TimeoutError:
+                self.on_refusal(scope, -1)
+                await _send_error(send, 408, f"request body not received within {BODY_TIMEOUT:g} s")
+                return
             if message["type"] != "http.request":
                 return  # the client went away
             chunk = message.get("body", b"")
@@ -160,14 +208,15 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _send_error(send: Send, status: int, reason: str) -> None:
-    response = JSONResponse({"error": reason}, status_code=status)
+async def _send_error(send: Send, status: int, reason: str, *, retry_after: int | None = None) -> None:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    response = JSONResponse({"error": reason}, status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
 
-def create_app(service: OwnerService) -> ASGIApp:
-    """The API as an ASGI app (FastAPI inside a body-size limit)."""
+def create_app(service: OwnerService, *, rate: float = DEFAULT_RATE, burst: float = DEFAULT_BURST) -> ASGIApp:
+    """The API as an ASGI app: FastAPI inside a body-size limit inside a per-address rate limit (0: off)."""
     app = FastAPI(
         title="modelcloak owner backend",
         version="1",
@@ -265,8 +314,19 @@ def create_app(service: OwnerService) -> ASGIApp:
         )
         return {"labels": labels, **ack.as_json()}
 
-    def too_big(scope: Scope, limit: int) -> None:
-        client = scope.get("client") or (None,)
-        service.refusals.record("http.refused", scope.get("path", ""), status=413, limit=limit, client=client[0])
+    def body_refused(scope: Scope, limit: int) -> None:
+        client = (scope.get("client") or (None,))[0]
+        status = 408 if limit < 0 else 413
+        service.refusals.record("http.refused", scope.get("path", ""), status=status, limit=limit, client=client)
 
-    return BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=too_big)
+    throttled_since_log = [0]
+
+    def throttled(scope: Scope) -> None:
+        # One audit entry per 1,000 throttled requests: a flood must not turn into an audit flood.
+        throttled_since_log[0] += 1
+        if throttled_since_log[0] % 1000 == 1:
+            client = (scope.get("client") or (None,))[0]
+            service.refusals.record("http.throttled", client or "?", status=429, every=1000)
+
+    limited = BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=body_refused)
+    return RateLimit(limited, rate=rate, burst=burst, on_refusal=throttled)

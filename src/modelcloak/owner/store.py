@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
 import threading
@@ -199,13 +200,24 @@ def database_url(location: str | Path) -> str:
     return text
 
 
+def redacted(location: str | Path) -> str:
+    """`location` with any password in it replaced by ***."""
+    text = str(location)
+    if "://" not in text:
+        return text
+    try:
+        return make_url(database_url(text)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
 def make_engine(location: str | Path) -> Engine:
     """An engine for a SQLite file or a PostgreSQL URL, with the transaction discipline described above."""
     url_text = database_url(location)
     try:
         url = make_url(url_text)
     except ArgumentError:
-        raise OwnerError(f"database {location!s} is neither a file path nor a database URL") from None
+        raise OwnerError(f"database {redacted(location)} is neither a file path nor a database URL") from None
     backend = url.get_backend_name()
     if backend == "sqlite":
         if url.database in (None, "", ":memory:"):
@@ -213,6 +225,10 @@ def make_engine(location: str | Path) -> Engine:
         parent = Path(url.database).parent
         if not parent.is_dir():
             raise OwnerError(f"directory {parent} for the database does not exist")
+        # Licences, audit log and usage are the owner's business: a new file is 0600 (SQLite gives its
+        # -wal and -shm files the same mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(url.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=16)
         _sqlite_discipline(engine)
     elif backend == "postgresql":

@@ -136,6 +136,33 @@ def test_usage_waits_out_a_backend_outage_within_the_offline_grace(backend: Back
     assert backend.service.queries_used(licence) == 9
 
 
+def test_an_instance_is_one_device_installation_and_the_owner_can_free_its_slot(backend: Backend) -> None:
+    """Issue 12: each process took a new random instance id, so a 2-instance licence refused its third
+    start on the same device. Control: three distinct installations do hit the limit, until the
+    owner frees a slot."""
+    from modelcloak.owner.evidence.sim import SimDevice
+
+    other = SimDevice.create(backend.tmp / "pool.pem")
+    backend.service.enroll_device("pool1", "sim", MEASUREMENT, identity=other.identity, customer="acme")
+    licence = backend.service.issue_licence("mnist", max_instances=2, customer="acme", allow_sim=True)
+    attester = SimAttester(other, MEASUREMENT)
+
+    def start(instance_id: str | None = None) -> None:
+        provider = OwnerBackendKey(
+            backend.server.url, licence_id=licence, device_id="pool1", attester=attester, instance_id=instance_id
+        )
+        provider.key_for({}).close()
+
+    for _ in range(3):  # three process starts on one installation: one slot
+        start()
+    assert [row["instance"] for row in backend.service.instances(licence)] == ["pool1"]
+    start("second-install")
+    with pytest.raises(KeyProviderError, match="2 of 2 instances"):
+        start("third-install")
+    backend.service.free_instance(licence, "second-install")
+    start("third-install")
+
+
 def test_revalidation_and_offline_grace_on_the_device(backend: Backend) -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -253,6 +253,23 @@ def register(app: typer.Typer) -> None:
         _service(db, master_key_file, master_key_env, master=True).revoke_licence(licence_id, reason)
         out.print(f"revoked {licence_id}", highlight=False)
 
+    @licence_app.command("free-instance")
+    def licence_free_instance(
+        licence_id: Annotated[str, typer.Argument(help="Instance licence.")],
+        instance_id: Annotated[Optional[str], typer.Argument(help="Instance to free (omit to list them).")] = None,
+        db: DatabaseOpt = None,
+    ) -> None:
+        """List an instance licence's instances, or free one's slot (a retired or reinstalled device)."""
+        service = _service(db, None, None, master=False)
+        if instance_id is None:
+            table = Table("instance", "device", "first seen", "last seen")
+            for row in service.instances(licence_id):
+                table.add_row(row["instance"], row["device"], row["first_seen"][:19], row["last_seen"][:19])
+            out.print(table)
+            return
+        service.free_instance(licence_id, instance_id)
+        out.print(f"freed instance {instance_id} of {licence_id}", highlight=False)
+
     @licence_app.command("list")
     def licence_list(
         db: DatabaseOpt = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,7 +165,9 @@ class OwnerBackendKey(KeyProvider):
         self.licence_id = licence_id
         self.device_id = device_id
         self.attester = attester
-        self.instance_id = instance_id or "inst-" + secrets.token_hex(8)
+        # One device installation is one instance, however often it restarts (a random id per process
+        # used up an instance licence's slots); processes that must count separately pass their own.
+        self.instance_id = instance_id or device_id
         self.usage_key: bytes | None = None
         self.terms: dict[str, Any] = {}
 

@@ -401,6 +401,31 @@ class OwnerService:
             seal_row(self.master.row_tag_key, licence)
             self.store.audit(session, "licence.revoke", licence_id, "ok", reason=reason)
 
+    def free_instance(self, licence_id: str, instance_id: str) -> None:
+        """Give an instance licence's slot back (a device retired or reinstalled); audited."""
+        with self.store.transaction() as session:
+            licence = self._locked_licence(session, licence_id)
+            slot = session.get(Instance, (licence.id, instance_id))
+            if slot is None:
+                raise RequestRefused(f"licence {licence_id} has no instance {instance_id}", 404)
+            session.delete(slot)
+            self.store.audit(session, "instance.free", licence_id, "ok", instance=instance_id)
+
+    def instances(self, licence_id: str) -> list[dict[str, Any]]:
+        with self.store.transaction() as session:
+            rows = session.scalars(
+                select(Instance).where(Instance.licence_id == licence_id).order_by(Instance.first_seen)
+            )
+            return [
+                {
+                    "instance": row.instance_id,
+                    "device": row.device_id,
+                    "first_seen": row.first_seen.isoformat(),
+                    "last_seen": row.last_seen.isoformat(),
+                }
+                for row in rows
+            ]
+
     def licences(self) -> list[dict[str, Any]]:
         with self.store.transaction() as session:
             rows = session.scalars(select(Licence).order_by(Licence.created_at)).all()

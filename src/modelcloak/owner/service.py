@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
@@ -499,6 +499,9 @@ class OwnerService:
         with self.store.transaction() as session:
             if session.get(Licence, licence_id) is None:
                 raise RequestRefused(f"unknown licence {licence_id}", 404)
+            if self.store.dialect == "postgresql":
+                # Not synced: a nonce lost in a crash only means the device asks for another.
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             session.add(Nonce(value=nonce.hex(), licence_id=licence_id, expires_at=now + NONCE_LIFETIME))
             # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
             # (an expired nonce is refused as unknown just the same).
@@ -529,8 +532,12 @@ class OwnerService:
         check_id(device_id, "device id")
         check_id(instance_id, "instance id")
         subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
+        spend_on_refusal = False
         try:
-            self._spend_nonce(licence_id, nonce)
+            # One synced commit per release: the nonce is read here (no write), and spent in the same
+            # transaction as the grant; a refused attempt spends it afterwards (below).
+            self._check_nonce(licence_id, nonce)
+            spend_on_refusal = True
             public_key = _ephemeral_key(ephemeral_public_key)
             try:
                 claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
@@ -549,6 +556,7 @@ class OwnerService:
                     "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
                 )
             with self.store.transaction() as session:
+                self._spend_nonce(session, licence_id, nonce)
                 licence = self._locked_licence(session, licence_id)
                 device = session.get(Device, device_id)
                 self._check_release(session, licence, device, claims, instance_id)
@@ -584,30 +592,48 @@ class OwnerService:
                 )
                 return release
         except RequestRefused as exc:
+            if spend_on_refusal:  # so a refused attempt cannot be retried with the same nonce
+                self._burn_nonce(nonce)
             # Queued, not committed here: anyone can cause refusals, so they must not each cost a synced write.
             self.refusals.record("key.release", licence_id, reason=str(exc), **subject)
             exc.audited = True
             raise
 
-    def _spend_nonce(self, licence_id: str, nonce: bytes) -> None:
+    def _check_nonce(self, licence_id: str, nonce: bytes) -> None:
+        """Refuse an unknown, used, foreign or expired nonce before any work (a read, no lock, no write)."""
         if len(nonce) != NONCE_SIZE:
             raise RequestRefused(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}", 400)
-        now = self.clock()
+        with self.store.reader() as session:
+            row = session.get(Nonce, nonce.hex())
+            found = None if row is None else (row.used_at, row.licence_id, row.expires_at)
+        if found is None:
+            raise RequestRefused("unknown or expired nonce: ask for a fresh one")
+        used_at, owner, expires_at = found
+        if used_at is not None:
+            raise RequestRefused("nonce already used: replayed request")
+        if owner != licence_id:
+            self._burn_nonce(nonce)
+            raise RequestRefused("nonce was issued for a different licence")
+        if expires_at <= self.clock():
+            self._burn_nonce(nonce)
+            raise RequestRefused("nonce expired: ask for a fresh one")
+
+    def _spend_nonce(self, session: Session, licence_id: str, nonce: bytes) -> None:
+        """Mark the nonce used inside the grant's transaction; a concurrent replay finds it used."""
+        row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
+        if row is None or row.used_at is not None or row.licence_id != licence_id:
+            raise RequestRefused("nonce already used: replayed request")
+        row.used_at = self.clock()
+
+    def _burn_nonce(self, nonce: bytes) -> None:
+        """Spend a nonce after a refusal. Not synced on PostgreSQL: a nonce lost in a crash is refused anyway
+        once it expires, two minutes later."""
         with self.store.transaction() as session:
-            row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
-            if row is None:
-                raise RequestRefused("unknown or expired nonce: ask for a fresh one")
-            if row.used_at is not None:
-                raise RequestRefused("nonce already used: replayed request")
-            # Spent whatever the outcome, so a refused attempt cannot be retried with the same nonce.
-            row.used_at = now
-            if row.licence_id != licence_id:
-                refusal = RequestRefused("nonce was issued for a different licence")
-            elif row.expires_at <= now:
-                refusal = RequestRefused("nonce expired: ask for a fresh one")
-            else:
-                return
-        raise refusal
+            if self.store.dialect == "postgresql":
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            session.execute(
+                update(Nonce).where(Nonce.value == nonce.hex(), Nonce.used_at.is_(None)).values(used_at=self.clock())
+            )
 
     def _check_release(
         self, session: Session, licence: Licence, device: Device | None, claims: Claims, instance_id: str

@@ -367,6 +367,18 @@ class Store:
                 failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
                 raise failure from None
 
+    @contextmanager
+    def reader(self) -> Iterator[Session]:
+        """A session for reads only: nothing is committed, so nothing is synced. (On SQLite every transaction
+        still takes the write lock, so it queues on our local writer lock like the others.)"""
+        with self._local_writer, self._sessions() as session:
+            try:
+                yield session
+            except OperationalError as exc:
+                raise DatabaseUnavailable(f"database error: {_first_line(exc)}") from None
+            finally:
+                session.rollback()
+
     def audit(self, session: Session, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
         session.add(
             AuditEntry(

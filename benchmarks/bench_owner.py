@@ -94,7 +94,9 @@ def _post(connection: http.client.HTTPConnection, path: str, body: dict) -> tupl
     return response.status, json.loads(response.read())
 
 
-def run_database(label: str, database: str, workdir: Path, args: argparse.Namespace, progress, task) -> dict:
+def run_database(
+    label: str, database: str, workdir: Path, args: argparse.Namespace, progress, task, workers: int = 1
+) -> dict:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -112,8 +114,13 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
     device = SimDevice.create(workdir / f"{label}.device.pem")
     service.enroll_device("dev", "sim", MEASUREMENT, identity=device.identity)
     licence = service.issue_licence("bench", device_id="dev", allow_sim=True)
-    server = Server(database, master_file, workdir / f"{label}.server.log")
-    results: dict = {"database": label}
+    # `workers` server processes on the one database; client thread i talks to worker i % workers.
+    servers = [Server(database, master_file, workdir / f"{label}.server{n}.log") for n in range(workers)]
+
+    def server_cpu() -> float:
+        return sum(worker.cpu_seconds() for worker in servers)
+
+    results: dict = {"database": label, "workers": workers}
     try:
         # Key releases first (they also hand us the usage key).
         release_latencies: list[float] = []
@@ -121,8 +128,8 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
         errors: list[str] = []
         per_thread = max(1, args.releases // args.threads)
 
-        def releaser() -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        def releaser(index: int) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", servers[index % workers].port, timeout=30)
             for _ in range(per_thread):
                 start = time.perf_counter()
                 status, answer = _post(connection, "/v1/nonce", {"licence_id": licence})
@@ -155,8 +162,8 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
                 usage_key[:] = [plain[32:]]
                 progress.advance(task)
 
-        started, cpu_before = time.perf_counter(), server.cpu_seconds()
-        threads = [threading.Thread(target=releaser) for _ in range(args.threads)]
+        started, cpu_before = time.perf_counter(), server_cpu()
+        threads = [threading.Thread(target=releaser, args=(i,)) for i in range(args.threads)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -170,7 +177,7 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
             "http_requests_per_s": 2 * len(release_latencies) / release_wall,
             "p50_ms": 1000 * statistics.median(release_latencies),
             "p99_ms": 1000 * _percentile(release_latencies, 0.99),
-            "server_cpu_ms": 1000 * (server.cpu_seconds() - cpu_before) / max(1, len(release_latencies)),
+            "server_cpu_ms": 1000 * (server_cpu() - cpu_before) / max(1, len(release_latencies)),
         }
 
         # Usage reports: one reporter stream per thread, batches of 1..100 queries.
@@ -180,7 +187,7 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
         per_thread = max(1, args.usage // args.threads)
 
         def reporter(index: int) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection = http.client.HTTPConnection("127.0.0.1", servers[index % workers].port, timeout=30)
             name = f"r{index}"
             for sequence in range(1, per_thread + 1):
                 queries = 1 + (sequence * 37 + index) % 100
@@ -204,7 +211,7 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
                 acknowledged[index] += queries
                 progress.advance(task)
 
-        started, cpu_before = time.perf_counter(), server.cpu_seconds()
+        started, cpu_before = time.perf_counter(), server_cpu()
         threads = [threading.Thread(target=reporter, args=(i,)) for i in range(args.threads)]
         for thread in threads:
             thread.start()
@@ -220,20 +227,21 @@ def run_database(label: str, database: str, workdir: Path, args: argparse.Namesp
             "per_s": len(usage_latencies) / usage_wall,
             "p50_ms": 1000 * statistics.median(usage_latencies),
             "p99_ms": 1000 * _percentile(usage_latencies, 0.99),
-            "server_cpu_ms": 1000 * (server.cpu_seconds() - cpu_before) / len(usage_latencies),
+            "server_cpu_ms": 1000 * (server_cpu() - cpu_before) / len(usage_latencies),
             "acknowledged_queries": sum(acknowledged),
             "server_queries": server_total,
             "server_batches": sum(s["last_sequence"] for s in streams),
             "lost_or_duplicated": server_total - sum(acknowledged),
         }
     finally:
-        server.stop()
+        for worker in servers:
+            worker.stop()
         service.store.close()
     return results
 
 
 def _median_of(rounds: list[dict]) -> dict:
-    merged: dict = {"database": rounds[0]["database"], "rounds": len(rounds)}
+    merged: dict = {"database": rounds[0]["database"], "workers": rounds[0]["workers"], "rounds": len(rounds)}
     for operation in ("usage", "release"):
         merged[operation] = {
             name: (
@@ -254,6 +262,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (databases alternate within a round)")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="server processes on one database (e.g. 1 2)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -275,16 +286,28 @@ def main() -> None:
     try:
         with Progress() as progress:
             for repeat in range(args.repeats):
-                for label in labels:
-                    # A fresh database every round, so no round starts with a bigger table than another.
-                    database = str(workdir / f"owner{repeat}.db") if label == "sqlite" else cluster.new_database()
-                    task = progress.add_task(f"{label} round {repeat + 1}", total=args.releases + args.usage)
-                    rounds.append(run_database(f"{label}", database, workdir / f"r{repeat}", args, progress, task))
+                for workers in args.workers:
+                    for label in labels:
+                        # A fresh database every round, so no round starts with a bigger table than another.
+                        sqlite_file = str(workdir / f"owner{repeat}w{workers}.db")
+                        database = sqlite_file if label == "sqlite" else cluster.new_database()
+                        task = progress.add_task(
+                            f"{label} x{workers} round {repeat + 1}", total=args.releases + args.usage
+                        )
+                        rounds.append(
+                            run_database(
+                                label, database, workdir / f"r{repeat}w{workers}", args, progress, task, workers
+                            )
+                        )
     finally:
         if cluster is not None:
             cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [_median_of([r for r in rounds if r["database"] == label]) for label in labels]
+    rows = [
+        _median_of([r for r in rounds if r["database"] == label and r["workers"] == workers])
+        for workers in args.workers
+        for label in labels
+    ]
 
     meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -298,7 +321,17 @@ def main() -> None:
     with open(args.out / "owner.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["database", "operation", "count", "per_s", "p50_ms", "p99_ms", "server_cpu_ms", "lost_or_duplicated"]
+            [
+                "database",
+                "workers",
+                "operation",
+                "count",
+                "per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cpu_ms",
+                "lost_or_duplicated",
+            ]
         )
         for row in rows:
             for operation in ("usage", "release"):
@@ -306,6 +339,7 @@ def main() -> None:
                 writer.writerow(
                     [
                         row["database"],
+                        row["workers"],
                         operation,
                         r["count"],
                         f"{r['per_s']:.1f}",
@@ -316,13 +350,14 @@ def main() -> None:
                     ]
                 )
     _plot(rows, args.out / "owner.png", meta)
-    print("| database | operation | count | per s | p50 ms | p99 ms | server CPU ms/op | lost or duplicated |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| database | workers | operation | count | per s | p50 ms | p99 ms | server CPU ms/op | lost or dup. |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for operation in ("usage", "release"):
             r = row[operation]
             print(
-                f"| {row['database']} | {operation} | {r['count']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} | "
+                f"| {row['database']} | {row['workers']} | {operation} | {r['count']} | {r['per_s']:.0f} | "
+                f"{r['p50_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['server_cpu_ms']:.2f} | {r.get('lost_or_duplicated', '')} |"
             )
     print(f"wrote {args.out / 'owner.json'}, owner.csv, owner.png")
@@ -337,7 +372,7 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (rate, latency) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{row['database']}\n{op}" for row in rows for op in ("usage", "release")]
+    labels = [f"{row['database']} x{row['workers']}\n{op}" for row in rows for op in ("usage", "release")]
     rates = [row[op]["per_s"] for row in rows for op in ("usage", "release")]
     rate.bar(labels, rates, color=["tab:blue", "tab:orange"] * len(rows))
     rate.axhline(500, color="grey", linestyle="--", label="target 500/s (usage)")

@@ -82,7 +82,8 @@ def _licence(key: KeyProvider, options: LoadOptions) -> Any:
 
     if not hasattr(key, "revalidate"):
         raise SessionError("the metering option needs the bundle key from the owner backend (OwnerBackendKey)")
-    return LicensedUse(key, options.metering.state_path, report_every=options.metering.report_every)
+    extra = {"clock": options.metering.clock} if options.metering.clock is not None else {}
+    return LicensedUse(key, options.metering.state_path, report_every=options.metering.report_every, **extra)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,7 @@ class Metering:
 
     state_path: Path
     report_every: int = 1000
+    clock: Any = None  # a zero-argument callable giving an aware datetime; None: the system clock
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_path", Path(self.state_path))

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,112 +22,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from models import make_mlp, reference_outputs
+from owner_backend import MEASUREMENT, Backend, ServerProcess, _free_port  # noqa: F401
 from postgres import database_fixture, postgres_cluster_fixture  # noqa: F401  (fixtures "database", "postgres_cluster")
 
-from modelcloak.keys import KeyFile, KeyProviderError, generate_key_file
-from modelcloak.licensing.client import OwnerBackendKey, OwnerClient, SimAttester, UsageReporter, obtain_keys
+from modelcloak.keys import KeyProviderError
+from modelcloak.licensing.client import OwnerBackendKey, OwnerClient, SimAttester, UsageReporter
 from modelcloak.licensing.protocol import RequestRefused
 from modelcloak.owner.errors import OwnerError
-from modelcloak.owner.evidence.sim import SimDevice
-from modelcloak.owner.service import OwnerService
-from modelcloak.owner.store import MasterKey, Store
-
-MEASUREMENT = {"app": "ab" * 32}
-STARTUP_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m modelcloak serve` in a child process; kill9() is a crash, start() again is a restart."""
-
-    def __init__(self, database: str, master_key_file: Path, log: Path) -> None:
-        self.database = database
-        self.master_key_file = master_key_file
-        self.log = log
-        self.port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ServerProcess:
-        command = [
-            sys.executable,
-            "-m",
-            "modelcloak",
-            "serve",
-            "--db",
-            self.database,
-            "--master-key-file",
-            str(self.master_key_file),
-            "--port",
-            str(self.port),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-1000:]}")
-            try:
-                if httpx.get(self.url + "/v1/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server did not answer: {self.log.read_text()[-1000:]}")
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
-class Backend:
-    def __init__(self, database: str, tmp: Path) -> None:
-        self.tmp = tmp
-        self.master_file = generate_key_file(tmp / "master.key").path
-        self.service = OwnerService(Store(database), MasterKey.from_provider(KeyFile(self.master_file)))
-        self.model_key_file = generate_key_file(tmp / "model.key")
-        with self.model_key_file.key_for({}) as key:
-            self.model_key = bytes(key.view())
-        self.service.register_model("mnist", self.model_key)
-        self.device = SimDevice.create(tmp / "device.pem")
-        self.service.enroll_device("dev1", "sim", MEASUREMENT, identity=self.device.identity)
-        self.attester = SimAttester(self.device, MEASUREMENT)
-        self.server = ServerProcess(database, self.master_file, tmp / "server.log")
-
-    def licence(self, **terms) -> str:
-        terms.setdefault("device_id", "dev1")
-        terms.setdefault("allow_sim", True)
-        return self.service.issue_licence("mnist", **terms)
-
-    def client(self) -> OwnerClient:
-        return OwnerClient(self.server.url)
-
-    def usage_key(self, licence: str) -> bytes:
-        with self.client() as client:
-            released = obtain_keys(
-                client, licence_id=licence, device_id="dev1", instance_id="i1", attester=self.attester
-            )
-        released.model_key.close()
-        return released.usage_key
 
 
 @pytest.fixture
@@ -171,6 +69,96 @@ def test_runtime_opens_a_sealed_bundle_with_the_backend_as_key_provider(backend:
         liar.key_for({})
 
 
+def _licensed_session(backend: Backend, tmp_path: Path, licence: str, clock=None):
+    from modelcloak.inference import load
+    from modelcloak.options import Metering
+    from modelcloak.protector import protect
+
+    if not (tmp_path / "m.mcb").exists():
+        protect(make_mlp(), tmp_path / "m.mcb", key=backend.model_key_file)
+    provider = OwnerBackendKey(backend.server.url, licence_id=licence, device_id="dev1", attester=backend.attester)
+    return load(tmp_path / "m.mcb", key=provider, metering=Metering(tmp_path / f"usage-{licence}.json", clock=clock))
+
+
+def test_a_quota_of_10_answers_at_most_10(backend: Backend, tmp_path: Path) -> None:
+    """Issue 12: a quota of 10 answered 20. Now each run reserves its samples before it answers; a
+    refused reservation answers nothing. Control: a licence without a quota answers all 20 and has
+    them counted when the session closes."""
+    from modelcloak.runtime.errors import SessionError
+
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    licence = backend.licence(query_quota=10)
+    answered = 0
+    session = _licensed_session(backend, tmp_path, licence)
+    with session:
+        for batch in (x, x, x, x[:2], x[:1]):
+            try:
+                answered += len(session.run(batch)["logits"])
+            except SessionError as exc:
+                assert "quota" in str(exc)
+    assert answered == 10 and backend.service.queries_used(licence) == 10
+    unlimited = backend.licence()
+    with _licensed_session(backend, tmp_path, unlimited) as session:
+        answered = sum(len(session.run(x)["logits"]) for _ in range(5))
+    assert answered == 20 and backend.service.queries_used(unlimited) == 20
+
+
+def test_usage_waits_out_a_backend_outage_within_the_offline_grace(backend: Backend, tmp_path: Path) -> None:
+    """Issue 12: `run` failed as soon as a batch was due while the backend was down. Now runs go on
+    until `offline_until`, their counts kept in the usage state file and reported, exactly, when the
+    backend is back; after the grace the session stops (control)."""
+    from datetime import UTC, datetime, timedelta
+
+    from modelcloak.runtime.errors import SessionError
+
+    now = [datetime.now(UTC)]
+    x = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+    licence = backend.licence(query_quota=1000, revalidate_seconds=3600, offline_grace_seconds=3600)
+    session = _licensed_session(backend, tmp_path, licence, clock=lambda: now[0])
+    with session:
+        session.run(x)
+        assert backend.service.queries_used(licence) == 3
+        backend.server.stop()
+        session.run(x)  # its batch is pending in the state file
+        session.run(x[:2])  # deferred behind it
+        backend.server.start()
+        session.run(x[:1])  # resends the pending batch, then reports 2 + 1
+        assert backend.service.queries_used(licence) == 3 + 3 + 3
+        backend.server.stop()
+        now[0] += timedelta(hours=3)  # past revalidate_at + grace
+        with pytest.raises(SessionError, match="offline grace ended"):
+            session.run(x)
+        backend.server.start()
+    assert backend.service.queries_used(licence) == 9
+
+
+def test_an_instance_is_one_device_installation_and_the_owner_can_free_its_slot(backend: Backend) -> None:
+    """Issue 12: each process took a new random instance id, so a 2-instance licence refused its third
+    start on the same device. Control: three distinct installations do hit the limit, until the
+    owner frees a slot."""
+    from modelcloak.owner.evidence.sim import SimDevice
+
+    other = SimDevice.create(backend.tmp / "pool.pem")
+    backend.service.enroll_device("pool1", "sim", MEASUREMENT, identity=other.identity, customer="acme")
+    licence = backend.service.issue_licence("mnist", max_instances=2, customer="acme", allow_sim=True)
+    attester = SimAttester(other, MEASUREMENT)
+
+    def start(instance_id: str | None = None) -> None:
+        provider = OwnerBackendKey(
+            backend.server.url, licence_id=licence, device_id="pool1", attester=attester, instance_id=instance_id
+        )
+        provider.key_for({}).close()
+
+    for _ in range(3):  # three process starts on one installation: one slot
+        start()
+    assert [row["instance"] for row in backend.service.instances(licence)] == ["pool1"]
+    start("second-install")
+    with pytest.raises(KeyProviderError, match="2 of 2 instances"):
+        start("third-install")
+    backend.service.free_instance(licence, "second-install")
+    start("third-install")
+
+
 def test_revalidation_and_offline_grace_on_the_device(backend: Backend) -> None:
     from datetime import UTC, datetime, timedelta
 
@@ -189,6 +177,30 @@ def test_revalidation_and_offline_grace_on_the_device(backend: Backend) -> None:
     backend.service.revoke_licence(licence, "moved to another site")
     with pytest.raises(RequestRefused, match="moved to another site"):
         provider.revalidate(later)  # reachable and refused: stop at once, grace or not
+
+
+def test_sql_update_under_a_running_server_releases_nothing(backend: Backend) -> None:
+    """Issue 12's attack on the live server: a revoked licence un-revoked, extended and lifted to an
+    unlimited quota by raw SQL (database credentials only) stays refused; control: an untouched
+    licence is released by the same server."""
+    from sqlalchemy import create_engine, text
+
+    victim = backend.licence(query_quota=1)
+    backend.service.revoke_licence(victim, "contract ended")
+    raw = create_engine(backend.service.store.url)
+    with raw.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE licences SET revoked_at = NULL, revocation_reason = NULL, query_quota = NULL,"
+                " allow_debug = TRUE WHERE id = :id"
+            ),
+            {"id": victim},
+        )
+    raw.dispose()
+    with pytest.raises(RequestRefused, match="failed its integrity check") as refusal:
+        backend.usage_key(victim)
+    assert refusal.value.status == 403
+    assert len(backend.usage_key(backend.licence())) == 32  # control
 
 
 def test_quota_is_exact_under_concurrent_reporters(backend: Backend) -> None:

@@ -32,7 +32,7 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
 def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
     ok = cli("owner", "init", "--master-key-file", "master.key", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "schema revision 0002" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
+    assert "schema revision 0004" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
     assert cli("keygen", "model.key", cwd=tmp_path).returncode == 0
     assert (
         cli(
@@ -61,6 +61,8 @@ def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
         identity,
         "-m",
         "app=" + "ab" * 32,
+        "--master-key-file",
+        "master.key",
         cwd=tmp_path,
     )
     assert enrolled.returncode == 0 and "INSECURE" in enrolled.stdout
@@ -84,13 +86,17 @@ def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
     assert licence.startswith("lic_")
     listed = json.loads(cli("owner", "licence", "list", "--json", cwd=tmp_path).stdout)
     assert [(row["id"], row["query_quota"], row["revoked"]) for row in listed] == [(licence, 100, False)]
-    assert cli("owner", "licence", "revoke", licence, "--reason", "test over", cwd=tmp_path).returncode == 0
+    one_line_error(cli("owner", "licence", "revoke", licence, cwd=tmp_path), "master key")
+    revoke = ("owner", "licence", "revoke", licence, "--master-key-file", "master.key")
+    assert cli(*revoke, "--reason", "test over", cwd=tmp_path).returncode == 0
     listed = json.loads(cli("owner", "licence", "list", "--json", cwd=tmp_path).stdout)
     assert listed[0]["revoked"] is True
     assert json.loads(cli("owner", "usage", "--json", cwd=tmp_path).stdout) == []
 
     # Bad input: one line each, exit 2, no traceback.
-    one_line_error(cli("owner", "licence", "revoke", licence, cwd=tmp_path), "already revoked")
+    one_line_error(cli(*revoke, cwd=tmp_path), "already revoked")
+    migrated = cli("owner", "migrate", "--master-key-file", "master.key", cwd=tmp_path)
+    assert migrated.returncode == 0 and "tagged 0 untagged" in migrated.stdout, migrated.stderr
     one_line_error(
         cli(
             "owner",
@@ -107,10 +113,9 @@ def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
         "model nope is not registered",
     )
     one_line_error(cli("owner", "licence", "issue", "--model", "mnist", cwd=tmp_path), "master key")
-    one_line_error(cli("owner", "device", "enroll", "dev2", "--kind", "sim", "-m", "app", cwd=tmp_path), "NAME=HEX")
-    one_line_error(
-        cli("owner", "device", "enroll", "dev2", "--kind", "tpm", "-m", "pcr0=00", cwd=tmp_path), "attestation identity"
-    )
+    enroll = ("owner", "device", "enroll", "dev2", "--master-key-file", "master.key")
+    one_line_error(cli(*enroll, "--kind", "sim", "-m", "app", cwd=tmp_path), "NAME=HEX")
+    one_line_error(cli(*enroll, "--kind", "tpm", "-m", "pcr0=00", cwd=tmp_path), "attestation identity")
     one_line_error(
         cli("serve", "--db", str(tmp_path / "no" / "such.db"), "--master-key-file", "master.key", cwd=tmp_path),
         "does not exist",

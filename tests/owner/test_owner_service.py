@@ -7,6 +7,7 @@ right (the negative control), so a test cannot pass because everything is refuse
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -89,7 +90,7 @@ def world(database: str, tmp_path: Path) -> World:
     model_key = secrets.token_bytes(32)
     service.register_model("mnist", model_key)
     device = SimDevice.create(tmp_path / "dev1.pem")
-    service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity)
+    service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity, customer="acme")
     licence = service.issue_licence("mnist", device_id="dev1", allow_sim=True, valid_for=timedelta(days=30))
     yield World(service, clock, device, model_key, licence, tmp_path)
     store.close()
@@ -233,12 +234,192 @@ def test_registry_loads_known_kinds_lazily_and_refuses_missing_ones(monkeypatch:
 
 
 def test_instance_count_limit(world: World) -> None:
-    licence = world.service.issue_licence("mnist", max_instances=2, allow_sim=True)
+    licence = world.service.issue_licence("mnist", max_instances=2, customer="acme", allow_sim=True)
     world.release(licence=licence, instance="a")
     world.release(licence=licence, instance="b")
     world.release(licence=licence, instance="a")  # a known instance comes back: not a new one
     with refused("2 of 2 instances"):
         world.release(licence=licence, instance="c")
+
+
+def test_instance_licence_of_another_customer_releases_nothing(world: World) -> None:
+    """The cross-tenant attack: dev1 (customer acme, licensed for mnist) asks for model m2's key through
+    customer globex's instance licence. Control: globex's own device gets it, and so does dev1 through
+    an acme instance licence for m2."""
+    m2_key = secrets.token_bytes(32)
+    world.service.register_model("m2", m2_key)
+    globex = world.service.issue_licence("m2", max_instances=5, customer="globex", allow_sim=True)
+    with refused("not a device of licence"):
+        world.release(licence=globex, device_id="dev1", instance="x")
+    other = SimDevice.create(world.tmp / "globex.pem")
+    world.service.enroll_device("gx1", "sim", MEASUREMENT, identity=other.identity, customer="globex")
+    world.device, mine = other, world.device
+    assert world.release(licence=globex, device_id="gx1", instance="g")[:32] == m2_key  # control
+    world.device = mine
+    acme = world.service.issue_licence("m2", max_instances=5, customer="acme", allow_sim=True)
+    assert world.release(licence=acme, device_id="dev1", instance="x")[:32] == m2_key  # control
+    assert _refused_slots(world, globex) == 1  # the refused attempt took no slot
+
+
+def _refused_slots(world: World, licence: str) -> int:
+    return next(row["instances"] for row in world.service.licences() if row["id"] == licence)
+
+
+def test_instance_licences_need_a_customer_and_device_licences_keep_theirs(world: World) -> None:
+    with refused("needs the customer"):
+        world.service.issue_licence("mnist", max_instances=2, allow_sim=True)
+    with refused("belongs to customer acme, not globex"):
+        world.service.issue_licence("mnist", device_id="dev1", customer="globex")
+    licence = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True)
+    assert next(row for row in world.service.licences() if row["id"] == licence)["customer"] == "acme"
+    # A device without a customer only ever uses licences bound to it by id.
+    loner = SimDevice.create(world.tmp / "loner.pem")
+    world.service.enroll_device("loner", "sim", MEASUREMENT, identity=loner.identity)
+    pooled = world.service.issue_licence("mnist", max_instances=9, customer="acme", allow_sim=True)
+    world.device = loner
+    with refused("not a device of licence"):
+        world.release(licence=pooled, device_id="loner")
+    own = world.service.issue_licence("mnist", device_id="loner", allow_sim=True)
+    assert world.release(licence=own, device_id="loner")[:32] == world.model_key
+
+
+# --- row integrity: database write access alone must not grant anything ------------------------------
+
+
+def _sql(world: World, statement: str, **params) -> None:
+    """A raw write with the database's own driver, as someone holding only database credentials would."""
+    with world.service.store.engine.begin() as connection:
+        connection.execute(text(statement), params)
+
+
+def _fresh(world: World) -> str:
+    return world.service.issue_licence("mnist", device_id="dev1", allow_sim=True, query_quota=5)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE licences SET revoked_at = NULL, revocation_reason = NULL WHERE id = :id",
+        "UPDATE licences SET expires_at = :far WHERE id = :id",
+        "UPDATE licences SET queries_used = 0 WHERE id = :id",
+        "UPDATE licences SET query_quota = NULL WHERE id = :id",
+        "UPDATE licences SET model_id = 'm2' WHERE id = :id",
+    ],
+)
+def test_licence_rows_changed_by_sql_release_nothing(world: World, statement: str) -> None:
+    """Attack: a licence that releases nothing (revoked, expired, quota used up) is 'repaired', or pointed
+    at another model, by an SQL UPDATE without the master key. Control: a licence written after it,
+    untouched, is released; the audit log names the refusal."""
+    world.service.register_model("m2", secrets.token_bytes(32))
+    victim = _fresh(world)
+    key = _usage_key(world, victim)
+    _report(world, key, 1, 5, licence=victim)  # quota used up
+    with refused("quota exhausted"):
+        world.release(licence=victim)
+    world.service.revoke_licence(victim, "contract ended")
+    world.clock.now += timedelta(days=400)  # and expired
+    far = world.clock.now + timedelta(days=3650)
+    _sql(world, statement, id=victim, far=far)
+    with refused(f"licence {victim} failed its integrity check"):
+        world.release(licence=victim)
+    control = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True)
+    assert world.release(licence=control)[:32] == world.model_key
+    refusals = [e for e in _audit(world) if e.event == "key.release" and e.outcome == "refused"]
+    assert "integrity check" in refusals[-1].detail
+
+
+@pytest.mark.parametrize(
+    ("statement", "measurements"),
+    [
+        ("UPDATE devices SET expected_measurements = :cd WHERE id = 'dev1'", {"app": "cd" * 32}),
+        ("UPDATE devices SET identity = :other WHERE id = 'dev1'", MEASUREMENT),
+        ("UPDATE devices SET customer = 'globex' WHERE id = 'dev1'", MEASUREMENT),
+    ],
+)
+def test_device_rows_changed_by_sql_release_nothing(world: World, statement: str, measurements: dict) -> None:
+    """Attack: the device's expected measurements, pinned key or customer are rewritten to match a
+    modified device (or another tenant's licence). Control: before the UPDATE the same release works,
+    and a second device's untouched row still releases afterwards."""
+    intruder = SimDevice.create(world.tmp / "intruder.pem")
+    if "identity" in statement:
+        world.device = intruder
+        with refused("not device dev1's enrolled key"):  # what the UPDATE is meant to get around
+            world.release(licence=world.licence)
+    else:
+        assert world.release(licence=world.licence)[:32] == world.model_key
+    _sql(world, statement, cd=json.dumps({"app": "cd" * 32}), other=intruder.identity)
+    with refused("device dev1 failed its integrity check"):
+        world.release(licence=world.licence, measurements=measurements)
+    second = SimDevice.create(world.tmp / "second.pem")
+    world.service.enroll_device("dev2", "sim", MEASUREMENT, identity=second.identity)
+    world.device = second
+    licence = world.service.issue_licence("mnist", device_id="dev2", allow_sim=True)
+    assert world.release(licence=licence, device_id="dev2")[:32] == world.model_key
+
+
+def test_usage_on_a_tampered_licence_is_refused_and_untouched_rows_count(world: World) -> None:
+    victim = _fresh(world)
+    key = _usage_key(world, victim)
+    _report(world, key, 1, 5, licence=victim)
+    _sql(world, "UPDATE licences SET queries_used = 0 WHERE id = :id", id=victim)
+    with refused("integrity check"):
+        _report(world, key, 2, 5, licence=victim)
+    control = _fresh(world)
+    control_key = _usage_key(world, control)
+    assert _report(world, control_key, 1, 3, licence=control).queries_used == 3
+    assert _report(world, control_key, 2, 2, licence=control).queries_used == 5  # the tag follows the count
+
+
+def test_rows_from_before_tags_are_refused_until_the_owner_tags_them(world: World) -> None:
+    _sql(world, "UPDATE licences SET row_tag = NULL WHERE id = :id", id=world.licence)
+    with refused("no integrity tag"):
+        world.release()
+    assert world.service.tag_untagged_rows() == 1
+    assert world.release()[:32] == world.model_key
+    assert world.service.tag_untagged_rows() == 0
+
+
+def test_a_row_tag_made_under_another_master_key_does_not_verify(world: World) -> None:
+    other = OwnerService(world.service.store, MasterKey(secrets.token_bytes(32)), clock=world.clock)
+    with refused("integrity check"):
+        other.revoke_licence(world.licence)
+    world.service.revoke_licence(world.licence)  # control: the right key revokes
+
+
+class _Exploding:
+    """A verifier whose parser fails the way third-party parsers do on hostile bytes."""
+
+    kind = "sim"
+
+    def verify(self, evidence: bytes, *, now: datetime):
+        raise OverflowError("cannot convert float infinity to integer")
+
+
+def test_a_parser_error_on_hostile_evidence_is_a_4xx_with_an_audit_entry(world: World) -> None:
+    world.service.registry = VerifierRegistry({"sim": _Exploding()})
+    with refused("malformed sim evidence") as caught:
+        world.release()
+    assert caught.value.status == 400
+    assert "malformed sim evidence" in _audit(world)[-1].detail
+    world.service.registry = VerifierRegistry({"sim": SimVerifier()})
+    assert world.release()[:32] == world.model_key  # control
+
+
+@pytest.mark.parametrize("bad_key", [bytes(32), bytes([1]) + bytes(31), bytes(31)])
+def test_low_order_and_short_ephemeral_keys_are_400_before_anything_is_spent(world: World, bad_key: bytes) -> None:
+    nonce = world.service.new_nonce(world.licence)[0]
+    with refused("X25519") as caught:
+        world.service.release_key(
+            licence_id=world.licence,
+            device_id="dev1",
+            instance_id="i1",
+            nonce=nonce,
+            ephemeral_public_key=bad_key,
+            evidence_kind="sim",
+            evidence=world.device.evidence(binding_digest(nonce, bad_key), MEASUREMENT),
+        )
+    assert caught.value.status == 400
+    assert world.release()[:32] == world.model_key  # control: a real ephemeral key
 
 
 def test_licence_terms_are_validated(world: World) -> None:
@@ -280,6 +461,27 @@ def test_usage_batches_count_once_and_resends_are_acknowledged(world: World) -> 
     assert {(u["reporter"], u["queries"]) for u in world.service.usage(world.licence)} == {("r1", 15), ("r2", 7)}
 
 
+def test_revocation_and_expiry_stop_usage_reports_at_once(world: World) -> None:
+    """Attack: a runtime keeps reporting (and so keeps being allowed to answer) after its licence was
+    revoked or expired. Control: the same reporter's batch just before is counted, and a resend of an
+    acknowledged batch is still acknowledged (not counted again) so the device can drop it."""
+    key = _usage_key(world)
+    assert _report(world, key, 1, 3).queries_used == 3  # control
+    world.service.revoke_licence(world.licence, "contract ended")
+    with refused("was revoked: contract ended"):
+        _report(world, key, 2, 1)
+    assert _report(world, key, 1, 3).duplicate is True
+    assert world.service.queries_used(world.licence) == 3
+
+    expiring = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True, valid_for=timedelta(hours=1))
+    other = _usage_key(world, expiring)
+    assert _report(world, other, 1, 2, licence=expiring).queries_used == 2  # control, before expiry
+    world.clock.now += timedelta(hours=1)
+    with refused("expired at"):
+        _report(world, other, 2, 1, licence=expiring)
+    assert world.service.queries_used(expiring) == 2
+
+
 def test_usage_with_a_bad_signature_is_refused(world: World) -> None:
     key = _usage_key(world)
     with refused("signature does not verify"):
@@ -308,6 +510,7 @@ def test_quota_is_enforced_on_usage_and_release(world: World) -> None:
 
 
 def _audit(world: World) -> list[AuditEntry]:
+    world.service.refusals.flush()  # refusal entries are written in batches, off the request path
     with world.service.store.transaction() as session:
         return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id)))
 
@@ -349,7 +552,10 @@ def test_model_keys_are_sealed_under_the_master_key(world: World, database: str)
         assert world.model_key not in Path(database).read_bytes()
     wrong = OwnerService(world.service.store, MasterKey(secrets.token_bytes(32)), clock=world.clock)
     wrong.registry = VerifierRegistry({"sim": SimVerifier()})
-    licence = wrong.issue_licence("mnist", device_id="dev1", allow_sim=True)  # sealing works with any key...
+    # Rows tagged by the wrong key itself (a device enrolled and a licence issued with it) pass their
+    # integrity checks, so what is left to refuse is opening the model key sealed under the right one.
+    wrong.enroll_device("devw", "sim", MEASUREMENT, identity=world.device.identity)
+    licence = wrong.issue_licence("mnist", device_id="devw", allow_sim=True)  # sealing works with any key...
     with pytest.raises(OwnerError, match="wrong master key"):
         world.service.master.open(sealed, "model:other")  # ...a ciphertext moved to another row does not open
     world.service.master.open(sealed, "model:mnist")
@@ -362,7 +568,7 @@ def test_model_keys_are_sealed_under_the_master_key(world: World, database: str)
     with pytest.raises(OwnerError, match="wrong master key"):
         wrong.release_key(
             licence_id=licence,
-            device_id="dev1",
+            device_id="devw",
             instance_id="i",
             nonce=nonce,
             ephemeral_public_key=ephemeral,

@@ -25,6 +25,9 @@ MasterFileOpt = Annotated[
 MasterEnvOpt = Annotated[
     Optional[str], typer.Option("--master-key-env", help="Environment variable holding the master key (hex/base64).")
 ]
+CustomerOpt = Annotated[
+    Optional[str], typer.Option("--customer", help="The customer (tenant) the device or licence belongs to.")
+]
 MeasurementOpt = Annotated[
     Optional[list[str]], typer.Option("--measurement", "-m", help="Expected measurement NAME=HEX (repeat).")
 ]
@@ -34,6 +37,13 @@ def _database(db: str | None) -> str:
     from modelcloak.owner.server import DEFAULT_DATABASE
 
     return db or os.environ.get(DB_ENV) or DEFAULT_DATABASE
+
+
+def _shown(database: str) -> str:
+    """The database for printing: a URL's password masked (terminals and logs are not secret stores)."""
+    from modelcloak.owner.store import redacted
+
+    return redacted(database)
 
 
 def _master_provider(master_key_file: Path | None, master_key_env: str | None, *, required: bool) -> Any:
@@ -56,7 +66,8 @@ def _service(db: str | None, master_key_file: Path | None, master_key_env: str |
 
     provider = _master_provider(master_key_file, master_key_env, required=master)
     master_key = MasterKey.from_provider(provider) if provider is not None else None
-    return OwnerService(Store(_database(db)), master_key)
+    # Only commands that write with the master key migrate; read-only ones refuse an old schema instead.
+    return OwnerService(Store(_database(db), migrate_schema=master), master_key)
 
 
 def _measurements(pairs: list[str] | None) -> dict[str, str]:
@@ -94,7 +105,7 @@ def register(app: typer.Typer) -> None:
         from modelcloak.owner.server import serve as run_server
 
         provider = _master_provider(master_key_file, master_key_env, required=True)
-        out.print(f"owner backend on {host}:{port}, database {_database(db)}", highlight=False)
+        out.print(f"owner backend on {host}:{port}, database {_shown(_database(db))}", highlight=False)
         run_server(_database(db), provider, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
     @owner_app.command("init")
@@ -114,9 +125,27 @@ def register(app: typer.Typer) -> None:
         MasterKey.from_provider(provider)
         store = Store(_database(db))
         try:
-            out.print(f"database {_database(db)} at schema revision {schema_revision(store.engine)}", highlight=False)
+            revision = schema_revision(store.engine)
+            out.print(f"database {_shown(_database(db))} at schema revision {revision}", highlight=False)
         finally:
             store.close()
+
+    @owner_app.command("migrate")
+    def migrate_command(
+        db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
+    ) -> None:
+        """Bring the schema to the newest revision and tag rows made before integrity tags existed."""
+        from modelcloak.owner.store import schema_revision
+
+        service = _service(db, master_key_file, master_key_env, master=True)
+        try:
+            tagged = service.tag_untagged_rows()
+            revision = schema_revision(service.store.engine)
+        finally:
+            service.store.close()
+        out.print(f"database at schema revision {revision}; tagged {tagged} untagged row(s)", highlight=False)
 
     @model_app.command("register")
     def model_register(
@@ -158,11 +187,15 @@ def register(app: typer.Typer) -> None:
         identity: Annotated[
             Optional[str], typer.Option("--identity", help="Fingerprint of the device's attestation key (hex).")
         ] = None,
+        customer: CustomerOpt = None,
         db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
     ) -> None:
-        """Enrol a device: its evidence kind, attestation identity and expected measurements."""
-        service = _service(db, None, None, master=False)
-        service.enroll_device(device_id, kind, _measurements(measurement), identity)
+        """Enrol a device: its evidence kind, attestation identity, expected measurements and customer."""
+        # The master key tags the row, so that a database write alone cannot change what it admits.
+        service = _service(db, master_key_file, master_key_env, master=True)
+        service.enroll_device(device_id, kind, _measurements(measurement), identity, customer=customer)
         warning = " (sim: INSECURE, development only)" if kind == "sim" else ""
         out.print(f"enrolled device {device_id}{warning}", highlight=False)
 
@@ -170,7 +203,10 @@ def register(app: typer.Typer) -> None:
     def licence_issue(
         model: Annotated[str, typer.Option("--model", help="Registered model id.")],
         device: Annotated[Optional[str], typer.Option("--device", help="Bind to this enrolled device.")] = None,
-        instances: Annotated[Optional[int], typer.Option("--instances", help="Or: at most N instances.")] = None,
+        instances: Annotated[
+            Optional[int], typer.Option("--instances", help="Or: at most N instances of --customer's devices.")
+        ] = None,
+        customer: CustomerOpt = None,
         days: Annotated[float, typer.Option("--days", help="Valid for this many days.")] = 365.0,
         quota: Annotated[Optional[int], typer.Option("--quota", help="Query quota (default: unlimited).")] = None,
         revalidate: Annotated[int, typer.Option("--revalidate", help="Online revalidation period, seconds.")] = 3600,
@@ -192,6 +228,7 @@ def register(app: typer.Typer) -> None:
             model,
             device_id=device,
             max_instances=instances,
+            customer=customer,
             valid_for=timedelta(days=days),
             query_quota=quota,
             revalidate_seconds=revalidate,
@@ -207,10 +244,29 @@ def register(app: typer.Typer) -> None:
         licence_id: Annotated[str, typer.Argument(help="Licence to revoke.")],
         reason: Annotated[str, typer.Option(help="Shown to the runtime.")] = "revoked by the owner",
         db: DatabaseOpt = None,
+        master_key_file: MasterFileOpt = None,
+        master_key_env: MasterEnvOpt = None,
     ) -> None:
-        """Revoke a licence: later key releases are refused with REASON."""
-        _service(db, None, None, master=False).revoke_licence(licence_id, reason)
+        """Revoke a licence: later key releases and usage reports are refused with REASON."""
+        _service(db, master_key_file, master_key_env, master=True).revoke_licence(licence_id, reason)
         out.print(f"revoked {licence_id}", highlight=False)
+
+    @licence_app.command("free-instance")
+    def licence_free_instance(
+        licence_id: Annotated[str, typer.Argument(help="Instance licence.")],
+        instance_id: Annotated[Optional[str], typer.Argument(help="Instance to free (omit to list them).")] = None,
+        db: DatabaseOpt = None,
+    ) -> None:
+        """List an instance licence's instances, or free one's slot (a retired or reinstalled device)."""
+        service = _service(db, None, None, master=False)
+        if instance_id is None:
+            table = Table("instance", "device", "first seen", "last seen")
+            for row in service.instances(licence_id):
+                table.add_row(row["instance"], row["device"], row["first_seen"][:19], row["last_seen"][:19])
+            out.print(table)
+            return
+        service.free_instance(licence_id, instance_id)
+        out.print(f"freed instance {instance_id} of {licence_id}", highlight=False)
 
     @licence_app.command("list")
     def licence_list(

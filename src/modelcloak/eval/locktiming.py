@@ -48,8 +48,8 @@ def _timed(load: Any, bundle: str, **kwargs: Any) -> tuple[float, float, float]:
 
 
 def time_loads(spec: dict[str, Any]) -> dict[str, Any]:
-    from modelcloak.keys import KeyFile
     from modelcloak.inference import load
+    from modelcloak.keys import KeyFile
 
     host = KeyFile(spec["key"])
     device = _device_key(spec["device"])

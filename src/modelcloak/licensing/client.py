@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,7 +168,9 @@ class OwnerBackendKey(KeyProvider):
         self.licence_id = licence_id
         self.device_id = device_id
         self.attester = attester
-        self.instance_id = instance_id or "inst-" + secrets.token_hex(8)
+        # One device installation is one instance, however often it restarts (a random id per process
+        # used up an instance licence's slots); processes that must count separately pass their own.
+        self.instance_id = instance_id or device_id
         self.usage_key: bytes | None = None
         self.terms: dict[str, Any] = {}
 
@@ -277,6 +278,11 @@ class UsageReporter:
         os.replace(temporary, self.state_path)
 
     @property
+    def has_pending(self) -> bool:
+        """A batch was sent (or was about to be) and is not acknowledged yet."""
+        return self._state.get("pending") is not None
+
+    @property
     def next_sequence(self) -> int:
         return int(self._state["next"])
 
@@ -288,12 +294,19 @@ class UsageReporter:
         return self._send(int(pending["sequence"]), int(pending["queries"]))
 
     def report(self, queries: int) -> dict[str, Any]:
-        """Report `queries` more queries; returns the server's acknowledgement."""
+        """Report `queries` more queries (plus any deferred ones); returns the server's acknowledgement."""
         self.flush()
         sequence = self.next_sequence
+        queries += int(self._state.get("unsent", 0))
         self._state["pending"] = {"sequence": sequence, "queries": queries}
+        self._state["unsent"] = 0
         self._save()
         return self._send(sequence, queries)
+
+    def defer(self, queries: int) -> None:
+        """Keep `queries` (run while the backend was unreachable) in the state file for the next batch."""
+        self._state["unsent"] = int(self._state.get("unsent", 0)) + queries
+        self._save()
 
     def _send(self, sequence: int, queries: int) -> dict[str, Any]:
         mac = usage_mac(self._key, self.licence_id, self.reporter_id, sequence, queries)

@@ -37,6 +37,7 @@ class RequestRefused(OwnerError):
     def __init__(self, reason: str, status: int = 403) -> None:
         super().__init__(reason)
         self.status = status
+        self.audited = False  # set once the backend has queued an audit entry for this refusal
 
 
 def release_info(licence_id: str, nonce: bytes) -> bytes:

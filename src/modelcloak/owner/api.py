@@ -7,8 +7,12 @@ Every answer other than success is JSON {"error": "<one line>"} with a 4xx statu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
+import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelcloak.licensing.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
-from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.service import OwnerService
 
 MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
@@ -27,9 +31,17 @@ MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing
 # base64; 16 MiB allows 100 ciphertexts per request.
 FHE_MAX_BODY = 16 * 1024 * 1024
 FHE_PATH = "/v1/fhe/labels"
+BODY_TIMEOUT = 15.0
+# Per client address. Generous: a device makes a handful of requests per minute, and a busy site
+# behind one NAT address still fits; what it stops is one address flooding the backend.
+DEFAULT_RATE = 2000.0
+DEFAULT_BURST = 4000.0
+_log = logging.getLogger("modelcloak.owner")
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
-B64 = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BODY)]
+_BASE64 = Field(json_schema_extra={"contentEncoding": "base64", "format": "byte"})
+B64 = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BODY), _BASE64]
+MacB64 = Annotated[str, StringConstraints(min_length=1, max_length=128), _BASE64]
 
 
 class _Strict(BaseModel):
@@ -55,8 +67,8 @@ class FheLabelsRequest(_Strict):
     reporter_id: Identifier
     sequence: Annotated[int, Field(ge=1, le=MAX_SEQUENCE)]
     queries: Annotated[int, Field(ge=1, le=MAX_BATCH_QUERIES)]
-    mac: Annotated[str, StringConstraints(min_length=1, max_length=128)]
-    result: Annotated[str, StringConstraints(min_length=1, max_length=FHE_MAX_BODY)]
+    mac: MacB64
+    result: Annotated[str, StringConstraints(min_length=1, max_length=FHE_MAX_BODY), _BASE64]
     top_k: Annotated[int, Field(ge=1, le=1000)] = 1
 
 
@@ -65,7 +77,27 @@ class UsageRequest(_Strict):
     reporter_id: Identifier
     sequence: Annotated[int, Field(ge=1, le=MAX_SEQUENCE)]
     queries: Annotated[int, Field(ge=0, le=MAX_BATCH_QUERIES)]
-    mac: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    mac: MacB64
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route can answer (all share the {"error": ...} body)."""
+    meaning = {
+        400: "malformed (base64, ids, evidence that does not parse)",
+        401: "signature does not verify",
+        403: "refused by policy or evidence (reason given)",
+        404: "unknown licence",
+        409: "sequence conflict",
+        413: "body too large",
+        422: "wrong shape (field named)",
+        429: "too many requests",
+        503: "database unavailable",
+    }
+    return {code: {"model": ErrorBody, "description": meaning[code]} for code in (*codes, 413, 422, 429, 503)}
 
 
 def _b64(value: str, what: str) -> bytes:
@@ -75,11 +107,52 @@ def _b64(value: str, what: str) -> bytes:
         raise RequestRefused(f"{what} is not valid base64", 400) from None
 
 
+class RateLimit:
+    """Token buckets per client address: `rate` requests per second on average, bursts up to `burst`.
+
+    Bounds what one address can make the backend do (parse, verify, audit) before anyone is
+    authenticated; over the limit the answer is 429 with Retry-After, and the buckets of addresses
+    that went quiet are forgotten so the table itself stays small.
+    """
+
+    def __init__(self, app: ASGIApp, *, rate: float, burst: float, on_refusal: Callable[[Scope], None]) -> None:
+        self.app = app
+        self.rate = rate
+        self.burst = burst
+        self.on_refusal = on_refusal
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, last refill)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.rate <= 0:
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?",))[0]
+        now = time.monotonic()
+        tokens, last = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[address] = (tokens, now)
+            self.on_refusal(scope)
+            await _send_error(send, 429, "too many requests from this address", retry_after=1)
+            return
+        self._buckets[address] = (tokens - 1, now)
+        if len(self._buckets) > 100_000:  # forget full buckets (idle addresses)
+            self._buckets = {a: b for a, b in self._buckets.items() if b[0] < self.burst - 1}
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses bodies over `limit` bytes with 413, by Content-Length and by counting what arrives."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY, per_path: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = MAX_BODY,
+        per_path: dict[str, int] | None = None,
+        on_refusal: Callable[[Scope, int], None] | None = None,
+    ) -> None:
         self.app = app
+        self.on_refusal = on_refusal or (lambda _scope, _limit: None)
         self.default_limit = limit
         self.per_path = per_path or {}
 
@@ -95,6 +168,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = True
                 if too_big:
+                    self.on_refusal(scope, limit)
                     await _send_error(send, 413, f"request body larger than {limit} bytes")
                     return
         # Read the whole body here (bounded) and replay it: the framework turns errors raised while
@@ -102,12 +176,20 @@ class BodyLimit:
         chunks: list[bytes] = []
         received = 0
         while True:
-            message = await receive()
+            try:
+                # A client that sends headers and then trickles (or never sends) its body would hold a
+                # connection and a buffer for ever; it gets BODY_TIMEOUT seconds for the whole body.
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except TimeoutError:
+                self.on_refusal(scope, -1)
+                await _send_error(send, 408, f"request body not received within {BODY_TIMEOUT:g} s")
+                return
             if message["type"] != "http.request":
                 return  # the client went away
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > limit:
+                self.on_refusal(scope, limit)
                 await _send_error(send, 413, f"request body larger than {limit} bytes")
                 return
             chunks.append(chunk)
@@ -126,45 +208,78 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _send_error(send: Send, status: int, reason: str) -> None:
-    response = JSONResponse({"error": reason}, status_code=status)
+async def _send_error(send: Send, status: int, reason: str, *, retry_after: int | None = None) -> None:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    response = JSONResponse({"error": reason}, status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
 
-def create_app(service: OwnerService) -> ASGIApp:
-    """The API as an ASGI app (FastAPI inside a body-size limit)."""
-    app = FastAPI(title="modelcloak owner backend", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(service: OwnerService, *, rate: float = DEFAULT_RATE, burst: float = DEFAULT_BURST) -> ASGIApp:
+    """The API as an ASGI app: FastAPI inside a body-size limit inside a per-address rate limit (0: off)."""
+    app = FastAPI(
+        title="modelcloak owner backend",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/v1/openapi.json",
+    )
+
+    def refuse(request: Request, status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        client = request.client.host if request.client else None
+        service.refusals.record("http.refused", request.url.path, status=status, reason=reason, client=client)
+        return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestRefused)
-    async def _refused(_request: Request, exc: RequestRefused) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        if exc.audited:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return refuse(request, exc.status, str(exc))
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        # The cause (host, port, driver message) goes to the owner's log, never to the client.
+        _log.error("database unavailable on %s: %s", request.url.path, exc)
+        return JSONResponse(
+            {"error": "the owner backend's database is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(OwnerError)
-    async def _owner_error(_request: Request, exc: OwnerError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+    async def _owner_error(request: Request, exc: OwnerError) -> JSONResponse:
+        return refuse(request, 400, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', 'malformed')}"}, status_code=422)
+        return refuse(request, 422, f"invalid request: {where}: {first.get('msg', 'malformed')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return refuse(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
-    @app.get("/v1/health")
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: logged with its traceback, audited, and answered without internals.
+        _log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        client = request.client.host if request.client else None
+        service.refusals.record("http.error", request.url.path, error=type(exc).__name__, client=client)
+        return JSONResponse({"error": "internal error; the owner's log has the details"}, status_code=500)
+
+    @app.get("/v1/health", responses={503: {"model": ErrorBody, "description": "database unavailable"}})
     def health() -> dict[str, Any]:
+        service.store.ping()  # 503 (handler above) when the database does not answer
         return {"ok": True, "database": service.store.dialect}
 
-    @app.post("/v1/nonce")
+    @app.post("/v1/nonce", responses=_errors(400, 404))
     def nonce(body: NonceRequest) -> dict[str, Any]:
         value, expires_at = service.new_nonce(body.licence_id)
         return {"nonce": base64.b64encode(value).decode(), "expires_at": expires_at.isoformat()}
 
-    @app.post("/v1/release")
+    @app.post("/v1/release", responses=_errors(400, 403, 404))
     def release(body: ReleaseRequest) -> dict[str, Any]:
         granted = service.release_key(
             licence_id=body.licence_id,
@@ -177,7 +292,7 @@ def create_app(service: OwnerService) -> ASGIApp:
         )
         return granted.as_json()
 
-    @app.post("/v1/usage")
+    @app.post("/v1/usage", responses=_errors(400, 401, 403, 404, 409))
     async def usage(body: UsageRequest) -> dict[str, Any]:
         # async: the request waits for its group commit without holding a worker thread.
         ack = await service.report_usage_async(
@@ -185,7 +300,7 @@ def create_app(service: OwnerService) -> ASGIApp:
         )
         return ack.as_json()
 
-    @app.post(FHE_PATH)
+    @app.post(FHE_PATH, responses=_errors(400, 401, 403, 404, 409))
     def fhe_labels(body: FheLabelsRequest) -> dict[str, Any]:
         # sync: decryption is CPU work, run in the worker pool, off the event loop.
         labels, ack = service.fhe_labels(
@@ -199,4 +314,19 @@ def create_app(service: OwnerService) -> ASGIApp:
         )
         return {"labels": labels, **ack.as_json()}
 
-    return BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY})
+    def body_refused(scope: Scope, limit: int) -> None:
+        client = (scope.get("client") or (None,))[0]
+        status = 408 if limit < 0 else 413
+        service.refusals.record("http.refused", scope.get("path", ""), status=status, limit=limit, client=client)
+
+    throttled_since_log = [0]
+
+    def throttled(scope: Scope) -> None:
+        # One audit entry per 1,000 throttled requests: a flood must not turn into an audit flood.
+        throttled_since_log[0] += 1
+        if throttled_since_log[0] % 1000 == 1:
+            client = (scope.get("client") or (None,))[0]
+            service.refusals.record("http.throttled", client or "?", status=429, every=1000)
+
+    limited = BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=body_refused)
+    return RateLimit(limited, rate=rate, burst=burst, on_refusal=throttled)

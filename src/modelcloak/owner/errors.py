@@ -5,4 +5,10 @@ It is the licensing protocol's own type: a refusal reads the same on both sides 
 
 from modelcloak.licensing.errors import OwnerError
 
-__all__ = ["OwnerError"]
+__all__ = ["DatabaseUnavailable", "OwnerError"]
+
+
+class DatabaseUnavailable(OwnerError):
+    """The database could not be reached or failed a transaction; the API answers 503 and logs the cause."""
+
+    retryable = False  # True for a deadlock or serialisation failure: nothing was written, try again

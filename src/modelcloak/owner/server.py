@@ -51,6 +51,9 @@ def serve(
         ssl_keyfile=ssl_keyfile,
         timeout_keep_alive=30,
         backlog=1024,
+        # Beyond this many open connections and requests, new ones get 503 at once instead of
+        # holding memory (issue 12: 800 half-sent requests were all held open).
+        limit_concurrency=1024,
     )
     try:
         uvicorn.Server(config).run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import queue
 import re
 import secrets
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from sqlalchemy import delete, func, select
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from modelcloak.licensing.protocol import (
@@ -38,9 +39,11 @@ from modelcloak.licensing.protocol import (
     release_info,
     usage_mac,
 )
-from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.evidence.base import Claims, EvidenceError
 from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
+from modelcloak.owner.integrity import check_row, seal_row
+from modelcloak.owner.refusals import RefusalLog
 from modelcloak.owner.store import (
     Device,
     FheSecret,
@@ -56,6 +59,7 @@ from modelcloak.owner.store import (
 )
 
 NONCE_LIFETIME = timedelta(seconds=120)
+_log = logging.getLogger("modelcloak.owner")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _HEX = re.compile(r"^[0-9a-f]{2,256}$")
@@ -188,6 +192,15 @@ class GroupCommit:
             raise slot[3]
         return slot[2]
 
+    def _apply_group(self, group: list[list[Any]]) -> None:
+        with self.store.transaction() as session:
+            for slot in group:
+                slot[2], slot[3] = None, None
+                try:
+                    slot[2] = self.apply(session, *slot[0])
+                except RequestRefused as exc:
+                    slot[3] = exc
+
     def _run(self) -> None:
         while True:
             group = [self._queue.get()]
@@ -196,15 +209,21 @@ class GroupCommit:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            # Licence rows are locked in ascending id order in every worker, so two workers' groups
+            # cannot wait on each other in a cycle (the stable sort keeps each reporter's batches in order).
+            group.sort(key=lambda slot: slot[0][0])
             try:
-                with self.store.transaction() as session:
-                    for slot in group:
-                        try:
-                            slot[2] = self.apply(session, *slot[0])
-                        except RequestRefused as exc:
-                            slot[3] = exc
+                for attempt in range(1, 4):
+                    try:
+                        self._apply_group(group)
+                        break
+                    except DatabaseUnavailable as exc:
+                        if not exc.retryable or attempt == 3:
+                            raise
+                        _log.warning("usage group retried after %s", exc)
             except Exception as exc:  # the commit failed: nothing in this group was stored
-                failure = exc if isinstance(exc, OwnerError) else OwnerError(f"usage not stored: {exc}")
+                _log.error("usage group of %d batches not stored", len(group), exc_info=True)
+                failure = exc if isinstance(exc, OwnerError) else DatabaseUnavailable(f"usage not stored: {exc}")
                 for slot in group:
                     slot[2], slot[3] = None, slot[3] or failure
             for slot in group:
@@ -230,6 +249,7 @@ class OwnerService:
         self._fhe_decryptors: dict[str, Any] = {}  # model id -> OwnerDecryptor (parsing a secret is slow)
         self._fhe_lock = threading.Lock()  # SEAL's decryptor is not documented as thread-safe
         self._usage_committer = GroupCommit(store, self._apply_usage)
+        self.refusals = RefusalLog(store)
 
     @property
     def master(self) -> MasterKey:
@@ -257,9 +277,18 @@ class OwnerService:
             self.store.audit(session, "model.register", model_id, "ok")
 
     def enroll_device(
-        self, device_id: str, verifier_kind: str, measurements: dict[str, str], identity: str | None = None
+        self,
+        device_id: str,
+        verifier_kind: str,
+        measurements: dict[str, str],
+        identity: str | None = None,
+        *,
+        customer: str | None = None,
     ) -> None:
+        """Enrol a device; `customer` is the tenant whose instance licences it may use (none: device licences only)."""
         check_id(device_id, "device id")
+        if customer is not None:
+            check_id(customer, "customer")
         if verifier_kind not in KNOWN_KINDS:
             raise RequestRefused(f"unknown evidence kind {verifier_kind!r}; known: {', '.join(KNOWN_KINDS)}", 400)
         expected = check_measurements(measurements)
@@ -268,19 +297,22 @@ class OwnerService:
         if identity is None and verifier_kind in ("sim", "tpm"):
             # Without a pinned key, anyone could make sim/tpm evidence for these measurements.
             raise RequestRefused(f"{verifier_kind} devices need their attestation identity (key fingerprint)", 400)
+        device = Device(
+            id=device_id,
+            verifier_kind=verifier_kind,
+            identity=identity.lower() if identity else None,
+            expected_measurements=json.dumps(expected, sort_keys=True),
+            customer=customer,
+            created_at=self.clock(),
+        )
+        seal_row(self.master.row_tag_key, device)
         with self.store.transaction() as session:
             if session.get(Device, device_id) is not None:
                 raise RequestRefused(f"device {device_id} is already enrolled", 409)
-            session.add(
-                Device(
-                    id=device_id,
-                    verifier_kind=verifier_kind,
-                    identity=identity.lower() if identity else None,
-                    expected_measurements=json.dumps(expected, sort_keys=True),
-                    created_at=self.clock(),
-                )
+            session.add(device)
+            self.store.audit(
+                session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity, customer=customer
             )
-            self.store.audit(session, "device.enroll", device_id, "ok", kind=verifier_kind, identity=identity)
 
     def issue_licence(
         self,
@@ -288,6 +320,7 @@ class OwnerService:
         *,
         device_id: str | None = None,
         max_instances: int | None = None,
+        customer: str | None = None,
         valid_for: timedelta = timedelta(days=365),
         query_quota: int | None = None,
         revalidate_seconds: int = 3600,
@@ -300,6 +333,11 @@ class OwnerService:
             raise RequestRefused("a licence is bound to exactly one of a device or an instance count", 400)
         if max_instances is not None and max_instances < 1:
             raise RequestRefused("the instance count must be at least 1", 400)
+        if customer is not None:
+            check_id(customer, "customer")
+        elif max_instances is not None:
+            # Without a customer an instance licence would admit every enrolled device of every tenant.
+            raise RequestRefused("an instance licence needs the customer whose devices may use it (--customer)", 400)
         if query_quota is not None and query_quota < 0:
             raise RequestRefused("the query quota cannot be negative", 400)
         if valid_for <= timedelta(0):
@@ -312,26 +350,33 @@ class OwnerService:
         with self.store.transaction() as session:
             if session.get(Model, model_id) is None:
                 raise RequestRefused(f"model {model_id} is not registered", 404)
-            if device_id is not None and session.get(Device, device_id) is None:
-                raise RequestRefused(f"device {device_id} is not enrolled", 404)
-            session.add(
-                Licence(
-                    id=licence_id,
-                    model_id=model_id,
-                    device_id=device_id,
-                    max_instances=max_instances,
-                    expires_at=now + valid_for,
-                    query_quota=query_quota,
-                    queries_used=0,
-                    revalidate_seconds=revalidate_seconds,
-                    offline_grace_seconds=offline_grace_seconds,
-                    allow_sim=allow_sim,
-                    allow_debug=allow_debug,
-                    expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
-                    sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
-                    created_at=now,
-                )
+            if device_id is not None:
+                bound = session.get(Device, device_id)
+                if bound is None:
+                    raise RequestRefused(f"device {device_id} is not enrolled", 404)
+                if customer is not None and bound.customer != customer:
+                    refusal = f"device {device_id} belongs to customer {bound.customer}, not {customer}"
+                    raise RequestRefused(refusal, 400)
+                customer = bound.customer
+            licence = Licence(
+                id=licence_id,
+                model_id=model_id,
+                device_id=device_id,
+                customer=customer,
+                max_instances=max_instances,
+                expires_at=now + valid_for,
+                query_quota=query_quota,
+                queries_used=0,
+                revalidate_seconds=revalidate_seconds,
+                offline_grace_seconds=offline_grace_seconds,
+                allow_sim=allow_sim,
+                allow_debug=allow_debug,
+                expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
+                sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
+                created_at=now,
             )
+            seal_row(self.master.row_tag_key, licence)
+            session.add(licence)
             self.store.audit(
                 session,
                 "licence.issue",
@@ -339,6 +384,7 @@ class OwnerService:
                 "ok",
                 model=model_id,
                 device=device_id,
+                customer=customer,
                 max_instances=max_instances,
                 quota=query_quota,
                 allow_sim=allow_sim,
@@ -349,11 +395,38 @@ class OwnerService:
     def revoke_licence(self, licence_id: str, reason: str = "revoked by the owner") -> None:
         with self.store.transaction() as session:
             licence = self._locked_licence(session, licence_id)
+            check_row(self.master.row_tag_key, licence)
             if licence.revoked_at is not None:
                 raise RequestRefused(f"licence {licence_id} is already revoked", 409)
             licence.revoked_at = self.clock()
             licence.revocation_reason = reason
+            seal_row(self.master.row_tag_key, licence)
             self.store.audit(session, "licence.revoke", licence_id, "ok", reason=reason)
+
+    def free_instance(self, licence_id: str, instance_id: str) -> None:
+        """Give an instance licence's slot back (a device retired or reinstalled); audited."""
+        with self.store.transaction() as session:
+            licence = self._locked_licence(session, licence_id)
+            slot = session.get(Instance, (licence.id, instance_id))
+            if slot is None:
+                raise RequestRefused(f"licence {licence_id} has no instance {instance_id}", 404)
+            session.delete(slot)
+            self.store.audit(session, "instance.free", licence_id, "ok", instance=instance_id)
+
+    def instances(self, licence_id: str) -> list[dict[str, Any]]:
+        with self.store.transaction() as session:
+            rows = session.scalars(
+                select(Instance).where(Instance.licence_id == licence_id).order_by(Instance.first_seen)
+            )
+            return [
+                {
+                    "instance": row.instance_id,
+                    "device": row.device_id,
+                    "first_seen": row.first_seen.isoformat(),
+                    "last_seen": row.last_seen.isoformat(),
+                }
+                for row in rows
+            ]
 
     def licences(self) -> list[dict[str, Any]]:
         with self.store.transaction() as session:
@@ -369,6 +442,7 @@ class OwnerService:
                     "id": row.id,
                     "model": row.model_id,
                     "device": row.device_id,
+                    "customer": row.customer,
                     "max_instances": row.max_instances,
                     "instances": instances.get(row.id, 0),
                     "expires_at": row.expires_at.isoformat(),
@@ -397,6 +471,22 @@ class OwnerService:
                 for s in session.scalars(query)
             ]
 
+    def tag_untagged_rows(self) -> int:
+        """Give licences and devices made before row tags existed their tag; returns how many were tagged.
+
+        Run once after upgrading to schema revision 0004, by the owner, on a database they trust at
+        that moment: it vouches for whatever those rows hold now.
+        """
+        tagged = 0
+        with self.store.transaction() as session:
+            for table in (Licence, Device):
+                for row in session.scalars(select(table).where(table.row_tag.is_(None))):
+                    seal_row(self.master.row_tag_key, row)
+                    tagged += 1
+            if tagged:
+                self.store.audit(session, "rows.tag", "licences+devices", "ok", tagged=tagged)
+        return tagged
+
     def queries_used(self, licence_id: str) -> int:
         with self.store.transaction() as session:
             return self._locked_licence(session, licence_id).queries_used
@@ -411,10 +501,21 @@ class OwnerService:
         with self.store.transaction() as session:
             if session.get(Licence, licence_id) is None:
                 raise RequestRefused(f"unknown licence {licence_id}", 404)
+            if self.store.dialect == "postgresql":
+                # Not synced: a nonce lost in a crash only means the device asks for another.
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             session.add(Nonce(value=nonce.hex(), licence_id=licence_id, expires_at=now + NONCE_LIFETIME))
             # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
             # (an expired nonce is refused as unknown just the same).
-            session.execute(delete(Nonce).where(Nonce.expires_at < now - NONCE_LIFETIME))
+            # SKIP LOCKED: workers cleaning up at the same time each take rows nobody else holds, instead
+            # of locking overlapping sets in different orders (a deadlock between two workers).
+            stale = (
+                select(Nonce.value)
+                .where(Nonce.expires_at < now - NONCE_LIFETIME)
+                .limit(1000)
+                .with_for_update(skip_locked=True)
+            )
+            session.execute(delete(Nonce).where(Nonce.value.in_(stale)))
         return nonce, now + NONCE_LIFETIME
 
     def release_key(
@@ -433,16 +534,22 @@ class OwnerService:
         check_id(device_id, "device id")
         check_id(instance_id, "instance id")
         subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
+        spend_on_refusal = False
         try:
-            self._spend_nonce(licence_id, nonce)
-            try:
-                public_key = X25519PublicKey.from_public_bytes(ephemeral_public_key)
-            except ValueError:
-                raise RequestRefused("the ephemeral public key is not a 32-byte X25519 key", 400) from None
+            # One synced commit per release: the nonce is read here (no write), and spent in the same
+            # transaction as the grant; a refused attempt spends it afterwards (below).
+            self._check_nonce(licence_id, nonce)
+            spend_on_refusal = True
+            public_key = _ephemeral_key(ephemeral_public_key)
             try:
                 claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
             except EvidenceError as exc:
                 raise RequestRefused(f"evidence refused: {exc}") from None
+            except Exception as exc:  # noqa: BLE001  a parser's surprise on hostile bytes is still the sender's fault
+                _log.warning("evidence verifier for %r raised on malformed input", evidence_kind, exc_info=True)
+                raise RequestRefused(
+                    f"evidence refused: malformed {evidence_kind} evidence ({type(exc).__name__})", 400
+                ) from None
             if claims.kind != evidence_kind:
                 raise RequestRefused(f"evidence claims kind {claims.kind!r}, sent as {evidence_kind!r}")
             expected_binding = binding_digest(nonce, ephemeral_public_key)
@@ -451,6 +558,7 @@ class OwnerService:
                     "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
                 )
             with self.store.transaction() as session:
+                self._spend_nonce(session, licence_id, nonce)
                 licence = self._locked_licence(session, licence_id)
                 device = session.get(Device, device_id)
                 self._check_release(session, licence, device, claims, instance_id)
@@ -486,42 +594,67 @@ class OwnerService:
                 )
                 return release
         except RequestRefused as exc:
-            with self.store.transaction() as session:
-                self.store.audit(session, "key.release", licence_id, "refused", reason=str(exc), **subject)
+            if spend_on_refusal:  # so a refused attempt cannot be retried with the same nonce
+                self._burn_nonce(nonce)
+            # Queued, not committed here: anyone can cause refusals, so they must not each cost a synced write.
+            self.refusals.record("key.release", licence_id, reason=str(exc), **subject)
+            exc.audited = True
             raise
 
-    def _spend_nonce(self, licence_id: str, nonce: bytes) -> None:
+    def _check_nonce(self, licence_id: str, nonce: bytes) -> None:
+        """Refuse an unknown, used, foreign or expired nonce before any work (a read, no lock, no write)."""
         if len(nonce) != NONCE_SIZE:
             raise RequestRefused(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}", 400)
-        now = self.clock()
+        with self.store.reader() as session:
+            row = session.get(Nonce, nonce.hex())
+            found = None if row is None else (row.used_at, row.licence_id, row.expires_at)
+        if found is None:
+            raise RequestRefused("unknown or expired nonce: ask for a fresh one")
+        used_at, owner, expires_at = found
+        if used_at is not None:
+            raise RequestRefused("nonce already used: replayed request")
+        if owner != licence_id:
+            self._burn_nonce(nonce)
+            raise RequestRefused("nonce was issued for a different licence")
+        if expires_at <= self.clock():
+            self._burn_nonce(nonce)
+            raise RequestRefused("nonce expired: ask for a fresh one")
+
+    def _spend_nonce(self, session: Session, licence_id: str, nonce: bytes) -> None:
+        """Mark the nonce used inside the grant's transaction; a concurrent replay finds it used."""
+        row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
+        if row is None or row.used_at is not None or row.licence_id != licence_id:
+            raise RequestRefused("nonce already used: replayed request")
+        row.used_at = self.clock()
+
+    def _burn_nonce(self, nonce: bytes) -> None:
+        """Spend a nonce after a refusal. Not synced on PostgreSQL: a nonce lost in a crash is refused anyway
+        once it expires, two minutes later."""
         with self.store.transaction() as session:
-            row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
-            if row is None:
-                raise RequestRefused("unknown or expired nonce: ask for a fresh one")
-            if row.used_at is not None:
-                raise RequestRefused("nonce already used: replayed request")
-            # Spent whatever the outcome, so a refused attempt cannot be retried with the same nonce.
-            row.used_at = now
-            if row.licence_id != licence_id:
-                refusal = RequestRefused("nonce was issued for a different licence")
-            elif row.expires_at <= now:
-                refusal = RequestRefused("nonce expired: ask for a fresh one")
-            else:
-                return
-        raise refusal
+            if self.store.dialect == "postgresql":
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            session.execute(
+                update(Nonce).where(Nonce.value == nonce.hex(), Nonce.used_at.is_(None)).values(used_at=self.clock())
+            )
 
     def _check_release(
         self, session: Session, licence: Licence, device: Device | None, claims: Claims, instance_id: str
     ) -> None:
         now = self.clock()
+        check_row(self.master.row_tag_key, licence)  # before any of its columns is believed
         if licence.revoked_at is not None:
             raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
         if licence.expires_at <= now:
             raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
         if device is None:
             raise RequestRefused("unknown device: enrol it with `modelcloak owner device enroll`")
+        check_row(self.master.row_tag_key, device)
         if licence.device_id is not None and licence.device_id != device.id:
             raise RequestRefused(f"licence {licence.id} is bound to another device")
+        if licence.device_id is None and (licence.customer is None or device.customer != licence.customer):
+            # An instance licence admits only its own customer's devices; one without a customer (issued
+            # before customers existed) admits nobody until it is reissued.
+            raise RequestRefused(f"device {device.id} is not a device of licence {licence.id}'s customer")
         if claims.kind != device.verifier_kind:
             raise RequestRefused(
                 f"device {device.id} is enrolled for {device.verifier_kind!r} evidence, not {claims.kind!r}"
@@ -603,7 +736,9 @@ class OwnerService:
         with session.no_autoflush:
             licence = licences.get(licence_id)
             if licence is None:
-                licence = licences[licence_id] = self._locked_licence(session, licence_id)
+                licence = self._locked_licence(session, licence_id)
+                check_row(self.master.row_tag_key, licence)
+                licences[licence_id] = licence
             if result is None:
                 expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
             else:
@@ -624,7 +759,13 @@ class OwnerService:
                 # FHE requests with the same count can differ in their result: the MAC tells them apart.
                 if previous is None or previous[0] != queries or not hmac.compare_digest(previous[1], mac):
                     raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
+                # Acknowledged again even after revocation: it was counted before, and the device may drop it.
                 return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
+        # A new batch is new use: a revoked or expired licence has none, from the moment it is revoked.
+        if licence.revoked_at is not None:
+            raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
+        if licence.expires_at <= self.clock():
+            raise RequestRefused(f"licence {licence.id} expired at {licence.expires_at.isoformat()}")
         if sequence != last + 1:
             raise RequestRefused(f"batch {sequence} arrives after {last}: batches {last + 1}.. are missing", 409)
         if licence.query_quota is not None and licence.queries_used + queries > licence.query_quota:
@@ -639,6 +780,7 @@ class OwnerService:
         stream.last_sequence = sequence
         stream.queries += queries
         licence.queries_used += queries
+        seal_row(self.master.row_tag_key, licence)
         session.add(
             UsageBatch(
                 licence_id=licence_id,
@@ -693,6 +835,7 @@ class OwnerService:
             licence = session.get(Licence, licence_id)
             if licence is None:
                 raise RequestRefused(f"unknown licence {licence_id}", 404)
+            check_row(self.master.row_tag_key, licence)
             expected = fhe_request_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries, result)
             if not hmac.compare_digest(expected, mac):
                 raise RequestRefused("decryption request signature does not verify", 401)
@@ -722,6 +865,10 @@ class OwnerService:
                 cause = f"the result holds {len(labels)} samples, the request counts {queries}"
         except FheError as exc:
             cause = str(exc)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+            # A licensed device's malformed envelope (infinite counts, absurd nesting): refused like any other.
+            _log.warning("FHE envelope for licence %s raised while parsing", licence_id, exc_info=True)
+            cause = f"malformed envelope ({type(exc).__name__})"
         ack = self._usage_committer.submit((licence_id, reporter_id, sequence, queries, mac, result))
         if cause is not None:
             if not ack.duplicate:
@@ -736,6 +883,21 @@ class OwnerService:
             key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
             self._usage_keys[licence.id] = key
         return key
+
+
+def _ephemeral_key(raw: bytes) -> X25519PublicKey:
+    """The device's ephemeral X25519 key; refuses keys whose shared secret would be all zeros.
+
+    RFC 7748 low-order points (the all-zero key among them) make every key agreement come out as
+    zeros, which `cryptography` refuses with ValueError deep in HPKE; checked here, up front, with one
+    agreement against a throwaway key, so the request gets a 400 before any licence state is touched.
+    """
+    try:
+        public_key = X25519PublicKey.from_public_bytes(raw)
+        X25519PrivateKey.generate().exchange(public_key)
+    except ValueError:
+        raise RequestRefused("the ephemeral public key is not a usable 32-byte X25519 key", 400) from None
+    return public_key
 
 
 def _fhe_decryptor(owner_secret: bytes) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
 import threading
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -44,9 +47,10 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from modelcloak.owner.errors import OwnerError
+from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 
 MASTER_KEY_SIZE = 32
+MIGRATION_LOCK_ID = 0x6D63_6F77_6E72  # "mcownr": the PostgreSQL advisory lock migrations take
 _SEAL_LABEL = b"modelcloak owner secret v1\x00"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -98,6 +102,8 @@ class Device(Base):
     verifier_kind: Mapped[str] = mapped_column(String(32))
     identity: Mapped[str | None] = mapped_column(String(256), nullable=True)
     expected_measurements: Mapped[str] = mapped_column(Text, default="{}")  # JSON name -> hex
+    customer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the tenant the device belongs to
+    row_tag: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # owner/integrity.py
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
     def measurements(self) -> dict[str, str]:
@@ -109,6 +115,7 @@ class Licence(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
     device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id"), nullable=True)
+    customer: Mapped[str | None] = mapped_column(String(128), nullable=True)  # whose devices may use it
     max_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     query_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -121,6 +128,7 @@ class Licence(Base):
     sealed_usage_key: Mapped[bytes] = mapped_column(LargeBinary)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    row_tag: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # owner/integrity.py
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
@@ -192,13 +200,24 @@ def database_url(location: str | Path) -> str:
     return text
 
 
+def redacted(location: str | Path) -> str:
+    """`location` with any password in it replaced by ***."""
+    text = str(location)
+    if "://" not in text:
+        return text
+    try:
+        return make_url(database_url(text)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
 def make_engine(location: str | Path) -> Engine:
     """An engine for a SQLite file or a PostgreSQL URL, with the transaction discipline described above."""
     url_text = database_url(location)
     try:
         url = make_url(url_text)
     except ArgumentError:
-        raise OwnerError(f"database {location!s} is neither a file path nor a database URL") from None
+        raise OwnerError(f"database {redacted(location)} is neither a file path nor a database URL") from None
     backend = url.get_backend_name()
     if backend == "sqlite":
         if url.database in (None, "", ":memory:"):
@@ -206,6 +225,10 @@ def make_engine(location: str | Path) -> Engine:
         parent = Path(url.database).parent
         if not parent.is_dir():
             raise OwnerError(f"directory {parent} for the database does not exist")
+        # Licences, audit log and usage are the owner's business: a new file is 0600 (SQLite gives its
+        # -wal and -shm files the same mode).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(url.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=16)
         _sqlite_discipline(engine)
     elif backend == "postgresql":
@@ -252,12 +275,53 @@ def migrate(engine: Engine) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
+    check_schema(engine, allow_behind=True)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Several workers starting together on one database: one migrates, the others wait here
+                # and then find the schema at head (on SQLite, BEGIN IMMEDIATE serialises the same way).
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except OperationalError as exc:
-        raise OwnerError(f"cannot reach or migrate the database: {_first_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot reach or migrate the database: {_first_line(exc)}") from None
+
+
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def check_schema(engine: Engine, *, allow_behind: bool) -> None:
+    """Refuse a database this release cannot use: one from a newer release, or (unless allowed) one not migrated."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    try:
+        current = schema_revision(engine)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from None
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    head = head_revision()
+    if current is not None and current not in known:
+        raise OwnerError(
+            f"the database is at schema revision {current}, newer than this release knows (newest {head}): "
+            "upgrade modelcloak, or point --db at this release's database"
+        )
+    if current != head and not allow_behind:
+        raise OwnerError(
+            f"the database is at schema revision {current or 'none'}, this release needs {head}: "
+            "run `modelcloak owner migrate --master-key-file ...` first"
+        )
 
 
 def schema_revision(engine: Engine) -> str | None:
@@ -281,6 +345,8 @@ class Store:
         self.dialect = self.engine.dialect.name
         if migrate_schema:
             migrate(self.engine)
+        else:
+            check_schema(self.engine, allow_behind=False)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _guard_audit_flush)
         # SQLite has one writer at a time, and a connection that finds the lock taken sleeps in
@@ -296,7 +362,22 @@ class Store:
                 with session.begin():
                     yield session
             except OperationalError as exc:
-                raise OwnerError(f"database error: {_first_line(exc)}") from None
+                failure = DatabaseUnavailable(f"database error: {_first_line(exc)}")
+                # Deadlock or serialisation failure between workers: nothing was written, the caller may retry.
+                failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+                raise failure from None
+
+    @contextmanager
+    def reader(self) -> Iterator[Session]:
+        """A session for reads only: nothing is committed, so nothing is synced. (On SQLite every transaction
+        still takes the write lock, so it queues on our local writer lock like the others.)"""
+        with self._local_writer, self._sessions() as session:
+            try:
+                yield session
+            except OperationalError as exc:
+                raise DatabaseUnavailable(f"database error: {_first_line(exc)}") from None
+            finally:
+                session.rollback()
 
     def audit(self, session: Session, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
         session.add(
@@ -304,6 +385,14 @@ class Store:
                 at=now_utc(), event=event_name, subject=subject, outcome=outcome, detail=json.dumps(detail, default=str)
             )
         )
+
+    def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers a trivial query."""
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"database error: {_first_line(exc)}") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -319,6 +408,8 @@ class MasterKey:
         if len(key) != MASTER_KEY_SIZE:
             raise OwnerError(f"master key must be {MASTER_KEY_SIZE} bytes, got {len(key)}")
         self._aead = AESGCM(bytes(key))
+        # A separate key for row integrity tags, so no MAC and no ciphertext ever share a key.
+        self.row_tag_key = HKDF(hashes.SHA256(), 32, salt=None, info=b"modelcloak owner row tags v1").derive(bytes(key))
 
     @classmethod
     def from_provider(cls, provider: Any) -> MasterKey:

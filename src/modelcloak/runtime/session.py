@@ -79,10 +79,11 @@ class Session:
         feeds = self._feeds(inputs)
         if self._licence is None:
             return self._compute(feeds)
-        self._licence.before()
-        results = self._compute(feeds)
         first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
-        self._licence.after(int(first.shape[0]) if first.ndim else 1)
+        samples = int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+        self._licence.before(samples)  # with a quota, reserves the samples: refused means nothing is answered
+        results = self._compute(feeds)
+        self._licence.after(samples)
         return results
 
     def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -165,8 +166,8 @@ def _decode(evidence: bytes) -> dict[str, Any]:
 def _load_ak(der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_der_public_key(der)
-    except ValueError:
-        raise EvidenceError("TPM evidence attestation key is not a DER public key") from None
+    except (ValueError, UnsupportedAlgorithm):  # a well-formed key of an algorithm we do not know
+        raise EvidenceError("TPM evidence attestation key is not a DER public key of a known algorithm") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise EvidenceError("TPM evidence attestation key is not an ECC P-256 key")
     return key
@@ -185,7 +186,7 @@ def _normalise_ak(key: bytes | str) -> str:
             if key.lstrip().startswith(b"-----")
             else serialization.load_der_public_key(key)
         )
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise EvidenceError("a trusted attestation key is neither a PEM/DER public key nor a hex fingerprint") from None
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return ak_fingerprint(der)

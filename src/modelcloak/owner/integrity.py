@@ -1,0 +1,96 @@
+"""Integrity tags on the rows that grant access: licences and devices (with their measurements and quotas).
+
+Sealing keeps model keys out of a stolen database, but write access alone would otherwise be enough
+to get one: extend a licence, lift its quota, point it at another model, add `allow_sim`, or swap a
+device's measurements or identity, and the running server would release the real key. So each such
+row carries an HMAC-SHA256 tag, keyed with a subkey of the master key (which never enters the
+database), over every column that decides a release or a usage report. The backend recomputes it
+whenever it reads a row to decide, and refuses the row when the tag does not match. Columns that
+decide nothing (descriptions, creation times) are left out so the tag does not change needlessly.
+
+Encoding: the tag covers `"modelcloak owner row v1" 0x00 || table 0x00 || JSON(fields)`, with the
+JSON keys sorted, no spaces, times as integer microseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from modelcloak.licensing.protocol import RequestRefused
+from modelcloak.owner.store import Device, Licence
+
+ROW_TAG_LABEL = b"modelcloak owner row v1\x00"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_log = logging.getLogger("modelcloak.owner")
+
+
+def _micros(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def licence_fields(licence: Licence) -> dict[str, Any]:
+    return {
+        "id": licence.id,
+        "model_id": licence.model_id,
+        "device_id": licence.device_id,
+        "customer": licence.customer,
+        "max_instances": licence.max_instances,
+        "expires_at": _micros(licence.expires_at),
+        "query_quota": licence.query_quota,
+        "queries_used": licence.queries_used,
+        "revalidate_seconds": licence.revalidate_seconds,
+        "offline_grace_seconds": licence.offline_grace_seconds,
+        "allow_sim": bool(licence.allow_sim),
+        "allow_debug": bool(licence.allow_debug),
+        "expected_measurements": licence.expected_measurements,
+        "sealed_usage_key": licence.sealed_usage_key.hex(),
+        "revoked_at": _micros(licence.revoked_at),
+        "revocation_reason": licence.revocation_reason,
+    }
+
+
+def device_fields(device: Device) -> dict[str, Any]:
+    return {
+        "id": device.id,
+        "verifier_kind": device.verifier_kind,
+        "identity": device.identity,
+        "expected_measurements": device.expected_measurements,
+        "customer": device.customer,
+    }
+
+
+def _fields(row: Licence | Device) -> tuple[str, dict[str, Any]]:
+    if isinstance(row, Licence):
+        return "licences", licence_fields(row)
+    return "devices", device_fields(row)
+
+
+def row_tag(tag_key: bytes, row: Licence | Device) -> bytes:
+    table, fields = _fields(row)
+    covered = (
+        ROW_TAG_LABEL + table.encode() + b"\x00" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    )
+    return hmac.new(tag_key, covered, hashlib.sha256).digest()
+
+
+def seal_row(tag_key: bytes, row: Licence | Device) -> None:
+    """Set the row's tag after the backend itself changed it."""
+    row.row_tag = row_tag(tag_key, row)
+
+
+def check_row(tag_key: bytes, row: Licence | Device) -> None:
+    """Refuse a row whose columns were changed by anything but the backend (or that was never tagged)."""
+    what = f"licence {row.id}" if isinstance(row, Licence) else f"device {row.id}"
+    if row.row_tag is None:
+        raise RequestRefused(
+            f"{what} has no integrity tag (made before schema revision 0004): the owner runs "
+            "`modelcloak owner migrate --master-key-file ...` once to tag existing rows"
+        )
+    if not hmac.compare_digest(row.row_tag, row_tag(tag_key, row)):
+        _log.error("integrity check failed for %s: its row was changed outside the backend", what)
+        raise RequestRefused(f"{what} failed its integrity check: the row was changed outside the backend")

@@ -28,9 +28,7 @@ def owner(tmp_path_factory):
     host = generate_key_file(folder / "host.key")
     model = make_mlp(sizes=(16, 64, 10), seed=5)
     bundle = folder / "head.mcb"
-    manifest = protect(
-        model, bundle, key=host, scheme="fhe", cut={"last": 1}, fhe={"secret_out": folder / "owner.fhe"}
-    )
+    manifest = protect(model, bundle, key=host, scheme="fhe", cut={"last": 1}, fhe={"secret_out": folder / "owner.fhe"})
     return folder, host, model, bundle, manifest
 
 

@@ -31,6 +31,7 @@ def binding_digest(nonce: bytes, ephemeral_public_key: bytes) -> bytes:
     """The 32 bytes a runtime puts into its evidence to bind a server nonce and its fresh key."""
     return hashlib.sha256(BINDING_LABEL + nonce + hashlib.sha256(ephemeral_public_key).digest()).digest()
 
+
 class RequestRefused(OwnerError):
     """A request the backend will not honour; `status` is the HTTP status the API answers with."""
 

@@ -84,9 +84,7 @@ class SplitScheme:
         sections.append(SectionSource("private", len(private_bytes), lambda: [private_bytes], key="enclave"))
         manifest["policy"] = policy.to_json()
         manifest["split"] = {"boundary": [spec.to_json() for spec in chosen.boundary], "batch": batch_symbol(model)}
-        return BundlePlan(
-            sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup, after_write=after_write
-        )
+        return BundlePlan(sections, manifest, enclave_key=request.enclave_key, cleanup=cleanup, after_write=after_write)
 
     def open(self, bundle: Bundle, context: OpenContext) -> SplitSession:
         import time

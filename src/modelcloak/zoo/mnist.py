@@ -93,5 +93,3 @@ def small_cnn(*, seed: int = 0) -> torch.nn.Module:
             nn.ReLU(),
             nn.Linear(64, 10),  # logits
         )
-
-

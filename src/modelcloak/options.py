@@ -284,7 +284,7 @@ class LoadOptions:
     (refuse to start when one is enabled) or "off" (unsafe; for tests that prove leaks are
     detectable). `session_config` sets onnxruntime SessionOptions attributes or config entries.
     `enclave` is needed by split bundles, `device_key` by locked ones
-    (`modelcloak.keys.open_device_key(state_dir)`).
+    (`modelcloak.keys.enrolled.open_device_key(state_dir)`).
     """
 
     backend: str = "onnxruntime"

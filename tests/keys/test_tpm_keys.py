@@ -104,7 +104,7 @@ def test_another_tpm_cannot_unseal_the_first_ones_blobs(
     enrolled_id = load_identity(tmp_path / "device").device_id
     monkeypatch.setattr(t, "_device_id", lambda public: enrolled_id)
     loads: list[str] = []
-    real_esapi = t._esapi
+    real_esapi = t.esapi
 
     def spying_esapi(tcti: str):
         context = real_esapi(tcti)
@@ -126,7 +126,7 @@ def test_another_tpm_cannot_unseal_the_first_ones_blobs(
 
         return Spy()
 
-    monkeypatch.setattr(t, "_esapi", spying_esapi)
+    monkeypatch.setattr(t, "esapi", spying_esapi)
     # With the comparison off, the code cannot tell another TPM from a damaged blob; the refusal
     # (what this part checks) is the other TPM's TPM2_Load failing the blob's integrity check.
     with pytest.raises(KeyProviderError, match="fails the TPM's integrity check"):
@@ -251,7 +251,7 @@ def test_tampered_sealed_blob_is_refused(tpm: swtpm.SwTpm, tmp_path: Path) -> No
 
 
 def test_a_file_or_a_damaged_record_where_the_state_belongs(tmp_path: Path) -> None:
-    from modelcloak.keys.device import open_device_key
+    from modelcloak.keys.enrolled import open_device_key
 
     t = tpm_api()
     lock_file = tmp_path / "device.lock"

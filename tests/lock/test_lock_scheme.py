@@ -29,9 +29,9 @@ from modelcloak.keys.device import (
     DeviceLockKey,
     SoftwareDeviceKey,
     enroll_software_device,
-    open_device_key,
     write_lock_key_file,
 )
+from modelcloak.keys.enrolled import open_device_key
 from modelcloak.lock import ks_distance
 from modelcloak.options import LockOptions
 from modelcloak.protector import protect

@@ -322,7 +322,7 @@ def run(
         provider = key_provider(key_file, key_env, passphrase_env, passphrase)
     device_key = None
     if device_state is not None:
-        from modelcloak.keys.device import open_device_key
+        from modelcloak.keys.enrolled import open_device_key
 
         device_key = open_device_key(device_state, tcti=tcti)
     if owner_key is not None and usage_state is None:

@@ -74,7 +74,8 @@ def export_lock_key(
 ) -> None:
     """Write the device's lock key for the owner, who then locks models with `protect --lock-to FILE`."""
     from modelcloak.errors import ModelcloakError
-    from modelcloak.keys.device import open_device_key, write_lock_key_file
+    from modelcloak.keys.device import write_lock_key_file
+    from modelcloak.keys.enrolled import open_device_key
 
     if output.exists():
         raise ModelcloakError(f"{output} already exists; remove it first (it may be another device's key)")

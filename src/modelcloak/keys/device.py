@@ -61,7 +61,6 @@ __all__ = [
     "SoftwareDeviceKey",
     "enroll_software_device",
     "load_identity",
-    "open_device_key",
     "unwrap_lock_key",
     "wrap_lock_key",
     "write_lock_key_file",
@@ -487,18 +486,6 @@ def unwrap_lock_key(entries: Any, device: DeviceKeyBase) -> SecureBuffer:
 def _xor(a: SecureBuffer, b: SecureBuffer) -> bytes:
     """a XOR b as public bytes (only used to make wrapped entries)."""
     return (np.frombuffer(a.view(), dtype=np.uint8) ^ np.frombuffer(b.view(), dtype=np.uint8)).tobytes()
-
-
-def open_device_key(state_dir: str | Path, *, tcti: str | None = None) -> DeviceKeyBase:
-    """The device key of an enrolled state directory, TPM or software as recorded at enrolment."""
-    kind = read_state(Path(state_dir)).get("kind")
-    if kind == "tpm":
-        from modelcloak.keys.tpm import TpmDeviceKey
-
-        return TpmDeviceKey(state_dir, tcti=tcti)
-    if kind == "software":
-        return SoftwareDeviceKey(state_dir)
-    raise KeyProviderError(f"{state_dir} holds an enrolment of unknown kind {kind!r}")
 
 
 # --------------------------------------------------------------------------------------------

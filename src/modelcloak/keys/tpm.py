@@ -70,7 +70,7 @@ def _environment_tcti() -> str | None:
     return os.environ.get("TPM2TOOLS_TCTI") or os.environ.get("TSS2_TCTI") or None
 
 
-def _pytss() -> ModuleType:
+def pytss() -> ModuleType:
     try:
         import tpm2_pytss
     except ImportError as exc:
@@ -81,16 +81,16 @@ def _pytss() -> ModuleType:
 def tpm_available(tcti: str | None = None) -> tuple[bool, str]:
     """(True, "") if a TPM answers through the TCTI, else (False, the reason); for `doctor`-style checks."""
     try:
-        with _esapi(tcti or default_tcti()):
+        with esapi(tcti or default_tcti()):
             return True, ""
     except KeyProviderError as exc:
         return False, str(exc)
 
 
 @contextmanager
-def _esapi(tcti: str) -> Iterator[Any]:
+def esapi(tcti: str) -> Iterator[Any]:
     """An ESAPI context on `tcti`, closed afterwards; connection failures become one clear line."""
-    tss = _pytss()
+    tss = pytss()
     # libtss2 logs every TPM error response to stderr; our exceptions say it better, once.
     # setdefault: a user who asked for TSS2 logging keeps it.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -156,14 +156,14 @@ def _encrypted_session(tss: ModuleType, ectx: Any, primary: Any, session_type: A
     return session
 
 
-def _pcr_selection(tss: ModuleType, pcrs: Sequence[int]) -> Any:
+def pcr_selection(tss: ModuleType, pcrs: Sequence[int]) -> Any:
     return tss.TPML_PCR_SELECTION.parse(f"{PCR_BANK}:" + ",".join(str(p) for p in pcrs))
 
 
-def _read_pcrs(tss: ModuleType, ectx: Any, pcrs: Sequence[int]) -> dict[str, str]:
+def read_pcrs(tss: ModuleType, ectx: Any, pcrs: Sequence[int]) -> dict[str, str]:
     values: dict[str, str] = {}
     for index in pcrs:
-        _, _, digests = ectx.pcr_read(_pcr_selection(tss, [index]))
+        _, _, digests = ectx.pcr_read(pcr_selection(tss, [index]))
         if len(digests) != 1:
             raise KeyProviderError(f"the TPM has no {PCR_BANK} bank for PCR {index}")
         values[str(index)] = bytes(digests[0]).hex()
@@ -180,13 +180,13 @@ def _policy_digest(tss: ModuleType, ectx: Any, pcrs: Sequence[int]) -> bytes:
         tss.TPM2_ALG.SHA256,
     )
     try:
-        ectx.policy_pcr(trial, tss.TPM2B_DIGEST(), _pcr_selection(tss, pcrs))
+        ectx.policy_pcr(trial, tss.TPM2B_DIGEST(), pcr_selection(tss, pcrs))
         return bytes(ectx.policy_get_digest(trial))
     finally:
         ectx.flush_context(trial)
 
 
-def _flush(ectx: Any, *handles: Any) -> None:
+def flush(ectx: Any, *handles: Any) -> None:
     # Over a raw swtpm or /dev/tpm0 (no resource manager) transient objects outlive the connection
     # and the TPM has only a few slots: always flush what we loaded.
     for handle in handles:
@@ -211,11 +211,11 @@ def enroll_device(
     gets device.json, sealed.pub and sealed.priv (mode 0600, directory 0700); none of them is
     secret outside this TPM. Refuses an already enrolled directory unless `force`.
     """
-    tss = _pytss()
+    tss = pytss()
     tcti = tcti or default_tcti()
     state_dir = Path(state_dir)
     selected = _iter_pcrs(pcrs)
-    with _esapi(tcti) as ectx:
+    with esapi(tcti) as ectx:
         prepare_state_dir(state_dir, force=force)
         primary, primary_public = _create_primary(tss, ectx)
         session = None
@@ -224,7 +224,7 @@ def enroll_device(
             pcr_values: dict[str, str] = {}
             if selected:
                 try:
-                    pcr_values = _read_pcrs(tss, ectx, selected)
+                    pcr_values = read_pcrs(tss, ectx, selected)
                     auth_policy = _policy_digest(tss, ectx, selected)
                 except tss.TSS2_Exception as exc:
                     raise KeyProviderError(
@@ -259,7 +259,7 @@ def enroll_device(
             finally:
                 secret.close()
         finally:
-            _flush(ectx, session, primary)
+            flush(ectx, session, primary)
 
     sealed_public = public.marshal()
     device_id = _device_id(primary_public)
@@ -310,7 +310,7 @@ class TpmDeviceKey(DeviceKeyBase):
         return f"TPM device key {self._identity.fingerprint} (TCTI {self.tcti})"
 
     def _open_secret(self) -> SecureBuffer:
-        tss = _pytss()
+        tss = pytss()
         public_blob = read_private(self.state_dir / SEALED_PUBLIC, "sealed object")
         private_blob = read_private(self.state_dir / SEALED_PRIVATE, "sealed object")
         try:
@@ -326,7 +326,7 @@ class TpmDeviceKey(DeviceKeyBase):
             "cleared since (its storage key differs); models locked to this enrolment cannot be unlocked here"
         )
         pcrs = self._identity.pcrs
-        with _esapi(self.tcti) as ectx:
+        with esapi(self.tcti) as ectx:
             primary, primary_public = _create_primary(tss, ectx)
             sealed = session = None
             try:
@@ -350,7 +350,7 @@ class TpmDeviceKey(DeviceKeyBase):
                 encrypt = tss.TPMA_SESSION.ENCRYPT | tss.TPMA_SESSION.CONTINUESESSION
                 if pcrs:
                     session = _encrypted_session(tss, ectx, primary, tss.TPM2_SE.POLICY, encrypt)
-                    ectx.policy_pcr(session, tss.TPM2B_DIGEST(), _pcr_selection(tss, pcrs))
+                    ectx.policy_pcr(session, tss.TPM2B_DIGEST(), pcr_selection(tss, pcrs))
                 else:
                     session = _encrypted_session(tss, ectx, primary, tss.TPM2_SE.HMAC, encrypt)
                 try:
@@ -360,7 +360,7 @@ class TpmDeviceKey(DeviceKeyBase):
                         raise KeyProviderError(self._pcr_refusal(tss, ectx)) from None
                     raise KeyProviderError(f"the TPM refused to unseal the device secret ({exc})") from None
             finally:
-                _flush(ectx, session, sealed, primary)
+                flush(ectx, session, sealed, primary)
         secret = secret_buffer(KEY_SIZE)
         raw = bytearray(bytes(data))
         try:
@@ -376,7 +376,7 @@ class TpmDeviceKey(DeviceKeyBase):
         pcrs = self._identity.pcrs
         before: dict[str, str] = self._state.get("pcr_values", {})
         try:
-            now = _read_pcrs(tss, ectx, pcrs)
+            now = read_pcrs(tss, ectx, pcrs)
             moved = [p for p in pcrs if before.get(str(p)) != now.get(str(p))]
         except (KeyProviderError, tss.TSS2_Exception):
             moved = []

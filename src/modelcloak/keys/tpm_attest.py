@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from modelcloak.keys.errors import KeyProviderError
-from modelcloak.keys.tpm import PCR_BANK, _esapi, _flush, _pcr_selection, _pytss, _read_pcrs, default_tcti
+from modelcloak.keys.tpm import PCR_BANK, default_tcti, esapi, flush, pcr_selection, pytss, read_pcrs
 
 __all__ = [
     "AK_TEMPLATE",
@@ -106,10 +106,10 @@ def _create_ak(tss: ModuleType, ectx: Any) -> tuple[Any, bytes]:
 
 def attestation_identity(*, tcti: str | None = None) -> AttestationIdentity:
     """This TPM's attestation key, public part only (no state is written)."""
-    tss = _pytss()
-    with _esapi(tcti or default_tcti()) as ectx:
+    tss = pytss()
+    with esapi(tcti or default_tcti()) as ectx:
         handle, public_der = _create_ak(tss, ectx)
-        _flush(ectx, handle)
+        flush(ectx, handle)
     return AttestationIdentity(public_key_der=public_der, fingerprint=ak_fingerprint(public_der))
 
 
@@ -139,17 +139,17 @@ def quote(
     if not isinstance(qualifying_data, bytes) or not 1 <= len(qualifying_data) <= MAX_QUALIFYING_DATA:
         raise KeyProviderError(f"qualifying data must be 1..{MAX_QUALIFYING_DATA} bytes")
     selected = _check_pcrs(pcrs)
-    tss = _pytss()
-    with _esapi(tcti or default_tcti()) as ectx:
+    tss = pytss()
+    with esapi(tcti or default_tcti()) as ectx:
         handle, public_der = _create_ak(tss, ectx)
         try:
             try:
-                attest, signature = ectx.quote(handle, _pcr_selection(tss, selected), tss.TPM2B_DATA(qualifying_data))
-                values = _read_pcrs(tss, ectx, selected)
+                attest, signature = ectx.quote(handle, pcr_selection(tss, selected), tss.TPM2B_DATA(qualifying_data))
+                values = read_pcrs(tss, ectx, selected)
             except tss.TSS2_Exception as exc:
                 raise KeyProviderError(f"the TPM refused to quote {PCR_BANK} PCRs {selected} ({exc})") from None
         finally:
-            _flush(ectx, handle)
+            flush(ectx, handle)
     if signature.sigAlg != tss.TPM2_ALG.ECDSA:
         raise KeyProviderError(f"the TPM signed the quote with {signature.sigAlg}, expected ECDSA")
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature

@@ -55,7 +55,8 @@ def test_ks_rows_separate_the_three_methods(bench):
     for row in by_method["uniform-shift"]:
         assert row.finite and row.ks < 2.22 * (2 / row.weights) ** 0.5, row
     # The free key check: random bit patterns (NaN/inf in any large tensor, magnitudes to 3e38).
-    assert all(not r.finite or r.ks > 0.3 for r in by_method["plain-aes"])
+    # (Tensors of a few values, now locked too, can draw finite patterns near the real ones by luck.)
+    assert all(not r.finite or r.ks > 0.3 for r in by_method["plain-aes"] if r.weights >= 256)
     assert not any(r.finite for r in by_method["plain-aes"] if r.weights >= 4096)
     assert all(r.ks == 0.0 for r in by_method["permutation"])  # same multiset: not encryption
 

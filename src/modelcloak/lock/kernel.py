@@ -67,8 +67,8 @@ def numba_decoder() -> Callable[..., None]:
 
 def pack_table(
     ord_start: np.ndarray, slot_start: np.ndarray, slot_last: np.ndarray, quot: np.ndarray, rem: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The decode table: one 64-byte row per run of equal-sized ordinals, and its 2^16-entry LUT.
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The decode table: one 64-byte row per run of equal-sized ordinals, its LUT and the LUT's bits.
 
     A piece of w ordinals has r ordinals with q+1 slots, then w-r with q; splitting it there gives
     runs in which every ordinal owns exactly q slots, so the decode is one division with no
@@ -95,12 +95,15 @@ def pack_table(
     rows[second, 2] = ord_start[:-1][two] + rem[two]
     rows[second, 3] = quot[two]
     rows.view(np.float64)[:, 4] = 1.0 / rows[:, 3].astype(np.float64)
-    blocks = np.arange(1 << LUT_BITS, dtype=u64) << u64(64 - LUT_BITS)
+    # About 4 LUT blocks per row, at most 2^16: a bias of 10 values needs no 65,536-entry table, and
+    # building one per tensor was most of an unlock of EfficientNet-Lite0's 250 tensors.
+    lut_bits = int(min(MAX_LUT_BITS, max(4, (4 * count).bit_length())))
+    blocks = np.arange(1 << lut_bits, dtype=u64) << u64(64 - lut_bits)
     lut = (np.searchsorted(rows[:, 0], blocks, side="right") - 1).astype(np.int32)
-    return rows, lut
+    return rows, lut, lut_bits
 
 
-LUT_BITS = 16
+MAX_LUT_BITS = 16
 
 
 def _build() -> Callable[..., Any]:

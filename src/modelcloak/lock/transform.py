@@ -44,7 +44,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from modelcloak.lock.errors import LockError
-from modelcloak.lock.kernel import LUT_BITS, choose_kernel, numba_decoder, pack_table
+from modelcloak.lock.kernel import choose_kernel, numba_decoder, pack_table
 
 __all__ = [
     "LOCK_VERSION",
@@ -422,7 +422,12 @@ class _Table:
     quot: np.ndarray  # uint64 [P] q (clamped to 2^64-1 for a constant tensor's single 2^64-slot piece)
     rem: np.ndarray  # uint64 [P] r
     split: np.ndarray  # uint64 [P] r*(q+1): slot offsets below it belong to ordinals with q+1 slots
-    slot_lut: np.ndarray  # intp [2^16]: piece holding the first slot of each 2^48-slot block
+
+    @functools.cached_property
+    def slot_lut(self) -> np.ndarray:
+        """intp [2^16]: piece holding the first slot of each 2^48-slot block (numpy path only)."""
+        slot_blocks = np.arange(1 << _LUT_BITS, dtype=np.uint64) << np.uint64(_CODE_BITS - _LUT_BITS)
+        return (np.searchsorted(self.slot_start, slot_blocks, side="right") - 1).astype(np.intp)
 
     def ordinal_lut(self) -> tuple[np.ndarray, int, int]:
         """Lookup table from an ordinal to a nearby piece (lock only): (table, shift, base).
@@ -487,8 +492,6 @@ def _compile(ord_start: np.ndarray, slot_start: np.ndarray) -> _Table:
         quot, rem = np.divmod(size, width)
     with np.errstate(over="ignore"):  # q + 1 wraps only for a one-ordinal piece, masked out
         split = np.where(width > 1, rem * (quot + u64(1)), u64(0))
-    slot_blocks = np.arange(1 << _LUT_BITS, dtype=u64) << u64(_CODE_BITS - _LUT_BITS)
-    slot_lut = np.searchsorted(slot_start, slot_blocks, side="right") - 1
     return _Table(
         ord_start=ord_start,
         slot_start=slot_start,
@@ -498,7 +501,6 @@ def _compile(ord_start: np.ndarray, slot_start: np.ndarray) -> _Table:
         quot=quot,
         rem=rem,
         split=split,
-        slot_lut=slot_lut.astype(np.intp),
     )
 
 
@@ -661,9 +663,9 @@ def _shift_unlock_compiled(
     local = threading.local()
     codes = codes.astype(np.uint64, copy=False)
     code_mask = np.uint64(_SLOTS - 1)
-    lut_shift = np.uint64(_CODE_BITS - LUT_BITS)
     top_bit, all_bits = np.uint64(fmt.bits - 1), np.uint64((1 << fmt.bits) - 1)
-    rows, lut = pack_table(table.ord_start, table.slot_start, table.slot_last, table.quot, table.rem)
+    rows, lut, lut_bits = pack_table(table.ord_start, table.slot_start, table.slot_last, table.quot, table.rem)
+    lut_shift = np.uint64(_CODE_BITS - lut_bits)
     inverse = rows.view(np.float64)
 
     def unlock_chunk(start: int, stop: int) -> None:

@@ -113,7 +113,7 @@ def run(ctx: DemoContext) -> StepResult:
             *db, *master_flag)  # fmt: skip
     identity = ctx.cli("owner", "sim-device", str(device_key)).strip().splitlines()[-1].strip()
     ctx.cli("owner", "device", "enroll", DEVICE_ID, "--kind", "sim", "--identity", identity,
-            "-m", f"app={measurement}", *db)  # fmt: skip
+            "-m", f"app={measurement}", *db, *master_flag)  # fmt: skip
     issued = ctx.cli("owner", "licence", "issue", "--model", MODEL_ID, "--device", DEVICE_ID,
                      "--quota", str(quota), "--allow-sim", *db, *master_flag)  # fmt: skip
     licence = issued.strip().splitlines()[-1].strip()
@@ -205,7 +205,7 @@ def run(ctx: DemoContext) -> StepResult:
             f"--fhe-secret {ctx.shown(secret)} --db {ctx.shown(database)} --master-key-file {ctx.shown(master)}",
             f"modelcloak owner sim-device {ctx.shown(device_key)}",
             f"modelcloak owner device enroll {DEVICE_ID} --kind sim --identity <printed> -m app={measurement[:8]}... "
-            f"--db {ctx.shown(database)}",
+            f"--db {ctx.shown(database)} --master-key-file {ctx.shown(master)}",
             f"modelcloak owner licence issue --model {MODEL_ID} --device {DEVICE_ID} --quota {quota} --allow-sim "
             f"--db {ctx.shown(database)} --master-key-file {ctx.shown(master)}",
             f"modelcloak serve --db {ctx.shown(database)} --master-key-file {ctx.shown(master)} --port 8443",

@@ -62,7 +62,7 @@ def load(bundle: str | Path, *, key: KeyProvider, options: LoadOptions | None = 
         check_serial(sealed.manifest.document, chosen.min_serial, report.signer if trusted else None)
         report.seconds["verify"] = time.perf_counter() - started
         licence = _licence(key, chosen)
-        context = schemes.OpenContext(key=key, options=chosen, report=report, started=started, licence=licence)
+        context = schemes.OpenContext(key=key, options=chosen, report=report, licence=licence)
         session = scheme.open(sealed, context)
     if licence is not None:
         try:

@@ -78,7 +78,6 @@ class OpenContext:
     key: KeyProvider
     options: LoadOptions
     report: LoadReport
-    started: float
     licence: Any = None  # a runtime.metering.LicensedUse when the `metering` option is set
 
 

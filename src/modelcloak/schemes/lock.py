@@ -30,7 +30,8 @@ CLAIMS = SchemeClaims(
     does_not_protect=(
         "root on an authorised, running device: the unlocked weights are in process memory",
         "software-enrolled devices against someone who copies the state and fakes the machine identifiers",
-        "the model structure and the tensors below 1 KiB (biases of small layers), which are sealed, not locked",
+        "the model structure, single-number tensors and control inputs (Resize scales, Clip bounds), which are "
+        "sealed, not locked",
         "whoever received the exported device lock key (the owner's copy): keep it like a model key",
     ),
 )

@@ -557,7 +557,8 @@ def test_every_tensor_is_locked_and_twenty_wrong_keys_stay_near_chance() -> None
     import onnxruntime as ort
 
     from modelcloak.model.torch_export import export_torch
-    from modelcloak.zoo.mnist import load_mnist, small_cnn, train_classifier
+    from modelcloak.training import train_classifier
+    from modelcloak.zoo.mnist import load_mnist, small_cnn
 
     torch.set_num_threads(1)
     data = load_mnist()

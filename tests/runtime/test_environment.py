@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from libenv import build_shim, static_names, traced_names
+from libenv import build_shim, field_environment, static_names, traced_names
 from test_no_plaintext_on_disk import _model_with_canaries
 
 from modelcloak.keys import generate_key_file
@@ -63,7 +63,7 @@ def test_every_variable_the_libraries_read_is_classified(sealed, backend):
     if backend == "openvino":
         pytest.importorskip("openvino")
     root, bundle, key = sealed
-    names = traced_names(build_shim(root), bundle, key, backend, root, dict(os.environ))
+    names = traced_names(build_shim(root), bundle, key, backend, root, field_environment())
     # The trace works: it saw the switches this backend is known to read.
     expected = {"onnxruntime": {"ORT_LOAD_CONFIG_FROM_MODEL", "ORT_DISABLE_TELEMETRY"}}.get(
         backend, {"OV_ENABLE_SERIALIZE_TRACING", "ONEDNN_JIT_DUMP"}

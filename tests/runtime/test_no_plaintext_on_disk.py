@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from libenv import build_shim, static_names, switched_on, traced_names
+from libenv import build_shim, field_environment, static_names, switched_on, traced_names
 from onnx import TensorProto, helper, numpy_helper
 
 from modelcloak.keys import generate_key_file
@@ -61,7 +61,7 @@ def _model_with_canaries(seed: int = 7):
 def _cache_enabling_environment(tree: Path, switches: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v
-        for k, v in os.environ.items()
+        for k, v in field_environment().items()
         if not k.startswith(("NEO_", "CUDA_CACHE", "ORT_", "TORCHINDUCTOR", "TRITON"))
     }
     for sub in ("home", "tmp", "xdg-cache", "work", "work/cl_cache"):
@@ -99,7 +99,7 @@ def library_switches(tmp_path_factory) -> set[str]:
     shim = build_shim(root)
     for backend in ("onnxruntime", "openvino"):
         if backend == "onnxruntime" or importlib.util.find_spec("openvino") is not None:
-            names |= traced_names(shim, root / "model.mcb", key.path, backend, root, dict(os.environ))
+            names |= traced_names(shim, root / "model.mcb", key.path, backend, root, field_environment())
     return names
 
 

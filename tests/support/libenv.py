@@ -34,6 +34,17 @@ _STATIC = re.compile(rb"(?<![A-Za-z0-9_])((?:ORT|OV|OPENVINO|ONEDNN|DNNL|TBB|OMP
 STARTUP_FAMILIES = ("Python", "glibc", "GNU Fortran runtime")
 
 
+def field_environment() -> dict[str, str]:
+    """This process's environment as a device in the field would have it: without the CI and
+    container markers. onnxruntime's and OpenVINO's telemetry stay quiet when they see one (CI
+    runners set `CI`), so a negative control that expects their files would pass here and fail
+    on a CI runner, and the getenv trace would miss the telemetry switches."""
+    from modelcloak.runtime.environment import UNGOVERNED
+
+    markers = {name for name, why in UNGOVERNED.items() if why in ("CI marker", "container marker")}
+    return {name: value for name, value in os.environ.items() if name not in markers}
+
+
 def _require(tool: str) -> None:
     if shutil.which(tool) is None:
         if os.environ.get("MODELCLOAK_REQUIRE_ALL"):

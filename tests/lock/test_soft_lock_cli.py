@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -111,7 +110,9 @@ def test_onnx_chain_is_rebuilt_with_the_same_outputs():
         "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "ReLU", "Linear",
     ]  # fmt: skip
     x = np.random.default_rng(1).standard_normal((5, 1, 8, 8)).astype(np.float32)
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
     with torch.no_grad():
         got = sequential(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -204,5 +205,7 @@ def test_cli_soft_locks_a_saved_pytorch_module_with_a_holdout(tmp_path):
     assert report["test_size"] == round(len(x) * 0.3)
     check_report(report)
     # An existing output is not overwritten without --force.
-    again = cli("soft-lock", str(tmp_path / "mlp.pt"), "--data", str(tmp_path / "all.npz"), "-o", str(tmp_path / "locked.onnx"))
+    again = cli(
+        "soft-lock", str(tmp_path / "mlp.pt"), "--data", str(tmp_path / "all.npz"), "-o", str(tmp_path / "locked.onnx")
+    )
     one_line_error(again, "already exists")

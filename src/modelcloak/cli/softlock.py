@@ -14,16 +14,23 @@ from modelcloak.errors import ModelcloakError
 
 
 def soft_lock(
-    model: Annotated[Path, typer.Argument(help="The trained classifier: .onnx, or a saved PyTorch nn.Sequential (.pt).")],
+    model: Annotated[
+        Path, typer.Argument(help="The trained classifier: .onnx, or a saved PyTorch nn.Sequential (.pt).")
+    ],
     data: Annotated[Path, typer.Option("--data", help="Training data: .npz with float inputs x and integer labels y.")],
     output: Annotated[Path, typer.Option("--out", "-o", help="Where to write the soft-locked ONNX model.")],
     test_data: Annotated[
-        Optional[Path], typer.Option("--test-data", help="Held-out .npz (x, y) for the report (default: --holdout of --data).")
+        Optional[Path],
+        typer.Option("--test-data", help="Held-out .npz (x, y) for the report (default: --holdout of --data)."),
     ] = None,
-    holdout: Annotated[float, typer.Option(help="Share of --data held out for the report when --test-data is not given.")] = 0.2,
+    holdout: Annotated[
+        float, typer.Option(help="Share of --data held out for the report when --test-data is not given.")
+    ] = 0.2,
     epochs: Annotated[int, typer.Option(help="Epochs of the constrained fine-tune.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the fine-tune and of the hold-out split.")] = 0,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the accuracy report as JSON here.")] = None,
+    report: Annotated[
+        Optional[Path], typer.Option("--report", help="Also write the accuracy report as JSON here.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
 ) -> None:
     """Soft-lock MODEL with your data; report FP32/FP16/INT8 accuracy before and after (docs/LOCK.md)."""
@@ -49,7 +56,9 @@ def soft_lock(
         if cut < 1 or cut >= len(x):
             raise ModelcloakError(f"--data has {len(x)} examples: too few to hold out {holdout:.0%} for the report")
         x_test, y_test, x_train, y_train = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
-    result = soft_lock_file(model, x_train, y_train, x_test, y_test, epochs=epochs, seed=seed, progress=True, console=err)
+    result = soft_lock_file(
+        model, x_train, y_train, x_test, y_test, epochs=epochs, seed=seed, progress=True, console=err
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(result.locked, output)
     table = Table(title=f"soft lock of {model.name}: accuracy on {result.test_size} held-out examples")

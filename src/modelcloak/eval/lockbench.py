@@ -415,9 +415,8 @@ def _overhead(
     import sys
 
     from modelcloak.lock.kernel import _numba_installed
-    from modelcloak.protector import protect
-
     from modelcloak.options import LockOptions
+    from modelcloak.protector import protect
 
     sealed, locked = folder / f"{name}-timing-seal.mcb", folder / f"{name}-timing-lock.mcb"
     locked_sealed = folder / f"{name}-timing-lock-sealed.mcb"

@@ -32,7 +32,9 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1 or len(graph.output) != 1:
-        raise LockError(f"the soft lock handles one input and one output; this model has {len(inputs)} and {len(graph.output)}")
+        raise LockError(
+            f"the soft lock handles one input and one output; this model has {len(inputs)} and {len(graph.output)}"
+        )
     dims = inputs[0].type.tensor_type.shape.dim
     if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
         raise LockError(f"input {inputs[0].name!r} needs a fixed shape apart from its batch axis")
@@ -40,7 +42,9 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
 
     def weight(node: onnx.NodeProto, index: int) -> np.ndarray:
         if index >= len(node.input) or node.input[index] not in weights:
-            raise LockError(f"node {node.name or node.op_type!r} ({node.op_type}) input {index} is not a constant weight")
+            raise LockError(
+                f"node {node.name or node.op_type!r} ({node.op_type}) input {index} is not a constant weight"
+            )
         return np.array(weights[node.input[index]], dtype=np.float32)
 
     layers: list[Any] = []
@@ -51,7 +55,9 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
         node = nodes[i]
         label = f"node {node.name or i!r} ({node.op_type})"
         if not node.input or node.input[0] != current or len(node.output) != 1:
-            raise LockError(f"{label} does not continue a single chain of layers; the soft lock needs a sequential model")
+            raise LockError(
+                f"{label} does not continue a single chain of layers; the soft lock needs a sequential model"
+            )
         extra_data = [name for name in node.input[1:] if name and name not in weights]
         if extra_data:
             raise LockError(f"{label} takes a second activation ({extra_data[0]!r}); the soft lock needs a chain")
@@ -94,7 +100,9 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
                 raise LockError(f"{label}: only a Reshape that flattens to (batch, -1) is supported, got {shape}")
             layers.append(nn.Flatten())
         elif op not in ("Identity", "Dropout"):
-            raise LockError(f"{label}: the soft lock does not know this operator (Conv, Gemm, MatMul, Relu, MaxPool, Flatten)")
+            raise LockError(
+                f"{label}: the soft lock does not know this operator (Conv, Gemm, MatMul, Relu, MaxPool, Flatten)"
+            )
         current = node.output[0]
         i += 1
     if current != graph.output[0].name:

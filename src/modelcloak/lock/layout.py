@@ -21,13 +21,12 @@ authentication: the load is refused rather than run on garbage (docs/LOCK.md, "s
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import hashlib
-import hmac
 
 import numpy as np
 import onnx
@@ -115,7 +114,9 @@ def lock_graph(
     if method == SEALED:
         # The locked region as it will sit in the weights buffer: records shifted to start at 0.
         shifted = [WeightRecord(r.name, r.offset - plain_size, r.length) for r in locked_records]
-        tensors = {r.name: {"dtype": arrays[r.name].dtype.str, "shape": list(arrays[r.name].shape)} for r in locked_records}
+        tensors = {
+            r.name: {"dtype": arrays[r.name].dtype.str, "shape": list(arrays[r.name].shape)} for r in locked_records
+        }
 
         def region() -> Iterator[bytes | memoryview]:
             yield from weight_pieces(reordered, shifted, base_dir)

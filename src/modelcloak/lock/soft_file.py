@@ -97,7 +97,9 @@ def load_source_model(path: Path) -> Any:
     except Exception as exc:  # pickle and torch raise many types
         raise LockError(f"{path} is neither an .onnx file nor a saved PyTorch module: {exc}") from None
     if not isinstance(module, torch.nn.Module):
-        raise LockError(f"{path} holds a {type(module).__name__}, not a PyTorch module (save the module, not a state_dict)")
+        raise LockError(
+            f"{path} holds a {type(module).__name__}, not a PyTorch module (save the module, not a state_dict)"
+        )
     return module
 
 
@@ -152,7 +154,9 @@ def soft_lock_file(
         )
     for variant in VARIANTS[1:]:
         if after[variant] > chance + 0.05:
-            notes.append(f"{variant} keeps {100 * after[variant]:.1f}% (chance {100 * chance:.1f}%): the lock did not hold")
+            notes.append(
+                f"{variant} keeps {100 * after[variant]:.1f}% (chance {100 * chance:.1f}%): the lock did not hold"
+            )
     return SoftLockReport(
         locked=locked_onnx,
         site=site,

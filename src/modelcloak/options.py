@@ -45,7 +45,7 @@ CACHE_POLICIES = ("override", "strict", "off")
 FHE_ACTIVATIONS = ("square", "modified-square", "relu-poly", "none")
 FHE_SECURITY_LEVELS = (128, 192, 256)
 # The lock room owns the methods; repeated here so that checking an option imports no numpy code.
-LOCK_METHODS = ("uniform-shift", "plain-aes", "permutation")
+LOCK_METHODS = ("sealed", "uniform-shift", "plain-aes", "permutation")
 
 
 class OptionError(ModelcloakError):
@@ -129,7 +129,7 @@ class LockOptions:
     """Lock the weights to enrolled devices (their exported `DeviceLockKey`s)."""
 
     devices: tuple[DeviceLockKey, ...]
-    method: str = "uniform-shift"
+    method: str = "sealed"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))

@@ -79,7 +79,7 @@ def _run(bundle: Path, host, device, feeds: dict[str, np.ndarray]) -> np.ndarray
         return next(iter(session.run(feeds).values()))
 
 
-@pytest.mark.parametrize("method", ["uniform-shift", "plain-aes", "permutation"])
+@pytest.mark.parametrize("method", ["sealed", "uniform-shift", "plain-aes", "permutation"])
 def test_the_authorised_device_gets_bit_identical_outputs(world, method):
     folder, host, a, _ = world
     model = make_mlp()
@@ -127,10 +127,15 @@ def test_the_weights_section_holds_no_locked_weight(world):
     with Bundle.open(bundle) as sealed:
         sizes = {entry.name: entry.size for entry in sealed.manifest.sections}
         lock = sealed.manifest.document["lock"]
-    # Every float tensor is locked, the 10-value b1 included: 8-byte codes each; no weight stays plain.
+    # Every float tensor is locked, the 10-value b1 included; no weight stays plain. The default
+    # `sealed` method stores them at their own size: the locked section is the weights' bytes, sealed
+    # under a key that needs the device (16 bytes of alignment padding between the 4 tensors at most).
     assert sizes["weights"] == 0
-    assert sizes["locked"] == 8 * (16 * 256 + 256 * 10 + 256 + 10)
-    assert lock["method"] == "uniform-shift" and lock["devices"][0]["device"] == a.fingerprint
+    assert 4 * (16 * 256 + 256 * 10 + 256 + 10) <= sizes["locked"] <= 4 * (16 * 256 + 256 * 10 + 256 + 10) + 64
+    assert lock["method"] == "sealed" and lock["devices"][0]["device"] == a.fingerprint
+    # The issue's size target, <= 1.1x the sealed bundle (uniform-shift's 8-byte codes give 2x).
+    protect(model, folder / "layout-seal.mcb", key=host, scheme="seal")
+    assert bundle.stat().st_size <= 1.1 * (folder / "layout-seal.mcb").stat().st_size
     assert "lock_key" not in json.dumps(lock)
 
 
@@ -222,6 +227,45 @@ def test_a_forged_entry_gives_real_looking_weights_and_chance_accuracy(world):
     assert np.isfinite(got).all()
     assert not np.array_equal(got, real)
     assert ks_distance(got, real) < 0.05
+
+
+def test_sealed_refuses_a_forged_entry_and_twenty_wrong_keys(world):
+    """`sealed`: a relabelled entry, and 20 random lock keys, never produce weights; the right key does.
+
+    The control (the unaltered bundle on the device it was locked to) loads and is accurate, so the
+    refusals come from the key and not from a broken bundle.
+    """
+    folder, host, a, b = world
+    model, x, y = _digits_model()
+    bundle = _forged_bundle(folder, host, model, a, b, "sealed")
+    with pytest.raises(SessionError, match="do not open with this device's key"):
+        load(bundle, key=host, device_key=b.key)
+
+    honest = folder / "honest-sealed.mcb"
+    protect(model, honest, key=host, scheme="lock", lock=LockOptions([a.owner_handle()], "sealed"))
+    assert _accuracy(honest, host, a, x, y) > 0.9  # control
+
+    from modelcloak.bundle import Bundle, BundleError
+    from modelcloak.keys.device import unwrap_lock_key
+    from modelcloak.lock.layout import lock_section_key
+
+    with Bundle.open(honest) as sealed:
+        master = host.key_for(sealed.manifest.key)
+        region = bytearray(sealed.manifest.section("locked").size)
+        refused = 0
+        for i in range(20):
+            wrong = np.random.default_rng(i).bytes(32)
+            try:
+                sealed.decrypt_section_into("locked", lock_section_key(master.view(), wrong), memoryview(region))
+            except BundleError:  # the section's authentication fails
+                refused += 1
+        right = unwrap_lock_key(sealed.manifest.document["lock"]["devices"], a.key)
+        sealed.decrypt_section_into("locked", lock_section_key(master.view(), right.view()), memoryview(region))
+        right.close()
+        master.close()
+    assert refused == 20
+    w0 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w0"))
+    assert w0.tobytes() in bytes(region)  # control: the right key gives the exact weights
 
 
 def test_negative_control_plain_aes_gives_absurd_weights(world):
@@ -332,7 +376,7 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
         )  # fmt: skip
         assert protected.returncode == 0, protected.stderr
         shown = cli("inspect", str(tmp_path / "m.mcb"))
-        assert f"locked with uniform-shift to {fingerprint}" in shown.stdout
+        assert f"locked with sealed to {fingerprint}" in shown.stdout
 
         ran = cli(
             "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
@@ -414,7 +458,7 @@ def test_malformed_lock_parameters_give_one_clear_error(world, monkeypatch):
     """An unlock failure must surface as its own message, not as a buffer that cannot be unmapped."""
     folder, host, a, _ = world
     bundle = folder / "params.mcb"
-    protect(make_mlp(), bundle, key=host, scheme="lock", lock=[a.owner_handle()])
+    protect(make_mlp(), bundle, key=host, scheme="lock", lock=LockOptions([a.owner_handle()], "uniform-shift"))
     from modelcloak.lock import layout
 
     real = layout.unlock_into

@@ -68,6 +68,9 @@ class SectionSource:
     size: int
     pieces: Callable[[], Iterable[bytes | memoryview]]
     key: str = "host"  # "enclave": sealed under the enclave key instead of the model key
+    # A host section sealed under a key derived from the model key rather than the model key itself
+    # (the device lock: model key + the device's lock key, modelcloak.lock.layout.lock_section_key).
+    derive_key: Callable[[memoryview], bytes] | None = None
 
 
 def write_bundle(
@@ -130,6 +133,8 @@ def write_bundle(
             for index, source in enumerate(sections):
                 digest = hashlib.sha256()
                 scope_key = enclave_key if source.key == "enclave" else master_key
+                if source.derive_key is not None:
+                    scope_key = source.derive_key(memoryview(master_key))
                 section_key = stream.derive(scope_key, salt, "section/" + source.name)
                 for chunk in stream.encrypt_section(
                     section_key, manifest_digest, index, source.size, source.pieces(), chunk_size

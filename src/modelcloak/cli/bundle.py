@@ -63,8 +63,13 @@ def protect(
         typer.Option("--lock-to", help="lock, split: a device's exported lock key file (repeat for more devices)."),
     ] = None,
     lock_method: Annotated[
-        str, typer.Option("--lock-method", help="uniform-shift (default), or plain-aes/permutation to compare.")
-    ] = "uniform-shift",
+        str,
+        typer.Option(
+            "--lock-method",
+            help="sealed (default: no extra size or time; a wrong key is refused), uniform-shift (a wrong key "
+            "decodes to plausible weights; 2x size), or plain-aes/permutation to compare.",
+        ),
+    ] = "sealed",
     fhe_secret_out: Annotated[
         Optional[Path], typer.Option("--fhe-secret-out", help="fhe: where the owner's CKKS secret goes (0600).")
     ] = None,

@@ -70,7 +70,7 @@ class KsRow:
 class OverheadRow:
     model: str
     weights: int
-    kernel: str  # the unlock kernel of the lock loads ("numpy" or "numba", warm)
+    kernel: str  # "sealed" (the method), or uniform-shift's unlock kernel ("numpy" or "numba", warm)
     seal_load_s: float
     lock_load_s: float
     unlock_s: float
@@ -415,17 +415,23 @@ def _overhead(
     import sys
 
     from modelcloak.lock.kernel import _numba_installed
+    from modelcloak.options import LockOptions
     from modelcloak.protector import protect
 
     sealed, locked = folder / f"{name}-timing-seal.mcb", folder / f"{name}-timing-lock.mcb"
+    locked_sealed = folder / f"{name}-timing-lock-sealed.mcb"
     protect(model, sealed, key=host, scheme="seal")
-    protect(model, locked, key=host, scheme="lock", lock=[devices.a_handle()])
+    protect(model, locked_sealed, key=host, scheme="lock", lock=LockOptions([devices.a_handle()], "sealed"))
+    protect(model, locked, key=host, scheme="lock", lock=LockOptions([devices.a_handle()], "uniform-shift"))
     weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     del model  # the 100M-weight model is 400 MB; the child needs the memory more
-    kernels = ["numpy", "numba"] if _numba_installed() else ["numpy"]
+    # "sealed" (the default method), then uniform-shift with the fastest kernel installed.
+    kernels = ["sealed", "numba" if _numba_installed() else "numpy"]
+    paths = {"sealed": locked_sealed, kernels[1]: locked}
     spec = {
         "seal": str(sealed),
         "lock": str(locked),
+        "locks": {k: str(v) for k, v in paths.items()},
         "key": str(host.path),
         "repeats": repeats,
         "kernels": kernels,
@@ -445,9 +451,9 @@ def _overhead(
     if result["torch_imported"]:
         raise ModelcloakError("the timing process imported torch; its timings would not be those of a device")
     seal = result["seal"]
-    sizes = sealed.stat().st_size, locked.stat().st_size
     rows = []
     for kernel in kernels:
+        sizes = sealed.stat().st_size, paths[kernel].stat().st_size
         lock = result[f"lock-{kernel}"]
         cold = result.get("cold_numba", {}).get("wall") if kernel == "numba" else None
         rows.append(
@@ -469,7 +475,7 @@ def _overhead(
                 cold,
             )
         )
-    for path in (sealed, locked):
+    for path in (sealed, locked, locked_sealed):
         path.unlink()
     return rows
 
@@ -565,7 +571,7 @@ def _markdown(bench: LockBench, command: str) -> str:
         )
     lines += ["", "## Load time and size: seal vs lock (medians of rotating loads, in a process without torch)", ""]
     lines += [
-        "| model | weights | unlock kernel | seal load ms | lock load ms | overhead (wall) | unlock ms "
+        "| model | weights | method / unlock kernel | seal load ms | lock load ms | overhead (wall) | unlock ms "
         "| seal CPU ms | lock CPU ms | overhead (CPU) | seal MB | lock MB | size ratio | cold first load, numba |"
     ]
     lines += ["|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -10,10 +10,19 @@ and the backends never learn that a model was locked.
 
 Codes section: each locked tensor's codes (uint64 for uniform-shift, the weight's own dtype for
 the comparison methods), concatenated in the order of `params["layout"]`, 8-byte aligned.
+
+``sealed`` (the default) has no codes: the section is the exact image of `[plain_size,
+total_size)`, sealed like every section (AES-256-GCM) but under `lock_section_key(model key,
+lock key)` instead of the model key. The device decrypts it straight into the back of the
+weights buffer, so unlocking costs what decrypting those bytes in a sealed bundle costs, and
+the section is exactly as large as the weights. A wrong lock key fails the section's
+authentication: the load is refused rather than run on garbage (docs/LOCK.md, "sealed").
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +34,27 @@ from onnx import numpy_helper
 
 from modelcloak.lock.errors import LockError
 from modelcloak.lock.transform import is_lockable, lock_weights, unlock_weights
-from modelcloak.model import externalize_weights, weight_pieces
+from modelcloak.model import WeightRecord, externalize_weights, weight_pieces
 
-__all__ = ["LockedGraph", "lock_graph", "unlock_into"]
+__all__ = ["SEALED", "LockedGraph", "lock_graph", "lock_section_key", "unlock_into"]
 
 _ALIGN = 8
+SEALED = "sealed"  # the locked region sealed under a key that needs the model key and the lock key
+SEALED_VERSION = 1
+_SECTION_KEY_LABEL = b"modelcloak/v1/lock-section\x00"
+
+
+def lock_section_key(model_key: bytes | memoryview, lock_key: bytes | memoryview) -> bytes:
+    """The key the `sealed` method's section is sealed under: HMAC-SHA256(model key, label || lock key).
+
+    Both keys are needed: the lock key alone (a device, or the owner's exported device key) does
+    not open a bundle without its model key, and the model key alone opens only the plain part.
+    """
+    if len(model_key) != 32 or len(lock_key) != 32:
+        raise LockError("the lock section key needs a 32-byte model key and a 32-byte lock key")
+    mac = hmac.new(bytes(model_key), _SECTION_KEY_LABEL, hashlib.sha256)
+    mac.update(lock_key)
+    return mac.digest()
 
 
 @dataclass
@@ -40,11 +65,17 @@ class LockedGraph:
     plain_size: int  # bytes of the `weights` section
     total_size: int  # bytes of the weights buffer the device allocates
     plain_pieces: Callable[[], Iterable[bytes | memoryview]]
-    codes: list[np.ndarray]  # in layout order
+    codes: list[np.ndarray]  # in layout order (empty for `sealed`)
     codes_size: int
     params: dict[str, Any]  # JSON-able: method, version, per-tensor CDF tables, layout
+    region_pieces: Callable[[], Iterable[bytes | memoryview]] | None = None  # `sealed`: the region's bytes
 
-    def code_pieces(self) -> Iterator[bytes | memoryview]:
+    def code_pieces(self) -> Iterable[bytes | memoryview]:
+        if self.region_pieces is not None:
+            return self.region_pieces()
+        return self._concatenated_codes()
+
+    def _concatenated_codes(self) -> Iterator[bytes | memoryview]:
         position = 0
         for array in self.codes:
             padding = -position % _ALIGN
@@ -80,6 +111,34 @@ def lock_graph(
     if plain_records and plain_records[-1].offset + plain_records[-1].length > plain_size:
         raise LockError("internal layout error: plain weights overlap the locked region")
 
+    if method == SEALED:
+        # The locked region as it will sit in the weights buffer: records shifted to start at 0.
+        shifted = [WeightRecord(r.name, r.offset - plain_size, r.length) for r in locked_records]
+        tensors = {
+            r.name: {"dtype": arrays[r.name].dtype.str, "shape": list(arrays[r.name].shape)} for r in locked_records
+        }
+
+        def region() -> Iterator[bytes | memoryview]:
+            yield from weight_pieces(reordered, shifted, base_dir)
+            end = shifted[-1].offset + shifted[-1].length
+            if total_size - plain_size > end:
+                yield bytes(total_size - plain_size - end)
+
+        return LockedGraph(
+            graph=graph,
+            plain_size=plain_size,
+            total_size=total_size,
+            plain_pieces=lambda: weight_pieces(reordered, plain_records, base_dir),
+            codes=[],
+            codes_size=total_size - plain_size,
+            params={
+                "method": SEALED,
+                "version": SEALED_VERSION,
+                "tensors": tensors,
+                "layout": [[r.name, r.offset, r.length] for r in locked_records],
+            },
+            region_pieces=region,
+        )
     locked, params = lock_weights({r.name: arrays[r.name] for r in locked_records}, key, salt, method=method)
     codes, layout, position = [], [], 0
     for record in locked_records:

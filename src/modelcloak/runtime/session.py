@@ -315,7 +315,7 @@ def _unlock(
     """Decrypt the locked codes and unlock them with this device's key into the weights buffer."""
     from modelcloak.keys.device import unwrap_lock_key
     from modelcloak.lock import LockError
-    from modelcloak.lock.layout import unlock_into
+    from modelcloak.lock.layout import SEALED, unlock_into
 
     codes_entry = sealed.manifest.section(prefix + "locked")
     params_entry = sealed.manifest.section(prefix + "lock-params")
@@ -327,6 +327,9 @@ def _unlock(
     except (ValueError, KeyError, TypeError):
         raise SessionError("the bundle's lock parameters are malformed") from None
     lock_key = unwrap_lock_key(lock.get("devices"), device_key)
+    if params.get("method") == SEALED:
+        _unlock_sealed(sealed, master, codes_entry, lock_key, weights)
+        return
     codes = hygiene.weights_buffer(codes_entry.size)
     failure = None
     try:
@@ -339,6 +342,30 @@ def _unlock(
         lock_key.close()
     if failure is not None:
         raise SessionError(f"cannot unlock the weights: {failure}")
+
+
+def _unlock_sealed(sealed: Bundle, master: hygiene.SecureBuffer, entry: Any, lock_key: Any, weights: Any) -> None:
+    """`sealed`: decrypt the locked region straight into the back of the weights buffer."""
+    from modelcloak.bundle import BundleError
+    from modelcloak.lock.layout import lock_section_key
+
+    plain_size = weights.size - entry.size
+    if plain_size < 0:
+        lock_key.close()
+        raise SessionError("the bundle's locked section is larger than its weights buffer")
+    region = weights.view()[plain_size:]
+    try:
+        sealed.decrypt_section_into(entry.name, lock_section_key(master.view(), lock_key.view()), region)
+    except BundleError:
+        # Right fingerprint (unwrap_lock_key checked it), wrong key: the entry's wrapped key was
+        # altered, e.g. relabelled for another device. No weights were produced.
+        raise SessionError(
+            "the locked weights do not open with this device's key: the bundle's lock entry for this device "
+            "was altered (or relabelled from another device), or the locked section is damaged"
+        ) from None
+    finally:
+        region.release()
+        lock_key.close()
 
 
 def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:

@@ -23,8 +23,9 @@ CLAIMS = SchemeClaims(
         "a copied bundle with its key file: on another machine (another TPM) the device secret does not unseal",
         "a copied device state directory: the TPM-sealed secret opens only on the TPM that sealed it, and "
         "with --pcrs only in the enrolled boot state",
-        "an attacker who rewrites the device entry for their own device: the weights unlock to values with "
-        "each tensor's own distribution (no sign the key was wrong) and accuracy falls to chance",
+        "an attacker who rewrites the device entry for their own device: with `sealed` (the default) the "
+        "locked weights fail their authentication and the load is refused; with uniform-shift they unlock "
+        "to values with each tensor's own distribution and accuracy falls to chance",
         "everything `seal` protects",
     ),
     does_not_protect=(

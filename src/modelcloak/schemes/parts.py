@@ -58,15 +58,17 @@ def graph_sections(
             SectionSource(prefix + "graph", len(graph_bytes), lambda: [graph_bytes]),
             SectionSource(prefix + "weights", weights_size, lambda: weight_pieces(model, records, base_dir)),
         ], weights_size
-    from modelcloak.lock.layout import lock_graph
+    from modelcloak.lock.layout import SEALED, lock_graph, lock_section_key
 
     locked = lock_graph(model, locking.key.view(), locking.salt, method=locking.method, base_dir=base_dir)
     graph_bytes = locked.graph.SerializeToString()
     params_bytes = json.dumps(locked.params, separators=(",", ":")).encode()
+    # `sealed`: the locked region is sealed under a key that needs the model key and the lock key.
+    derive = (lambda master: lock_section_key(master, locking.key.view())) if locking.method == SEALED else None
     return [
         SectionSource(prefix + "graph", len(graph_bytes), lambda: [graph_bytes]),
         SectionSource(prefix + "weights", locked.plain_size, locked.plain_pieces),
-        SectionSource(prefix + "locked", locked.codes_size, locked.code_pieces),
+        SectionSource(prefix + "locked", locked.codes_size, locked.code_pieces, derive_key=derive),
         SectionSource(prefix + "lock-params", len(params_bytes), lambda: [params_bytes]),
     ], locked.total_size
 

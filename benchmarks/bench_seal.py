@@ -34,19 +34,20 @@ import numpy as np
 mode, model, bundle, key, signer = sys.argv[1:6]
 import onnxruntime as ort
 if mode != "plain":
-    import modelcloak.runtime, modelcloak.keys
+    import modelcloak.inference, modelcloak.keys
 base = hwm_kib()
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 if mode == "plain":
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     run = lambda x: session.run(None, {"x": x})[0]
 else:
     trusted = [signer] if mode == "signed" else None
-    sealed = modelcloak.runtime.load(bundle, key=modelcloak.keys.KeyFile(key), trusted_signers=trusted)
+    sealed = modelcloak.inference.load(bundle, key=modelcloak.keys.KeyFile(key), trusted_signers=trusted)
     run = lambda x: sealed.run(x)["logits"]
 load_s = time.perf_counter() - start
+cpu_s = time.process_time() - cpu_start
 peak = hwm_kib()
-print(json.dumps({"load_s": load_s, "peak_kib": peak, "base_kib": base,
+print(json.dumps({"load_s": load_s, "cpu_s": cpu_s, "peak_kib": peak, "base_kib": base,
                   "checksum": float(run(np.ones((1, %(width)d), np.float32)).sum())}))
 """
 
@@ -56,8 +57,8 @@ SIZES = (1024, 4096, 4096, 2048, 10)
 def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import make_mlp
+    sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+    from models import make_mlp
 
     from modelcloak.bundle.signing import generate_signing_key
     from modelcloak.keys import generate_key_file
@@ -191,12 +192,14 @@ def main() -> None:
     for mode in modes:
         summary[mode] = {
             "load_s": median(mode, "load_s"),
+            "load_cpu_s": median(mode, "cpu_s"),
             "peak_rss_mib": median(mode, "peak_kib") / 1024,
             "load_rss_mib": statistics.median((s["peak_kib"] - s["base_kib"]) / 1024 for s in samples[mode]),
         }
     for mode in ("sealed", "signed"):
         summary[f"{mode}_vs_plain"] = {
             "load_time_ratio": summary[mode]["load_s"] / summary["plain"]["load_s"],
+            "load_cpu_ratio": summary[mode]["load_cpu_s"] / summary["plain"]["load_cpu_s"],
             "peak_rss_ratio": summary[mode]["peak_rss_mib"] / summary["plain"]["peak_rss_mib"],
         }
     summary["latency_ms_side_by_side"] = latency_side_by_side(model_path, bundle, key_path)
@@ -204,7 +207,7 @@ def main() -> None:
     (args.out / "seal.json").write_text(json.dumps(summary, indent=2))
     with open(args.out / "seal.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["mode", "run", "load_s", "peak_rss_mib", "load_rss_mib"])
+        writer.writerow(["mode", "run", "load_s", "cpu_s", "peak_rss_mib", "load_rss_mib"])
         for mode in modes:
             for index, s in enumerate(samples[mode]):
                 writer.writerow(
@@ -212,6 +215,7 @@ def main() -> None:
                         mode,
                         index,
                         f"{s['load_s']:.4f}",
+                        f"{s['cpu_s']:.4f}",
                         f"{s['peak_kib'] / 1024:.1f}",
                         f"{(s['peak_kib'] - s['base_kib']) / 1024:.1f}",
                     ]

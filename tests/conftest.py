@@ -8,6 +8,7 @@ import onnx
 import pytest
 from models import make_mlp
 
+from modelcloak import hygiene
 from modelcloak.keys import KeyFile, generate_key_file
 
 
@@ -40,6 +41,7 @@ def _restore_process_hardening():
     core_limit = _CORE_LIMIT_AT_START
     yield
     libc = ctypes.CDLL(None, use_errno=True)
+    hygiene.stop_wiping_freed_heap()
     if libc.prctl(3, 0, 0, 0, 0) == 0:  # PR_GET_DUMPABLE
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
     if resource.getrlimit(resource.RLIMIT_CORE) != core_limit:

@@ -37,12 +37,16 @@ __all__ = [
     "HygieneError",
     "SecureBuffer",
     "harden_process",
+    "exclude_anonymous_memory_from_dumps",
     "mapping_flags",
+    "mapping_flags_of",
     "mapping_name",
     "memory_capabilities",
     "remove_environment_variable",
     "secret_buffer",
+    "stop_wiping_freed_heap",
     "weights_buffer",
+    "wipe_freed_heap",
 ]
 
 _IS_LINUX = sys.platform.startswith("linux")
@@ -55,6 +59,9 @@ _PR_SET_DUMPABLE = 4
 _MADV_WIPEONFORK = getattr(mmap, "MADV_WIPEONFORK", 18 if _IS_LINUX else None)
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 _PAGE = mmap.PAGESIZE
+# mallopt(3) parameter M_PERTURB from glibc's malloc.h; any non-zero byte switches it on.
+_M_PERTURB = -6
+_PERTURB_BYTE = 0xA5
 _CAP_IPC_LOCK = 14
 
 KIND_MEMFD_SECRET = "memfd_secret"
@@ -362,9 +369,10 @@ def harden_process() -> dict[str, bool]:
     same-uid, non-root processes from ptrace-attaching or reading /proc/pid/mem. RLIMIT_CORE (0, 0)
     is a second, independent stop for file-based core dumps; lowering the hard limit cannot be
     undone by this process. execve() resets dumpability, so a program this process execs is
-    dumpable again; the core limit is inherited.
+    dumpable again; the core limit is inherited. It also turns on `wipe_freed_heap`, so the
+    runtime's own copies of the weights are overwritten when it frees them.
     """
-    result = {"non_dumpable": False, "core_limit_zero": False}
+    result = {"non_dumpable": False, "core_limit_zero": False, "freed_heap_wiped": wipe_freed_heap()}
     if _IS_LINUX:
         libc = _libc()
         if libc is not None and hasattr(libc, "prctl"):
@@ -381,33 +389,57 @@ def harden_process() -> dict[str, bool]:
     return result
 
 
-def _smaps_block(address: int, path: str) -> list[str]:
-    """Lines of the /proc/self/{smaps,maps} entry whose range contains `address`."""
+def _smaps_blocks(addresses: list[int], path: str) -> dict[int, list[str]]:
+    """For each address, the lines of the /proc/self/{smaps,maps} entry whose range contains it.
+
+    One streaming pass that stops once every address is placed: the kernel builds smaps entries
+    (a page-table walk each) only as they are read, so reading the whole file for every buffer cost
+    tens of milliseconds per load in a large process.
+    """
     if not _IS_LINUX:
         raise HygieneError(f"{path} is Linux-only; mapping checks are not available on {sys.platform}")
+    wanted = set(addresses)
+    found: dict[int, list[str]] = {}
+    current: list[str] | None = None
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
+            for line in fh:
+                line = line.rstrip("\n")
+                head = line.split(None, 1)[0] if line else ""
+                if head.endswith(":") or "-" not in head:
+                    if current is not None:
+                        current.append(line)
+                    continue
+                if current is not None and not wanted:
+                    break  # the last wanted entry is complete
+                current = None
+                lo, _, hi = head.partition("-")
+                try:
+                    start, end = int(lo, 16), int(hi, 16)
+                except ValueError:
+                    continue
+                inside = [a for a in wanted if start <= a < end]
+                if inside:
+                    current = [line]
+                    for address in inside:
+                        found[address] = current
+                        wanted.discard(address)
     except OSError as exc:
         raise HygieneError(f"cannot read {path}: {exc}") from exc
-    for i, line in enumerate(lines):
-        head = line.split(None, 1)[0] if line else ""
-        if "-" not in head or head.endswith(":"):
-            continue
-        lo, _, hi = head.partition("-")
-        try:
-            start, end = int(lo, 16), int(hi, 16)
-        except ValueError:
-            continue
-        if start <= address < end:
-            block = [line]
-            for nxt in lines[i + 1 :]:
-                first = nxt.split(None, 1)[0] if nxt else ""
-                if not first.endswith(":"):
-                    break
-                block.append(nxt)
-            return block
-    raise HygieneError(f"no mapping in {path} contains address {address:#x}")
+    if wanted:
+        raise HygieneError(f"no mapping in {path} contains address {min(wanted):#x}")
+    return found
+
+
+def mapping_flags_of(addresses: list[int]) -> dict[int, set[str]]:
+    """`mapping_flags` for several addresses in one read of /proc/self/smaps."""
+    flags: dict[int, set[str]] = {}
+    for address, block in _smaps_blocks(addresses, "/proc/self/smaps").items():
+        vm = [line for line in block if line.startswith("VmFlags:")]
+        if not vm:
+            raise HygieneError(f"the kernel reports no VmFlags for the mapping at {address:#x}")
+        flags[address] = set(vm[0].split()[1:])
+    return flags
 
 
 def mapping_flags(address: int) -> set[str]:
@@ -416,17 +448,73 @@ def mapping_flags(address: int) -> set[str]:
     This is the ground truth for what a buffer got: "dd" = excluded from core dumps, "lo" =
     locked in RAM, "wf" = wiped on fork. Raises HygieneError if no mapping contains the address.
     """
-    for line in _smaps_block(address, "/proc/self/smaps"):
-        if line.startswith("VmFlags:"):
-            return set(line.split()[1:])
-    raise HygieneError(f"the kernel reports no VmFlags for the mapping at {address:#x}")
+    return mapping_flags_of([address])[address]
 
 
 def mapping_name(address: int) -> str:
     """The pathname column for the mapping containing `address`: "/secretmem (deleted)", "" for anonymous."""
-    header = _smaps_block(address, "/proc/self/maps")[0]
+    header = _smaps_blocks([address], "/proc/self/maps")[address][0]
     parts = header.split(None, 5)
     return parts[5].strip() if len(parts) == 6 else ""
+
+
+def wipe_freed_heap() -> bool:
+    """Make glibc's malloc overwrite every chunk when it is freed (mallopt M_PERTURB); True if set.
+
+    onnxruntime and protobuf copy weights into ordinary heap memory that modelcloak cannot wipe
+    itself; freed and left as it was, that plaintext outlives `close()` (measured by
+    tests/runtime/test_memory_canary.py). With M_PERTURB set, free() fills the chunk with a fixed
+    byte first (and malloc() fills new chunks with its complement). Large chunks are returned to
+    the kernel with munmap, which removes them from the process outright. Not covered: chunks of
+    up to 1 KiB kept in glibc's per-thread cache, and allocators other than glibc's (False then).
+    """
+    if not _IS_LINUX:
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(ctypes.c_int(_M_PERTURB), ctypes.c_int(_PERTURB_BYTE)))
+
+
+def stop_wiping_freed_heap() -> None:
+    """Undo `wipe_freed_heap` (tests use it as the negative control)."""
+    libc = _libc() if _IS_LINUX else None
+    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+        libc.mallopt(ctypes.c_int(_M_PERTURB), ctypes.c_int(0))
+
+
+def exclude_anonymous_memory_from_dumps() -> int:
+    """Mark every private anonymous writable mapping of this process MADV_DONTDUMP; returns how many.
+
+    Called once the runtime holds its copies of the weights (its initializers, pre-packed weights,
+    graph optimisers' rewritten tensors all live in the heap or in anonymous mappings), so those
+    copies are left out of a core dump even where non-dumpability is not honoured
+    (fs.suid_dumpable=2, pipe core handlers). Memory mapped later is not covered. Reads
+    /proc/self/maps (no page-table walk); a mapping the kernel refuses (device memory) is skipped.
+    """
+    if not _IS_LINUX:
+        return 0
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise") or _MADV_DONTDUMP is None:
+        return 0
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return 0
+    marked = 0
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 5 or parts[1] != "rw-p":
+            continue
+        name = parts[5].strip() if len(parts) == 6 else ""
+        if name and name != "[heap]" and not name.startswith("[anon:"):
+            continue
+        lo, _, hi = parts[0].partition("-")
+        start, end = int(lo, 16), int(hi, 16)
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTDUMP)) == 0:
+            marked += 1
+    return marked
 
 
 def _cap_ipc_lock() -> bool:

@@ -75,7 +75,8 @@ def test_protect_run_round_trip_npy_and_npz(owner, mlp):
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(owner / "y.npz")["logits"], reference_outputs(mlp, x))
     np.savez(owner / "x.npz", x=x)
-    printed = cli("run", str(owner / "mlp.mcb"), str(owner / "x.npz"), "--key-file", str(owner / "model.key"))
+    pin = ["--trusted-signer", str(owner / "owner.pem.pub")]
+    printed = cli("run", str(owner / "mlp.mcb"), str(owner / "x.npz"), "--key-file", str(owner / "model.key"), *pin)
     assert printed.returncode == 0 and "logits: shape [3, 10]" in printed.stdout
 
 
@@ -112,11 +113,21 @@ def test_passphrase_from_environment(tmp_path, mlp):
     )
     np.save(tmp_path / "x.npy", np.zeros((1, 16), np.float32))
     assert (
-        cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--passphrase-env", "PW", env=env).returncode == 0
+        cli(
+            "run",
+            "--allow-unsigned",
+            str(tmp_path / "m.mcb"),
+            str(tmp_path / "x.npy"),
+            "--passphrase-env",
+            "PW",
+            env=env,
+        ).returncode
+        == 0
     )
     one_line_error(
         cli(
             "run",
+            "--allow-unsigned",
             str(tmp_path / "m.mcb"),
             str(tmp_path / "x.npy"),
             "--passphrase-env",
@@ -171,7 +182,8 @@ def test_run_errors_are_one_line(owner, case, fragment):
         bundle = owner / "mlp.onnx"
     elif case == "bad-out":
         extra = ["-o", str(owner / "y.txt")]
-    one_line_error(cli("run", str(bundle), str(inputs), *key, *extra), fragment)
+    pinning = [] if case == "untrusted" else ["--allow-unsigned"]
+    one_line_error(cli("run", *pinning, str(bundle), str(inputs), *key, *extra), fragment)
 
 
 def test_tampered_bundle_uses_the_signature_first(owner):
@@ -180,7 +192,14 @@ def test_tampered_bundle_uses_the_signature_first(owner):
     (owner / "t.mcb").write_bytes(bytes(data))
     np.save(owner / "x.npy", np.zeros((1, 16), np.float32))
     one_line_error(
-        cli("run", str(owner / "t.mcb"), str(owner / "x.npy"), "--key-file", str(owner / "model.key")),
+        cli(
+            "run",
+            "--allow-unsigned",
+            str(owner / "t.mcb"),
+            str(owner / "x.npy"),
+            "--key-file",
+            str(owner / "model.key"),
+        ),
         "owner signature is invalid",
     )
 
@@ -265,6 +284,7 @@ def test_split_through_the_cli(tmp_path, mlp):
     np.save(tmp_path / "x.npy", x)
     ran = cli(
         "run",
+        "--allow-unsigned",
         str(tmp_path / "s.mcb"),
         str(tmp_path / "x.npy"),
         "--key-file",
@@ -278,7 +298,14 @@ def test_split_through_the_cli(tmp_path, mlp):
     labels = next(iter(np.load(tmp_path / "y.npz").values()))
     np.testing.assert_array_equal(labels, reference_outputs(mlp, x).argmax(-1))
     one_line_error(
-        cli("run", str(tmp_path / "s.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key")),
+        cli(
+            "run",
+            "--allow-unsigned",
+            str(tmp_path / "s.mcb"),
+            str(tmp_path / "x.npy"),
+            "--key-file",
+            str(tmp_path / "host.key"),
+        ),
         "enclave",
     )
     one_line_error(

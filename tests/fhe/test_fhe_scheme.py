@@ -129,9 +129,17 @@ def test_cli_protect_and_run_write_the_encrypted_result(owner, tmp_path: Path):
     inspected = cli("inspect", str(tmp_path / "m.mcb"))
     assert "fhe" in inspected.stdout and "does not protect" in inspected.stdout
 
-    refused = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"))
+    refused = cli(
+        "run",
+        "--allow-unsigned",
+        str(tmp_path / "m.mcb"),
+        str(tmp_path / "x.npy"),
+        "--key-file",
+        str(tmp_path / "host.key"),
+    )
     assert refused.returncode == 2 and "--fhe-result" in refused.stderr and "Traceback" not in refused.stderr
-    ran = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+    ran = cli("run", "--allow-unsigned",
+        str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
               "--fhe-result", str(tmp_path / "r.fhe"))  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     labels = OwnerDecryptor((tmp_path / "owner.fhe").read_bytes()).labels((tmp_path / "r.fhe").read_bytes())

@@ -379,7 +379,8 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
         assert f"locked with sealed to {fingerprint}" in shown.stdout
 
         ran = cli(
-            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "dev-a"), "--tcti", first.tcti, "-o", str(tmp_path / "y.npz"),
         )  # fmt: skip
         assert ran.returncode == 0, ran.stderr
@@ -387,7 +388,8 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
 
         # The state directory copied to another machine (another TPM) unlocks nothing.
         copied = cli(
-            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "dev-a"), "--tcti", second.tcti,
         )  # fmt: skip
         assert copied.returncode == 2 and "Traceback" not in copied.stderr
@@ -396,18 +398,27 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
         # Another enrolled device is told which device the bundle belongs to.
         assert cli("device", "enroll", "--state", str(tmp_path / "dev-b"), "--tcti", second.tcti).returncode == 0
         other = cli(
-            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "dev-b"), "--tcti", second.tcti,
         )  # fmt: skip
         assert other.returncode == 2 and f"locked to {fingerprint}" in other.stderr
 
-        missing = cli("run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"))
+        missing = cli(
+            "run",
+            "--allow-unsigned",
+            str(tmp_path / "m.mcb"),
+            str(tmp_path / "x.npy"),
+            "--key-file",
+            str(tmp_path / "host.key"),
+        )
         assert missing.returncode == 2 and "--device-state" in missing.stderr
 
         # Without --tcti (and no TCTI in the environment) the TCTI recorded at enrolment is used.
         no_env = {k: v for k, v in os.environ.items() if k not in ("TPM2TOOLS_TCTI", "TSS2_TCTI")}
         recorded = subprocess.run(
-            [sys.executable, "-m", "modelcloak", "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
+            [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned",
+                str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
              "--key-file", str(tmp_path / "host.key"), "--device-state", str(tmp_path / "dev-a"),
              "-o", str(tmp_path / "y2.npz")],
             capture_output=True, text=True, timeout=180, env=no_env,
@@ -417,14 +428,16 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
         # Control: an explicit TCTI still wins over the recorded one (a dead one here fails).
         second.stop()
         explicit = cli(
-            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "dev-a"), "--tcti", second.tcti,
         )  # fmt: skip
         assert explicit.returncode == 2 and f"no TPM reachable through TCTI '{second.tcti}'" in explicit.stderr
 
         # Wrong things in the right places get messages that name them.
         lock_file_as_state = cli(
-            "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "a.lock"),
         )  # fmt: skip
         assert lock_file_as_state.returncode == 2
@@ -445,7 +458,8 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
         )
         assert sealed.returncode == 0, sealed.stderr
         unlocked = cli(
-            "run", str(tmp_path / "s.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
+            "run", "--allow-unsigned",
+            str(tmp_path / "s.mcb"), str(tmp_path / "x.npy"), "--key-file", str(tmp_path / "host.key"),
             "--device-state", str(tmp_path / "dev-a"),
         )  # fmt: skip
         assert unlocked.returncode == 2 and "is not locked to a device; drop --device-state" in unlocked.stderr

@@ -495,7 +495,8 @@ def test_cli_run_takes_its_key_from_the_backend_and_reports_usage(backend: Backe
     np.save(tmp_path / "x.npy", x)
     licence = backend.licence(query_quota=10)
     measurement = [f"--measurement={name}={value}" for name, value in MEASUREMENT.items()]
-    command = [sys.executable, "-m", "modelcloak", "run", str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
+    command = [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned",
+    str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
                "--owner-url", backend.server.url, "--licence", licence, "--device-id", "dev1", "--attest", "sim",
                "--sim-key", str(tmp_path / "device.pem"), *measurement, "--usage-state", str(tmp_path / "usage.json"),
                "-o", str(tmp_path / "y.npz")]  # fmt: skip

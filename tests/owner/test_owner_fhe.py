@@ -253,7 +253,7 @@ def test_cli_run_gets_labels_from_the_owner(world: FheWorld) -> None:
     np.save(tmp / "x.npy", x)
     licence = world.backend.licence(query_quota=1000)
     measurement = [f"--measurement={name}={value}" for name, value in MEASUREMENT.items()]
-    command = [sys.executable, "-m", "modelcloak", "run", str(world.bundle), str(tmp / "x.npy"),
+    command = [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned", str(world.bundle), str(tmp / "x.npy"),
                "--owner-url", world.backend.server.url, "--licence", licence, "--device-id", "dev1",
                "--attest", "sim", "--sim-key", str(tmp / "device.pem"), *measurement,
                "--usage-state", str(tmp / "usage.json"), "--fhe-labels", str(tmp / "labels.json"),
@@ -266,7 +266,7 @@ def test_cli_run_gets_labels_from_the_owner(world: FheWorld) -> None:
     assert (tmp / "result.fhe").stat().st_size > 0
 
     # Without the owner backend there is nobody to ask: one line, exit 2.
-    alone = [sys.executable, "-m", "modelcloak", "run", str(world.bundle), str(tmp / "x.npy"),
+    alone = [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned", str(world.bundle), str(tmp / "x.npy"),
              "--key-file", str(world.backend.model_key_file.path), "--fhe-labels", str(tmp / "l2.json")]  # fmt: skip
     refused = subprocess.run(alone, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--fhe-labels asks the owner backend" in refused.stderr, refused.stderr

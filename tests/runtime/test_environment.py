@@ -156,7 +156,11 @@ def test_doctor_and_run_strict_name_each_field_switch(sealed, tmp_path, name):
     doctor = _cli(["doctor"], env, tmp_path)
     assert doctor.returncode == 0 and name in doctor.stdout, doctor.stdout
     np.save(tmp_path / "x.npy", np.ones((1, 64), np.float32))
-    strict = _cli(["run", str(bundle), str(tmp_path / "x.npy"), "--key-file", str(key), "--strict"], env, tmp_path)
+    strict = _cli(
+        ["run", "--allow-unsigned", str(bundle), str(tmp_path / "x.npy"), "--key-file", str(key), "--strict"],
+        env,
+        tmp_path,
+    )
     assert strict.returncode == 2 and name in strict.stderr, strict.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "x.npy"]
 
@@ -167,7 +171,18 @@ def test_openvino_serialize_tracing_is_stopped_end_to_end(sealed, tmp_path):
     np.save(tmp_path / "x.npy", np.ones((1, 64), np.float32))
     env = {**os.environ, "OV_ENABLE_SERIALIZE_TRACING": "1"}
     run = _cli(
-        ["run", str(bundle), str(tmp_path / "x.npy"), "--key-file", str(key), "--backend", "openvino"], env, tmp_path
+        [
+            "run",
+            "--allow-unsigned",
+            str(bundle),
+            str(tmp_path / "x.npy"),
+            "--key-file",
+            str(key),
+            "--backend",
+            "openvino",
+        ],
+        env,
+        tmp_path,
     )
     assert run.returncode == 0, run.stderr
     assert "OV_ENABLE_SERIALIZE_TRACING" in run.stderr

@@ -298,7 +298,7 @@ print(json.dumps({
 
 def test_harden_process_in_child():
     out = _run_child(_PROBE, "1")
-    assert out["results"] == [{"non_dumpable": True, "core_limit_zero": True}] * 2
+    assert out["results"] == [{"non_dumpable": True, "core_limit_zero": True, "freed_heap_wiped": True}] * 2
     assert out["dumpable"] == 0
     assert out["core"] == [0, 0]
     if os.geteuid() != 0:

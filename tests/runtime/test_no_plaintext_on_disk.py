@@ -221,6 +221,7 @@ def test_strict_policy_refuses_to_start_with_caches_enabled(tmp_path):
             "-m",
             "modelcloak",
             "run",
+            "--allow-unsigned",
             str(tmp_path / "model.mcb"),
             str(tmp_path / "x.npy"),
             "--key-file",

@@ -70,7 +70,8 @@ def test_enclave_key_file_and_env_together_are_refused(bundles):
     paths, host_key, enclave_key, folder = bundles
     np.save(folder / "x.npy", np.zeros((2, 16), np.float32))
     done = subprocess.run(
-        [sys.executable, "-m", "modelcloak", "run", str(paths["mlp"]), str(folder / "x.npy"), "--key-file",
+        [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned",
+            str(paths["mlp"]), str(folder / "x.npy"), "--key-file",
          str(host_key.path), "--enclave-key-file", str(enclave_key.path), "--enclave-key-env", "MC_EK"],
         capture_output=True, text=True, timeout=180, env={**os.environ, "MC_EK": "00" * 32},
     )  # fmt: skip

@@ -256,8 +256,17 @@ def run(
     backend: Annotated[str, typer.Option(help="onnxruntime or openvino.")] = "onnxruntime",
     trusted_signer: Annotated[
         Optional[list[Path]],
-        typer.Option("--trusted-signer", help="Owner public key (PEM); makes a signature mandatory."),
+        typer.Option(
+            "--trusted-signer", help="Owner public key (PEM, repeatable): only bundles it signed are run. Required."
+        ),
     ] = None,
+    allow_unsigned: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unsigned",
+            help="Development only: run without a pinned owner key (any bundle the key opens, whoever built it).",
+        ),
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to run when any on-disk cache is enabled.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads for onnxruntime.")] = None,
     min_serial: Annotated[
@@ -314,6 +323,7 @@ def run(
     from modelcloak.options import LoadOptions, Metering
     from modelcloak.runtime import FheSession
 
+    _check_signer_pinning(trusted_signer, allow_unsigned)
     feeds = load_inputs(inputs)
     if output is not None:
         check_output_path(output)
@@ -373,6 +383,18 @@ def run(
         return
     for line in output_lines(results):
         out.print(line, highlight=False, markup=False)
+
+
+def _check_signer_pinning(trusted_signer: list[Path] | None, allow_unsigned: bool) -> None:
+    """`run` pins the owner's signing key by default; running unpinned must be asked for by name."""
+    if trusted_signer and allow_unsigned:
+        raise ModelcloakError("--allow-unsigned and --trusted-signer contradict each other: give one")
+    if not trusted_signer and not allow_unsigned:
+        raise ModelcloakError(
+            "give the owner's public key with --trusted-signer OWNER.pem.pub, so that only bundles the owner "
+            "signed are run (a re-signed, altered or older bundle is refused); --allow-unsigned runs "
+            "without that check (development only)"
+        )
 
 
 def inspect(

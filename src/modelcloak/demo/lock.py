@@ -157,6 +157,6 @@ def run(ctx: DemoContext) -> StepResult:
             f"modelcloak protect {ctx.shown(plain.path)} -o {ctx.shown(locked)} --scheme lock "
             f"--key-file {ctx.shown(key_path)} --lock-to device.lock --force",
             f"modelcloak run {ctx.shown(locked)} {ctx.shown(ctx.digits())} --key-file {ctx.shown(key_path)} "
-            "--device-state device-state -o outputs.npz",
+            "--device-state device-state --allow-unsigned -o outputs.npz",
         ],
     )

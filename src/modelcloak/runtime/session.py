@@ -3,7 +3,9 @@
 Order matters and is the security argument: caches are neutralised and the process hardened
 before any runtime initialises; the signature is checked before anything is decrypted; the key is
 checked against the header MAC before the sections; decrypted bytes live in buffers that are
-excluded from core dumps and wiped as soon as the backend holds its own copy.
+excluded from core dumps and wiped as soon as the backend holds its own copy; the backend's copies
+are then marked excluded from core dumps too, and glibc overwrites them when they are freed
+(`hygiene.harden_process`, `hygiene.exclude_anonymous_memory_from_dumps`).
 """
 
 from __future__ import annotations
@@ -293,6 +295,8 @@ def open_graph(
         finally:
             weights_view.release()
         report.seconds["build"] = clock() - mark
+        # The runtime's copies (initializers, pre-packed and rewritten weights) now exist in its heap.
+        report.hardening["runtime_copies_dontdump"] = hygiene.exclude_anonymous_memory_from_dumps() > 0
         report.providers = list(runner.providers)
         return runner
     finally:
@@ -370,7 +374,8 @@ def _unlock_sealed(sealed: Bundle, master: hygiene.SecureBuffer, entry: Any, loc
 
 def _flags_of(buffers: dict[str, hygiene.SecureBuffer]) -> dict[str, set[str]]:
     try:
-        return {name: hygiene.mapping_flags(buffer.address) for name, buffer in buffers.items()}
+        flags = hygiene.mapping_flags_of([buffer.address for buffer in buffers.values()])
+        return {name: flags[buffer.address] for name, buffer in buffers.items()}
     except hygiene.HygieneError:
         return {}  # no /proc/self/smaps (not Linux): nothing to report, nothing to fail
 

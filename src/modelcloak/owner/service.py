@@ -499,6 +499,45 @@ class OwnerService:
                 self.store.audit(session, "rows.tag", "licences+devices", "ok", tagged=tagged)
         return tagged
 
+    def rotate_master_key(self, new: MasterKey) -> dict[str, int]:
+        """Re-seal every stored secret and re-tag every grant row under `new`, in one transaction.
+
+        Every row is first checked under the current key: a secret that does not open or a row whose tag
+        does not verify stops the rotation with nothing changed, so a rotation never vouches for a row
+        someone altered in the database. Run it with every `serve` stopped: a running server still holds
+        the old key, and a row it writes after the rotation would carry the old key's tag (refused).
+        Returns how many rows of each kind were rewritten.
+        """
+        counts = {"models": 0, "fhe_secrets": 0, "licences": 0, "devices": 0}
+        with self.store.transaction() as session:
+            if self.store.dialect == "postgresql":
+                # Servers that are still running wait here instead of writing under the old key mid-rotation.
+                session.execute(text("LOCK TABLE models, fhe_secrets, licences, devices IN EXCLUSIVE MODE"))
+            for model in session.scalars(select(Model)):
+                key = self.master.open(model.sealed_key, f"model:{model.id}")
+                model.sealed_key = new.seal(key, f"model:{model.id}")
+                counts["models"] += 1
+            for secret in session.scalars(select(FheSecret)):
+                plain = self.master.open(secret.sealed_secret, f"fhe:{secret.model_id}")
+                secret.sealed_secret = new.seal(plain, f"fhe:{secret.model_id}")
+                counts["fhe_secrets"] += 1
+            for device in session.scalars(select(Device)):
+                check_row(self.master.row_tag_key, device)
+                seal_row(new.row_tag_key, device)
+                counts["devices"] += 1
+            for licence in session.scalars(select(Licence)):
+                check_row(self.master.row_tag_key, licence)
+                usage_key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
+                licence.sealed_usage_key = new.seal(usage_key, f"usage:{licence.id}")
+                seal_row(new.row_tag_key, licence)
+                counts["licences"] += 1
+            self.store.audit(session, "master.rotate", "master key", "ok", **counts)
+        self._master = new
+        self._usage_keys.clear()
+        self._model_keys.clear()
+        self._fhe_decryptors.clear()
+        return counts
+
     def licence_usage(self) -> list[tuple[str, int, int | None]]:
         """(licence id, queries used, quota) of every licence, for the metrics endpoint."""
         with self.store.connection() as connection:

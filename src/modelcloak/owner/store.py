@@ -324,6 +324,31 @@ def check_schema(engine: Engine, *, allow_behind: bool) -> None:
         )
 
 
+def backup_sqlite(location: str | Path, destination: Path) -> None:
+    """Copy a SQLite owner database consistently while servers keep writing (SQLite's online backup).
+
+    The copy holds sealed secrets only, like the database; without the master key it releases nothing.
+    PostgreSQL has its own tools (pg_dump, or base backups with WAL archiving), see docs/OWNER.md."""
+    import sqlite3
+
+    url = make_url(database_url(location))
+    if url.get_backend_name() != "sqlite":
+        raise OwnerError("`owner backup` copies SQLite files; back up PostgreSQL with pg_dump (docs/OWNER.md)")
+    source = Path(url.database or "")
+    if not source.is_file():
+        raise OwnerError(f"database {source} does not exist")
+    if destination.exists():
+        raise OwnerError(f"{destination} exists; give a new file name")
+    os.close(os.open(destination, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    writer = sqlite3.connect(destination)
+    try:
+        reader.backup(writer)
+    finally:
+        writer.close()
+        reader.close()
+
+
 def schema_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

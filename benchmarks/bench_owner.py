@@ -22,6 +22,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 MEASUREMENT = {"app": "ab" * 32}
 
@@ -50,9 +51,14 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 
 class Server:
-    def __init__(self, database: str, master_key: Path, log: Path) -> None:
+    def __init__(self, database: str, master_key: Path, log: Path, profile: Path | None = None) -> None:
         self.port = _free_port()
+        self.profiled = profile is not None
+        # --profile: the server runs under py-spy, which writes collapsed stacks when it exits.
+        spy = ["py-spy", "record", "--format", "raw", "--rate", "200", "--gil", "--nonblocking"]
+        wrapper = [*spy, "-o", str(profile), "--"] if profile else []
         command = [
+            *wrapper,
             sys.executable,
             "-m",
             "modelcloak",
@@ -78,12 +84,24 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError(f"server did not start: {log.read_text()[-500:]}")
 
+    @property
+    def server_pid(self) -> int:
+        """The server's own process id (under --profile, py-spy's child)."""
+        if not self.profiled:
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(children[0])
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
+        if self.profiled:  # stop the server; py-spy then writes its profile and exits
+            os.kill(self.server_pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+            return
         self.process.terminate()
         self.process.wait(timeout=10)
 
@@ -115,7 +133,15 @@ def run_database(
     service.enroll_device("dev", "sim", MEASUREMENT, identity=device.identity)
     licence = service.issue_licence("bench", device_id="dev", allow_sim=True)
     # `workers` server processes on the one database; client thread i talks to worker i % workers.
-    servers = [Server(database, master_file, workdir / f"{label}.server{n}.log") for n in range(workers)]
+    servers = [
+        Server(
+            database,
+            master_file,
+            workdir / f"{label}.server{n}.log",
+            profile=args.profile / f"{label}-w{workers}-{n}.txt" if args.profile else None,
+        )
+        for n in range(workers)
+    ]
 
     def server_cpu() -> float:
         return sum(worker.cpu_seconds() for worker in servers)
@@ -262,6 +288,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (databases alternate within a round)")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--no-sqlite", action="store_true")
+    parser.add_argument("--profile", type=Path, help="run each server under py-spy; collapsed stacks go here")
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1], help="server processes on one database (e.g. 1 2)"
     )
@@ -272,7 +300,9 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-owner-"))
     cluster = None
-    labels = ["sqlite"]
+    labels = [] if args.no_sqlite else ["sqlite"]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if not args.no_postgres:
         from postgres import PostgresCluster, _bindir
 

@@ -669,3 +669,67 @@ def test_release_states_revalidation_and_offline_grace(world: World) -> None:
     assert granted.revalidate_at == start + timedelta(hours=1)
     assert granted.offline_until == start + timedelta(hours=3)  # revalidation + grace
     assert granted.expires_at == start + timedelta(hours=5) and granted.insecure is True
+
+
+# --- master-key rotation and backup -------------------------------------------------------------------
+
+
+def test_master_key_rotation_reseals_everything_and_the_old_key_opens_nothing(world: World) -> None:
+    """After a rotation the new key serves every licence (same model and usage keys, counts kept); a
+    service holding the old key opens no secret and accepts no row (control for the refusal test below)."""
+    key = _usage_key(world)
+    _report(world, key, 1, 4)
+    old = world.service.master
+    new = MasterKey(secrets.token_bytes(32))
+    counts = world.service.rotate_master_key(new)
+    assert counts == {"models": 1, "fhe_secrets": 0, "licences": 1, "devices": 1}
+    plain = world.release()
+    assert plain[:32] == world.model_key and plain[32:] == key  # the device's keys do not change
+    assert _report(world, key, 2, 3).queries_used == 7
+    stale = OwnerService(world.service.store, old, clock=world.clock)
+    with pytest.raises((RequestRefused, OwnerError), match="integrity check|cannot decrypt"):
+        World(stale, world.clock, world.device, world.model_key, world.licence, world.tmp).release()
+    with pytest.raises(OwnerError, match="cannot decrypt"):
+        stale.rotate_master_key(MasterKey(secrets.token_bytes(32)))
+
+
+def test_rotation_refuses_a_row_altered_in_the_database_and_changes_nothing(world: World) -> None:
+    """Attack: lift a quota by SQL, then wait for the owner's next rotation to re-tag (launder) the row.
+    The rotation checks every row first and stops; the old key still serves the untouched licences."""
+    victim = _fresh(world)
+    _sql(world, "UPDATE licences SET query_quota = NULL WHERE id = :id", id=victim)
+    with refused(f"licence {victim} failed its integrity check"):
+        world.service.rotate_master_key(MasterKey(secrets.token_bytes(32)))
+    assert world.release()[:32] == world.model_key  # nothing was re-sealed: the old key still works
+    with refused("integrity check"):
+        world.release(licence=victim)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_backup_restores_with_the_master_key_and_releases_nothing_without_it(world: World, tmp_path: Path) -> None:
+    """An online backup of a live SQLite database restores to the state at the copy: licences release the
+    model key and counts are those of the moment of the copy. The copy without the master key (a stolen
+    backup) releases nothing."""
+    from modelcloak.owner.store import backup_sqlite
+
+    key = _usage_key(world)
+    _report(world, key, 1, 4)
+    copy = tmp_path / "backup.db"
+    backup_sqlite(world.service.store.url.removeprefix("sqlite:///"), copy)
+    assert copy.stat().st_mode & 0o077 == 0
+    _report(world, key, 2, 3)  # after the copy: not in it
+    restored = OwnerService(Store(str(copy)), world.service.master, clock=world.clock)
+    try:
+        assert restored.queries_used(world.licence) == 4
+        again = World(restored, world.clock, world.device, world.model_key, world.licence, world.tmp)
+        assert again.release()[:32] == world.model_key
+        thief = World(
+            OwnerService(restored.store, MasterKey(secrets.token_bytes(32)), clock=world.clock),
+            world.clock, world.device, world.model_key, world.licence, world.tmp,
+        )  # fmt: skip
+        with pytest.raises((RequestRefused, OwnerError), match="integrity check|cannot decrypt"):
+            thief.release()
+    finally:
+        restored.store.close()
+    with pytest.raises(OwnerError, match="exists"):
+        backup_sqlite(world.service.store.url.removeprefix("sqlite:///"), copy)

@@ -32,8 +32,9 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m modelcloak serve` in a child process; kill9() is a crash, start() again is a restart."""
 
-    def __init__(self, database: str, master_key_file: Path, log: Path) -> None:
+    def __init__(self, database: str, master_key_file: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.database = database
+        self.extra_env = env or {}
         self.master_key_file = master_key_file
         self.log = log
         self.port = _free_port()
@@ -56,7 +57,7 @@ class ServerProcess:
             "--port",
             str(self.port),
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.extra_env}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -93,6 +93,8 @@ def register(app: typer.Typer) -> None:
     app.command()(serve)
     owner_app.command("init")(init)
     owner_app.command("migrate")(migrate_command)
+    owner_app.command("rotate-master-key")(rotate_master_key)
+    owner_app.command("backup")(backup)
     model_app.command("register")(model_register)
     device_app.command("enroll")(device_enroll)
     licence_app.command("issue")(licence_issue)
@@ -157,6 +159,41 @@ def migrate_command(
     finally:
         service.store.close()
     out.print(f"database at schema revision {revision}; tagged {tagged} untagged row(s)", highlight=False)
+
+
+def rotate_master_key(
+    new_master_key_file: Annotated[
+        Path, typer.Option("--new-master-key-file", help="The new master key (created, 0600, if missing).")
+    ],
+    db: DatabaseOpt = None,
+    master_key_file: MasterFileOpt = None,
+    master_key_env: MasterEnvOpt = None,
+) -> None:
+    """Re-seal every stored key and re-tag every licence and device under a new master key (stop `serve` first)."""
+    from modelcloak.keys import KeyFile, generate_key_file
+    from modelcloak.owner.store import MasterKey
+
+    if not new_master_key_file.exists():
+        generate_key_file(new_master_key_file)
+    new = MasterKey.from_provider(KeyFile(new_master_key_file))
+    service = _service(db, master_key_file, master_key_env, master=True)
+    try:
+        counts = service.rotate_master_key(new)
+    finally:
+        service.store.close()
+    rewritten = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+    out.print(f"rotated to {new_master_key_file}: re-sealed/re-tagged {rewritten}; restart `serve` with it")
+
+
+def backup(
+    destination: Annotated[Path, typer.Argument(help="New SQLite file to write the copy to.")],
+    db: DatabaseOpt = None,
+) -> None:
+    """A consistent copy of a SQLite database while it is in use (PostgreSQL: use pg_dump, docs/OWNER.md)."""
+    from modelcloak.owner.store import backup_sqlite
+
+    backup_sqlite(_database(db), destination)
+    out.print(f"backed up {_shown(_database(db))} to {destination} (0600)", highlight=False)
 
 
 def model_register(

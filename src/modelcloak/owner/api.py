@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelcloak.licensing.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
+from modelcloak.owner.metrics import Metrics, MetricsMiddleware
 from modelcloak.owner.service import OwnerService
 
 MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
@@ -215,8 +216,19 @@ async def _send_error(send: Send, status: int, reason: str, *, retry_after: int 
     await send({"type": "http.response.body", "body": response.body})
 
 
-def create_app(service: OwnerService, *, rate: float = DEFAULT_RATE, burst: float = DEFAULT_BURST) -> ASGIApp:
-    """The API as an ASGI app: FastAPI inside a body-size limit inside a per-address rate limit (0: off)."""
+def create_app(
+    service: OwnerService,
+    *,
+    rate: float = DEFAULT_RATE,
+    burst: float = DEFAULT_BURST,
+    metrics_token: str | None = None,
+) -> ASGIApp:
+    """The API as an ASGI app: FastAPI inside a body-size limit inside a per-address rate limit (0: off),
+    all inside the metrics layer (GET /metrics; `metrics_token` guards it, else loopback only)."""
+    metrics = Metrics(
+        ["/v1/health", "/v1/nonce", "/v1/release", "/v1/usage", FHE_PATH, "/v1/openapi.json"],
+        service.licence_usage,
+    )
     app = FastAPI(
         title="modelcloak owner backend",
         version="1",
@@ -240,6 +252,7 @@ def create_app(service: OwnerService, *, rate: float = DEFAULT_RATE, burst: floa
     async def _database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
         # The cause (host, port, driver message) goes to the owner's log, never to the client.
         _log.error("database unavailable on %s: %s", request.url.path, exc)
+        metrics.database_errors.inc()
         return JSONResponse(
             {"error": "the owner backend's database is unavailable; retry later"},
             status_code=503,
@@ -329,4 +342,6 @@ def create_app(service: OwnerService, *, rate: float = DEFAULT_RATE, burst: floa
             service.refusals.record("http.throttled", client or "?", status=429, every=1000)
 
     limited = BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=body_refused)
-    return RateLimit(limited, rate=rate, burst=burst, on_refusal=throttled)
+    return MetricsMiddleware(
+        RateLimit(limited, rate=rate, burst=burst, on_refusal=throttled), metrics, token=metrics_token
+    )

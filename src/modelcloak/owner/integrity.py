@@ -33,7 +33,7 @@ def _micros(value: datetime | None) -> int | None:
     return None if value is None else (value - _EPOCH) // timedelta(microseconds=1)
 
 
-def licence_fields(licence: Licence) -> dict[str, Any]:
+def licence_fields(licence: Any) -> dict[str, Any]:
     return {
         "id": licence.id,
         "model_id": licence.model_id,
@@ -54,7 +54,7 @@ def licence_fields(licence: Licence) -> dict[str, Any]:
     }
 
 
-def device_fields(device: Device) -> dict[str, Any]:
+def device_fields(device: Any) -> dict[str, Any]:
     return {
         "id": device.id,
         "verifier_kind": device.verifier_kind,
@@ -64,13 +64,22 @@ def device_fields(device: Device) -> dict[str, Any]:
     }
 
 
-def _fields(row: Licence | Device) -> tuple[str, dict[str, Any]]:
+def _table_of(row: Any) -> str:
     if isinstance(row, Licence):
-        return "licences", licence_fields(row)
-    return "devices", device_fields(row)
+        return "licences"
+    if isinstance(row, Device):
+        return "devices"
+    # A Core row (the release and usage paths read rows without the ORM): named by its columns.
+    return "licences" if hasattr(row, "sealed_usage_key") else "devices"
 
 
-def row_tag(tag_key: bytes, row: Licence | Device) -> bytes:
+def _fields(row: Any) -> tuple[str, dict[str, Any]]:
+    table = _table_of(row)
+    return table, licence_fields(row) if table == "licences" else device_fields(row)
+
+
+def row_tag(tag_key: bytes, row: Any) -> bytes:
+    """The tag of a licence or device: an ORM object or a Core row with the table's columns."""
     table, fields = _fields(row)
     covered = (
         ROW_TAG_LABEL + table.encode() + b"\x00" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -83,9 +92,9 @@ def seal_row(tag_key: bytes, row: Licence | Device) -> None:
     row.row_tag = row_tag(tag_key, row)
 
 
-def check_row(tag_key: bytes, row: Licence | Device) -> None:
+def check_row(tag_key: bytes, row: Any) -> None:
     """Refuse a row whose columns were changed by anything but the backend (or that was never tagged)."""
-    what = f"licence {row.id}" if isinstance(row, Licence) else f"device {row.id}"
+    what = f"licence {row.id}" if _table_of(row) == "licences" else f"device {row.id}"
     if row.row_tag is None:
         raise RequestRefused(
             f"{what} has no integrity tag (made before schema revision 0004): the owner runs "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
 
 DEFAULT_DATABASE = "modelcloak-owner.db"
+METRICS_TOKEN_ENV = "MODELCLOAK_METRICS_TOKEN"
 
 
 def open_service(
@@ -42,7 +44,8 @@ def serve(
         raise OwnerError(f"port {port} is outside 1..65535")
     service = open_service(database, master_key_provider)
     config = uvicorn.Config(
-        create_app(service),
+        # The metrics token comes from the environment only, so it never shows in `ps`.
+        create_app(service, metrics_token=os.environ.get(METRICS_TOKEN_ENV) or None),
         host=host,
         port=port,
         log_level=log_level,

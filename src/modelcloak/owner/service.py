@@ -16,13 +16,15 @@ import queue
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from modelcloak.licensing.protocol import (
@@ -55,10 +57,17 @@ from modelcloak.owner.store import (
     Store,
     UsageBatch,
     UsageStream,
+    UtcDateTime,
     now_utc,
 )
 
 NONCE_LIFETIME = timedelta(seconds=120)
+_LICENCES, _DEVICES, _MODELS = Licence.__table__, Device.__table__, Model.__table__
+_NONCES, _INSTANCES = Nonce.__table__, Instance.__table__
+# Stale nonces are swept at most this often per process, up to NONCE_SWEEP_ROWS at a time: enough for
+# 10,000 nonces/s per worker.
+NONCE_SWEEP_SECONDS = 0.5
+NONCE_SWEEP_ROWS = 5000
 _log = logging.getLogger("modelcloak.owner")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -246,6 +255,9 @@ class OwnerService:
         self.registry = registry or VerifierRegistry()
         self.clock = clock
         self._usage_keys: dict[str, bytes] = {}
+        self._model_keys: dict[str, bytes] = {}
+        self._sweep_lock = threading.Lock()
+        self._last_sweep = -NONCE_SWEEP_SECONDS
         self._fhe_decryptors: dict[str, Any] = {}  # model id -> OwnerDecryptor (parsing a secret is slow)
         self._fhe_lock = threading.Lock()  # SEAL's decryptor is not documented as thread-safe
         self._usage_committer = GroupCommit(store, self._apply_usage)
@@ -487,6 +499,53 @@ class OwnerService:
                 self.store.audit(session, "rows.tag", "licences+devices", "ok", tagged=tagged)
         return tagged
 
+    def rotate_master_key(self, new: MasterKey) -> dict[str, int]:
+        """Re-seal every stored secret and re-tag every grant row under `new`, in one transaction.
+
+        Every row is first checked under the current key: a secret that does not open or a row whose tag
+        does not verify stops the rotation with nothing changed, so a rotation never vouches for a row
+        someone altered in the database. Run it with every `serve` stopped: a running server still holds
+        the old key, and a row it writes after the rotation would carry the old key's tag (refused).
+        Returns how many rows of each kind were rewritten.
+        """
+        counts = {"models": 0, "fhe_secrets": 0, "licences": 0, "devices": 0}
+        with self.store.transaction() as session:
+            if self.store.dialect == "postgresql":
+                # Servers that are still running wait here instead of writing under the old key mid-rotation.
+                session.execute(text("LOCK TABLE models, fhe_secrets, licences, devices IN EXCLUSIVE MODE"))
+            for model in session.scalars(select(Model)):
+                key = self.master.open(model.sealed_key, f"model:{model.id}")
+                model.sealed_key = new.seal(key, f"model:{model.id}")
+                counts["models"] += 1
+            for secret in session.scalars(select(FheSecret)):
+                plain = self.master.open(secret.sealed_secret, f"fhe:{secret.model_id}")
+                secret.sealed_secret = new.seal(plain, f"fhe:{secret.model_id}")
+                counts["fhe_secrets"] += 1
+            for device in session.scalars(select(Device)):
+                check_row(self.master.row_tag_key, device)
+                seal_row(new.row_tag_key, device)
+                counts["devices"] += 1
+            for licence in session.scalars(select(Licence)):
+                check_row(self.master.row_tag_key, licence)
+                usage_key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
+                licence.sealed_usage_key = new.seal(usage_key, f"usage:{licence.id}")
+                seal_row(new.row_tag_key, licence)
+                counts["licences"] += 1
+            self.store.audit(session, "master.rotate", "master key", "ok", **counts)
+        self._master = new
+        self._usage_keys.clear()
+        self._model_keys.clear()
+        self._fhe_decryptors.clear()
+        return counts
+
+    def licence_usage(self) -> list[tuple[str, int, int | None]]:
+        """(licence id, queries used, quota) of every licence, for the metrics endpoint."""
+        with self.store.connection() as connection:
+            rows = connection.execute(
+                select(_LICENCES.c.id, _LICENCES.c.queries_used, _LICENCES.c.query_quota).order_by(_LICENCES.c.id)
+            )
+            return [(row.id, row.queries_used, row.query_quota) for row in rows]
+
     def queries_used(self, licence_id: str) -> int:
         with self.store.transaction() as session:
             return self._locked_licence(session, licence_id).queries_used
@@ -498,25 +557,46 @@ class OwnerService:
         check_id(licence_id, "licence id")
         nonce = secrets.token_bytes(NONCE_SIZE)
         now = self.clock()
-        with self.store.transaction() as session:
-            if session.get(Licence, licence_id) is None:
-                raise RequestRefused(f"unknown licence {licence_id}", 404)
+        with self.store.connection() as connection:
             if self.store.dialect == "postgresql":
                 # Not synced: a nonce lost in a crash only means the device asks for another.
-                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            session.add(Nonce(value=nonce.hex(), licence_id=licence_id, expires_at=now + NONCE_LIFETIME))
-            # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
-            # (an expired nonce is refused as unknown just the same).
-            # SKIP LOCKED: workers cleaning up at the same time each take rows nobody else holds, instead
-            # of locking overlapping sets in different orders (a deadlock between two workers).
-            stale = (
-                select(Nonce.value)
-                .where(Nonce.expires_at < now - NONCE_LIFETIME)
-                .limit(1000)
-                .with_for_update(skip_locked=True)
-            )
-            session.execute(delete(Nonce).where(Nonce.value.in_(stale)))
+                connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+            # One statement: the nonce is inserted only if the licence exists.
+            issued = connection.execute(
+                insert(_NONCES)
+                .from_select(
+                    ["value", "licence_id", "expires_at"],
+                    select(
+                        literal(nonce.hex()), _LICENCES.c.id, literal(now + NONCE_LIFETIME, type_=UtcDateTime)
+                    ).where(_LICENCES.c.id == licence_id),
+                )
+                .returning(_NONCES.c.value)
+            ).first()
+            if issued is None:
+                raise RequestRefused(f"unknown licence {licence_id}", 404)
+            if self._sweep_due():
+                # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
+                # (an expired nonce is refused as unknown just the same). SKIP LOCKED: workers cleaning
+                # up at the same time each take rows nobody else holds, instead of locking overlapping
+                # sets in different orders (a deadlock between two workers).
+                stale = (
+                    select(Nonce.value)
+                    .where(Nonce.expires_at < now - NONCE_LIFETIME)
+                    .limit(NONCE_SWEEP_ROWS)
+                    .with_for_update(skip_locked=True)
+                )
+                connection.execute(delete(Nonce).where(Nonce.value.in_(stale)))
         return nonce, now + NONCE_LIFETIME
+
+    def _sweep_due(self) -> bool:
+        """True at most once per NONCE_SWEEP_SECONDS per process: a sweep per nonce was a second
+        statement on every request, while stale nonces only accumulate at the rate nonces are issued."""
+        moment = time.monotonic()
+        with self._sweep_lock:
+            if moment - self._last_sweep < NONCE_SWEEP_SECONDS:
+                return False
+            self._last_sweep = moment
+            return True
 
     def release_key(
         self,
@@ -557,16 +637,19 @@ class OwnerService:
                 raise RequestRefused(
                     "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
                 )
-            with self.store.transaction() as session:
-                self._spend_nonce(session, licence_id, nonce)
-                licence = self._locked_licence(session, licence_id)
-                device = session.get(Device, device_id)
-                self._check_release(session, licence, device, claims, instance_id)
+            # Core SQL, not the ORM: this is the hot path, and it keeps none of the rows it reads.
+            with self.store.connection() as connection:
+                self._spend_nonce(connection, licence_id, nonce)
+                # No row lock on the licence here: a release only reads it, and many devices of one
+                # licence release at once. Taking an instance slot locks it (_take_instance_slot).
+                licence = connection.execute(select(_LICENCES).where(_LICENCES.c.id == licence_id)).one_or_none()
+                if licence is None:
+                    raise RequestRefused(f"unknown licence {licence_id}", 404)
+                device = connection.execute(select(_DEVICES).where(_DEVICES.c.id == device_id)).one_or_none()
+                self._check_release(connection, licence, device, claims, instance_id)
                 assert device is not None
-                model = session.get(Model, licence.model_id)
-                assert model is not None
-                model_key = self.master.open(model.sealed_key, f"model:{model.id}")
-                usage_key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
+                model_key = self._model_key(connection, licence.model_id)
+                usage_key = self._usage_key(licence)
                 wrapped = HPKE_SUITE.encrypt(model_key + usage_key, public_key, info=release_info(licence_id, nonce))
                 now = self.clock()
                 revalidate_at = min(licence.expires_at, now + timedelta(seconds=licence.revalidate_seconds))
@@ -582,8 +665,8 @@ class OwnerService:
                     queries_used=licence.queries_used,
                     insecure=claims.insecure,
                 )
-                self.store.audit(
-                    session,
+                self.store.audit_row(
+                    connection,
                     "key.release",
                     licence_id,
                     "ok",
@@ -605,9 +688,12 @@ class OwnerService:
         """Refuse an unknown, used, foreign or expired nonce before any work (a read, no lock, no write)."""
         if len(nonce) != NONCE_SIZE:
             raise RequestRefused(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}", 400)
-        with self.store.reader() as session:
-            row = session.get(Nonce, nonce.hex())
-            found = None if row is None else (row.used_at, row.licence_id, row.expires_at)
+        with self.store.connection() as connection:
+            found = connection.execute(
+                select(_NONCES.c.used_at, _NONCES.c.licence_id, _NONCES.c.expires_at).where(
+                    _NONCES.c.value == nonce.hex()
+                )
+            ).one_or_none()
         if found is None:
             raise RequestRefused("unknown or expired nonce: ask for a fresh one")
         used_at, owner, expires_at = found
@@ -620,12 +706,28 @@ class OwnerService:
             self._burn_nonce(nonce)
             raise RequestRefused("nonce expired: ask for a fresh one")
 
-    def _spend_nonce(self, session: Session, licence_id: str, nonce: bytes) -> None:
-        """Mark the nonce used inside the grant's transaction; a concurrent replay finds it used."""
-        row = session.scalars(select(Nonce).where(Nonce.value == nonce.hex()).with_for_update()).one_or_none()
-        if row is None or row.used_at is not None or row.licence_id != licence_id:
+    def _spend_nonce(self, connection: Connection, licence_id: str, nonce: bytes) -> None:
+        """Mark the nonce used inside the grant's transaction; a concurrent replay finds it used.
+
+        One conditional UPDATE: of two concurrent spends, the second waits on the first's row lock and
+        then matches no row (used_at is set), so exactly one release gets the nonce."""
+        spent = connection.execute(
+            update(_NONCES)
+            .where(_NONCES.c.value == nonce.hex(), _NONCES.c.used_at.is_(None), _NONCES.c.licence_id == licence_id)
+            .values(used_at=self.clock())
+        )
+        if spent.rowcount != 1:
             raise RequestRefused("nonce already used: replayed request")
-        row.used_at = self.clock()
+
+    def _model_key(self, connection: Connection, model_id: str) -> bytes:
+        """A model's key, opened once per process: models are never changed or deleted once registered."""
+        key = self._model_keys.get(model_id)
+        if key is None:
+            sealed = connection.execute(select(_MODELS.c.sealed_key).where(_MODELS.c.id == model_id)).scalar()
+            if sealed is None:
+                raise RequestRefused(f"model {model_id} is not registered", 404)
+            key = self._model_keys[model_id] = self.master.open(sealed, f"model:{model_id}")
+        return key
 
     def _burn_nonce(self, nonce: bytes) -> None:
         """Spend a nonce after a refusal. Not synced on PostgreSQL: a nonce lost in a crash is refused anyway
@@ -638,8 +740,9 @@ class OwnerService:
             )
 
     def _check_release(
-        self, session: Session, licence: Licence, device: Device | None, claims: Claims, instance_id: str
+        self, connection: Connection, licence: Any, device: Any | None, claims: Claims, instance_id: str
     ) -> None:
+        """Every rule a release must pass; `licence` and `device` are Core rows of their tables."""
         now = self.clock()
         check_row(self.master.row_tag_key, licence)  # before any of its columns is believed
         if licence.revoked_at is not None:
@@ -665,7 +768,7 @@ class OwnerService:
             raise RequestRefused("debug enclave/VM refused: its memory is readable by the host")
         if device.identity is not None and (claims.identity or "").lower() != device.identity:
             raise RequestRefused(f"evidence was signed by {claims.identity}, not device {device.id}'s enrolled key")
-        expected = json.loads(licence.expected_measurements) if licence.expected_measurements else device.measurements()
+        expected = json.loads(licence.expected_measurements or device.expected_measurements)
         for name, value in sorted(expected.items()):
             got = claims.measurements.get(name)
             if got is None or not hmac.compare_digest(got.lower(), value):
@@ -673,26 +776,31 @@ class OwnerService:
         if licence.query_quota is not None and licence.queries_used >= licence.query_quota:
             raise RequestRefused(f"query quota exhausted ({licence.queries_used} of {licence.query_quota})")
         if licence.max_instances is not None:
-            known = session.get(Instance, (licence.id, instance_id))
-            if known is None:
-                count = len(
-                    session.scalars(select(Instance.instance_id).where(Instance.licence_id == licence.id)).all()
-                )
-                if count >= licence.max_instances:
-                    raise RequestRefused(
-                        f"licence {licence.id} already runs on {count} of {licence.max_instances} instances"
-                    )
-                session.add(
-                    Instance(
-                        licence_id=licence.id,
-                        instance_id=instance_id,
-                        device_id=device.id,
-                        first_seen=now,
-                        last_seen=now,
-                    )
-                )
-            else:
-                known.last_seen = now
+            self._take_instance_slot(connection, licence, device.id, instance_id, now)
+
+    def _take_instance_slot(
+        self, connection: Connection, licence: Any, device_id: str, instance_id: str, now: datetime
+    ) -> None:
+        """Count `instance_id` against the licence's instances: a known one is seen again, a new one
+        takes a free slot or is refused."""
+        known = _INSTANCES.c.licence_id == licence.id, _INSTANCES.c.instance_id == instance_id
+        if connection.execute(update(_INSTANCES).where(*known).values(last_seen=now)).rowcount == 1:
+            return
+        # Counting and taking a slot must not interleave with another worker's: lock the licence, then
+        # look again (the slot may have been taken while we waited; each statement sees what committed).
+        connection.execute(select(_LICENCES.c.id).where(_LICENCES.c.id == licence.id).with_for_update())
+        if connection.execute(update(_INSTANCES).where(*known).values(last_seen=now)).rowcount == 1:
+            return
+        count = connection.execute(
+            select(func.count()).select_from(_INSTANCES).where(_INSTANCES.c.licence_id == licence.id)
+        ).scalar_one()
+        if count >= licence.max_instances:
+            raise RequestRefused(f"licence {licence.id} already runs on {count} of {licence.max_instances} instances")
+        connection.execute(
+            insert(_INSTANCES).values(
+                licence_id=licence.id, instance_id=instance_id, device_id=device_id, first_seen=now, last_seen=now
+            )
+        )
 
     def _locked_licence(self, session: Session, licence_id: str) -> Licence:
         licence = session.scalars(select(Licence).where(Licence.id == licence_id).with_for_update()).one_or_none()

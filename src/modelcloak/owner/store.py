@@ -42,7 +42,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -324,6 +324,31 @@ def check_schema(engine: Engine, *, allow_behind: bool) -> None:
         )
 
 
+def backup_sqlite(location: str | Path, destination: Path) -> None:
+    """Copy a SQLite owner database consistently while servers keep writing (SQLite's online backup).
+
+    The copy holds sealed secrets only, like the database; without the master key it releases nothing.
+    PostgreSQL has its own tools (pg_dump, or base backups with WAL archiving), see docs/OWNER.md."""
+    import sqlite3
+
+    url = make_url(database_url(location))
+    if url.get_backend_name() != "sqlite":
+        raise OwnerError("`owner backup` copies SQLite files; back up PostgreSQL with pg_dump (docs/OWNER.md)")
+    source = Path(url.database or "")
+    if not source.is_file():
+        raise OwnerError(f"database {source} does not exist")
+    if destination.exists():
+        raise OwnerError(f"{destination} exists; give a new file name")
+    os.close(os.open(destination, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    writer = sqlite3.connect(destination)
+    try:
+        reader.backup(writer)
+    finally:
+        writer.close()
+        reader.close()
+
+
 def schema_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
@@ -366,6 +391,29 @@ class Store:
                 # Deadlock or serialisation failure between workers: nothing was written, the caller may retry.
                 failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
                 raise failure from None
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, like `transaction()` without the ORM's unit of work.
+
+        For the hot paths (key release, nonces, usage): an ORM session costs several times the CPU of
+        the SQL it sends, and those paths read and write a handful of rows they do not keep."""
+        with self._local_writer:
+            try:
+                with self.engine.begin() as connection:
+                    yield connection
+            except OperationalError as exc:
+                failure = DatabaseUnavailable(f"database error: {_first_line(exc)}")
+                failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+                raise failure from None
+
+    def audit_row(self, connection: Connection, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
+        """`audit` for a Core connection."""
+        connection.execute(
+            AuditEntry.__table__.insert().values(
+                at=now_utc(), event=event_name, subject=subject, outcome=outcome, detail=json.dumps(detail, default=str)
+            )
+        )
 
     @contextmanager
     def reader(self) -> Iterator[Session]:

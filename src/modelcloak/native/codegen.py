@@ -150,7 +150,8 @@ class _Generator:
         self.run: list[tuple[str, str]] = []  # (op type, C statement)
         self.ops: list[str] = []
         self.stage = 0  # largest weight staged for packing, in floats
-        self.col = 0  # largest im2col panel buffer, in floats
+        self.col = 0  # largest im2col matrix, in floats
+        self.tail = 0  # largest last partial panel of a convolution's GEMM, in floats
         self.globals: list[str] = []  # static C definitions (window geometries)
         self.folded: set[str] = set()  # BatchNormalization outputs folded into their Conv
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -512,15 +513,26 @@ class _Generator:
             )
             return
         k = per_filter
-        self.col = max(self.col, k * int(math.ceil(spatial_out / 16)) * 16)
         cout_g, in_g = cout // group, cin_g * math.prod(x.shape[1:])
+        self.tail = max(self.tail, k * 16)
+        # A 1x1 convolution with stride 1 and no padding reads its input as the GEMM's B as it is.
+        plain = all(v == 1 for v in w.shape[2:]) and math.prod(x.shape[1:]) == spatial_out
+        plain = plain and all(v == 0 for v in _attr(node, "pads", [0])) and all(
+            v == 1 for v in _attr(node, "strides", [1])
+        )
+        columns = "mc_col"
+        if plain:
+            self.globals.pop()  # the geometry is not needed
+            columns = f"{x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}"
+        else:
+            self.col = max(self.col, k * spatial_out)
+        im2col = "" if plain else f"mc_im2col(&{geometry}, {x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}, mc_col); "
         self.emit(
             node,
-            f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ "
-            f"mc_im2col(&{geometry}, {x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}, mc_col); "
-            f"mc_gemm({cout_g}, {k}, {spatial_out}, {weights} + (size_t)g * {cout_g * k}, {k}, mc_col, NULL, "
-            f"{bias} + g * {cout_g}, {out.buffer} + (size_t)s * {out.size} + (size_t)g * {cout_g * spatial_out}, "
-            f"{spatial_out}); }}",
+            f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ {im2col}"
+            f"mc_gemm_rows({cout_g}, {k}, {spatial_out}, {weights} + (size_t)g * {cout_g * k}, {k}, {columns}, "
+            f"{spatial_out}, {bias} + g * {cout_g}, mc_tail, "
+            f"{out.buffer} + (size_t)s * {out.size} + (size_t)g * {cout_g * spatial_out}, {spatial_out}); }}",
         )
 
     def batch_norm_stage(self, node: onnx.NodeProto, channels: int) -> str:
@@ -726,6 +738,7 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         f"unsigned char mc_plain[{max(1, len(generator.model_bytes))}] __attribute__((aligned(4096)));",
         f"static float mc_stage[{max(1, generator.stage)}];",
         f"static float mc_col[{max(1, generator.col)}] __attribute__((aligned(64)));",
+        f"static float mc_tail[{max(1, generator.tail)}] __attribute__((aligned(64)));",
         *generator.globals,
         *[f"static float {name}[{size}] __attribute__((aligned(64)));" for name, size in generator.arrays],
         *[
@@ -742,6 +755,7 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         "void mc_wipe(void) {",
         "    explicit_bzero(mc_stage, sizeof mc_stage);",
         "    explicit_bzero(mc_col, sizeof mc_col);",
+        "    explicit_bzero(mc_tail, sizeof mc_tail);",
         *[f"    explicit_bzero({name}, sizeof {name});" for name, _ in [*generator.arrays, *generator.buffers]],
         "}",
         "",

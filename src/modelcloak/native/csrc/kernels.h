@@ -153,16 +153,32 @@ static inline void mc_softmax(size_t outer, size_t len, size_t inner, const floa
         }
 }
 
+/* LayerNormalization of `outer` rows of `len` values: (x - mean) / sqrt(var + eps) * scale + bias
+ * (bias may be NULL). Two passes over the row, as onnxruntime computes mean and variance. */
+static inline void mc_layernorm(size_t outer, size_t len, float eps, const float *restrict scale,
+                                const float *restrict bias, const float *restrict x, float *restrict y) {
+    for (size_t o = 0; o < outer; o++) {
+        const float *in = x + o * len;
+        float *out = y + o * len;
+        float mean = 0.f, var = 0.f;
+        for (size_t c = 0; c < len; c++) mean += in[c];
+        mean /= (float)len;
+        for (size_t c = 0; c < len; c++) var += (in[c] - mean) * (in[c] - mean);
+        const float inv = 1.f / sqrtf(var / (float)len + eps);
+        for (size_t c = 0; c < len; c++) out[c] = (in[c] - mean) * inv * scale[c] + (bias ? bias[c] : 0.f);
+    }
+}
+
 /* Walk every index of an output of `rank` dims (dims[0] is the batch), giving the element offsets
  * of two broadcast inputs (stride 0 on broadcast axes). The generator only uses this where no
- * simpler loop fits. */
-#define MC_BROADCAST(rank, dims, as, bs, BODY)                                                  \
+ * simpler loop fits. The body is the variadic part, so that commas inside it need no parentheses. */
+#define MC_BROADCAST(rank, dims, as, bs, ...)                                                   \
     do {                                                                                        \
         int64_t idx_[MC_MAX_RANK + 1] = {0};                                                    \
         size_t ia = 0, ib = 0, io = 0, total_ = 1;                                              \
         for (int d_ = 0; d_ < (rank); d_++) total_ *= (size_t)(dims)[d_];                       \
         for (io = 0; io < total_; io++) {                                                       \
-            BODY;                                                                               \
+            __VA_ARGS__;                                                                        \
             for (int d_ = (rank)-1; d_ >= 0; d_--) {                                            \
                 ia += (size_t)(as)[d_], ib += (size_t)(bs)[d_];                                 \
                 if (++idx_[d_] < (dims)[d_]) break;                                             \

@@ -21,11 +21,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import native_models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import native_models
 import split_models
 from onnx import TensorProto, helper, numpy_helper
 from test_enclave import (  # noqa: F401  (fixtures are used by name)

@@ -425,7 +425,9 @@ class _Generator:
         """MatMul of two activations (attention's Q K^T and P V): one GEMM per sample and leading index."""
         a, b = self.act(node.input[0], node), self.act(node.input[1], node)
         if len(a.shape) < 2 or len(b.shape) < 2:
-            raise NativeError("MatMul of computed tensors needs both of rank 2 or more per sample in the native enclave")
+            raise NativeError(
+                "MatMul of computed tensors needs both of rank 2 or more per sample in the native enclave"
+            )
         (m, k), (k2, cols) = a.shape[-2:], b.shape[-2:]
         shape = self.shape(node.output[0], node)
         if k != k2 or shape[-2:] != (m, cols):
@@ -439,7 +441,9 @@ class _Generator:
             elif lead == count and tuple(operand.shape[:-2]) == tuple(shape[-2 - len(operand.shape[:-2]) : -2]):
                 steps.append(math.prod(operand.shape[-2:]))
             else:
-                raise NativeError("MatMul of computed tensors with a partial broadcast is not supported by the native enclave")
+                raise NativeError(
+                    "MatMul of computed tensors with a partial broadcast is not supported by the native enclave"
+                )
         out = self.new_act(node.output[0], shape)
         self.tail = max(self.tail, k * 16)
         self.emit(
@@ -465,7 +469,9 @@ class _Generator:
             if not name:
                 continue
             if name not in self.consts:
-                raise NativeError("LayerNormalization with a computed scale or bias is not supported by the native enclave")
+                raise NativeError(
+                    "LayerNormalization with a computed scale or bias is not supported by the native enclave"
+                )
             if self.consts[name].size != length:
                 raise NativeError("LayerNormalization's scale and bias must hold one value per normalised element")
             arrays.append(self.weight(name, node)[0])
@@ -474,7 +480,8 @@ class _Generator:
         epsilon = _c_float(float(_attr(node, "epsilon", 1e-5)))
         self.emit(
             node,
-            f"mc_layernorm((size_t)n * {x.size // length}, {length}, {epsilon}, {scale}, {bias}, {x.buffer}, {out.buffer});",
+            f"mc_layernorm((size_t)n * {x.size // length}, {length}, {epsilon}, {scale}, {bias}, "
+            f"{x.buffer}, {out.buffer});",
         )
 
     def gather(self, node: onnx.NodeProto) -> None:
@@ -619,17 +626,16 @@ class _Generator:
         cout_g, in_g = cout // group, cin_g * math.prod(x.shape[1:])
         self.tail = max(self.tail, k * 16)
         # A 1x1 convolution with stride 1 and no padding reads its input as the GEMM's B as it is.
+        pads, strides = _attr(node, "pads", [0]), _attr(node, "strides", [1])
         plain = all(v == 1 for v in w.shape[2:]) and math.prod(x.shape[1:]) == spatial_out
-        plain = plain and all(v == 0 for v in _attr(node, "pads", [0])) and all(
-            v == 1 for v in _attr(node, "strides", [1])
-        )
-        columns = "mc_col"
+        plain = plain and all(v == 0 for v in pads) and all(v == 1 for v in strides)
+        sample_in = f"{x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}"
         if plain:
             self.globals.pop()  # the geometry is not needed
-            columns = f"{x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}"
+            columns, im2col = sample_in, ""
         else:
             self.col = max(self.col, k * spatial_out)
-        im2col = "" if plain else f"mc_im2col(&{geometry}, {x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}, mc_col); "
+            columns, im2col = "mc_col", f"mc_im2col(&{geometry}, {sample_in}, mc_col); "
         self.emit(
             node,
             f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ {im2col}"

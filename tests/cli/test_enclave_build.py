@@ -4,25 +4,17 @@ command line, as a user would build and run it (real subprocesses, gcc, libcrypt
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from models import make_mlp, reference_outputs
+from native_toolchain import require_toolchain
 from test_cli import cli, one_line_error
 
 from modelcloak.cli.main import main
 from modelcloak.keys import KeyFile, generate_key_file
 from modelcloak.protector import protect
-
-
-def _toolchain_missing() -> str | None:
-    if shutil.which("gcc") is None or shutil.which("make") is None:
-        return "gcc and make are not installed"
-    if not Path("/usr/include/openssl/evp.h").exists():
-        return "libcrypto headers are not installed (libssl-dev)"
-    return None
 
 
 def _split_bundle(folder: Path, name: str, seed: int) -> Path:
@@ -82,11 +74,7 @@ def test_enclave_build_refuses_bad_requests_with_one_line(keys: Path, capsys: py
 
 @pytest.mark.slow
 def test_enclave_build_then_run_with_the_native_enclave(keys: Path) -> None:
-    missing = _toolchain_missing()
-    if missing:
-        if os.environ.get("MODELCLOAK_REQUIRE_ALL"):
-            pytest.fail(f"enclave-build needs a C toolchain: {missing}")
-        pytest.skip(f"enclave-build needs a C toolchain: {missing}")
+    require_toolchain()
     for name in ("host.key", "enclave.key"):  # the CLI's own keygen, as a user would
         (keys / name).unlink()
         assert cli("keygen", str(keys / name)).returncode == 0

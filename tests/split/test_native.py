@@ -13,7 +13,6 @@ negative control.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import split_models
+from native_toolchain import require_toolchain
 from onnx import TensorProto, helper, numpy_helper
 from test_enclave import (  # noqa: F401  (fixtures are used by name)
     CLASSES,
@@ -55,21 +55,9 @@ from modelcloak.protector import protect
 from modelcloak.runtime.enclave_client import EnclaveClient, EnclaveError
 
 
-def _toolchain_missing() -> str | None:
-    if shutil.which("gcc") is None or shutil.which("make") is None:
-        return "gcc and make are not installed"
-    if not Path("/usr/include/openssl/evp.h").exists():
-        return "libcrypto headers are not installed (libssl-dev)"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _require_toolchain() -> None:
-    missing = _toolchain_missing()
-    if missing:
-        if os.environ.get("MODELCLOAK_REQUIRE_ALL"):
-            pytest.fail(f"native enclave tests need a C toolchain: {missing}")
-        pytest.skip(f"native enclave tests need a C toolchain: {missing}")
+    require_toolchain()
 
 
 @pytest.fixture(scope="module")
@@ -381,15 +369,7 @@ def test_native_malformed_frames_get_errors_and_it_keeps_serving(native_seal, ke
         raw.load(22, header, ciphertext)
         raw.expect_error(22, ErrorCode.BAD_STATE)
         still_serving(23)
-        rng = np.random.default_rng(0)
-        for request_id in range(100, 600):
-            damaged = bytearray(good)
-            for position in rng.integers(0, len(damaged), size=rng.integers(1, 4)):
-                damaged[position] = rng.integers(0, 256)
-            damaged = damaged[: rng.integers(0, len(damaged) + 1)] if rng.random() < 0.3 else damaged
-            raw.frame(MsgType.INFER, request_id, bytes(damaged))
-            msg_type, rid, _ = raw.recv()
-            assert rid == request_id and msg_type in (MsgType.RESULT, MsgType.ERROR)
+        raw.damaged_infers(good, range(100, 600))
         still_serving(700)
         raw.frame(MsgType.STATS, 701)
         assert raw.recv()[:2] == (MsgType.STATS_REPLY, 701)
@@ -397,11 +377,7 @@ def test_native_malformed_frames_get_errors_and_it_keeps_serving(native_seal, ke
         assert raw.recv()[:2] == (MsgType.BYE, 702)
         assert raw.proc.wait(timeout=10) == 0
     finally:
-        if raw.proc.poll() is None:
-            raw.proc.kill()
-        raw.proc.wait()
-        raw.sock.close()
-        raw.proc.stderr.close()
+        raw.close()
 
 
 def _seccomp_mode(pid: int) -> str:

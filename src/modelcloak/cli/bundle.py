@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -195,6 +196,22 @@ def _protect_options(
     return options
 
 
+def _native_enclave_command(
+    native_enclave: Path | None, enclave_key_file: Path | None, enclave_key_env: str | None
+) -> tuple[str, ...] | None:
+    """`run --native-enclave`: the enclave-build binary (a build directory names the one inside it)."""
+    if native_enclave is None:
+        return None
+    if enclave_key_file is None and enclave_key_env is None:
+        raise ModelcloakError("--native-enclave needs the enclave's key: give --enclave-key-file or --enclave-key-env")
+    from modelcloak.native.build import BINARY_NAME
+
+    binary = native_enclave / BINARY_NAME if native_enclave.is_dir() else native_enclave
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise ModelcloakError(f"--native-enclave: {binary} is not an executable native enclave (see enclave-build)")
+    return (str(binary.resolve()),)
+
+
 def _scheme_of(bundle: Path) -> str:
     from modelcloak.bundle import Bundle
 
@@ -282,6 +299,12 @@ def run(
     enclave_key_env: Annotated[
         Optional[str], typer.Option("--enclave-key-env", help="split bundles: variable holding the enclave key.")
     ] = None,
+    native_enclave: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--native-enclave", help="split bundles: run this enclave-build binary (or directory) as the enclave."
+        ),
+    ] = None,
     device_state: Annotated[
         Optional[Path], typer.Option("--device-state", help="locked bundles: this device's enrolment directory.")
     ] = None,
@@ -354,6 +377,7 @@ def run(
         cache_policy="strict" if strict else "override",
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
+        enclave_command=_native_enclave_command(native_enclave, enclave_key_file, enclave_key_env),
         device_key=device_key,
         metering=Metering(usage_state) if owner_key is not None and usage_state is not None else None,
     )

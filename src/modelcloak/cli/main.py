@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from modelcloak.cli import bench, bundle, device, evaluate, fhe, owner, softlock, split
+from modelcloak.cli import bench, bundle, device, evaluate, fhe, native, owner, softlock, split
 from modelcloak.cli.common import err, flagged, out
 from modelcloak.errors import ModelcloakError
 
@@ -28,7 +28,7 @@ app = typer.Typer(
     help="Protect neural networks shipped to machines you do not control.",
 )
 # The order of `modelcloak --help`: the bundle's life first, then each scheme's tools.
-for group in (bundle, split, device, softlock, fhe, owner, evaluate, bench):
+for group in (bundle, split, native, device, softlock, fhe, owner, evaluate, bench):
     group.register(app)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from modelcloak.native.errors import NativeError
 BINARY_NAME = "modelcloak-enclave"
 FIXED_SOURCES = ("enclave.c", "kernels.h", "mc_model.h")
 _MODES = {"label": 1, "topk": 2, "scores": 3}
+# A -march value: a CPU or ISA level name (native, x86-64-v3, znver2, armv8.2-a+fp16), nothing else.
+_ARCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 MAKEFILE = """\
 # Native modelcloak enclave for one bundle. `make` builds ./modelcloak-enclave with gcc and libcrypto.
@@ -152,21 +155,34 @@ def generate(header: bytes, model_bytes: bytes, out_dir: str | Path) -> codegen.
     return program
 
 
-def compile_enclave(out_dir: str | Path, *, cc: str | None = None, timeout: float = 300.0) -> Path:
-    """Run make in `out_dir`; NativeError with the compiler's first error line on failure."""
+def compile_enclave(
+    out_dir: str | Path, *, cc: str | None = None, arch: str = "native", timeout: float = 300.0
+) -> Path:
+    """Run make in `out_dir`; NativeError with the compiler's first error line on failure.
+
+    `arch` is the compiler's -march: "native" tunes for this machine (the binary may not run on an
+    older CPU); a fleet's baseline such as "x86-64-v3" or "armv8.2-a" builds for every machine of it."""
     out = Path(out_dir)
+    if not _ARCH.fullmatch(arch):
+        raise NativeError(f"arch {arch!r} is not a -march name such as native, x86-64-v3 or armv8.2-a")
     if shutil.which("make") is None:
         raise NativeError("building the native enclave needs make and a C compiler (apt-get install build-essential)")
     env_cc = ["CC=" + cc] if cc else []
     try:
         done = subprocess.run(
-            ["make", "-s", "-C", str(out), *env_cc], capture_output=True, text=True, timeout=timeout, check=False
+            ["make", "-s", "-C", str(out), *env_cc, f"MC_ARCH=-march={arch}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise NativeError(f"building the native enclave took longer than {timeout:g} s") from None
     if done.returncode != 0:
         lines = [line for line in (done.stderr + done.stdout).splitlines() if "error" in line.lower()]
         hint = " (install libssl-dev for libcrypto's headers)" if "openssl/" in done.stderr else ""
+        if "march" in done.stderr:
+            hint = f" (the compiler does not know -march={arch})"
         raise NativeError(f"building the native enclave failed: {(lines or ['make failed'])[0].strip()}{hint}")
     return out / BINARY_NAME
 
@@ -180,17 +196,19 @@ def check_private_part(model_bytes: bytes) -> None:
     codegen.lower(model_bytes)
 
 
-def build_for_bundle(bundle_path: str | Path, model_bytes: bytes, out_dir: str | Path) -> NativeBuild:
+def build_for_bundle(
+    bundle_path: str | Path, model_bytes: bytes, out_dir: str | Path, *, arch: str = "native"
+) -> NativeBuild:
     """Generate and compile the native enclave for a bundle whose private part the caller holds."""
     with Bundle.open(bundle_path) as bundle:
         header = bundle.header
-    return build_for_header(header, model_bytes, out_dir)
+    return build_for_header(header, model_bytes, out_dir, arch=arch)
 
 
-def build_for_header(header: bytes, model_bytes: bytes, out_dir: str | Path) -> NativeBuild:
+def build_for_header(header: bytes, model_bytes: bytes, out_dir: str | Path, *, arch: str = "native") -> NativeBuild:
     """As build_for_bundle, from the bundle's header bytes (`Bundle.header`)."""
     program = generate(header, model_bytes, out_dir)
-    binary = compile_enclave(out_dir)
+    binary = compile_enclave(out_dir, arch=arch)
     out = Path(out_dir)
     return NativeBuild(
         directory=out,
@@ -202,7 +220,9 @@ def build_for_header(header: bytes, model_bytes: bytes, out_dir: str | Path) -> 
     )
 
 
-def build_from_bundle(bundle_path: str | Path, enclave_key_file: str | Path, out_dir: str | Path) -> NativeBuild:
+def build_from_bundle(
+    bundle_path: str | Path, enclave_key_file: str | Path, out_dir: str | Path, *, arch: str = "native"
+) -> NativeBuild:
     """Decrypt a split bundle's private part with the enclave key, then build its native enclave."""
     from modelcloak.enclave.sandbox import KeyUnavailable, parse_key_text
 
@@ -238,6 +258,6 @@ def build_from_bundle(bundle_path: str | Path, enclave_key_file: str | Path, out
         except chunks.ChunkAuthenticationError as exc:
             raise NativeError(f"cannot decrypt the private part: {exc}") from None
     try:
-        return build_for_bundle(bundle_path, bytes(plain), out_dir)
+        return build_for_bundle(bundle_path, bytes(plain), out_dir, arch=arch)
     finally:
         plain[:] = bytes(len(plain))

@@ -40,6 +40,11 @@ UNARY: dict[str, Callable[[onnx.NodeProto], str]] = {
     "Softplus": lambda n: "v > 20.f ? v : log1pf(expf(v))",
     "HardSigmoid": lambda n: f"fminf(1.f, fmaxf(0.f, {_attr(n, 'alpha', 0.2)!r}f * v + {_attr(n, 'beta', 0.5)!r}f))",
     "HardSwish": lambda n: "v * fminf(1.f, fmaxf(0.f, v / 6.f + 0.5f))",
+    "Gelu": lambda n: (
+        "0.5f * v * (1.f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)))"
+        if _attr(n, "approximate", b"none") in (b"tanh", "tanh")
+        else "0.5f * v * (1.f + erff(v * 0.70710678118654752f))"
+    ),
 }
 BINARY = {"Add": "a + b", "Sub": "a - b", "Mul": "a * b", "Div": "a / b", "Max": "fmaxf(a, b)", "Min": "fminf(a, b)"}
 ALIASES = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
@@ -47,6 +52,7 @@ WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 REDUCE = {"ReduceMean": 0, "ReduceMax": 1, "ReduceSum": 2, "GlobalAveragePool": 0, "GlobalMaxPool": 1}
 SUPPORTED = sorted(
     {"Gemm", "MatMul", "Softmax", "Clip", "Constant", "BatchNormalization", "Concat", "Transpose"}
+    | {"LayerNormalization", "Gather"}
     | set(UNARY)
     | set(BINARY)
     | ALIASES
@@ -150,7 +156,8 @@ class _Generator:
         self.run: list[tuple[str, str]] = []  # (op type, C statement)
         self.ops: list[str] = []
         self.stage = 0  # largest weight staged for packing, in floats
-        self.col = 0  # largest im2col panel buffer, in floats
+        self.col = 0  # largest im2col matrix, in floats
+        self.tail = 0  # largest last partial panel of a convolution's GEMM, in floats
         self.globals: list[str] = []  # static C definitions (window geometries)
         self.folded: set[str] = set()  # BatchNormalization outputs folded into their Conv
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -269,6 +276,10 @@ class _Generator:
             self.concat(node)
         elif op == "Transpose":
             self.transpose(node)
+        elif op == "LayerNormalization":
+            self.layer_norm(node)
+        elif op == "Gather":
+            self.gather(node)
         else:  # check_supported keeps this unreachable
             raise NativeError(f"the native enclave does not implement ONNX op {op!r}")
 
@@ -364,9 +375,14 @@ class _Generator:
         return list(dims[first:]) == list(full[first:]) and first > 0
 
     def dense(self, node: onnx.NodeProto) -> None:
+        if node.input[0] in self.consts:
+            raise NativeError(f"{node.op_type} with a constant left side is not supported by the native enclave")
+        if node.op_type == "MatMul" and node.input[1] not in self.consts:
+            self.matmul(node)
+            return
         x = self.act(node.input[0], node)
         if node.input[1] not in self.consts:
-            raise NativeError(f"{node.op_type} of two computed tensors is not supported by the native enclave yet")
+            raise NativeError(f"{node.op_type} with a computed weight is not supported by the native enclave")
         _, w = self.weight_value(node.input[1], node)
         alpha, beta = 1.0, 1.0
         transposed = False
@@ -404,6 +420,101 @@ class _Generator:
         if out.size != rows * m:
             raise NativeError(f"{node.op_type}'s output shape does not match its weight")
         self.emit(node, f"mc_gemm(n * {rows}, {k}, {m}, {x.buffer}, {k}, {packed}, {bias}, NULL, {out.buffer}, {m});")
+
+    def matmul(self, node: onnx.NodeProto) -> None:
+        """MatMul of two activations (attention's Q K^T and P V): one GEMM per sample and leading index."""
+        a, b = self.act(node.input[0], node), self.act(node.input[1], node)
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise NativeError(
+                "MatMul of computed tensors needs both of rank 2 or more per sample in the native enclave"
+            )
+        (m, k), (k2, cols) = a.shape[-2:], b.shape[-2:]
+        shape = self.shape(node.output[0], node)
+        if k != k2 or shape[-2:] != (m, cols):
+            raise NativeError("MatMul's inputs do not agree on their inner dimension")
+        count = math.prod(shape[:-2])
+        steps = []
+        for operand in (a, b):
+            lead = math.prod(operand.shape[:-2])
+            if lead == 1:
+                steps.append(0)
+            elif lead == count and tuple(operand.shape[:-2]) == tuple(shape[-2 - len(operand.shape[:-2]) : -2]):
+                steps.append(math.prod(operand.shape[-2:]))
+            else:
+                raise NativeError(
+                    "MatMul of computed tensors with a partial broadcast is not supported by the native enclave"
+                )
+        out = self.new_act(node.output[0], shape)
+        self.tail = max(self.tail, k * 16)
+        self.emit(
+            node,
+            f"for (int s = 0; s < n; s++) for (int i = 0; i < {count}; i++) "
+            f"mc_gemm_rows({m}, {k}, {cols}, {a.buffer} + (size_t)s * {a.size} + (size_t)i * {steps[0]}, {k}, "
+            f"{b.buffer} + (size_t)s * {b.size} + (size_t)i * {steps[1]}, {cols}, NULL, mc_tail, "
+            f"{out.buffer} + (size_t)s * {out.size} + (size_t)i * {m * cols}, {cols});",
+        )
+
+    def layer_norm(self, node: onnx.NodeProto) -> None:
+        x = self.act(node.input[0], node)
+        if len([o for o in node.output if o]) > 1:
+            raise NativeError("LayerNormalization's Mean and InvStdDev outputs are not supported by the native enclave")
+        full = len(x.shape) + 1
+        axis = int(_attr(node, "axis", -1))
+        axis = axis + full if axis < 0 else axis
+        if axis == 0:
+            raise NativeError("LayerNormalization over the batch axis is not supported by the native enclave")
+        length = math.prod(x.shape[axis - 1 :])
+        arrays = []
+        for name in node.input[1:3]:
+            if not name:
+                continue
+            if name not in self.consts:
+                raise NativeError(
+                    "LayerNormalization with a computed scale or bias is not supported by the native enclave"
+                )
+            if self.consts[name].size != length:
+                raise NativeError("LayerNormalization's scale and bias must hold one value per normalised element")
+            arrays.append(self.weight(name, node)[0])
+        scale, bias = arrays[0], (arrays[1] if len(arrays) > 1 else "NULL")
+        out = self.new_act(node.output[0], self.shape(node.output[0], node))
+        epsilon = _c_float(float(_attr(node, "epsilon", 1e-5)))
+        self.emit(
+            node,
+            f"mc_layernorm((size_t)n * {x.size // length}, {length}, {epsilon}, {scale}, {bias}, "
+            f"{x.buffer}, {out.buffer});",
+        )
+
+    def gather(self, node: onnx.NodeProto) -> None:
+        """Gather of constant indices along a non-batch axis of an activation (e.g. BERT's [CLS] row)."""
+        if node.input[0] in self.consts:
+            raise NativeError(
+                "Gather from a constant table (an embedding lookup) is not supported by the native enclave; "
+                "cut after it"
+            )
+        x = self.act(node.input[0], node)
+        if node.input[1] not in self.consts:
+            raise NativeError("Gather with computed indices is not supported by the native enclave")
+        full = len(x.shape) + 1
+        axis = int(_attr(node, "axis", 0))
+        axis = axis + full if axis < 0 else axis
+        if axis == 0:
+            raise NativeError("Gather along the batch axis is not supported by the native enclave")
+        size = x.shape[axis - 1]
+        indices = self.consts[node.input[1]].astype(np.int64).reshape(-1)
+        if indices.size == 0 or ((indices < -size) | (indices >= size)).any():
+            raise NativeError(f"Gather's indices must lie in [-{size}, {size}) and not be empty")
+        indices = np.where(indices < 0, indices + size, indices)
+        outer, inner = math.prod(x.shape[: axis - 1]), math.prod(x.shape[axis:])
+        out = self.new_act(node.output[0], self.shape(node.output[0], node))
+        if out.size != outer * indices.size * inner:
+            raise NativeError("Gather's output shape does not match its indices")
+        self.emit(
+            node,
+            f"{{ static const int ix[] = {{{', '.join(map(str, indices.tolist()))}}}; "
+            f"for (size_t o = 0; o < (size_t)n * {outer}; o++) for (int j = 0; j < {indices.size}; j++) "
+            f"memcpy({out.buffer} + (o * {indices.size} + (size_t)j) * {inner}, "
+            f"{x.buffer} + (o * {size} + (size_t)ix[j]) * {inner}, {inner * 4}); }}",
+        )
 
     def weight_value(self, name: str, node: onnx.NodeProto) -> tuple[str, np.ndarray]:
         value = self.consts[name]
@@ -512,15 +623,25 @@ class _Generator:
             )
             return
         k = per_filter
-        self.col = max(self.col, k * int(math.ceil(spatial_out / 16)) * 16)
         cout_g, in_g = cout // group, cin_g * math.prod(x.shape[1:])
+        self.tail = max(self.tail, k * 16)
+        # A 1x1 convolution with stride 1 and no padding reads its input as the GEMM's B as it is.
+        pads, strides = _attr(node, "pads", [0]), _attr(node, "strides", [1])
+        plain = all(v == 1 for v in w.shape[2:]) and math.prod(x.shape[1:]) == spatial_out
+        plain = plain and all(v == 0 for v in pads) and all(v == 1 for v in strides)
+        sample_in = f"{x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}"
+        if plain:
+            self.globals.pop()  # the geometry is not needed
+            columns, im2col = sample_in, ""
+        else:
+            self.col = max(self.col, k * spatial_out)
+            columns, im2col = "mc_col", f"mc_im2col(&{geometry}, {sample_in}, mc_col); "
         self.emit(
             node,
-            f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ "
-            f"mc_im2col(&{geometry}, {x.buffer} + (size_t)s * {x.size} + (size_t)g * {in_g}, mc_col); "
-            f"mc_gemm({cout_g}, {k}, {spatial_out}, {weights} + (size_t)g * {cout_g * k}, {k}, mc_col, NULL, "
-            f"{bias} + g * {cout_g}, {out.buffer} + (size_t)s * {out.size} + (size_t)g * {cout_g * spatial_out}, "
-            f"{spatial_out}); }}",
+            f"for (int s = 0; s < n; s++) for (int g = 0; g < {group}; g++) {{ {im2col}"
+            f"mc_gemm_rows({cout_g}, {k}, {spatial_out}, {weights} + (size_t)g * {cout_g * k}, {k}, {columns}, "
+            f"{spatial_out}, {bias} + g * {cout_g}, mc_tail, "
+            f"{out.buffer} + (size_t)s * {out.size} + (size_t)g * {cout_g * spatial_out}, {spatial_out}); }}",
         )
 
     def batch_norm_stage(self, node: onnx.NodeProto, channels: int) -> str:
@@ -726,6 +847,7 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         f"unsigned char mc_plain[{max(1, len(generator.model_bytes))}] __attribute__((aligned(4096)));",
         f"static float mc_stage[{max(1, generator.stage)}];",
         f"static float mc_col[{max(1, generator.col)}] __attribute__((aligned(64)));",
+        f"static float mc_tail[{max(1, generator.tail)}] __attribute__((aligned(64)));",
         *generator.globals,
         *[f"static float {name}[{size}] __attribute__((aligned(64)));" for name, size in generator.arrays],
         *[
@@ -742,6 +864,7 @@ def render(program: Program, generator: _Generator, bundle: dict[str, object]) -
         "void mc_wipe(void) {",
         "    explicit_bzero(mc_stage, sizeof mc_stage);",
         "    explicit_bzero(mc_col, sizeof mc_col);",
+        "    explicit_bzero(mc_tail, sizeof mc_tail);",
         *[f"    explicit_bzero({name}, sizeof {name});" for name, _ in [*generator.arrays, *generator.buffers]],
         "}",
         "",

@@ -1,8 +1,9 @@
 /* Compute kernels of the native enclave, included by the generated model.c.
  *
  * Plain C99 plus GCC/Clang vector types (8 floats; the compiler maps them to AVX/AVX2/AVX-512 or
- * to pairs of NEON registers). The dense kernel is register-blocked: 4 rows x 16 columns of
- * accumulators stay in registers while the weights stream from a panel layout packed at LOAD.
+ * to pairs of NEON registers). The dense kernel is register-blocked: 6 rows x 16 columns of
+ * accumulators (12 vector registers, enough independent FMAs to cover their latency) stay in
+ * registers while B streams from a panel layout packed at LOAD, or in place from an im2col matrix.
  */
 #ifndef MC_KERNELS_H
 #define MC_KERNELS_H
@@ -33,61 +34,109 @@ static inline void mc_pack(float *restrict out, const float *restrict w, int K, 
 
 static inline mc_v8 mc_splat(float a) { return (mc_v8){a, a, a, a, a, a, a, a}; }
 
-/* y[r][j] = bias_col[j] + bias_row[r] + sum_k x[r][k] * w[k][j] for r < rows, j < M.
- * x: rows x K (row stride ldx), w: packed panels, y: rows x M (row stride ldy); either bias may be NULL. */
-static inline void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict w,
-                    const float *restrict bias_col, const float *restrict bias_row, float *restrict y, size_t ldy) {
-    for (size_t p = 0; p < mc_panels(M); p++) {
-        const float *panel = w + p * (size_t)K * MC_PANEL;
-        int j0 = (int)p * MC_PANEL, cols = M - j0 < MC_PANEL ? M - j0 : MC_PANEL;
-        mc_v8 b0 = mc_splat(0.f), b1 = mc_splat(0.f);
-        if (bias_col) {
-            float tmp[MC_PANEL] = {0};
-            memcpy(tmp, bias_col + j0, (size_t)cols * sizeof(float));
-            b0 = *(const mc_v8u *)tmp, b1 = *(const mc_v8u *)(tmp + 8);
+/* One 16-column panel of y = x * B (+ biases): B's value at (k, j) is b[k * bstride + j] for j < 16,
+ * so a packed panel has bstride 16 and a row-major matrix its row length. Writes `cols` columns. */
+static inline void mc_gemm_panel(int rows, int K, int cols, const float *restrict x, size_t ldx,
+                                 const float *restrict b, size_t bstride, const float *restrict bias_col,
+                                 const float *restrict bias_row, float *restrict y, size_t ldy) {
+    mc_v8 b0 = mc_splat(0.f), b1 = mc_splat(0.f);
+    if (bias_col) {
+        float tmp[MC_PANEL] = {0};
+        memcpy(tmp, bias_col, (size_t)cols * sizeof(float));
+        b0 = *(const mc_v8u *)tmp, b1 = *(const mc_v8u *)(tmp + 8);
+    }
+    int r = 0;
+    for (; r + 6 <= rows; r += 6) {
+        const float *x0 = x + (size_t)r * ldx;
+        mc_v8 a[6][2];
+        for (int i = 0; i < 6; i++) {
+            float br = bias_row ? bias_row[r + i] : 0.f;
+            a[i][0] = b0 + br, a[i][1] = b1 + br;
         }
-        int r = 0;
-        for (; r + 4 <= rows; r += 4) {
-            const float *x0 = x + (size_t)r * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-            mc_v8 a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
-            if (bias_row) {
-                a00 += bias_row[r], a01 += bias_row[r], a10 += bias_row[r + 1], a11 += bias_row[r + 1];
-                a20 += bias_row[r + 2], a21 += bias_row[r + 2], a30 += bias_row[r + 3], a31 += bias_row[r + 3];
+        for (int k = 0; k < K; k++) {
+            mc_v8 w0 = *(const mc_v8u *)(b + (size_t)k * bstride);
+            mc_v8 w1 = *(const mc_v8u *)(b + (size_t)k * bstride + 8);
+            for (int i = 0; i < 6; i++) {
+                mc_v8 s = mc_splat(x0[(size_t)i * ldx + k]);
+                a[i][0] += s * w0, a[i][1] += s * w1;
             }
-            for (int k = 0; k < K; k++) {
-                mc_v8 w0 = *(const mc_v8u *)(panel + (size_t)k * MC_PANEL);
-                mc_v8 w1 = *(const mc_v8u *)(panel + (size_t)k * MC_PANEL + 8);
-                mc_v8 s;
-                s = mc_splat(x0[k]), a00 += s * w0, a01 += s * w1;
-                s = mc_splat(x1[k]), a10 += s * w0, a11 += s * w1;
-                s = mc_splat(x2[k]), a20 += s * w0, a21 += s * w1;
-                s = mc_splat(x3[k]), a30 += s * w0, a31 += s * w1;
-            }
-            float out[4][MC_PANEL];
-            *(mc_v8u *)out[0] = a00, *(mc_v8u *)(out[0] + 8) = a01, *(mc_v8u *)out[1] = a10, *(mc_v8u *)(out[1] + 8) = a11;
-            *(mc_v8u *)out[2] = a20, *(mc_v8u *)(out[2] + 8) = a21, *(mc_v8u *)out[3] = a30, *(mc_v8u *)(out[3] + 8) = a31;
-            for (int i = 0; i < 4; i++) memcpy(y + (size_t)(r + i) * ldy + j0, out[i], (size_t)cols * sizeof(float));
         }
-        for (; r < rows; r++) {   /* leftover rows: two accumulator pairs hide the FMA latency */
-            const float *x0 = x + (size_t)r * ldx;
-            float br = bias_row ? bias_row[r] : 0.f;
-            mc_v8 a0 = b0 + br, a1 = b1 + br, c0 = mc_splat(0.f), c1 = mc_splat(0.f);
-            int k = 0;
-            for (; k + 2 <= K; k += 2) {
-                const float *w = panel + (size_t)k * MC_PANEL;
-                mc_v8 s = mc_splat(x0[k]), t = mc_splat(x0[k + 1]);
-                a0 += s * *(const mc_v8u *)w, a1 += s * *(const mc_v8u *)(w + 8);
-                c0 += t * *(const mc_v8u *)(w + 16), c1 += t * *(const mc_v8u *)(w + 24);
-            }
-            for (; k < K; k++) {
-                mc_v8 s = mc_splat(x0[k]);
-                a0 += s * *(const mc_v8u *)(panel + (size_t)k * MC_PANEL);
-                a1 += s * *(const mc_v8u *)(panel + (size_t)k * MC_PANEL + 8);
-            }
+        for (int i = 0; i < 6; i++) {
             float out[MC_PANEL];
-            *(mc_v8u *)out = a0 + c0, *(mc_v8u *)(out + 8) = a1 + c1;
-            memcpy(y + (size_t)r * ldy + j0, out, (size_t)cols * sizeof(float));
+            *(mc_v8u *)out = a[i][0], *(mc_v8u *)(out + 8) = a[i][1];
+            memcpy(y + (size_t)(r + i) * ldy, out, (size_t)cols * sizeof(float));
         }
+    }
+    for (; r + 4 <= rows; r += 4) {
+        const float *x0 = x + (size_t)r * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        mc_v8 a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
+        if (bias_row) {
+            a00 += bias_row[r], a01 += bias_row[r], a10 += bias_row[r + 1], a11 += bias_row[r + 1];
+            a20 += bias_row[r + 2], a21 += bias_row[r + 2], a30 += bias_row[r + 3], a31 += bias_row[r + 3];
+        }
+        for (int k = 0; k < K; k++) {
+            mc_v8 w0 = *(const mc_v8u *)(b + (size_t)k * bstride);
+            mc_v8 w1 = *(const mc_v8u *)(b + (size_t)k * bstride + 8);
+            mc_v8 s;
+            s = mc_splat(x0[k]), a00 += s * w0, a01 += s * w1;
+            s = mc_splat(x1[k]), a10 += s * w0, a11 += s * w1;
+            s = mc_splat(x2[k]), a20 += s * w0, a21 += s * w1;
+            s = mc_splat(x3[k]), a30 += s * w0, a31 += s * w1;
+        }
+        float out[4][MC_PANEL];
+        *(mc_v8u *)out[0] = a00, *(mc_v8u *)(out[0] + 8) = a01, *(mc_v8u *)out[1] = a10, *(mc_v8u *)(out[1] + 8) = a11;
+        *(mc_v8u *)out[2] = a20, *(mc_v8u *)(out[2] + 8) = a21, *(mc_v8u *)out[3] = a30, *(mc_v8u *)(out[3] + 8) = a31;
+        for (int i = 0; i < 4; i++) memcpy(y + (size_t)(r + i) * ldy, out[i], (size_t)cols * sizeof(float));
+    }
+    for (; r < rows; r++) {   /* leftover rows: two accumulator pairs hide the FMA latency */
+        const float *x0 = x + (size_t)r * ldx;
+        float br = bias_row ? bias_row[r] : 0.f;
+        mc_v8 a0 = b0 + br, a1 = b1 + br, c0 = mc_splat(0.f), c1 = mc_splat(0.f);
+        int k = 0;
+        for (; k + 2 <= K; k += 2) {
+            const float *w = b + (size_t)k * bstride;
+            mc_v8 s = mc_splat(x0[k]), t = mc_splat(x0[k + 1]);
+            a0 += s * *(const mc_v8u *)w, a1 += s * *(const mc_v8u *)(w + 8);
+            c0 += t * *(const mc_v8u *)(w + bstride), c1 += t * *(const mc_v8u *)(w + bstride + 8);
+        }
+        for (; k < K; k++) {
+            mc_v8 s = mc_splat(x0[k]);
+            a0 += s * *(const mc_v8u *)(b + (size_t)k * bstride);
+            a1 += s * *(const mc_v8u *)(b + (size_t)k * bstride + 8);
+        }
+        float out[MC_PANEL];
+        *(mc_v8u *)out = a0 + c0, *(mc_v8u *)(out + 8) = a1 + c1;
+        memcpy(y + (size_t)r * ldy, out, (size_t)cols * sizeof(float));
+    }
+}
+
+/* y[r][j] = bias_col[j] + bias_row[r] + sum_k x[r][k] * w[k][j] for r < rows, j < M.
+ * x: rows x K (row stride ldx), w: packed panels (mc_pack), y: rows x M (row stride ldy); either bias may be NULL. */
+static inline void mc_gemm(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict w,
+                           const float *restrict bias_col, const float *restrict bias_row, float *restrict y, size_t ldy) {
+    for (size_t p = 0; p < mc_panels(M); p++) {
+        int j0 = (int)p * MC_PANEL, cols = M - j0 < MC_PANEL ? M - j0 : MC_PANEL;
+        mc_gemm_panel(rows, K, cols, x, ldx, w + p * (size_t)K * MC_PANEL, MC_PANEL, bias_col ? bias_col + j0 : NULL,
+                      bias_row, y + j0, ldy);
+    }
+}
+
+/* As mc_gemm with B a plain row-major K x M matrix (row stride ldb), as convolutions produce it:
+ * full panels are read in place; the last partial one is first copied into `tail` (K x 16 floats)
+ * so that no load runs past the end of B. */
+static inline void mc_gemm_rows(int rows, int K, int M, const float *restrict x, size_t ldx, const float *restrict b,
+                                size_t ldb, const float *restrict bias_row, float *restrict tail, float *restrict y,
+                                size_t ldy) {
+    int j0 = 0;
+    for (; j0 + MC_PANEL <= M; j0 += MC_PANEL)
+        mc_gemm_panel(rows, K, MC_PANEL, x, ldx, b + j0, ldb, NULL, bias_row, y + j0, ldy);
+    if (j0 < M) {
+        int cols = M - j0;
+        for (int k = 0; k < K; k++) {
+            memcpy(tail + (size_t)k * MC_PANEL, b + (size_t)k * ldb + j0, (size_t)cols * sizeof(float));
+            memset(tail + (size_t)k * MC_PANEL + cols, 0, (size_t)(MC_PANEL - cols) * sizeof(float));
+        }
+        mc_gemm_panel(rows, K, cols, x, ldx, tail, MC_PANEL, NULL, bias_row, y + j0, ldy);
     }
 }
 
@@ -104,16 +153,32 @@ static inline void mc_softmax(size_t outer, size_t len, size_t inner, const floa
         }
 }
 
+/* LayerNormalization of `outer` rows of `len` values: (x - mean) / sqrt(var + eps) * scale + bias
+ * (bias may be NULL). Two passes over the row, as onnxruntime computes mean and variance. */
+static inline void mc_layernorm(size_t outer, size_t len, float eps, const float *restrict scale,
+                                const float *restrict bias, const float *restrict x, float *restrict y) {
+    for (size_t o = 0; o < outer; o++) {
+        const float *in = x + o * len;
+        float *out = y + o * len;
+        float mean = 0.f, var = 0.f;
+        for (size_t c = 0; c < len; c++) mean += in[c];
+        mean /= (float)len;
+        for (size_t c = 0; c < len; c++) var += (in[c] - mean) * (in[c] - mean);
+        const float inv = 1.f / sqrtf(var / (float)len + eps);
+        for (size_t c = 0; c < len; c++) out[c] = (in[c] - mean) * inv * scale[c] + (bias ? bias[c] : 0.f);
+    }
+}
+
 /* Walk every index of an output of `rank` dims (dims[0] is the batch), giving the element offsets
  * of two broadcast inputs (stride 0 on broadcast axes). The generator only uses this where no
- * simpler loop fits. */
-#define MC_BROADCAST(rank, dims, as, bs, BODY)                                                  \
+ * simpler loop fits. The body is the variadic part, so that commas inside it need no parentheses. */
+#define MC_BROADCAST(rank, dims, as, bs, ...)                                                   \
     do {                                                                                        \
         int64_t idx_[MC_MAX_RANK + 1] = {0};                                                    \
         size_t ia = 0, ib = 0, io = 0, total_ = 1;                                              \
         for (int d_ = 0; d_ < (rank); d_++) total_ *= (size_t)(dims)[d_];                       \
         for (io = 0; io < total_; io++) {                                                       \
-            BODY;                                                                               \
+            __VA_ARGS__;                                                                        \
             for (int d_ = (rank)-1; d_ >= 0; d_--) {                                            \
                 ia += (size_t)(as)[d_], ib += (size_t)(bs)[d_];                                 \
                 if (++idx_[d_] < (dims)[d_]) break;                                             \
@@ -128,20 +193,36 @@ typedef struct {
     int c, h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow;
 } mc_window;
 
-/* im2col straight into the dense kernel's panel layout: k = (ci, ky, kx), column = (oy, ox). */
+/* im2col into a row-major K x P matrix: row k = (ci, ky, kx), column = (oy, ox), for mc_gemm_rows.
+ * Each output row is a strided copy (contiguous when the stride is 1) with its padding split off
+ * in front and behind, so no index is divided per element. */
 static inline void mc_im2col(const mc_window *g, const float *restrict x, float *restrict out) {
-    int K = g->c * g->kh * g->kw, P = g->oh * g->ow;
-    for (size_t p = 0; p < mc_panels(P); p++)
-        for (int k = 0; k < K; k++) {
-            int ci = k / (g->kh * g->kw), ky = k / g->kw % g->kh, kx = k % g->kw;
-            float *dst = out + (p * (size_t)K + (size_t)k) * MC_PANEL;
-            for (int j = 0; j < MC_PANEL; j++) {
-                int col = (int)p * MC_PANEL + j, oy = col / g->ow, ox = col % g->ow;
-                int iy = oy * g->sh - g->pt + ky * g->dh, ix = ox * g->sw - g->pl + kx * g->dw;
-                dst[j] = col < P && iy >= 0 && iy < g->h && ix >= 0 && ix < g->w
-                             ? x[((size_t)ci * g->h + (size_t)iy) * g->w + (size_t)ix] : 0.f;
+    const int sw = g->sw;
+    const size_t P = (size_t)g->oh * (size_t)g->ow;
+    for (int ci = 0; ci < g->c; ci++)
+        for (int ky = 0; ky < g->kh; ky++)
+            for (int kx = 0; kx < g->kw; kx++) {
+                float *restrict dst = out + (size_t)((ci * g->kh + ky) * g->kw + kx) * P;
+                const int shift = kx * g->dw - g->pl;                            /* ix = ox * sw + shift */
+                int lo = shift >= 0 ? 0 : (-shift + sw - 1) / sw;                /* first ox with ix >= 0 */
+                int hi = g->w - 1 - shift < 0 ? 0 : (g->w - 1 - shift) / sw + 1; /* first ox with ix >= w */
+                if (hi > g->ow) hi = g->ow;
+                if (lo > hi) lo = hi;
+                for (int oy = 0; oy < g->oh; oy++, dst += g->ow) {
+                    const int iy = oy * g->sh - g->pt + ky * g->dh;
+                    if (iy < 0 || iy >= g->h) {
+                        memset(dst, 0, (size_t)g->ow * sizeof(float));
+                        continue;
+                    }
+                    const float *restrict row = x + ((size_t)ci * g->h + (size_t)iy) * g->w;
+                    for (int o = 0; o < lo; o++) dst[o] = 0.f;
+                    if (sw == 1)
+                        memcpy(dst + lo, row + lo + shift, (size_t)(hi - lo) * sizeof(float));
+                    else
+                        for (int o = lo; o < hi; o++) dst[o] = row[o * sw + shift];
+                    for (int o = hi; o < g->ow; o++) dst[o] = 0.f;
+                }
             }
-        }
 }
 
 /* Depthwise convolution (one filter per channel): direct loops, interior without bounds checks. */

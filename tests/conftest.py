@@ -81,3 +81,33 @@ def start_tpm(tmp_path):
 @pytest.fixture
 def tpm(start_tpm, tmp_path):
     return start_tpm(tmp_path / "tpm-a")
+
+
+# --- where the suite's time goes (CONTRIBUTING.md, "Suite times") -----------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With MODELCLOAK_TEST_TIMES=FILE, append each test's wall and CPU seconds (its own process
+    plus the children it waited for) to FILE. CPU time says what a test costs on a shared machine,
+    where wall time mostly says how busy the machine was."""
+    import os
+    import resource
+    import time
+
+    record = os.environ.get("MODELCLOAK_TEST_TIMES")
+    if not record:
+        yield
+        return
+
+    def cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    wall, spent = time.perf_counter(), cpu()
+    yield
+    wall, spent = time.perf_counter() - wall, cpu() - spent
+    slow = "slow" if item.get_closest_marker("slow") else "fast"
+    with open(record, "a") as log:
+        log.write(f"{spent:.2f}\t{wall:.2f}\t{slow}\t{item.nodeid}\n")

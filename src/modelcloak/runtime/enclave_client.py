@@ -576,6 +576,7 @@ class EnclaveClient:
         client holds an exclusive lock on it while it lives. `tpm` (a TCTI string such as
         `device:/dev/tpmrm0`) is passed to the enclave for a `tpm` budget's counter.
         """
+        self._key_variable: dict[str, str] = {}  # the --key-env variable, taken from os.environ once
         self._budget_state = BudgetStateFile(Path(budget_state)) if budget_state is not None else None
         self._tpm = tpm
         self._command = list(command) if command else default_command()
@@ -628,6 +629,7 @@ class EnclaveClient:
             self._teardown()
             key_args = _absolute_key_file(key_args)
             self._start_args = (list(key_args), threads, start_timeout)
+            self._take_key_variable(key_args)
             self._workdir = tempfile.mkdtemp(prefix="modelcloak-enclave-")  # 0700, ours alone
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = [*self._command, "--fd", str(child.fileno()), *key_args]
@@ -645,7 +647,7 @@ class EnclaveClient:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env=enclave_environment(key_args, self._env, self._workdir),
+                    env=enclave_environment(key_args, {**(self._env or {}), **self._key_variable}, self._workdir),
                     cwd=self._workdir,
                 )
             except OSError as exc:
@@ -669,6 +671,16 @@ class EnclaveClient:
                 # so its exit status (e.g. 2 for a refused key) is what `returncode` shows.
                 self._teardown(grace=1.0)
                 raise
+
+    def _take_key_variable(self, key_args: Sequence[str]) -> None:
+        """With --key-env, move the key out of this process's environment on the first start and keep
+        it for restarts: programs the host starts later must not inherit the enclave's key."""
+        if "--key-env" not in key_args or self._key_variable:
+            return
+        name = key_args[list(key_args).index("--key-env") + 1]
+        value = (self._env or {}).get(name) or os.environ.pop(name, None)
+        if value is not None:
+            self._key_variable = {name: value}
 
     def load(self, header: bytes, ciphertext: bytes | bytearray | memoryview, timeout: float = 30.0) -> EnclaveInfo:
         """Send the bundle header and the enclave section's ciphertext; return what READY says."""

@@ -183,3 +183,21 @@ def test_state_blob_round_trip_and_nv_index_range() -> None:
     with pytest.raises(budget.BudgetStateError, match="belongs to another bundle"):
         budget.open_state(key, budget.seal_state(key, state), os.urandom(32))
     assert json.dumps(budget.COUNTERS)
+
+
+def test_the_stored_count_runs_ahead_by_a_bounded_reservation_and_settles_exactly() -> None:
+    """One fsync per call would cost milliseconds; the state is stored ahead by at most budget/64
+    (here 10) samples, so a killed session is over-charged by at most that, a closed one not at all."""
+    key, digest = os.urandom(32), os.urandom(32)
+    keeper = budget.PersistentBudget("sealed", key, digest, None, budget=640)
+    served, first = keeper.resume(None)
+    assert served == 0 and budget.open_state(key, first, digest).served == 0
+    stored = keeper.advance(3)
+    assert stored is not None and budget.open_state(key, stored, digest).served == 12  # 3 + a reservation of 10 - 1
+    assert keeper.advance(12) is None  # covered: no write
+    assert budget.open_state(key, keeper.advance(13), digest).served == 22
+    assert budget.open_state(key, keeper.settle(14), digest).served == 14  # SHUTDOWN: the exact count
+    assert keeper.settle(14) is None
+    small = budget.PersistentBudget("sealed", key, digest, None, budget=5)
+    small.resume(None)
+    assert budget.open_state(key, small.advance(1), digest).served == 1  # small budgets: every call stored

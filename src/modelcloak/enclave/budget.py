@@ -198,10 +198,16 @@ class PersistentBudget:
     """Where a `sealed` or `tpm` budget's count comes from and goes to, for one loaded bundle.
 
     `resume(blob)` gives the samples already served; `advance(served)` is called before a batch's
-    answer leaves the enclave and returns the sealed state the host must store first.
+    answer leaves the enclave and returns the sealed state the host must store first, or None when
+    the stored state already covers `served`. Storing costs an fsync (and a TPM NV write), so the
+    stored count runs ahead of the served one by a reservation of up to `reserve` samples
+    (1/64 of the budget, at most 1024): a session that ends cleanly stores its exact count
+    (`settle`), one that is killed is charged for at most `reserve` samples it never answered.
     """
 
-    def __init__(self, counter_kind: str, key: bytes, digest: bytes, tpm: TpmCounter | None) -> None:
+    def __init__(
+        self, counter_kind: str, key: bytes, digest: bytes, tpm: TpmCounter | None, budget: int | None = None
+    ) -> None:
         if counter_kind == "tpm" and tpm is None:
             raise BudgetStateError(
                 "this bundle's query budget is kept by a TPM counter; start the enclave with --tpm "
@@ -212,12 +218,16 @@ class PersistentBudget:
         self.digest = digest
         self.tpm = tpm if counter_kind == "tpm" else None
         self.counter = 0
+        self.budget = budget
+        self.reserve = max(1, min(1024, budget // 64)) if budget else 1
+        self.stored = 0  # the count in the state the host holds now
 
     def resume(self, blob: bytes | None) -> tuple[int, bytes]:
         """(samples already served, the state to store now) from the host's last stored state."""
         state = open_state(bytes(self._key), blob, self.digest) if blob else None
         if self.tpm is None:
             served = state.served if state else 0
+            self.stored = served
             return served, self._seal(served)
         index = self.tpm.nv_index
         if not self.tpm.exists():
@@ -243,13 +253,25 @@ class PersistentBudget:
                 f"is at {value}"
             )
         self.counter = state.counter
+        self.stored = state.served
         return state.served, self._seal(state.served)
 
-    def advance(self, served: int) -> bytes:
+    def advance(self, served: int) -> bytes | None:
+        if served <= self.stored:
+            return None
+        ahead = served + self.reserve - 1
+        return self._store(min(ahead, self.budget) if self.budget is not None else ahead)
+
+    def settle(self, served: int) -> bytes | None:
+        """The exact count, when it differs from the stored (reserved) one: sent at SHUTDOWN."""
+        return None if served == self.stored else self._store(served)
+
+    def _store(self, count: int) -> bytes:
         if self.tpm is not None:
             self.tpm.increment()
             self.counter = self._read_exact(self.counter)
-        return self._seal(served)
+        self.stored = count
+        return self._seal(count)
 
     def _read_exact(self, previous: int | None) -> int:
         value = self.tpm.read() if self.tpm is not None else None

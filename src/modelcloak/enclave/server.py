@@ -389,6 +389,7 @@ class EnclaveServer:
             while True:
                 frame = self.channel.next_frame()
                 if frame.type == MsgType.SHUTDOWN:
+                    self._settle_budget(frame.request_id)
                     self.wipe()
                     self.channel.send(MsgType.BYE, frame.request_id)
                     return 0
@@ -411,6 +412,17 @@ class EnclaveServer:
             return 0
         finally:
             self.wipe()
+
+    def _settle_budget(self, request_id: int) -> None:
+        """On SHUTDOWN, store the exact count in place of the reservation (see budget.py)."""
+        if self._budget is None or self._meter is None:
+            return
+        try:
+            blob = self._budget.settle(self._meter.samples_served)
+        except budget_mod.BudgetStateError:
+            return  # the reserved count stays stored: the owner loses nothing
+        if blob is not None:
+            self.channel.send(MsgType.BUDGET_STATE, request_id, blob)
 
     def wipe(self) -> None:
         """Drop every secret this process still controls. onnxruntime's allocator is not ours."""
@@ -456,9 +468,7 @@ class EnclaveServer:
             raise
         self.channel.send(MsgType.READY, frame.request_id, protocol.encode_ready(ready))
 
-    def _load_from(
-        self, header: bytes, stream: _LoadStream, state: bytes | None, request_id: int
-    ) -> protocol.Ready:
+    def _load_from(self, header: bytes, stream: _LoadStream, state: bytes | None, request_id: int) -> protocol.Ready:
         if self._session is not None or self._key is None:
             raise Refusal(ErrorCode.BAD_STATE, "a model is already loaded; start a new enclave for another bundle")
         sealed = parse_header(header, self.key_id)
@@ -532,7 +542,11 @@ class EnclaveServer:
                 tpm = budget_mod.TpmCounter.open(self._tpm, budget_mod.nv_index_for(sealed.manifest_digest))
             state_key = chunks.derive(self._key.key(), sealed.salt, "budget-state")
             self._budget = budget_mod.PersistentBudget(
-                sealed.policy.budget_counter or "session", state_key, sealed.manifest_digest, tpm
+                sealed.policy.budget_counter or "session",
+                state_key,
+                sealed.manifest_digest,
+                tpm,
+                sealed.policy.query_budget,
             )
             served, blob = self._budget.resume(state)
         except budget_mod.BudgetStateError as exc:
@@ -687,7 +701,8 @@ class EnclaveServer:
                 blob = self._budget.advance(self._meter.samples_served + samples)
             except budget_mod.BudgetStateError as exc:
                 raise Refusal(ErrorCode.BUDGET_STATE, str(exc)) from None
-            self.channel.send(MsgType.BUDGET_STATE, frame.request_id, blob)
+            if blob is not None:
+                self.channel.send(MsgType.BUDGET_STATE, frame.request_id, blob)
         self._meter.record(samples)
         self.channel.send(MsgType.RESULT, frame.request_id, payload)
 

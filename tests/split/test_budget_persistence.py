@@ -201,3 +201,15 @@ def test_the_stored_count_runs_ahead_by_a_bounded_reservation_and_settles_exactl
     small = budget.PersistentBudget("sealed", key, digest, None, budget=5)
     small.resume(None)
     assert budget.open_state(key, small.advance(1), digest).served == 1  # small budgets: every call stored
+
+
+def test_a_native_enclave_bundle_refuses_a_persistent_budget(tmp_path, keys) -> None:
+    """The native enclave counts per session: asked for more, protect refuses rather than downgrade."""
+    from modelcloak.options import OptionError
+
+    host_key, enclave_key = keys
+    policy = {"output": "label", "query_budget": BUDGET, "budget_counter": "sealed"}
+    with pytest.raises(OptionError, match="native enclave keeps its query budget per session"):
+        protect(make_mlp(), tmp_path / "n.mcb", key=host_key, scheme="split", cut={"last": 1},
+                enclave_key=enclave_key, policy=policy, native_enclave=tmp_path / "native")  # fmt: skip
+    assert not (tmp_path / "n.mcb").exists()

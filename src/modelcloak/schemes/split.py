@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 
 from modelcloak.bundle import Bundle, SectionSource
-from modelcloak.options import coerce_policy
+from modelcloak.options import OptionError, coerce_policy
 from modelcloak.runtime.errors import SessionError
 from modelcloak.runtime.session import SplitSession, open_graph
 from modelcloak.schemes.base import BundlePlan, OpenContext, ProtectRequest, SchemeClaims, refuse_unless
@@ -84,6 +84,12 @@ class SplitScheme:
         from modelcloak.model.cut import batch_symbol
 
         policy = coerce_policy(request.policy)
+        if request.native_enclave is not None and policy.persistent:
+            raise OptionError(
+                "the native enclave keeps its query budget per session; use budget_counter 'session' "
+                "or the Python enclave for a budget that survives restarts",
+                parameter="policy",
+            )
         if policy.query_budget is not None and policy.budget_counter is None and request.native_enclave is None:
             # A budget is the licence's, not one process's: by default it survives restarts. (The
             # native enclave keeps it per session and would refuse the field.)

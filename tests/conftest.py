@@ -27,6 +27,13 @@ def other_key_file(tmp_path: Path) -> KeyFile:
     return generate_key_file(tmp_path / "other.key")
 
 
+@pytest.fixture(autouse=True)
+def _budget_state_in_tmp(tmp_path_factory, monkeypatch):
+    """Split bundles with a query budget keep its sealed count under $XDG_STATE_HOME by default;
+    tests keep theirs in a temporary directory, never in the user's home."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-state"))
+
+
 _CORE_LIMIT_AT_START = __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE)
 
 

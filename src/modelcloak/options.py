@@ -215,6 +215,10 @@ class EnclaveConfig:
     threads: int | None = None
     timeout: float = 10.0
     command: tuple[str, ...] | None = None
+    # A persistent query budget's sealed state (policy budget_counter "sealed"/"tpm"); None: a file
+    # per bundle under $XDG_STATE_HOME/modelcloak/budgets (docs/ENCLAVE.md).
+    budget_state: Path | None = None
+    tpm: str | None = None  # TCTI of the TPM holding a "tpm" budget's counter; None: device:/dev/tpmrm0
 
     def __post_init__(self) -> None:
         if self.key_file is not None and self.key_env is not None:
@@ -230,6 +234,8 @@ class EnclaveConfig:
             object.__setattr__(self, "key_file", Path(self.key_file))
         if self.command is not None:
             object.__setattr__(self, "command", tuple(str(part) for part in self.command))
+        if self.budget_state is not None:
+            object.__setattr__(self, "budget_state", Path(self.budget_state))
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise LoadOptionError("enclave threads must be a positive integer", parameter="enclave.threads")
         if not isinstance(self.timeout, (int, float)) or not math.isfinite(self.timeout) or self.timeout <= 0:

@@ -196,3 +196,20 @@ def test_enclave_holds_no_file_open_after_the_sandbox(tmp_path, label_bundle, ho
         assert held == [], held
     else:
         assert telemetry, held
+
+
+def test_key_variable_leaves_the_host_environment_and_restarts_still_work(tmp_path, monkeypatch) -> None:
+    """`--key-env`: the key is moved out of os.environ at the first start (children the host starts
+    later do not inherit it) and kept in memory, so a restart still hands it to the enclave."""
+    import os
+
+    from modelcloak.runtime.enclave_client import EnclaveClient
+
+    key = os.urandom(32).hex()
+    monkeypatch.setenv("MC_TEST_MOVED_KEY", key)
+    with EnclaveClient() as client:
+        client.start(["--key-env", "MC_TEST_MOVED_KEY"], threads=1)
+        first = client.key_id
+        assert "MC_TEST_MOVED_KEY" not in os.environ
+        client.restart()
+        assert client.key_id == first and client.pid is not None

@@ -147,3 +147,15 @@ def test_budget_counts_the_declared_batch_axis(keys, batch_named, monkeypatch):
         session.run(feeds)
         left = session.enclave.stats().budget_left
     assert left == (20 - 3 if batch_named else 20 - 7)
+
+
+def test_licence_counts_the_batch_axis_of_a_sequence_first_model(keys):
+    """The owner backend's usage count (LicensedUse) gets the samples of the batch axis: 3 for a
+    [seq=7, batch=3, F] input, where the leading dim (the rule before) would report 7."""
+    host_key, _, folder = keys
+    bundle = folder / "gru-sealed.mcb"
+    protect(_model("gru"), bundle, key=host_key)
+    feeds = _feeds("gru", batch=3, seq=7)
+    assert next(iter(feeds.values())).shape[:2] == (7, 3)
+    with load(bundle, key=host_key) as session:
+        assert session._samples(feeds) == 3

@@ -56,7 +56,15 @@ def protect(
         str, typer.Option("--output-policy", help="split: label, topk:K or scores (weakens protection).")
     ] = "label",
     query_budget: Annotated[
-        Optional[int], typer.Option("--query-budget", help="split: samples one enclave session may answer.")
+        Optional[int], typer.Option("--query-budget", help="split: samples the enclave may answer, in all.")
+    ] = None,
+    budget_counter: Annotated[
+        Optional[str],
+        typer.Option(
+            "--budget-counter",
+            help="split: where the budget's count lives: sealed (default; survives restarts), tpm "
+            "(also refuses an old state file) or session (per enclave process).",
+        ),
     ] = None,
     rate_limit: Annotated[Optional[float], typer.Option("--rate-limit", help="split: samples per second.")] = None,
     lock_to: Annotated[
@@ -108,7 +116,12 @@ def protect(
         scheme,
         cut=_cut_selector(cut_after, cut_tensors, cut_last, cut_index),
         enclave_key_file=enclave_key_file,
-        policy={"output": output_policy, "query_budget": query_budget, "rate_limit_per_s": rate_limit},
+        policy={
+            "output": output_policy,
+            "query_budget": query_budget,
+            "rate_limit_per_s": rate_limit,
+            "budget_counter": budget_counter,
+        },
         lock_to=lock_to,
         lock_method=lock_method,
         fhe={
@@ -305,6 +318,18 @@ def run(
             "--native-enclave", help="split bundles: run this enclave-build binary (or directory) as the enclave."
         ),
     ] = None,
+    budget_state: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--budget-state",
+            help="split bundles with a query budget: file keeping its sealed count "
+            "(default: $XDG_STATE_HOME/modelcloak/budgets/).",
+        ),
+    ] = None,
+    enclave_tpm: Annotated[
+        Optional[str],
+        typer.Option("--enclave-tpm", help="split bundles with a tpm budget: the TPM's TCTI (default /dev/tpmrm0)."),
+    ] = None,
     device_state: Annotated[
         Optional[Path], typer.Option("--device-state", help="locked bundles: this device's enrolment directory.")
     ] = None,
@@ -378,6 +403,8 @@ def run(
         enclave_key_file=enclave_key_file,
         enclave_key_env=enclave_key_env,
         enclave_command=_native_enclave_command(native_enclave, enclave_key_file, enclave_key_env),
+        enclave_budget_state=budget_state,
+        enclave_tpm=enclave_tpm,
         device_key=device_key,
         metering=Metering(usage_state) if owner_key is not None and usage_state is not None else None,
     )

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-memory-mb", type=_positive, default=None, help="RLIMIT_AS for the whole process")
     parser.add_argument(
+        "--tpm",
+        metavar="TCTI",
+        default=None,
+        help="TPM holding a `tpm` budget's counter: device:/dev/tpmrm0, a device path or swtpm:host=H,port=P",
+    )
+    parser.add_argument(
         "--seccomp",
         choices=("on", "off"),
         default="on",
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         hardening=hardening,
         started_at=started_at,
         started_monotonic=started_monotonic,
+        tpm=args.tpm,
     )
     return server.serve()
 

@@ -4,7 +4,8 @@ The policy comes from the manifest's `policy` object, which the enclave authenti
 its own section's associated data: a host that edits it makes decryption fail, so it can neither
 switch `label` to `scores` nor raise the budget.
 
-    {"output": "label" | "topk:K" | "scores", "query_budget": int | null, "rate_limit_per_s": float | null}
+    {"output": "label" | "topk:K" | "scores", "query_budget": int | null, "rate_limit_per_s": float | null,
+     "budget_counter": "session" | "sealed" | "tpm"}
 
 - `label` (default): int64 argmax over the last axis of the private part's first output.
 - `topk:K`: the K best class indices (int64, best first, ties to the lower index); no scores.
@@ -12,8 +13,12 @@ switch `label` to `scores` nor raise the budget.
   last layer with d inputs is solved exactly from about 2d queries (equation solving), and the
   whole private part is far easier to distil. Owners must opt in explicitly.
 
-The query budget counts samples (batch rows), per enclave session; the rate limit is a token
-bucket in samples per second with a burst of one second's worth (at least one sample).
+The query budget counts samples (batch rows). `budget_counter` says where that count lives:
+`session` (this enclave process only; what a manifest without the field means), `sealed` (state
+sealed by the enclave and stored by the host, so restarts and new processes continue the count)
+or `tpm` (sealed state anchored in a TPM NV counter, so an old state file is refused); see
+budget.py. The rate limit is a token bucket in samples per second with a burst of one second's
+worth (at least one sample).
 Unknown keys are refused rather than ignored: an owner who writes a rule this enclave cannot
 enforce must find out at load time, not after the model has been queried without it.
 """
@@ -31,7 +36,8 @@ import numpy as np
 
 MAX_TOPK = 65535
 _TOPK = re.compile(r"topk:([1-9][0-9]{0,4})")
-_KEYS = ("output", "query_budget", "rate_limit_per_s")
+_KEYS = ("output", "query_budget", "rate_limit_per_s", "budget_counter")
+BUDGET_COUNTERS = ("session", "sealed", "tpm")
 
 
 class PolicyError(ValueError):
@@ -56,22 +62,37 @@ class OutputPolicy:
     k: int | None = None  # for "topk"
     query_budget: int | None = None
     rate_limit_per_s: float | None = None
+    # None: not said (a manifest from before the field, or an owner who left it to `protect`,
+    # which picks "sealed" for a budgeted split); the enclave treats it as "session".
+    budget_counter: str | None = None
 
     @property
     def spec(self) -> str:
         """The manifest spelling of the output rule: "label", "topk:3" or "scores"."""
         return f"topk:{self.k}" if self.output == "topk" else self.output
 
+    @property
+    def persistent(self) -> bool:
+        """True when the budget's count outlives the enclave process (sealed state, maybe a TPM)."""
+        return self.query_budget is not None and self.budget_counter in ("sealed", "tpm")
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "output": self.spec,
             "query_budget": self.query_budget,
             "rate_limit_per_s": None if self.rate_limit_per_s is None else float(self.rate_limit_per_s),
         }
+        if self.budget_counter is not None:  # absent means "session": older enclaves refuse unknown keys
+            document["budget_counter"] = self.budget_counter
+        return document
 
     def describe(self) -> str:
         parts = [self.spec]
-        parts.append("no query budget" if self.query_budget is None else f"budget {self.query_budget} samples")
+        if self.query_budget is None:
+            parts.append("no query budget")
+        else:
+            where = {"sealed": "kept across restarts (sealed state)", "tpm": "kept across restarts (TPM counter)"}
+            parts.append(f"budget {self.query_budget} samples, " + where.get(self.budget_counter or "", "per session"))
         if self.rate_limit_per_s is not None:
             parts.append(f"at most {self.rate_limit_per_s:g} samples/s")
         return ", ".join(parts)
@@ -110,7 +131,10 @@ def parse_policy(document: Mapping[str, Any] | None) -> OutputPolicy:
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not math.isfinite(rate) or rate <= 0:
             raise PolicyError("policy rate_limit_per_s must be null or a finite number > 0 (samples per second)")
         rate = float(rate)
-    return OutputPolicy(mode, k, budget, rate)
+    counter = document.get("budget_counter")
+    if counter is not None and counter not in BUDGET_COUNTERS:
+        raise PolicyError(f"policy budget_counter must be one of {', '.join(BUDGET_COUNTERS)}, got {counter!r}")
+    return OutputPolicy(mode, k, budget, rate, counter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,14 +204,17 @@ class Meter:
     were answered. The server is sequential, so there is no race between the two.
     """
 
-    def __init__(self, policy: OutputPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, policy: OutputPolicy, clock: Callable[[], float] = time.monotonic, *, already_served: int = 0
+    ) -> None:
         self.budget = policy.query_budget
         self.rate = policy.rate_limit_per_s
         self.capacity = max(self.rate, 1.0) if self.rate is not None else 0.0
         self._tokens = self.capacity
         self._clock = clock
         self._last = clock()
-        self.samples_served = 0
+        # With a persistent budget this starts at the count earlier sessions left in the sealed state.
+        self.samples_served = already_served
         self.requests_served = 0
         self.requests_refused = 0
 

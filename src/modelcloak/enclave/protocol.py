@@ -58,6 +58,9 @@ class MsgType(IntEnum):
     STATS_REPLY = 0x84
     PONG = 0x85
     BYE = 0x86
+    # The sealed budget state (budget.py) the host must store before it uses the RESULT or READY
+    # that follows with the same request id. Only enclaves that announce CAP_BUDGET_STATE send it.
+    BUDGET_STATE = 0x87
     ERROR = 0xFF
 
 
@@ -85,6 +88,7 @@ class ErrorCode(IntEnum):
     KEY_UNAVAILABLE = 15  # the enclave could not read its own key at start-up
     SANDBOX_FAILED = 16  # the model loaded but the sandbox could not be installed
     INTERNAL = 17
+    BUDGET_STATE = 18  # the persistent budget's state is missing, forged, rolled back or cannot be kept
 
 
 class ProtocolError(Exception):
@@ -322,6 +326,7 @@ def _decode_specs(reader: Reader) -> tuple[TensorSpec, ...]:
 # Policy: u8 mode (1 label, 2 topk, 3 scores) | u32 k | u64 budget (NO_LIMIT = none) | f64 rate (0 = none)
 
 _MODES = {"label": 1, "topk": 2, "scores": 3}
+_COUNTER_CODES = {"session": 1, "sealed": 2, "tpm": 3}  # 0: not said
 _POLICY = struct.Struct(">BIQd")
 
 
@@ -351,18 +356,28 @@ def _decode_policy(reader: Reader) -> OutputPolicy:
 # Messages
 
 
-def encode_load(header: bytes, ciphertext_size: int) -> bytes:
-    """LOAD: u32 header length | header | u64 ciphertext size; the ciphertext follows in LOAD_DATA frames."""
-    return _U32.pack(len(header)) + bytes(header) + _U64.pack(ciphertext_size)
+def encode_load(header: bytes, ciphertext_size: int, budget_state: bytes | None = None) -> bytes:
+    """LOAD: u32 header length | header | u64 ciphertext size [| u32 state length | sealed budget state];
+    the ciphertext follows in LOAD_DATA frames. The state trailer goes only to an enclave whose
+    HELLO announced CAP_BUDGET_STATE (length 0: the host has no state stored yet)."""
+    payload = _U32.pack(len(header)) + bytes(header) + _U64.pack(ciphertext_size)
+    if budget_state is not None:
+        payload += _U32.pack(len(budget_state)) + bytes(budget_state)
+    return payload
 
 
-def decode_load(payload: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+def decode_load(payload: bytes | bytearray | memoryview) -> tuple[bytes, int, bytes | None]:
+    """(header, ciphertext size, sealed budget state or None when the host sent no trailer or an empty one)."""
     reader = Reader(payload, "LOAD payload")
     (length,) = reader.unpack(_U32)
     header = bytes(reader.take(length))
     (size,) = reader.unpack(_U64)
+    state: bytes | None = None
+    if reader.remaining:
+        (state_length,) = reader.unpack(_U32)
+        state = bytes(reader.take(state_length)) or None
     reader.end()
-    return header, size
+    return header, size, state
 
 
 @dataclass(frozen=True)
@@ -373,20 +388,25 @@ class Hello:
     max_frame_bytes: int
     key_id: str  # 16 hex digits; public (it is in every manifest sealed for this key)
     started_at: float  # Unix time the enclave process started
+    capabilities: int = 0  # CAP_* bits; an enclave that sends none (the native one) has none
 
+
+CAP_BUDGET_STATE = 1 << 0  # keeps a persistent budget: takes a state in LOAD, sends BUDGET_STATE frames
 
 _HELLO = struct.Struct(">HI8sd")
 
 
 def encode_hello(hello: Hello) -> bytes:
-    return _HELLO.pack(hello.protocol_version, hello.max_frame_bytes, bytes.fromhex(hello.key_id), hello.started_at)
+    head = _HELLO.pack(hello.protocol_version, hello.max_frame_bytes, bytes.fromhex(hello.key_id), hello.started_at)
+    return head + _U32.pack(hello.capabilities)
 
 
 def decode_hello(payload: bytes | bytearray | memoryview) -> Hello:
     reader = Reader(payload, "HELLO payload")
     version, max_frame, key_id, started = reader.unpack(_HELLO)
     # Later versions may append fields; a reader takes what it knows.
-    return Hello(version, max_frame, key_id.hex(), started)
+    (capabilities,) = reader.unpack(_U32) if reader.remaining >= _U32.size else (0,)
+    return Hello(version, max_frame, key_id.hex(), started, capabilities)
 
 
 @dataclass(frozen=True)
@@ -416,6 +436,7 @@ def encode_ready(ready: Ready) -> bytes:
             encode_specs(ready.results),
             encode_policy(ready.policy),
             _READY_TAIL.pack(ready.started_at, ready.ready_seconds, flags),
+            _U8.pack(_COUNTER_CODES.get(ready.policy.budget_counter, 0)),
         ]
     )
 
@@ -426,6 +447,10 @@ def decode_ready(payload: bytes | bytearray | memoryview) -> Ready:
     policy = _decode_policy(reader)
     started, seconds, flags = reader.unpack(_READY_TAIL)
     sandbox = frozenset(name for name, bit in SANDBOX_FLAGS.items() if flags & bit)
+    if reader.remaining:  # appended after the first version: where the budget's count lives
+        (counter,) = reader.unpack(_U8)
+        names = {code: name for name, code in _COUNTER_CODES.items()}
+        policy = OutputPolicy(policy.output, policy.k, policy.query_budget, policy.rate_limit_per_s, names.get(counter))
     return Ready(inputs, private_outputs, results, policy, started, seconds, sandbox)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelcloak.enclave import budget as budget_mod
 from modelcloak.enclave import chunks, protocol, sandbox
 from modelcloak.enclave import policy as policy_mod
 from modelcloak.enclave.policy import Meter, OutputPolicy, PolicyError, PolicyRefusal
@@ -350,8 +351,11 @@ class EnclaveServer:
         hardening: sandbox.Hardening,
         started_at: float,
         started_monotonic: float,
+        tpm: str | None = None,
     ) -> None:
         self.channel = Channel(fd, max_frame_bytes)
+        self._tpm = tpm  # where a `tpm` budget's counter lives (a TCTI string); opened at LOAD, before the sandbox
+        self._budget: budget_mod.PersistentBudget | None = None
         self._key: sandbox.KeyBuffer | None = key
         self.key_id = key_id(key.key())
         self._threads = threads
@@ -369,7 +373,13 @@ class EnclaveServer:
     # -- lifecycle ------------------------------------------------------------------------
 
     def hello(self) -> None:
-        hello = protocol.Hello(protocol.PROTOCOL_VERSION, self.channel.max_frame_bytes, self.key_id, self._started_at)
+        hello = protocol.Hello(
+            protocol.PROTOCOL_VERSION,
+            self.channel.max_frame_bytes,
+            self.key_id,
+            self._started_at,
+            protocol.CAP_BUDGET_STATE,
+        )
         self.channel.send(MsgType.HELLO, 0, protocol.encode_hello(hello))
 
     def serve(self) -> int:
@@ -379,6 +389,7 @@ class EnclaveServer:
             while True:
                 frame = self.channel.next_frame()
                 if frame.type == MsgType.SHUTDOWN:
+                    self._settle_budget(frame.request_id)
                     self.wipe()
                     self.channel.send(MsgType.BYE, frame.request_id)
                     return 0
@@ -402,12 +413,26 @@ class EnclaveServer:
         finally:
             self.wipe()
 
+    def _settle_budget(self, request_id: int) -> None:
+        """On SHUTDOWN, store the exact count in place of the reservation (see budget.py)."""
+        if self._budget is None or self._meter is None:
+            return
+        try:
+            blob = self._budget.settle(self._meter.samples_served)
+        except budget_mod.BudgetStateError:
+            return  # the reserved count stays stored: the owner loses nothing
+        if blob is not None:
+            self.channel.send(MsgType.BUDGET_STATE, request_id, blob)
+
     def wipe(self) -> None:
         """Drop every secret this process still controls. onnxruntime's allocator is not ours."""
         if self._key is not None:
             self._key.wipe()
             self._key = None
         self._session = None
+        if self._budget is not None:
+            self._budget.close()
+            self._budget = None
 
     def _dispatch(self, frame: _Frame) -> None:
         kind = frame.type
@@ -428,12 +453,12 @@ class EnclaveServer:
 
     def _load(self, frame: _Frame) -> None:
         try:
-            header, ciphertext_size = protocol.decode_load(frame.payload)
+            header, ciphertext_size, state = protocol.decode_load(frame.payload)
         except ProtocolError as exc:
             raise Refusal(exc.code, str(exc)) from None
         stream = _LoadStream(self.channel, frame.request_id, ciphertext_size)
         try:
-            ready = self._load_from(header, stream)
+            ready = self._load_from(header, stream, state, frame.request_id)
         except _LoadInterrupted as exc:
             raise Refusal(ErrorCode.BAD_STATE, f"LOAD was interrupted: {exc}") from None
         except (_EndOfInput, ConnectionError):
@@ -443,7 +468,7 @@ class EnclaveServer:
             raise
         self.channel.send(MsgType.READY, frame.request_id, protocol.encode_ready(ready))
 
-    def _load_from(self, header: bytes, stream: _LoadStream) -> protocol.Ready:
+    def _load_from(self, header: bytes, stream: _LoadStream, state: bytes | None, request_id: int) -> protocol.Ready:
         if self._session is not None or self._key is None:
             raise Refusal(ErrorCode.BAD_STATE, "a model is already loaded; start a new enclave for another bundle")
         sealed = parse_header(header, self.key_id)
@@ -488,7 +513,8 @@ class EnclaveServer:
             self._session = None
             raise Refusal(ErrorCode.BAD_POLICY, str(exc)) from None
         self._policy = sealed.policy
-        self._meter = Meter(sealed.policy)
+        already_served = self._resume_budget(sealed, state, request_id)
+        self._meter = Meter(sealed.policy, already_served=already_served)
         # The key has done its only job; a later LOAD is refused, so nothing needs it any more.
         self._key.wipe()
         self._key = None
@@ -503,6 +529,36 @@ class EnclaveServer:
             ready_seconds=time.monotonic() - self._started_monotonic,
             sandbox=frozenset(self._hardening.applied),
         )
+
+    def _resume_budget(self, sealed: SealedSection, state: bytes | None, request_id: int) -> int:
+        """Samples earlier sessions served under a persistent budget (0 otherwise); the TPM is opened
+        now, while connect/open are still allowed, and the resumed state goes to the host at once."""
+        if not sealed.policy.persistent:
+            return 0
+        assert self._key is not None
+        tpm = None
+        try:
+            if sealed.policy.budget_counter == "tpm" and self._tpm:
+                tpm = budget_mod.TpmCounter.open(self._tpm, budget_mod.nv_index_for(sealed.manifest_digest))
+            state_key = chunks.derive(self._key.key(), sealed.salt, "budget-state")
+            self._budget = budget_mod.PersistentBudget(
+                sealed.policy.budget_counter or "session",
+                state_key,
+                sealed.manifest_digest,
+                tpm,
+                sealed.policy.query_budget,
+            )
+            served, blob = self._budget.resume(state)
+        except budget_mod.BudgetStateError as exc:
+            if self._budget is not None:
+                self._budget.close()
+                self._budget = None
+            elif tpm is not None:
+                tpm.close()
+            self._session = None
+            raise Refusal(ErrorCode.BUDGET_STATE, f"cannot resume the query budget: {exc}") from None
+        self.channel.send(MsgType.BUDGET_STATE, request_id, blob)
+        return served
 
     def _build_session(self, model: memoryview) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -639,6 +695,14 @@ class EnclaveServer:
                 f"the result ({len(payload)} bytes) exceeds the frame limit of {self.channel.max_frame_bytes}; "
                 "send smaller batches",
             )
+        if self._budget is not None:
+            # Stored by the host before it reads the RESULT; a TPM counter has already moved on.
+            try:
+                blob = self._budget.advance(self._meter.samples_served + samples)
+            except budget_mod.BudgetStateError as exc:
+                raise Refusal(ErrorCode.BUDGET_STATE, str(exc)) from None
+            if blob is not None:
+                self.channel.send(MsgType.BUDGET_STATE, frame.request_id, blob)
         self._meter.record(samples)
         self.channel.send(MsgType.RESULT, frame.request_id, payload)
 

@@ -3,8 +3,12 @@
 For every candidate cut (or a chosen list) we build a real split bundle, start its enclave and
 time, at each batch size: the whole model in onnxruntime (the reference), the public part, the
 private part computed locally (what the enclave's executor costs), the enclave call (private part
-plus the boundary round trip), and the total through `SplitSession.run`. Medians of interleaved
-repetitions; the boundary round trip is the enclave call minus the local private time.
+plus the boundary round trip), and the total through `SplitSession.run`. The five calls are
+timed in interleaved rounds (one of each per round), so load on a shared machine hits them alike;
+each is reported as the median and interquartile range of its rounds. The boundary round trip is
+the median over rounds of (enclave call - local private time), and `host_other_ms` the median of
+(total - public - enclave call): both are differences and may be negative when noise exceeds
+them; they are reported as measured, never clamped.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ FIELDS = (
     "enclave_call_ms",
     "boundary_round_trip_ms",
     "total_ms",
+    "whole_p25_ms",
+    "whole_p75_ms",
+    "total_p25_ms",
+    "total_p75_ms",
+    "host_other_ms",
     "total_vs_whole",
+    "repeats",
     "enclave_start_s",
     "boundary_bytes_per_sample",
     "private_parameters",
@@ -66,6 +76,25 @@ def _median_ms(call: Callable[[], Any], repeats: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def _interleaved_ms(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each call in each of `repeats` rounds; a round runs every call once."""
+    for call in calls.values():
+        call()  # warm-up: first runs allocate arenas
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    p25, p50, p75 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(p25), float(p50), float(p75)
 
 
 def bench_splits(
@@ -121,17 +150,27 @@ def bench_splits(
                         "enclave_call_ms": lambda c=crossing: session.enclave.infer(c),
                         "total_ms": lambda f=feeds: session.run(f),
                     }
-                    measured = {name: _median_ms(call, repeats) for name, call in timings.items()}
+                    times = _interleaved_ms(timings, repeats)
+                    measured = {name: statistics.median(values) for name, values in times.items()}
+                    round_trip = [e - p for e, p in zip(times["enclave_call_ms"], times["private_ms"])]
+                    other = [
+                        t - p - e for t, p, e in zip(times["total_ms"], times["public_ms"], times["enclave_call_ms"])
+                    ]
+                    whole_q, total_q = _quartiles(times["whole_ms"]), _quartiles(times["total_ms"])
                     rows.append(
                         {
                             "cut": index,
                             "after_node": cut.after_node,
                             "batch": batch,
                             **{k: round(v, 4) for k, v in measured.items()},
-                            "boundary_round_trip_ms": round(
-                                max(0.0, measured["enclave_call_ms"] - measured["private_ms"]), 4
-                            ),
+                            "boundary_round_trip_ms": round(statistics.median(round_trip), 4),
+                            "whole_p25_ms": round(whole_q[0], 4),
+                            "whole_p75_ms": round(whole_q[2], 4),
+                            "total_p25_ms": round(total_q[0], 4),
+                            "total_p75_ms": round(total_q[2], 4),
+                            "host_other_ms": round(statistics.median(other), 4),
                             "total_vs_whole": round(measured["total_ms"] / measured["whole_ms"], 3),
+                            "repeats": repeats,
                             "enclave_start_s": round(session.report.seconds.get("enclave_start", float("nan")), 3),
                             "boundary_bytes_per_sample": cut.boundary_bytes,
                             "private_parameters": cut.private_parameters,
@@ -141,41 +180,80 @@ def bench_splits(
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str) -> dict[str, Path]:
-    """CSV, JSON and a PNG of latency per cut (stacked public / private / boundary vs whole)."""
+    """CSV, JSON and a PNG of latency per cut: measured totals beside the whole model, parts as points."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "splits.csv", "json": out_dir / "splits.json", "png": out_dir / "splits.png"}
     with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     paths["json"].write_text(json.dumps(rows, indent=2))
+    plot_latency(rows, paths["png"], title)
+    return paths
 
+
+def _error(rows: list[dict[str, Any]], name: str) -> np.ndarray | None:
+    """Matplotlib's yerr (distance below, above) from a row's quartiles; None for rows without them."""
+    if not all(f"{name}_p25_ms" in row for row in rows):
+        return None
+    low = [max(0.0, row[f"{name}_ms"] - row[f"{name}_p25_ms"]) for row in rows]
+    high = [max(0.0, row[f"{name}_p75_ms"] - row[f"{name}_ms"]) for row in rows]
+    return np.array([low, high])
+
+
+def plot_latency(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Write `latency_figure(rows, title)` to `path` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = latency_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latency_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """Per batch size: for each cut, a bar of the split's measured total and one of the whole model
+    (medians, whiskers the interquartile range of the interleaved rounds), and the separately timed
+    parts as points. The parts are medians of their own rounds: they need not add up to the total,
+    and a difference (the boundary round trip) may be below zero; both are drawn as measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     batches = sorted({row["batch"] for row in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    cuts = max(len([row for row in rows if row["batch"] == batch]) for batch in batches)
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6.0, 0.5 * cuts + 3) * len(batches), 5.5), squeeze=False)
     for axis, batch in zip(axes[0], batches):
         subset = [row for row in rows if row["batch"] == batch]
-        labels = [str(row["cut"]) for row in subset]
-        public = [row["public_ms"] for row in subset]
-        private = [row["private_ms"] for row in subset]
-        boundary = [row["boundary_round_trip_ms"] for row in subset]
-        axis.bar(labels, public, label="public (host)")
-        axis.bar(labels, private, bottom=public, label="private (enclave executor)")
-        axis.bar(labels, boundary, bottom=[p + q for p, q in zip(public, private)], label="boundary round trip")
-        axis.plot(labels, [row["whole_ms"] for row in subset], "k--", marker="o", label="whole model, onnxruntime")
-        axis.set_xlabel("cut index (later = smaller private part)")
-        axis.set_ylabel("median latency (ms)")
-        axis.set_title(f"batch {batch}")
-        axis.legend(fontsize=8)
+        x = np.arange(len(subset))
+        width = 0.38
+        axis.bar(x - width / 2, [r["whole_ms"] for r in subset], width, yerr=_error(subset, "whole"), capsize=2,
+                 color="0.7", label="whole model (onnxruntime)")  # fmt: skip
+        axis.bar(x + width / 2, [r["total_ms"] for r in subset], width, yerr=_error(subset, "total"), capsize=2,
+                 color="tab:blue", label="split, measured total")  # fmt: skip
+        parts = (
+            ("public_ms", "^", "public part (host)"),
+            ("private_ms", "s", "private part, timed locally"),
+            ("boundary_round_trip_ms", "o", "boundary round trip (enclave call - private)"),
+        )
+        for key, marker, label in parts:
+            axis.plot(x + width / 2, [r[key] for r in subset], marker, color="black", markersize=4,
+                      linestyle="none", fillstyle="none", label=label)  # fmt: skip
+        axis.axhline(0.0, color="black", linewidth=0.6)
+        axis.set_xticks(x, [f"{r['cut']} {_short(r['after_node'])}" for r in subset], rotation=90, fontsize=7)
+        axis.set_xlabel("cut: index and last public node")
+        axis.set_ylabel("median latency per call (ms)")
+        repeats = sorted({r.get("repeats") for r in subset if r.get("repeats")})
+        shown = f", {repeats[0]} interleaved rounds, whiskers: interquartile range" if len(repeats) == 1 else ""
+        axis.set_title(f"batch {batch}{shown}", fontsize=9)
+        axis.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig
+
+
+def _short(name: str, limit: int = 24) -> str:
+    return name if len(name) <= limit else "..." + name[-(limit - 3) :]
 
 
 def interleaved_latency_ratios(

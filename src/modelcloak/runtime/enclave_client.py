@@ -15,6 +15,7 @@ clear line within the timeout, and `restart()` starts a fresh process and re-sen
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
 import shutil
 import socket
@@ -94,6 +95,7 @@ _REFUSED = {
     ErrorCode.FRAME_TOO_LARGE,
     ErrorCode.MALFORMED_FRAME,
     ErrorCode.UNKNOWN_TYPE,
+    ErrorCode.BUDGET_STATE,
 }
 _BUNDLE_REFUSED = {ErrorCode.AUTH_FAILED, ErrorCode.BAD_HEADER, ErrorCode.BAD_POLICY, ErrorCode.BAD_MODEL}
 
@@ -185,10 +187,14 @@ class _Connection:
         self.info: EnclaveInfo | None = None  # what this connection's READY said
         self._closing = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
+        # Stores a BUDGET_STATE blob durably; None: this host keeps no persistent budget.
+        self.budget_sink: Callable[[bytes], None] | None = None
         self._reader = threading.Thread(target=self._read_loop, name=f"enclave-{proc.pid}-reader", daemon=True)
         self._stderr = threading.Thread(target=self._stderr_loop, name=f"enclave-{proc.pid}-stderr", daemon=True)
-        self._reader.start()
+        # stderr first: an enclave that exits at once makes the reader report its death, which
+        # joins the stderr thread for the last words; that thread must have been started.
         self._stderr.start()
+        self._reader.start()
 
     # -- process state -------------------------------------------------------------------------
 
@@ -289,10 +295,30 @@ class _Connection:
             )
         with self._lock:
             pending = self._pending.get(request_id)
+        if msg_type == MsgType.BUDGET_STATE:
+            # Stored before the READY/RESULT that follows is read: an answer whose count could not
+            # be kept is not handed out (that reply is dropped, the caller gets this error).
+            failure = self._store_budget_state(payload)
+            if failure is not None and pending is not None and not pending.event.is_set():
+                pending.error = failure
+                pending.event.set()
+            return
         if pending is None or pending.event.is_set():
             return  # a late reply to a request that timed out, or an unsolicited notice
         pending.msg_type, pending.payload = msg_type, payload
         pending.event.set()
+
+    def _store_budget_state(self, payload: bytearray) -> EnclaveError | None:
+        if self.budget_sink is None:
+            return EnclaveError(
+                "the enclave keeps this bundle's query budget across sessions, but no budget state file was "
+                "given to store it in (budget_state)"
+            )
+        try:
+            self.budget_sink(bytes(payload))
+        except OSError as exc:
+            return EnclaveError(f"cannot store the query budget's state: {exc.strerror or exc}")
+        return None
 
     def _fail_all(self, reason: str | None) -> None:
         """Fail every waiting request: with `reason` (a protocol violation) or, if None, the end of the process."""
@@ -451,6 +477,67 @@ def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequenc
     return got
 
 
+class BudgetStateFile:
+    """The file holding a persistent budget's sealed state: read at LOAD, replaced atomically (write,
+    fsync, rename, fsync the directory) on every BUDGET_STATE, locked for one client at a time.
+
+    The state is sealed by the enclave, so this host can neither read nor edit the count; the lock
+    only keeps two honest sessions from spending one budget twice (a `tpm` budget refuses that anyway).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    def _acquire(self) -> None:
+        if self._lock_fd is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EnclaveError(f"cannot use the budget state file {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise EnclaveError(
+                f"the budget state {self.path} is in use by another session; one bundle's budget is spent by one "
+                "session at a time"
+            ) from None
+        self._lock_fd = fd
+
+    def read(self) -> bytes:
+        """The stored state; empty when none was stored yet."""
+        self._acquire()
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise EnclaveError(f"cannot read the budget state file {self.path}: {exc.strerror or exc}") from None
+
+    def write(self, blob: bytes) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
 def _kill_quietly(proc: subprocess.Popen[bytes], workdir: str | None = None) -> None:
     """Finalizer: an enclave whose client was dropped without close() must not outlive it."""
     if proc.poll() is None:
@@ -476,12 +563,22 @@ class EnclaveClient:
         env: Mapping[str, str] | None = None,
         timeout: float = 10.0,
         max_restarts: int = 2,
+        budget_state: str | os.PathLike[str] | None = None,
+        tpm: str | None = None,
     ) -> None:
         """`command` replaces the isolated `python -I` launcher (e.g. a Gramine launcher); `--fd`,
         the key arguments and options are appended to it. The enclave never inherits the host's
         environment: it gets `enclave_environment()` (PATH, locale, its own HOME/TMPDIR, the key
         variable) plus `env`, and runs in a fresh private working directory removed after it exits.
+
+        `budget_state` is the file that keeps a persistent query budget's sealed state between
+        sessions (needed only by bundles whose policy has `budget_counter` "sealed" or "tpm"); this
+        client holds an exclusive lock on it while it lives. `tpm` (a TCTI string such as
+        `device:/dev/tpmrm0`) is passed to the enclave for a `tpm` budget's counter.
         """
+        self._key_variable: dict[str, str] = {}  # the --key-env variable, taken from os.environ once
+        self._budget_state = BudgetStateFile(Path(budget_state)) if budget_state is not None else None
+        self._tpm = tpm
         self._command = list(command) if command else default_command()
         # infer/stats/ping without an explicit timeout wait this long, restarts included.
         self.timeout = timeout
@@ -532,10 +629,13 @@ class EnclaveClient:
             self._teardown()
             key_args = _absolute_key_file(key_args)
             self._start_args = (list(key_args), threads, start_timeout)
+            self._take_key_variable(key_args)
             self._workdir = tempfile.mkdtemp(prefix="modelcloak-enclave-")  # 0700, ours alone
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             argv = [*self._command, "--fd", str(child.fileno()), *key_args]
             argv += ["--max-frame-bytes", str(self._max_frame_bytes)]
+            if self._tpm:
+                argv += ["--tpm", self._tpm]
             if threads:
                 argv += ["--threads", str(threads)]
             argv += self._extra_args
@@ -547,7 +647,7 @@ class EnclaveClient:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    env=enclave_environment(key_args, self._env, self._workdir),
+                    env=enclave_environment(key_args, {**(self._env or {}), **self._key_variable}, self._workdir),
                     cwd=self._workdir,
                 )
             except OSError as exc:
@@ -572,12 +672,26 @@ class EnclaveClient:
                 self._teardown(grace=1.0)
                 raise
 
+    def _take_key_variable(self, key_args: Sequence[str]) -> None:
+        """With --key-env, move the key out of this process's environment on the first start and keep
+        it for restarts: programs the host starts later must not inherit the enclave's key."""
+        if "--key-env" not in key_args or self._key_variable:
+            return
+        name = key_args[list(key_args).index("--key-env") + 1]
+        value = (self._env or {}).get(name) or os.environ.pop(name, None)
+        if value is not None:
+            self._key_variable = {name: value}
+
     def load(self, header: bytes, ciphertext: bytes | bytearray | memoryview, timeout: float = 30.0) -> EnclaveInfo:
         """Send the bundle header and the enclave section's ciphertext; return what READY says."""
         conn, hello = self._require_running()
         piece = max(1, min(_LOAD_PIECE, hello.max_frame_bytes - protocol.FRAME_OVERHEAD))
         data = memoryview(ciphertext).cast("B")
-        first = protocol.encode_load(header, len(data))
+        state = None
+        if hello.capabilities & protocol.CAP_BUDGET_STATE and self._budget_state is not None:
+            state = self._budget_state.read()  # read afresh: a restart continues from the latest count
+            conn.budget_sink = self._budget_state.write
+        first = protocol.encode_load(header, len(data), state)
         if protocol.FRAME_OVERHEAD + len(first) > hello.max_frame_bytes:
             raise EnclaveError(f"the bundle header ({len(header)} bytes) exceeds the enclave's frame limit")
 
@@ -671,8 +785,8 @@ class EnclaveClient:
     def restart(self, *, deadline: float | None = None) -> EnclaveInfo | None:
         """Kill the enclave, start a fresh one with the same arguments and re-send the last LOAD.
 
-        The fresh process has a fresh per-session query budget: budgets that must survive
-        restarts belong to the licence service, not to the enclave process.
+        A `session` budget starts afresh in the new process; a persistent one (`sealed`, `tpm`)
+        continues from the state stored last, which the re-sent LOAD reads again.
         """
         with self._lifecycle:
             if self._start_args is None:
@@ -703,6 +817,8 @@ class EnclaveClient:
                 except (EnclaveError, subprocess.TimeoutExpired):
                     pass
             self._teardown()
+            if self._budget_state is not None:
+                self._budget_state.release()
 
     def _remove_workdir(self) -> None:
         workdir, self._workdir = self._workdir, None

@@ -81,12 +81,29 @@ class Session:
         feeds = self._feeds(inputs)
         if self._licence is None:
             return self._compute(feeds)
-        first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
-        samples = int(first.shape[0]) if getattr(first, "ndim", 0) else 1
+        samples = self._samples(feeds)
         self._licence.before(samples)  # with a quota, reserves the samples: refused means nothing is answered
         results = self._compute(feeds)
         self._licence.after(samples)
         return results
+
+    def _samples(self, feeds: dict[str, np.ndarray]) -> int:
+        """Samples in this call, for the licence: rows of the batch axis wherever it sits (axis 1 of a
+        sequence-first model), the largest over the inputs; the first input's leading dim when the
+        signature names no batch axis."""
+        symbol = (self.manifest.get("split") or {}).get("batch")
+        counted: int | None = None
+        for spec in self._feed_specs:
+            array = feeds.get(spec["name"])
+            for axis, dim in enumerate(spec.get("shape") or []):
+                if isinstance(dim, str) and (dim == symbol if symbol else "batch" in dim.lower()):
+                    if array is not None and getattr(array, "ndim", 0) > axis:
+                        counted = max(counted or 0, int(array.shape[axis]))
+                    break
+        if counted is not None:
+            return counted
+        first = feeds[self.input_names[0]] if self.input_names else next(iter(feeds.values()))
+        return int(first.shape[0]) if getattr(first, "ndim", 0) else 1
 
     def _feeds(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         """Check names and types against the signed manifest, exactly as onnxruntime would."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import onnx
 
 from modelcloak.bundle import Bundle, SectionSource
-from modelcloak.options import coerce_policy
+from modelcloak.options import OptionError, coerce_policy
 from modelcloak.runtime.errors import SessionError
 from modelcloak.runtime.session import SplitSession, open_graph
 from modelcloak.schemes.base import BundlePlan, OpenContext, ProtectRequest, SchemeClaims, refuse_unless
@@ -34,6 +35,8 @@ CLAIMS = SchemeClaims(
         "out of the enclave's memory",
         "the public layers: they run in plaintext on the host by design",
         "extraction by queries within the budget: measure it with `modelcloak eval extraction`",
+        "a `sealed` query budget against an old state file put back (a `tpm` budget refuses that; "
+        "docs/ENCLAVE.md, 'Budgets that survive restarts')",
         "the boundary activations and the shapes at the cut, which the host sees",
     ),
 )
@@ -48,6 +51,21 @@ def cut_model(model: onnx.ModelProto, request: ProtectRequest) -> tuple[onnx.Mod
     public, private = split_model(model, chosen)
     verify_split(model, public, private, chosen)  # never write a bundle that cannot run its own inputs
     return public, private, chosen
+
+
+def default_budget_state(header: bytes) -> Path:
+    """Where a bundle's persistent budget state lives unless the caller says: one file per bundle header."""
+    import hashlib
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "modelcloak" / "budgets" / f"{hashlib.sha256(header).hexdigest()[:32]}.state"
+
+
+def _default_tpm() -> str | None:
+    import os
+
+    return "device:/dev/tpmrm0" if os.path.exists("/dev/tpmrm0") else None
 
 
 class SplitScheme:
@@ -66,6 +84,16 @@ class SplitScheme:
         from modelcloak.model.cut import batch_symbol
 
         policy = coerce_policy(request.policy)
+        if request.native_enclave is not None and policy.persistent:
+            raise OptionError(
+                "the native enclave keeps its query budget per session; use budget_counter 'session' "
+                "or the Python enclave for a budget that survives restarts",
+                parameter="policy",
+            )
+        if policy.query_budget is not None and policy.budget_counter is None and request.native_enclave is None:
+            # A budget is the licence's, not one process's: by default it survives restarts. (The
+            # native enclave keeps it per session and would refuse the field.)
+            policy = dataclasses.replace(policy, budget_counter="sealed")
         public, private, chosen = cut_model(model, request)
         private_bytes = private.SerializeToString()
         del private
@@ -101,7 +129,12 @@ class SplitScheme:
         header, private = bundle.header, bundle.section_ciphertext("private")
         mark = time.perf_counter()
         # The timeout bounds every run(), restarts included.
-        enclave = EnclaveClient(command=list(config.command) if config.command else None, timeout=config.timeout)
+        enclave = EnclaveClient(
+            command=list(config.command) if config.command else None,
+            timeout=config.timeout,
+            budget_state=config.budget_state or default_budget_state(header),
+            tpm=config.tpm or _default_tpm(),
+        )
         try:
             enclave.start(config.key_arguments(), threads=config.threads)
             enclave.load(header, private, timeout=max(config.timeout, 30.0))

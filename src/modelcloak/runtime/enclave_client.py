@@ -56,6 +56,11 @@ _BOOTSTRAP = (
 _KEPT_VARIABLES = ("LANG", "LC_ALL", "LC_CTYPE")
 _NO_HOME = "/dev/null/modelcloak-enclave-has-no-home"  # = modelcloak.enclave.sandbox.NO_HOME
 
+# Start-up (a Python enclave imports onnxruntime before HELLO) took 0.2 s on an idle machine and
+# over 10 s on a loaded 2-core one. An enclave that dies says so at once (the connection breaks),
+# so this only bounds one that hangs; it is generous so a busy machine does not fail a load.
+START_TIMEOUT = 60.0
+
 
 def default_command() -> list[str]:
     """The isolated launcher: this interpreter, `-I`, and a bootstrap that imports modelcloak from its install."""
@@ -621,7 +626,7 @@ class EnclaveClient:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def start(self, key_args: list[str], *, threads: int | None = None, start_timeout: float = 10.0) -> None:
+    def start(self, key_args: list[str], *, threads: int | None = None, start_timeout: float = START_TIMEOUT) -> None:
         """Spawn the enclave and wait for its HELLO (it has read its key and is ready for LOAD)."""
         with self._lifecycle:
             if self._conn is not None and self._conn.proc.poll() is None:

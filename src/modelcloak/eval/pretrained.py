@@ -203,7 +203,8 @@ def run_pretrained_attack(
         with torch.no_grad():
             pooled = victim_net.suffix(train_h, CUT_BLOCK)
         head_steps = _VICTIM_HEAD_EPOCHS * -(-victim_train // _BATCH)
-        _train([{"params": victim.head.parameters(), "lr": _VICTIM_LR["head"]}], victim.head, pooled, train_y, head_steps, 1)
+        head_group = [{"params": victim.head.parameters(), "lr": _VICTIM_LR["head"]}]
+        _train(head_group, victim.head, pooled, train_y, head_steps, 1)
         _train(victim.parameters(), victim, train_h, train_y, _VICTIM_TUNE_EPOCHS * -(-victim_train // _BATCH), 2)
         pool_labels = _labels(victim, pool_h)
         test_labels = _labels(victim, test_h)

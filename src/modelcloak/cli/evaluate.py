@@ -31,20 +31,69 @@ def task_data(task: str | None, data: Path | None) -> Any:
 
 
 def eval_accuracy(
-    task: Annotated[str, typer.Option(help="mnist, text (MiniLM) or image (EfficientNet-Lite0).")] = "mnist",
+    model: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="[MODEL.onnx]", help="Your own model (with --data); omit for a shipped --task."),
+    ] = None,
+    task: Annotated[
+        Optional[str], typer.Option(help="Shipped task: mnist (default), text (MiniLM) or image (EfficientNet-Lite0).")
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option(help="With MODEL.onnx: .npz with train_x, train_y, test_x, test_y.")
+    ] = None,
+    cuts: Annotated[
+        Optional[str],
+        typer.Option(help="With MODEL.onnx: comma-separated cut indices (default: one per distinct private part)."),
+    ] = None,
+    epochs: Annotated[
+        Optional[int], typer.Option(help="Passes over the training data per mode (default: per task).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for accuracy.md/csv/png.")] = Path("eval-accuracy"),
 ) -> None:
     """eNNclave's experiment: private head only ("fixed") vs everything fine-tuned ("flexible")."""
     from modelcloak.eval.accuracy import run_accuracy, write_accuracy_report
 
-    results = run_accuracy(task, seed=seed, progress=True)
-    paths = write_accuracy_report(results, out_dir)
-    table = Table(title=f"accuracy, {task}")
-    for column in ("mode", "accuracy", "public parameters", "private parameters", "train s"):
+    setup = None
+    if model is not None:
+        if task is not None:
+            raise ModelcloakError("give MODEL.onnx with --data, or a shipped --task, not both")
+        if data is None:
+            raise ModelcloakError("MODEL.onnx needs --data FILE.npz (arrays train_x, train_y, test_x, test_y)")
+        from modelcloak.eval.owner_accuracy import owner_data, run_owner_accuracy
+
+        loaded = load_inputs(data)
+        if not isinstance(loaded, dict):
+            raise ModelcloakError(f"{data} must be an .npz with arrays train_x, train_y, test_x and test_y")
+        owned = run_owner_accuracy(
+            model,
+            owner_data(loaded, str(data)),
+            cuts=int_list(cuts, "--cuts"),
+            seed=seed,
+            epochs=epochs,
+            console=err,
+        )
+        results, setup, title = owned.results, owned.setup, f"accuracy, {model.name}"
+        out.print(f"{model.name} as given: test accuracy {owned.given_accuracy:.4f}")
+    else:
+        if data is not None or cuts is not None:
+            raise ModelcloakError("--data and --cuts go with MODEL.onnx (your own model)")
+        task = task or "mnist"
+        results, title = run_accuracy(task, seed=seed, epochs=epochs, progress=True, console=err), f"accuracy, {task}"
+    paths = write_accuracy_report(results, out_dir, setup=setup)
+    table = Table(title=title)
+    for column in (
+        "cut" if model is not None else "task",
+        "mode",
+        "accuracy",
+        "public parameters",
+        "private parameters",
+        "train s",
+    ):
         table.add_column(column)
     for r in results:
         table.add_row(
+            r.task,
             r.mode,
             f"{r.accuracy:.4f}",
             f"{r.public_parameters:,}",

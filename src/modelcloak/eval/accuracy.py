@@ -676,8 +676,13 @@ def _row(result: AccuracyResult) -> dict[str, Any]:
     return {field: row[field] for field in FIELDS}
 
 
-def write_accuracy_report(results: Sequence[AccuracyResult], out_dir: Path) -> dict[str, Path]:
-    """Write accuracy.md, accuracy.csv and accuracy.png (fixed vs flexible bars per task) into `out_dir`."""
+def write_accuracy_report(
+    results: Sequence[AccuracyResult], out_dir: Path, *, setup: str | None = None
+) -> dict[str, Path]:
+    """Write accuracy.md, accuracy.csv and accuracy.png (fixed vs flexible bars per task) into `out_dir`.
+
+    `setup` (Markdown) goes under the title: what was measured and assumed, for an owner's model.
+    """
     if not results:
         raise ModelcloakError("no accuracy results to report")
     out_dir = Path(out_dir)
@@ -687,7 +692,7 @@ def write_accuracy_report(results: Sequence[AccuracyResult], out_dir: Path) -> d
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(_row(r) for r in results)
-    paths["md"].write_text(_markdown(results))
+    paths["md"].write_text(_markdown(results, setup))
     _plot(results, paths["png"])
     return paths
 
@@ -696,10 +701,11 @@ def _tasks_in_order(results: Sequence[AccuracyResult]) -> list[str]:
     return list(dict.fromkeys(r.task for r in results))
 
 
-def _markdown(results: Sequence[AccuracyResult]) -> str:
+def _markdown(results: Sequence[AccuracyResult], setup: str | None = None) -> str:
     lines = [
         "# Accuracy: private head only (fixed) vs fine-tuning everything (flexible)",
         "",
+        *([setup, ""] if setup else []),
         "`fixed`: the public extractor is frozen and only the private head is trained on the private data, "
         "so only the head must be confidential. `flexible`: the extractor is fine-tuned on the private data "
         "too, and every fine-tuned weight becomes confidential. Public parameters are the ones still equal "

@@ -171,9 +171,10 @@ def attack_bundle(
             return sessions.enter_context(load(bundle, key=host_key, enclave_key_file=enclave_key_file))
 
         with sessions:
+            target = _Target(boundary, victim, test_y, capped, cut_index, cut_name)
             rows += _each_seed(
-                session, bundle, host_key, enclave_key_file, boundary, victim, test_y, capped,
-                cut_index, cut_name, run_seeds, on_step, reopen if restart_enclave else None,
+                session, bundle, host_key, enclave_key_file, target, run_seeds, on_step,
+                reopen if restart_enclave else None,
             )  # fmt: skip
     return rows
 
@@ -183,12 +184,7 @@ def _each_seed(
     bundle: Path,
     host_key: KeyProvider,
     enclave_key_file: Path,
-    boundary: _Boundary,
-    victim: tuple[np.ndarray, np.ndarray | None],
-    test_y: np.ndarray,
-    capped: dict[int, str],
-    cut_index: int,
-    cut_name: str,
+    target: _Target,
     run_seeds: list[int],
     on_step: Callable[[str], None] | None,
     reopen: Callable[[], SplitSession] | None,
@@ -197,7 +193,7 @@ def _each_seed(
 
     rows: list[ExtractionResult] = []
     for number, run_seed in enumerate(run_seeds):
-        args = (boundary, victim, test_y, capped, cut_index, cut_name, run_seed, on_step, reopen)
+        args = (target, run_seed, on_step, reopen)
         if number == 0:
             rows += _attack_session(session, *args)
             continue
@@ -217,19 +213,28 @@ class _Boundary:
     test_f: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What every attacker of one bundle shares: the boundary, the victim's test outputs, the budgets."""
+
+    boundary: _Boundary
+    victim: tuple[np.ndarray, np.ndarray | None]  # labels [N], and scores [N, C] when known
+    test_y: np.ndarray
+    budgets: dict[int, str]  # capped budget -> note on the capping
+    cut_index: int
+    cut_name: str
+
+
 def _attack_session(
     session: SplitSession,
-    boundary: _Boundary,
-    victim: tuple[np.ndarray, np.ndarray | None],
-    test_y: np.ndarray,
-    budgets: dict[int, str],
-    cut_index: int,
-    cut_name: str,
+    target: _Target,
     seed: int,
     on_step: Callable[[str], None] | None,
     reopen: Callable[[], SplitSession] | None = None,
 ) -> list[ExtractionResult]:
     """One attacker (one seed) against one enclave session: every budget, both attacks."""
+    boundary, victim, test_y, budgets = target.boundary, target.victim, target.test_y, target.budgets
+    cut_index, cut_name = target.cut_index, target.cut_name
     label = cut_name or str(cut_index)
     info = session.enclave.info
     output, policy = info.policy.output, info.policy.spec
@@ -308,7 +313,7 @@ def _attack_session(
             )
             _step(on_step, f"{label} {policy} seed {seed} budget {budget}: {attack}")
     if output == "scores":
-        rows += _crafted_algebraic(session, boundary, victim, test_y, budgets, cut_index, cut_name, seed, n_classes)
+        rows += _crafted_algebraic(session, target, seed, n_classes)
         _step(on_step, f"{label} {policy} seed {seed}: {CRAFTED}")
     return rows
 
@@ -316,17 +321,7 @@ def _attack_session(
 CRAFTED = "algebraic, crafted"
 
 
-def _crafted_algebraic(
-    session: SplitSession,
-    boundary: _Boundary,
-    victim: tuple[np.ndarray, np.ndarray | None],
-    test_y: np.ndarray,
-    budgets: dict[int, str],
-    cut_index: int,
-    cut_name: str,
-    seed: int,
-    n_classes: int,
-) -> list[ExtractionResult]:
+def _crafted_algebraic(session: SplitSession, target: _Target, seed: int, n_classes: int) -> list[ExtractionResult]:
     """The algebraic attack without data: the attacker sends boundary tensors of their own making.
 
     The enclave accepts any tensor of the boundary's shape, so an attacker who needs equations
@@ -336,6 +331,8 @@ def _crafted_algebraic(
     session after the natural queries of the same seed, so under an enclave query budget it gets
     what that attacker left: read its rows there as "after the natural attack".
     """
+    boundary, victim, test_y, budgets = target.boundary, target.victim, target.test_y, target.budgets
+    cut_index, cut_name = target.cut_index, target.cut_name
     policy = session.enclave.info.policy.spec
     width = boundary.pool_f.shape[1]
     need = width + 1 + _ALGEBRAIC_EXTRA

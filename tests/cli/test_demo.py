@@ -133,6 +133,7 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_demo_only_seal(tmp_path: Path):
     completed = _demo(tmp_path, "--only", "seal")
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -60,6 +60,7 @@ def mnist_results() -> dict[str, AccuracyResult]:
     return _by_mode(run_accuracy("mnist", seed=0, progress=False))
 
 
+@pytest.mark.slow
 def test_mnist_both_modes_are_well_above_chance(mnist_results):
     fixed, flexible = mnist_results["fixed"], mnist_results["flexible"]
     # 5 private classes (digits 5-9): chance is 20%. Observed on 2 cores, seeds 0, 1, 2:
@@ -71,6 +72,7 @@ def test_mnist_both_modes_are_well_above_chance(mnist_results):
     assert fixed.train_seconds > 0 and flexible.train_seconds > 0
 
 
+@pytest.mark.slow
 def test_mnist_parameter_split_adds_up_to_the_model(mnist_results):
     from modelcloak.zoo.mnist import small_cnn
 

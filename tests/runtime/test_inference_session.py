@@ -155,7 +155,9 @@ def test_the_package_exports_are_real_for_type_checkers():
     for name in package.__all__:
         assert getattr(package, name) is not None, name
     assert (Path(package.__file__).parent / "py.typed").exists()
+    from modelcloak.lock.layout import SEALED
     from modelcloak.lock.transform import METHODS
     from modelcloak.options import LOCK_METHODS
 
-    assert tuple(LOCK_METHODS) == tuple(METHODS)  # the options module's copy must not drift
+    # The options module's copy must not drift: `sealed` (the default) and the transform's methods.
+    assert tuple(LOCK_METHODS) == (SEALED, *METHODS)

@@ -147,16 +147,17 @@ def attack_bundle(
     own enclave, its own budget), which fails when that budget cannot cover the test set.
     `on_step` is called once per finished (seed, budget, attack) with a short description.
     `restart_enclave` models the budget-reset attacker: whenever the enclave's query budget runs
-    out, they start a new session (a new enclave process, with a fresh budget) and go on.
+    out, they start a new session (a new enclave process with a fresh budget state file, which is
+    what deleting the state file does to a `sealed` budget on a device without a TPM; a `tpm`
+    budget refuses that, docs/ENCLAVE.md) and go on.
     Returns, per seed, one knockoff and one algebraic row per budget, in `budgets` order.
     """
-    from modelcloak.inference import load
 
     capped = _capped_budgets(budgets, len(pool_x))
     run_seeds = _check_seeds(seeds if seeds is not None else [seed])
     pool_x, test_x, test_y = _check_data(pool_x, test_x, test_y)
     rows: list[ExtractionResult] = []
-    with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as session:
+    with attacker_session(bundle, host_key, enclave_key_file) as session:
         input_name = _single_input(session)
         pool_boundary = _boundary_arrays(session, input_name, pool_x)
         pool_f = _flatten(pool_boundary, len(pool_x))
@@ -168,7 +169,7 @@ def attack_bundle(
         sessions = contextlib.ExitStack()
 
         def reopen() -> SplitSession:
-            return sessions.enter_context(load(bundle, key=host_key, enclave_key_file=enclave_key_file))
+            return sessions.enter_context(attacker_session(bundle, host_key, enclave_key_file))
 
         with sessions:
             target = _Target(boundary, victim, test_y, capped, cut_index, cut_name)
@@ -189,7 +190,6 @@ def _each_seed(
     on_step: Callable[[str], None] | None,
     reopen: Callable[[], SplitSession] | None,
 ) -> list[ExtractionResult]:
-    from modelcloak.inference import load
 
     rows: list[ExtractionResult] = []
     for number, run_seed in enumerate(run_seeds):
@@ -197,11 +197,30 @@ def _each_seed(
         if number == 0:
             rows += _attack_session(session, *args)
             continue
-        # Every further seed is another attacker: a new session, so an enclave budget spent by
-        # the previous attacker does not stop this one (the budget is per session).
-        with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as fresh:
+        # Every further seed is another attacker with a session and budget of their own, so a
+        # budget spent by the previous attacker does not stop this one.
+        with attacker_session(bundle, host_key, enclave_key_file) as fresh:
             rows += _attack_session(fresh, *args)
     return rows
+
+
+@contextmanager
+def attacker_session(bundle: Path, host_key: KeyProvider, enclave_key_file: Path) -> Iterator[SplitSession]:
+    """A session of one attacker on a device of their own: its query budget starts full.
+
+    A budget that survives restarts (`budget_counter` sealed or tpm, docs/ENCLAVE.md) is kept in a
+    state file per device; each attacker here gets a fresh one in a temporary directory, so seeds
+    and references are independent attackers and never wait on each other's budget lock.
+    """
+    import tempfile
+
+    from modelcloak.inference import load
+
+    with tempfile.TemporaryDirectory(prefix="modelcloak-attacker-") as state:
+        with load(
+            bundle, key=host_key, enclave_key_file=enclave_key_file, enclave_budget_state=Path(state) / "budget.state"
+        ) as session:
+            yield session
 
 
 @dataclass(frozen=True)
@@ -1167,10 +1186,9 @@ def _victim_outputs_through_bundle(
     bundle: Path, host_key: KeyProvider, enclave_key_file: Path, input_name: str, test_x: np.ndarray
 ) -> np.ndarray:
     """The victim's answers on the test set, through a second session (its own enclave and budget)."""
-    from modelcloak.inference import load
     from modelcloak.runtime.errors import EnclaveError
 
-    with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as evaluator:
+    with attacker_session(bundle, host_key, enclave_key_file) as evaluator:
         info = evaluator.enclave.info
         name = info.outputs[0].name
         pieces = []

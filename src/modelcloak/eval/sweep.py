@@ -302,7 +302,6 @@ def attack_user_bundle(
     """
     from modelcloak.bundle import Bundle
     from modelcloak.eval import extraction
-    from modelcloak.inference import load
     from modelcloak.runtime.errors import EnclaveError
 
     started = time.perf_counter()
@@ -315,7 +314,7 @@ def attack_user_bundle(
     seeds = extraction._check_seeds(seeds)
     effective = extraction._capped_budgets(budgets, len(data.pool_x))
     total = 3 * len(effective) * len(seeds)
-    with load(bundle, key=host_key, enclave_key_file=enclave_key_file) as evaluator:
+    with extraction.attacker_session(bundle, host_key, enclave_key_file) as evaluator:
         input_name = extraction._single_input(evaluator)
         output = evaluator.enclave.info.policy.output
         evaluator_policy = evaluator.enclave.info.policy.spec

@@ -148,9 +148,15 @@ def test_packed_schedule_negative_control() -> None:
 
 def test_rotation_count_is_sublinear() -> None:
     plan = make_plan(784, 64, True)
-    # One rotation per diagonal would be 64; BSGS + folding needs 7 + 7 + 4.
-    assert plan.rotations() == 18
+    # One rotation per diagonal would be 64; BSGS (b = 13, G = 5) + folding needs 12 + 4 + 4,
+    # plus one relinearisation per giant step: 25 key switches.
+    assert (plan.baby, plan.giant) == (13, 5)
+    assert plan.rotations() == 20 and plan.key_switches() == 25
     assert plan.fold_steps == [512, 256, 128, 64]
+    # The square-root split (b = G = 8) has fewer rotations but more key switches in all.
+    assert make_plan(784, 64, True, baby=8).key_switches() == 26
+    # No choice of b does better than the chosen one.
+    assert all(make_plan(784, 64, True, baby=b).key_switches() >= 25 for b in range(1, 65))
 
 
 # ---------------------------------------------------------------------------------------------

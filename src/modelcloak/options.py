@@ -177,7 +177,9 @@ class FheOptions:
         if (self.train_inputs is None) != (self.train_labels is None):
             raise OptionError("fine-tuning needs both training inputs and their labels", parameter="fhe.train_labels")
         if self.train_inputs is not None and self.head is not None:
-            raise OptionError("give either a fine-tuned head or training data to fine-tune, not both", parameter="fhe.head")
+            raise OptionError(
+                "give either a fine-tuned head or training data to fine-tune, not both", parameter="fhe.head"
+            )
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 1:
             raise OptionError("fine-tuning epochs must be a positive integer", parameter="fhe.finetune_epochs")
         object.__setattr__(self, "secret_out", Path(self.secret_out))
@@ -193,7 +195,8 @@ class FheOptions:
             )
         if self.head is not None:
             object.__setattr__(self, "head", Path(self.head))
-        if self.activation == "relu-poly" and self.calibration is None and self.head is None and self.train_inputs is None:
+        fitted_elsewhere = self.head is not None or self.train_inputs is not None
+        if self.activation == "relu-poly" and self.calibration is None and not fitted_elsewhere:
             raise OptionError(
                 "activation relu-poly needs calibration inputs to fit ReLU over their range",
                 parameter="fhe.calibration",

@@ -316,6 +316,20 @@ def test_rotation_keys_are_exactly_the_programs(protected, mnist_head) -> None:
         EdgeEvaluator(dropped.edge_package)
 
 
+def test_evaluation_keys_ship_seeded_at_half_size(protected) -> None:
+    """The relinearisation and Galois keys travel as seeds for their random halves (package size)."""
+    from modelcloak.fhe.ckks import save_object
+    from modelcloak.fhe.engine import MAGIC_EDGE
+
+    _, blobs = _unpack(MAGIC_EDGE, protected.edge_package, "edge package")
+    evaluator = EdgeEvaluator(protected.edge_package)
+    # The loaded keys are expanded; saved again they are full size (the control: what an
+    # unseeded package would carry). The shipped blobs are about half of that.
+    for shipped, loaded in ((blobs[1], evaluator.relin_keys), (blobs[2], evaluator.galois_keys)):
+        full = len(save_object(loaded))
+        assert len(shipped) < 0.6 * full, (len(shipped), full)
+
+
 def test_edge_package_holds_no_secret_key(protected) -> None:
     header, blobs = _unpack(MAGIC_OWNER, protected.owner_secret, "owner secret")
     secret = blobs[0]

@@ -156,11 +156,15 @@ class FheOptions:
     one. `scale_bits`/`poly_degree` fix the CKKS parameters instead of measuring them; `head` is
     a head fine-tuned by `modelcloak fhe-finetune` (HEAD.npz) that replaces the cut's own.
     `train_inputs`/`train_labels` (model inputs and class indices) have `protect` fine-tune the
-    head with `activation` itself (`finetune_epochs` epochs) and record held-out accuracies.
+    head with `activation` itself (`finetune_epochs` epochs) and record held-out accuracies;
+    `activation` then defaults to `relu-poly` instead of `square`.
     """
 
     secret_out: Path
-    activation: str = "square"
+    # None: `square`, or `relu-poly` when `protect` fine-tunes (train_inputs): it lowers to the same
+    # "dense, then square" program, so it costs the same under CKKS, and it kept accuracy in
+    # bench-fhe where a fine-tuned square did not (docs/BENCHMARKS.md).
+    activation: str | None = None
     security: int = 128
     encrypt_weights: bool = True
     calibration: Any = None
@@ -183,6 +187,8 @@ class FheOptions:
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 1:
             raise OptionError("fine-tuning epochs must be a positive integer", parameter="fhe.finetune_epochs")
         object.__setattr__(self, "secret_out", Path(self.secret_out))
+        if self.activation is None:
+            object.__setattr__(self, "activation", "relu-poly" if self.train_inputs is not None else "square")
         if self.activation not in FHE_ACTIVATIONS:
             raise OptionError(
                 f"unknown FHE activation {self.activation!r}; choose one of {', '.join(FHE_ACTIVATIONS)}",

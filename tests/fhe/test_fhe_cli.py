@@ -171,7 +171,7 @@ def test_protect_fine_tunes_the_head_itself_and_inspect_states_the_accuracy(task
     key = generate_key_file(tmp_path / "m.key")
     protect = ["protect", str(tmp_path / "full.onnx"), "-o", str(tmp_path / "b.mcb"), "--key-file", str(key.path),
                "--scheme", "fhe", "--cut-last", "2", "--fhe-secret-out", str(tmp_path / "s.fhe"),
-               "--fhe-train", str(data), "--fhe-epochs", "8"]  # fmt: skip
+               "--fhe-train", str(data), "--fhe-epochs", "8", "--fhe-activation", "square"]  # fmt: skip
     made = cli(*protect)
     assert made.returncode == 0, made.stderr
     with Bundle.open(tmp_path / "b.mcb") as sealed:
@@ -198,3 +198,23 @@ def test_protect_fine_tunes_the_head_itself_and_inspect_states_the_accuracy(task
     one_line_error(cli(*protect), "arrays x (model inputs) and y (labels)")
     protect[13] = str(data)
     one_line_error(cli(*protect, "--fhe-head", str(data)), "not both")
+
+
+def test_fine_tuning_in_protect_defaults_to_the_relu_fit(tmp_path: Path) -> None:
+    """With training data `protect` fine-tunes with the ReLU fit unless told otherwise (same cost as square)."""
+    from modelcloak.options import FheOptions, OptionError
+
+    x, y = np.zeros((30, 12)), np.zeros(30, dtype=np.int64)
+    assert FheOptions(secret_out=tmp_path / "s").activation == "square"
+    assert FheOptions(secret_out=tmp_path / "s", train_inputs=x, train_labels=y).activation == "relu-poly"
+    assert FheOptions(secret_out=tmp_path / "s", activation="square", train_inputs=x, train_labels=y).activation == (
+        "square"
+    )
+    with pytest.raises(OptionError, match="both training inputs and their labels"):
+        FheOptions(secret_out=tmp_path / "s", train_inputs=x)
+    # And it costs the same under CKKS: a fitted ReLU lowers to dense-then-square like the square.
+    from modelcloak.fhe.program import Activation, fit_relu
+
+    square = DenseProgram([np.eye(3), np.eye(2, 3)], [np.zeros(3), np.zeros(2)], [Activation.named("square")])
+    fitted = DenseProgram([np.eye(3), np.eye(2, 3)], [np.zeros(3), np.zeros(2)], [fit_relu(-2.0, 3.0)])
+    assert fitted.depth() == square.depth() == 3

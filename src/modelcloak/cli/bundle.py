@@ -69,8 +69,12 @@ def protect(
         Optional[Path], typer.Option("--fhe-secret-out", help="fhe: where the owner's CKKS secret goes (0600).")
     ] = None,
     fhe_activation: Annotated[
-        str, typer.Option("--fhe-activation", help="fhe: square, modified-square, relu-poly or none.")
-    ] = "square",
+        Optional[str],
+        typer.Option(
+            "--fhe-activation",
+            help="fhe: square (default), modified-square, relu-poly (default with --fhe-train) or none.",
+        ),
+    ] = None,
     fhe_security: Annotated[int, typer.Option("--fhe-security", help="fhe: 128, 192 or 256 bits.")] = 128,
     fhe_calibration: Annotated[
         Optional[Path], typer.Option("--fhe-calibration", help="fhe relu-poly: .npy of model inputs for the range.")

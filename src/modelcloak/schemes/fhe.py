@@ -159,19 +159,20 @@ def _compile(public: onnx.ModelProto, private: onnx.ModelProto, options: FheOpti
     # Calibration features also measure the encrypted head's agreement and its check tolerance.
     features = _boundary_features(public, options.calibration) if options.calibration is not None else None
     finetune = None
+    kind = options.activation or "square"  # FheOptions resolves None; this only narrows the type
     try:
         if options.train_inputs is not None:
             # Fine-tune inside protect: the public part gives the features at the cut, the held-out
             # part of the owner's data gives the accuracies and (without calibration) the probe.
             train_features = _boundary_features(public, options.train_inputs)
             program, report, heldout = finetuned_program(
-                private, options.activation, train_features, options.train_labels, epochs=options.finetune_epochs
+                private, kind, train_features, options.train_labels, epochs=options.finetune_epochs
             )
             finetune = report.to_json()
-            activation = f"{options.activation} (fine-tuned in protect)"
+            activation = f"{kind} (fine-tuned in protect)"
             features = features if features is not None else heldout
         else:
-            program, activation = program_for(private, options.activation, features, options.head)
+            program, activation = program_for(private, kind, features, options.head)
         model = protect_program(
             program,
             security=options.security,

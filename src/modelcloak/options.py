@@ -155,21 +155,40 @@ class FheOptions:
     head's inputs take on them; it also measures the encrypted head's agreement with the plain
     one. `scale_bits`/`poly_degree` fix the CKKS parameters instead of measuring them; `head` is
     a head fine-tuned by `modelcloak fhe-finetune` (HEAD.npz) that replaces the cut's own.
+    `train_inputs`/`train_labels` (model inputs and class indices) have `protect` fine-tune the
+    head with `activation` itself (`finetune_epochs` epochs) and record held-out accuracies;
+    `activation` then defaults to `relu-poly` instead of `square`.
     """
 
     secret_out: Path
-    activation: str = "square"
+    # None: `square`, or `relu-poly` when `protect` fine-tunes (train_inputs): it lowers to the same
+    # "dense, then square" program, so it costs the same under CKKS, and it kept accuracy in
+    # bench-fhe where a fine-tuned square did not (docs/BENCHMARKS.md).
+    activation: str | None = None
     security: int = 128
     encrypt_weights: bool = True
     calibration: Any = None
     scale_bits: int | None = None
     poly_degree: int | None = None
     head: Path | None = None
+    train_inputs: Any = None
+    train_labels: Any = None
+    finetune_epochs: int = 6
 
     def __post_init__(self) -> None:
         if not self.secret_out:
             raise OptionError("fhe needs secret_out, a file for the owner's secret", parameter="fhe.secret_out")
+        if (self.train_inputs is None) != (self.train_labels is None):
+            raise OptionError("fine-tuning needs both training inputs and their labels", parameter="fhe.train_labels")
+        if self.train_inputs is not None and self.head is not None:
+            raise OptionError(
+                "give either a fine-tuned head or training data to fine-tune, not both", parameter="fhe.head"
+            )
+        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 1:
+            raise OptionError("fine-tuning epochs must be a positive integer", parameter="fhe.finetune_epochs")
         object.__setattr__(self, "secret_out", Path(self.secret_out))
+        if self.activation is None:
+            object.__setattr__(self, "activation", "relu-poly" if self.train_inputs is not None else "square")
         if self.activation not in FHE_ACTIVATIONS:
             raise OptionError(
                 f"unknown FHE activation {self.activation!r}; choose one of {', '.join(FHE_ACTIVATIONS)}",
@@ -182,7 +201,8 @@ class FheOptions:
             )
         if self.head is not None:
             object.__setattr__(self, "head", Path(self.head))
-        if self.activation == "relu-poly" and self.calibration is None and self.head is None:
+        fitted_elsewhere = self.head is not None or self.train_inputs is not None
+        if self.activation == "relu-poly" and self.calibration is None and not fitted_elsewhere:
             raise OptionError(
                 "activation relu-poly needs calibration inputs to fit ReLU over their range",
                 parameter="fhe.calibration",

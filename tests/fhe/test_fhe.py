@@ -148,9 +148,15 @@ def test_packed_schedule_negative_control() -> None:
 
 def test_rotation_count_is_sublinear() -> None:
     plan = make_plan(784, 64, True)
-    # One rotation per diagonal would be 64; BSGS + folding needs 7 + 7 + 4.
-    assert plan.rotations() == 18
+    # One rotation per diagonal would be 64; BSGS (b = 13, G = 5) + folding needs 12 + 4 + 4,
+    # plus one relinearisation per giant step: 25 key switches.
+    assert (plan.baby, plan.giant) == (13, 5)
+    assert plan.rotations() == 20 and plan.key_switches() == 25
     assert plan.fold_steps == [512, 256, 128, 64]
+    # The square-root split (b = G = 8) has fewer rotations but more key switches in all.
+    assert make_plan(784, 64, True, baby=8).key_switches() == 26
+    # No choice of b does better than the chosen one.
+    assert all(make_plan(784, 64, True, baby=b).key_switches() >= 25 for b in range(1, 65))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +314,20 @@ def test_rotation_keys_are_exactly_the_programs(protected, mnist_head) -> None:
     dropped = protect_program(head, 128, rotation_steps=steps[1:])
     with pytest.raises(FheError, match=rf"rotation keys for steps \[{steps[0]}\]"):
         EdgeEvaluator(dropped.edge_package)
+
+
+def test_evaluation_keys_ship_seeded_at_half_size(protected) -> None:
+    """The relinearisation and Galois keys travel as seeds for their random halves (package size)."""
+    from modelcloak.fhe.ckks import save_object
+    from modelcloak.fhe.engine import MAGIC_EDGE
+
+    _, blobs = _unpack(MAGIC_EDGE, protected.edge_package, "edge package")
+    evaluator = EdgeEvaluator(protected.edge_package)
+    # The loaded keys are expanded; saved again they are full size (the control: what an
+    # unseeded package would carry). The shipped blobs are about half of that.
+    for shipped, loaded in ((blobs[1], evaluator.relin_keys), (blobs[2], evaluator.galois_keys)):
+        full = len(save_object(loaded))
+        assert len(shipped) < 0.6 * full, (len(shipped), full)
 
 
 def test_edge_package_holds_no_secret_key(protected) -> None:

@@ -153,3 +153,68 @@ def test_protect_takes_the_fine_tuned_head(task, tmp_path: Path) -> None:
     onnx.save(make_mlp((12, 12, 16, 4), seed=4), tmp_path / "other.onnx")
     protect[1], protect[3], protect[11] = str(tmp_path / "other.onnx"), str(tmp_path / "c.mcb"), str(tmp_path / "t.fhe")
     one_line_error(cli(*protect), "are not the private part's")
+
+
+@pytest.mark.slow  # trains and protects through three CLI subprocesses (~30 s CPU)
+def test_protect_fine_tunes_the_head_itself_and_inspect_states_the_accuracy(task, tmp_path: Path) -> None:
+    """`protect --fhe-train` fine-tunes the private head on model inputs and labels, then encrypts that head."""
+    import json
+
+    import onnx
+
+    from modelcloak.bundle import Bundle
+    from modelcloak.inference import load
+    from modelcloak.keys import generate_key_file
+
+    _, data = task
+    onnx.save(make_mlp((12, 12, 24, 4), seed=4), tmp_path / "full.onnx")
+    key = generate_key_file(tmp_path / "m.key")
+    protect = ["protect", str(tmp_path / "full.onnx"), "-o", str(tmp_path / "b.mcb"), "--key-file", str(key.path),
+               "--scheme", "fhe", "--cut-last", "2", "--fhe-secret-out", str(tmp_path / "s.fhe"),
+               "--fhe-train", str(data), "--fhe-epochs", "8", "--fhe-activation", "square"]  # fmt: skip
+    made = cli(*protect)
+    assert made.returncode == 0, made.stderr
+    with Bundle.open(tmp_path / "b.mcb") as sealed:
+        report = sealed.manifest.document["fhe"]["finetune"]
+    # The shipped head is untrained (random): training with the square in place clearly helps.
+    assert report["finetuned_accuracy"] > report["dropped_in_accuracy"] + 0.2, report
+    assert report["heldout_samples"] == 240 and report["train_samples"] == 960
+    shown = cli("inspect", str(tmp_path / "b.mcb"))
+    assert "fhe accuracy" in shown.stdout and "fine-tuned in protect with square" in shown.stdout, shown.stdout
+
+    # The bundle carries the fine-tuned head: its encrypted labels are about as accurate as the
+    # report says, far above the head as shipped with the square dropped in.
+    arrays = np.load(data)
+    x, y = arrays["x"][:200].astype(np.float32), arrays["y"][:200]
+    with load(tmp_path / "b.mcb", key=key) as session:
+        result = session.evaluate(x)
+    labels = OwnerDecryptor((tmp_path / "s.fhe").read_bytes()).labels(result)
+    assert np.mean(labels == y) > report["dropped_in_accuracy"] + 0.15, json.dumps(report)
+
+    # Bad input: one line each.
+    np.savez(tmp_path / "nolabels.npz", x=arrays["x"])
+    protect[3], protect[11] = str(tmp_path / "c.mcb"), str(tmp_path / "t.fhe")
+    protect[13] = str(tmp_path / "nolabels.npz")
+    one_line_error(cli(*protect), "arrays x (model inputs) and y (labels)")
+    protect[13] = str(data)
+    one_line_error(cli(*protect, "--fhe-head", str(data)), "not both")
+
+
+def test_fine_tuning_in_protect_defaults_to_the_relu_fit(tmp_path: Path) -> None:
+    """With training data `protect` fine-tunes with the ReLU fit unless told otherwise (same cost as square)."""
+    from modelcloak.options import FheOptions, OptionError
+
+    x, y = np.zeros((30, 12)), np.zeros(30, dtype=np.int64)
+    assert FheOptions(secret_out=tmp_path / "s").activation == "square"
+    assert FheOptions(secret_out=tmp_path / "s", train_inputs=x, train_labels=y).activation == "relu-poly"
+    assert FheOptions(secret_out=tmp_path / "s", activation="square", train_inputs=x, train_labels=y).activation == (
+        "square"
+    )
+    with pytest.raises(OptionError, match="both training inputs and their labels"):
+        FheOptions(secret_out=tmp_path / "s", train_inputs=x)
+    # And it costs the same under CKKS: a fitted ReLU lowers to dense-then-square like the square.
+    from modelcloak.fhe.program import Activation, fit_relu
+
+    square = DenseProgram([np.eye(3), np.eye(2, 3)], [np.zeros(3), np.zeros(2)], [Activation.named("square")])
+    fitted = DenseProgram([np.eye(3), np.eye(2, 3)], [np.zeros(3), np.zeros(2)], [fit_relu(-2.0, 3.0)])
+    assert fitted.depth() == square.depth() == 3

@@ -83,8 +83,12 @@ def protect(
         Optional[Path], typer.Option("--fhe-secret-out", help="fhe: where the owner's CKKS secret goes (0600).")
     ] = None,
     fhe_activation: Annotated[
-        str, typer.Option("--fhe-activation", help="fhe: square, modified-square, relu-poly or none.")
-    ] = "square",
+        Optional[str],
+        typer.Option(
+            "--fhe-activation",
+            help="fhe: square (default), modified-square, relu-poly (default with --fhe-train) or none.",
+        ),
+    ] = None,
     fhe_security: Annotated[int, typer.Option("--fhe-security", help="fhe: 128, 192 or 256 bits.")] = 128,
     fhe_calibration: Annotated[
         Optional[Path], typer.Option("--fhe-calibration", help="fhe relu-poly: .npy of model inputs for the range.")
@@ -101,6 +105,11 @@ def protect(
     fhe_head: Annotated[
         Optional[Path], typer.Option("--fhe-head", help="fhe: a fine-tuned head from `fhe-finetune` (HEAD.npz).")
     ] = None,
+    fhe_train: Annotated[
+        Optional[Path],
+        typer.Option("--fhe-train", help="fhe: .npz with x (model inputs) and y (labels): fine-tune the head here."),
+    ] = None,
+    fhe_epochs: Annotated[int, typer.Option("--fhe-epochs", help="fhe: fine-tuning epochs with --fhe-train.")] = 6,
 ) -> None:
     """Protect MODEL into an encrypted, optionally signed bundle (seal; split with --cut-*; lock with --lock-to)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -133,6 +142,8 @@ def protect(
             "scale_bits": fhe_scale_bits,
             "poly_degree": fhe_poly_degree,
             "head": fhe_head,
+            **_fhe_training(fhe_train),
+            "finetune_epochs": fhe_epochs,
         },
     )
     with Progress(
@@ -158,6 +169,16 @@ def protect(
     signed = "signed" if manifest.signer_public_key else "unsigned"
     size = output.stat().st_size
     out.print(f"wrote {output} ({size:,} bytes, scheme {manifest.scheme}, key id {manifest.key_id}, {signed})")
+
+
+def _fhe_training(path: Path | None) -> dict[str, Any]:
+    """`--fhe-train DATA.npz`: the model inputs `x` and class labels `y` that `protect` fine-tunes on."""
+    if path is None:
+        return {}
+    arrays = load_inputs(path)
+    if not isinstance(arrays, dict) or "x" not in arrays or "y" not in arrays:
+        raise ModelcloakError(f"{path}: --fhe-train expects an .npz with arrays x (model inputs) and y (labels)")
+    return {"train_inputs": arrays["x"], "train_labels": arrays["y"]}
 
 
 def _cut_selector(after: str | None, tensors: str | None, last: int | None, index: int | None) -> Any:

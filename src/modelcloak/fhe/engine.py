@@ -323,12 +323,17 @@ def _protect_with(
     secret_key = keygen.secret_key()
     public_key = sealapi.PublicKey()
     keygen.create_public_key(public_key)
-    relin_keys = sealapi.RelinKeys()
-    keygen.create_relin_keys(relin_keys)
+    # Seeded evaluation keys: SEAL stores the uniformly random half of every key-switching key as
+    # the seed of its PRNG, so the relinearisation and Galois keys (most of the key material) ship
+    # at half size and are expanded when the edge loads them. (The public key has no seeded form
+    # in TenSEAL's binding; it is one ciphertext-sized object.)
+    relin_bytes = save_object(keygen.create_relin_keys())
     steps = required_rotation_steps(plans, batch) if rotation_steps is None else tuple(sorted(set(rotation_steps)))
-    galois_keys = sealapi.GaloisKeys()
-    if steps:
-        keygen.create_galois_keys([galois_element(s, params.poly_modulus_degree) for s in steps], galois_keys)
+    galois_bytes = (
+        save_object(keygen.create_galois_keys([galois_element(s, params.poly_modulus_degree) for s in steps]))
+        if steps
+        else b""
+    )
     public_bytes = save_object(public_key)
     model_id = _model_id(params, public_bytes)
 
@@ -340,7 +345,7 @@ def _protect_with(
         plain = ctx.encode(values, level, scale)
         return save_object(encryptor.encrypt_symmetric(plain) if encrypt_weights else plain)
 
-    blobs = [public_bytes, save_object(relin_keys), save_object(galois_keys) if steps else b""]
+    blobs = [public_bytes, relin_bytes, galois_bytes]
     layer_records = []
     for layer, plan, lv in zip(layers, plans, levels):
         diags = diagonals(layer.weight, plan)

@@ -1,10 +1,10 @@
-"""One line on what `protect --scheme fhe` measured, for `modelcloak inspect`."""
+"""One line each on what `protect --scheme fhe` measured and fine-tuned, for `modelcloak inspect`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["describe_measured"]
+__all__ = ["describe_finetune", "describe_measured"]
 
 
 def describe_measured(measured: Any) -> str:
@@ -25,3 +25,17 @@ def describe_measured(measured: Any) -> str:
     if agree != total:
         line += "; LABELS DIFFER from the plaintext head on some inputs"
     return line
+
+
+def describe_finetune(report: Any) -> str:
+    """Held-out accuracy of the private part as shipped against the fine-tuned polynomial head."""
+    if not isinstance(report, dict) or "finetuned_accuracy" not in report:
+        return "not recorded"
+    return (
+        f"fine-tuned in protect with {report.get('activation')} ({report.get('epochs')} epochs, "
+        f"{report.get('train_samples')} samples): held-out accuracy {100 * float(report['finetuned_accuracy']):.1f}% "
+        f"against {100 * float(report.get('original_accuracy', float('nan'))):.1f}% for the private part as shipped "
+        f"({float(report.get('points_below_original', float('nan'))):+.1f} points below; "
+        f"{100 * float(report.get('dropped_in_accuracy', float('nan'))):.1f}% with the activation dropped in, "
+        f"{report.get('heldout_samples')} held-out samples)"
+    )

@@ -92,7 +92,7 @@ class FheScheme:
         )
 
     def describe(self, document: Mapping[str, Any]) -> list[tuple[str, str]]:
-        from modelcloak.fhe.report import describe_measured
+        from modelcloak.fhe.report import describe_finetune, describe_measured
 
         fhe = document.get("fhe")
         if not isinstance(fhe, dict):
@@ -104,6 +104,7 @@ class FheScheme:
                 f"{'encrypted' if fhe.get('encrypt_weights') else 'encoded'} weights, model id {fhe.get('model_id')}",
             ),
             ("fhe measured", describe_measured(fhe.get("measured"))),
+            *([("fhe accuracy", describe_finetune(fhe["finetune"]))] if "finetune" in fhe else []),
         ]
 
 
@@ -153,12 +154,25 @@ def _compile(public: onnx.ModelProto, private: onnx.ModelProto, options: FheOpti
     without it; the plan's `on_failure` removes it again if writing the bundle fails.
     """
     from modelcloak.fhe import FheError, protect_program
-    from modelcloak.fhe.head import program_for
+    from modelcloak.fhe.head import finetuned_program, program_for
 
     # Calibration features also measure the encrypted head's agreement and its check tolerance.
     features = _boundary_features(public, options.calibration) if options.calibration is not None else None
+    finetune = None
+    kind = options.activation or "square"  # FheOptions resolves None; this only narrows the type
     try:
-        program, activation = program_for(private, options.activation, features, options.head)
+        if options.train_inputs is not None:
+            # Fine-tune inside protect: the public part gives the features at the cut, the held-out
+            # part of the owner's data gives the accuracies and (without calibration) the probe.
+            train_features = _boundary_features(public, options.train_inputs)
+            program, report, heldout = finetuned_program(
+                private, kind, train_features, options.train_labels, epochs=options.finetune_epochs
+            )
+            finetune = report.to_json()
+            activation = f"{kind} (fine-tuned in protect)"
+            features = features if features is not None else heldout
+        else:
+            program, activation = program_for(private, kind, features, options.head)
         model = protect_program(
             program,
             security=options.security,
@@ -179,6 +193,8 @@ def _compile(public: onnx.ModelProto, private: onnx.ModelProto, options: FheOpti
         "backend": "tenseal-ckks",
         "measured": model.measured,
     }
+    if finetune is not None:
+        entry["finetune"] = finetune
     return model.edge_package, entry
 
 

@@ -294,7 +294,7 @@ def open_graph(
             data = bytearray(entry.size)
             sealed.decrypt_section_into(name, master.view(), memoryview(data))
             also[name] = bytes(data)  # type: ignore[index]
-        if lock_key is not None:
+        if lock is not None and lock_key is not None:
             mark = clock()
             _unlock(sealed, master, prefix, lock, lock_key, weights_buffer)
             report.seconds["unlock"] = clock() - mark

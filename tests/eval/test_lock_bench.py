@@ -34,7 +34,7 @@ def test_authorised_devices_reproduce_the_original_exactly(bench):
         rows = _rows(bench, model)
         original = rows["original"].accuracy
         assert original > 0.6  # one epoch on 4,000 digits
-        for method in ("uniform-shift", "plain-aes", "permutation"):
+        for method in ("sealed", "uniform-shift", "plain-aes", "permutation"):
             row = rows[f"authorised device ({method})"]
             assert row.identical is True and row.accuracy == original
 
@@ -47,6 +47,17 @@ def test_wrong_and_relabelled_keys_fall_to_chance_and_copies_are_refused(bench):
         assert rows["copied to device B, entry relabelled (uniform-shift)"].accuracy <= 0.16
         copied = rows["copied to device B with A's state"]
         assert copied.accuracy is None and copied.note.startswith("refused: ")
+
+
+def test_sealed_refuses_wrong_and_relabelled_keys(bench):
+    for model in ("mnist-cnn", "mnist-mlp"):
+        rows = _rows(bench, model)
+        relabelled = rows["copied to device B, entry relabelled (sealed)"]
+        assert relabelled.accuracy is None and "do not open with this device's key" in relabelled.note
+        wrong = rows["wrong key (sealed)"]
+        assert wrong.accuracy is None and wrong.note.startswith("all 5 random keys refused: "), wrong
+        # The control: the same rows for uniform-shift are scored, not refused.
+        assert rows["wrong key (uniform-shift)"].accuracy is not None
 
 
 def test_ks_rows_separate_the_three_methods(bench):

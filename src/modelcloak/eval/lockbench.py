@@ -41,6 +41,7 @@ from rich.progress import Progress
 
 from modelcloak.errors import ModelcloakError
 from modelcloak.lock import METHODS, is_lockable, ks_distance, lock_weights, unlock_weights
+from modelcloak.lock.layout import SEALED
 
 __all__ = ["AccuracyRow", "KsRow", "LockBench", "OverheadRow", "bench_lock", "write_lock_report"]
 
@@ -335,7 +336,14 @@ def _hard_lock_rows(
         with load(bundle, key=host, device_key=device_key) as session:
             return _predict(session, x)
 
-    for method in METHODS:
+    def attacked(variant: str, bundle: Path, device_key: Any) -> AccuracyRow:
+        """An attacker's load: its accuracy, or "refused" with the message (`sealed` refuses)."""
+        try:
+            return AccuracyRow(name, variant, _score(scored(bundle, device_key), y), None)
+        except ModelcloakError as exc:
+            return AccuracyRow(name, variant, None, None, f"refused: {exc}")
+
+    for method in (SEALED, *METHODS):
         advance(f"{name}: {method} on the authorised device")
         bundle = folder / f"{name}-{method}.mcb"
         protect(model, bundle, key=host, scheme="lock", lock=LockOptions([devices.a_handle()], method))
@@ -347,29 +355,38 @@ def _hard_lock_rows(
         relabelled.fingerprint = devices.b.identity.fingerprint
         forged = folder / f"{name}-{method}-forged.mcb"
         protect(model, forged, key=host, scheme="lock", lock=LockOptions([relabelled], method))
-        rows.append(
-            AccuracyRow(
-                name, f"copied to device B, entry relabelled ({method})", _score(scored(forged, devices.b), y), None
-            )
-        )
+        rows.append(attacked(f"copied to device B, entry relabelled ({method})", forged, devices.b))
 
     advance(f"{name}: wrong key and copied state")
     # One wrong key is one draw: a destroyed model often answers mostly one class, and scores that
     # class's share of the test set. The median over several keys is the figure to compare.
-    wrong_scores = []
-    for attempt in range(WRONG_KEYS):
-        stale = DeviceLockKey(secrets.token_bytes(32), devices.a.identity.fingerprint)  # an old enrolment's key
-        wrong = folder / f"{name}-wrong-{attempt}.mcb"
-        protect(model, wrong, key=host, scheme="lock", lock=[stale])
-        wrong_scores.append(_score(scored(wrong, devices.a), y))
-    spread = f"median of {WRONG_KEYS} random keys; range {100 * min(wrong_scores):.1f}-{100 * max(wrong_scores):.1f}%"
-    rows.append(AccuracyRow(name, "wrong key (uniform-shift)", statistics.median(wrong_scores), None, spread))
+    for method in (SEALED, "uniform-shift"):
+        wrong_rows = []
+        for attempt in range(WRONG_KEYS):
+            stale = DeviceLockKey(secrets.token_bytes(32), devices.a.identity.fingerprint)  # an old enrolment's key
+            wrong = folder / f"{name}-{method}-wrong-{attempt}.mcb"
+            protect(model, wrong, key=host, scheme="lock", lock=LockOptions([stale], method))
+            wrong_rows.append(attacked(f"wrong key ({method})", wrong, devices.a))
+        rows.append(_wrong_key_row(wrong_rows))
     try:
         scored(folder / f"{name}-uniform-shift.mcb", devices.a_state_on_b())
         rows.append(AccuracyRow(name, "copied to device B with A's state", None, None, "NOT refused"))
     except ModelcloakError as exc:
         rows.append(AccuracyRow(name, "copied to device B with A's state", None, None, f"refused: {exc}"))
     return rows
+
+
+def _wrong_key_row(attempts: list[AccuracyRow]) -> AccuracyRow:
+    """One row for several wrong keys: "refused" only if every key was, else the median score."""
+    first = attempts[0]
+    scores = [r.accuracy for r in attempts if r.accuracy is not None]
+    refused = len(attempts) - len(scores)
+    if not scores:
+        return AccuracyRow(first.model, first.variant, None, None, f"all {len(attempts)} random keys {first.note}")
+    spread = f"median of {len(scores)} random keys; range {100 * min(scores):.1f}-{100 * max(scores):.1f}%"
+    if refused:
+        spread += f"; {refused} refused"
+    return AccuracyRow(first.model, first.variant, statistics.median(scores), None, spread)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

@@ -297,6 +297,12 @@ class TpmDeviceKey(DeviceKeyBase):
                 f"this version knows {PRIMARY_TEMPLATE!r}"
             )
         self._identity = identity_from_state(self._state)
+        # Importing tpm2-pytss costs ~50 ms of CPU; paid here, once, rather than inside the first load.
+        # A missing install is reported when the TPM is first used, as before.
+        try:
+            pytss()
+        except KeyProviderError:
+            pass
 
     def _recorded_tcti(self) -> str | None:
         recorded = self._state.get("tcti")

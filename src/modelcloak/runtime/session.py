@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -261,11 +262,14 @@ def open_graph(
     with the same key, so the key is derived once.
     """
     clock = time.perf_counter
-    master = key.key_for(sealed.manifest.key)
-    graph_buffer = weights_buffer = None
     if lock is not None and lock.get("part") != prefix:
         raise SessionError(f"the bundle locks part {lock.get('part')!r}, which this version cannot load")
+    # The device's lock key comes from its TPM: a few round trips that are mostly waiting. Ask for it
+    # now, in a thread, so it overlaps the model key, the graph and the plain weights below.
+    lock_key = None if lock is None else _LockKeyRequest(lock.get("devices"), options.device_key)
+    master = graph_buffer = weights_buffer = None
     try:
+        master = key.key_for(sealed.manifest.key)
         report.buffer_kinds["key"] = master.kind
         sealed.check_key(master.view())
         report.key_id = sealed.manifest.key_id
@@ -284,17 +288,18 @@ def open_graph(
             plain_part.release()  # a live slice would keep the buffer from being unmapped on failure
         report.seconds["decrypt"] = clock() - mark
         report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
-        if lock is not None:
-            mark = clock()
-            _unlock(sealed, master, prefix, lock, options.device_key, weights_buffer)
-            report.seconds["unlock"] = clock() - mark
+        graph = _parse_graph(graph_buffer.view())  # before the unlock: more work to overlap the TPM with
         for name in also or {}:
             entry = sealed.manifest.section(name)
             data = bytearray(entry.size)
             sealed.decrypt_section_into(name, master.view(), memoryview(data))
             also[name] = bytes(data)  # type: ignore[index]
+        if lock is not None and lock_key is not None:
+            mark = clock()
+            _unlock(sealed, master, prefix, lock, lock_key, weights_buffer)
+            report.seconds["unlock"] = clock() - mark
+            report.seconds["unlock_wait"] = lock_key.waited
         master.close()
-        graph = _parse_graph(graph_buffer.view())
         mark = clock()
         weights_view = weights_buffer.view()
         try:
@@ -317,10 +322,56 @@ def open_graph(
         report.providers = list(runner.providers)
         return runner
     finally:
-        master.close()
-        for buffer in (graph_buffer, weights_buffer):
+        if lock_key is not None:
+            lock_key.close()  # waits for the TPM and wipes a key that an earlier failure left unused
+        for buffer in (master, graph_buffer, weights_buffer):
             if buffer is not None:
                 buffer.close()
+
+
+class _LockKeyRequest:
+    """The device lock key (`unwrap_lock_key`), derived in a thread while the caller decrypts.
+
+    The TPM's round trips wait on the chip (or swtpm) and tpm2-pytss releases the GIL in them, so
+    the load's own work goes on meanwhile. `take()` waits and hands the key over (the caller
+    closes it) or raises what the derivation raised; `close()` waits and wipes an untaken key.
+    """
+
+    def __init__(self, entries: Any, device_key: Any) -> None:
+        self._key: hygiene.SecureBuffer | None = None
+        self._error: BaseException | None = None
+        self.waited = 0.0  # seconds the load spent waiting for the key
+        self._thread = threading.Thread(
+            target=self._derive, args=(entries, device_key), name="modelcloak-device-key", daemon=True
+        )
+        self._thread.start()
+
+    def _derive(self, entries: Any, device_key: Any) -> None:
+        from modelcloak.keys.device import unwrap_lock_key
+
+        try:
+            self._key = unwrap_lock_key(entries, device_key)
+        except BaseException as exc:  # handed to the loading thread by take()
+            self._error = exc
+
+    def take(self) -> hygiene.SecureBuffer:
+        mark = time.perf_counter()
+        self._thread.join()
+        self.waited = time.perf_counter() - mark
+        error, self._error = self._error, None
+        if error is not None:
+            raise error.with_traceback(None)
+        key, self._key = self._key, None
+        if key is None:
+            raise SessionError("the device lock key was already used")
+        return key
+
+    def close(self) -> None:
+        self._thread.join()
+        self._error = None
+        if self._key is not None:
+            self._key.close()
+            self._key = None
 
 
 def _locked_weights_size(lock: dict[str, Any], plain_size: int) -> int:
@@ -331,10 +382,14 @@ def _locked_weights_size(lock: dict[str, Any], plain_size: int) -> int:
 
 
 def _unlock(
-    sealed: Bundle, master: hygiene.SecureBuffer, prefix: str, lock: dict[str, Any], device_key: Any, weights: Any
+    sealed: Bundle,
+    master: hygiene.SecureBuffer,
+    prefix: str,
+    lock: dict[str, Any],
+    request: _LockKeyRequest,
+    weights: Any,
 ) -> None:
     """Decrypt the locked codes and unlock them with this device's key into the weights buffer."""
-    from modelcloak.keys.device import unwrap_lock_key
     from modelcloak.lock import LockError
     from modelcloak.lock.layout import SEALED, unlock_into
 
@@ -347,7 +402,7 @@ def _unlock(
         salt = base64.b64decode(lock["salt"], validate=True)
     except (ValueError, KeyError, TypeError):
         raise SessionError("the bundle's lock parameters are malformed") from None
-    lock_key = unwrap_lock_key(lock.get("devices"), device_key)
+    lock_key = request.take()
     if params.get("method") == SEALED:
         _unlock_sealed(sealed, master, codes_entry, lock_key, weights)
         return

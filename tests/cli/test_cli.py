@@ -263,6 +263,7 @@ def test_keygen_refuses_to_overwrite(tmp_path):
     assert oct((tmp_path / "k").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.slow
 def test_split_through_the_cli(tmp_path, mlp):
     (tmp_path / "m.onnx").write_bytes(mlp.SerializeToString())
     listed = cli("splits", str(tmp_path / "m.onnx"))

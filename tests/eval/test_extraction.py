@@ -172,6 +172,7 @@ def test_crafted_algebraic_attack_needs_no_data(task: DigitsTask) -> None:
     assert not [r for r in task.attack(task.bundle({"output": "label"}), [50]) if r.attack == "algebraic, crafted"]
 
 
+@pytest.mark.slow
 def test_label_policy_makes_the_algebraic_attack_na_and_lowers_fidelity(
     label_runs: dict[int, list[ExtractionResult]], scores_runs: dict[int, list[ExtractionResult]]
 ) -> None:

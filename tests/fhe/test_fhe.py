@@ -297,6 +297,7 @@ def test_expanding_and_multi_layer_program_with_every_activation() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rotation_keys_are_exactly_the_programs(protected, mnist_head) -> None:
     head, x = mnist_head
     evaluator = EdgeEvaluator(protected.edge_package)

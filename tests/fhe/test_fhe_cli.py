@@ -117,6 +117,7 @@ def test_fhe_finetune_bad_input_is_one_line(task, tmp_path: Path) -> None:
     one_line_error(cli("bench-fhe", "--security", "128,abc", "--out", str(tmp_path / "b")), "--security")
 
 
+@pytest.mark.slow
 def test_protect_takes_the_fine_tuned_head(task, tmp_path: Path) -> None:
     """`fhe-finetune` output goes straight into `protect --fhe-head`; a head of another shape is refused."""
     import onnx

@@ -188,6 +188,7 @@ def _accuracy(bundle: Path, host, device: Device, x: np.ndarray, y: np.ndarray) 
     return float((_run(bundle, host, device, {"x": x}).argmax(-1) == y).mean())
 
 
+@pytest.mark.slow
 def test_a_forged_entry_gives_real_looking_weights_and_chance_accuracy(world):
     folder, host, a, b = world
     model, x, y = _digits_model()
@@ -229,6 +230,7 @@ def test_a_forged_entry_gives_real_looking_weights_and_chance_accuracy(world):
     assert ks_distance(got, real) < 0.05
 
 
+@pytest.mark.slow
 def test_sealed_refuses_a_forged_entry_and_twenty_wrong_keys(world):
     """`sealed`: a relabelled entry, and 20 random lock keys, never produce weights; the right key does.
 
@@ -268,6 +270,7 @@ def test_sealed_refuses_a_forged_entry_and_twenty_wrong_keys(world):
     assert w0.tobytes() in bytes(region)  # control: the right key gives the exact weights
 
 
+@pytest.mark.slow
 def test_negative_control_plain_aes_gives_absurd_weights(world):
     """The same forgery against plain AES: the attacker sees at once that the key is wrong."""
     folder, host, a, b = world

@@ -131,20 +131,24 @@ def _without_offset(case: Case) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_original_is_a_real_classifier(mnist_case: Case) -> None:
     assert mnist_case.original_acc["fp32"] > 0.90
 
 
+@pytest.mark.slow
 def test_locked_fp32_stays_within_one_point_of_the_original(mnist_case: Case) -> None:
     assert mnist_case.locked_acc["fp32"] >= mnist_case.original_acc["fp32"] - 0.01
 
 
 @pytest.mark.parametrize("variant", LOW_PRECISION)
+@pytest.mark.slow
 def test_locked_low_precision_variants_fall_to_chance(mnist_case: Case, variant: str) -> None:
     assert mnist_case.locked_acc[variant] <= TARGET, mnist_case.locked_acc
 
 
 @pytest.mark.parametrize("variant", LOW_PRECISION)
+@pytest.mark.slow
 def test_control_the_unlocked_model_keeps_its_accuracy_in_every_variant(mnist_case: Case, variant: str) -> None:
     # The same quantisers and evaluation on the original: if these fell too, the chance results
     # above would say nothing about the lock.
@@ -152,12 +156,14 @@ def test_control_the_unlocked_model_keeps_its_accuracy_in_every_variant(mnist_ca
 
 
 @pytest.mark.parametrize("variant", EXTRA_VARIANTS)
+@pytest.mark.slow
 def test_per_channel_qoperator_and_percentile_quantisation_do_not_escape(mnist_case: Case, variant: str) -> None:
     if variant in mnist_case.refused:
         return  # the quantiser refusing the locked model is no deployment either
     assert mnist_case.locked_acc[variant] <= TARGET, mnist_case.locked_acc
 
 
+@pytest.mark.slow
 def test_another_calibration_set_does_not_escape(mnist_case: Case) -> None:
     # The attacker calibrates on other digits (half of the test set) and evaluates on the rest.
     half = len(mnist_case.x_test) // 2
@@ -167,6 +173,7 @@ def test_another_calibration_set_does_not_escape(mnist_case: Case) -> None:
     assert accuracy["int8-static"] <= TARGET + 0.02, accuracy  # 500 digits: allow sampling noise
 
 
+@pytest.mark.slow
 def test_locked_int8_outputs_are_finite_and_independent_of_the_input(mnist_case: Case) -> None:
     # Chance comes from the mechanism (every input gives the same output), not from NaN rows.
     for name in ("int8-dynamic", "int8-static", "fp16"):
@@ -177,6 +184,7 @@ def test_locked_int8_outputs_are_finite_and_independent_of_the_input(mnist_case:
     assert len(np.unique(np.argmax(fp32, axis=1))) > 5
 
 
+@pytest.mark.slow
 def test_control_taking_the_offset_out_unlocks_int8(mnist_case: Case) -> None:
     # The fine-tune alone does not lock; the offset does. This is also the documented limit:
     # whoever knows the construction undoes it with two edits and no data.
@@ -188,6 +196,7 @@ def test_control_taking_the_offset_out_unlocks_int8(mnist_case: Case) -> None:
         assert accuracy[name] >= mnist_case.locked_acc["fp32"] - 0.02, accuracy
 
 
+@pytest.mark.slow
 def test_consumer_weights_sum_to_zero_in_fp32_and_below_zero_in_fp16(mnist_case: Case) -> None:
     site = find_lock_site(mnist_case.locked)
     weight = mnist_case.locked[site.consumer].weight.detach().double().numpy()
@@ -197,6 +206,7 @@ def test_consumer_weights_sum_to_zero_in_fp32_and_below_zero_in_fp16(mnist_case:
     assert np.mean(fp16_sums < 0) > 0.99
 
 
+@pytest.mark.slow
 def test_the_original_module_is_not_modified(mnist_case: Case) -> None:
     for name, tensor in mnist_case.original.state_dict().items():
         assert torch.equal(tensor, mnist_case.snapshot[name]), name
@@ -208,12 +218,14 @@ def test_the_original_module_is_not_modified(mnist_case: Case) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_mlp_fp32_stays_within_one_point(digits_case: Case) -> None:
     assert digits_case.original_acc["fp32"] > 0.9
     assert digits_case.locked_acc["fp32"] >= digits_case.original_acc["fp32"] - 0.01
 
 
 @pytest.mark.parametrize("variant", LOW_PRECISION)
+@pytest.mark.slow
 def test_digits_mlp_low_precision_variants_fall_to_chance(digits_case: Case, variant: str) -> None:
     assert digits_case.locked_acc[variant] <= TARGET, digits_case.locked_acc
     assert digits_case.original_acc[variant] >= digits_case.original_acc["fp32"] - 0.02, digits_case.original_acc

@@ -103,6 +103,7 @@ def test_a_quota_of_10_answers_at_most_10(backend: Backend, tmp_path: Path) -> N
     assert answered == 20 and backend.service.queries_used(unlimited) == 20
 
 
+@pytest.mark.slow
 def test_usage_waits_out_a_backend_outage_within_the_offline_grace(backend: Backend, tmp_path: Path) -> None:
     """Issue 12: `run` failed as soon as a batch was due while the backend was down. Now runs go on
     until `offline_until`, their counts kept in the usage state file and reported, exactly, when the

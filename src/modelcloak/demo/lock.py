@@ -5,8 +5,9 @@ identity root each: a TPM is the real thing, docs/LOCK.md). The owner locks the 
 A. A copy of the sealed bundle without its key is refused; the locked bundle with the key on
 device B is refused by name; and a thief who holds the model key and rewrites the bundle's
 device entry for their own device B (what relabelling a real bundle's entry gives: the manifest is
-authenticated with the model key, which they hold; tests/test_lock_scheme.py) gets a model that
-loads, looks real and answers at chance.
+authenticated with the model key, which they hold; tests/lock/test_lock_scheme.py) is refused too:
+the `sealed` lock method seals the locked weights under a key that needs device A's lock key, so
+they fail authentication on B (docs/LOCK.md).
 """
 
 from __future__ import annotations
@@ -102,14 +103,8 @@ def run(ctx: DemoContext) -> StepResult:
     relabelled.fingerprint = fingerprint_b
     forged = ctx.path("devices/b/forged.mcb")
     modelcloak.protect(plain.path, forged, key=key, scheme="lock", lock=modelcloak.LockOptions((relabelled,)))
-    stolen = open_on(forged, device_b)
-    stolen_logits = stolen.run(None, {INPUT_NAME: plain.x_test})[0]
-    stolen.close()
-    stolen_accuracy = float(np.mean(stolen_logits.argmax(axis=1) == plain.y_test))
-    finite = bool(np.isfinite(stolen_logits).all())
-    ctx.console.print(
-        f"      it loads and runs (finite outputs: {finite}), accuracy {stolen_accuracy:.1%} (chance: 10%)"
-    )
+    forged_error = _refusal(lambda: open_on(forged, device_b).close())
+    ctx.console.print(f"      refused: {forged_error}")
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -119,7 +114,6 @@ def run(ctx: DemoContext) -> StepResult:
         lambda: reference.run(None, one), lambda: on_a.run(None, one), repeats=ctx.settings.latency_repeats
     )
     on_a.close()
-    classes = len(np.unique(plain.y_test))
     return StepResult(
         step="lock",
         rows=[
@@ -127,9 +121,8 @@ def run(ctx: DemoContext) -> StepResult:
                 "lock (device A)",
                 accuracy_a,
                 locked_latency / plain_latency,
-                f"refused on other devices; a forged device entry runs at {stolen_accuracy:.0%} (chance)",
+                "refused on other devices, and with a forged device entry",
                 "the model key and an enrolled device (TPM, or a software key)",
-                thief_accuracy=stolen_accuracy,
             )
         ],
         facts={
@@ -139,9 +132,8 @@ def run(ctx: DemoContext) -> StepResult:
             "device_a_labels_equal": bool(np.array_equal(labels_a, plain.labels)),
             "refused_on_device_b": on_b is not None,
             "device_b_error": on_b,
-            "forged_accuracy": stolen_accuracy,
-            "forged_outputs_finite": finite,
-            "chance_accuracy": 1.0 / classes,
+            "refused_forged_entry": forged_error is not None,
+            "forged_entry_error": forged_error,
             "plain_latency_ms": plain_latency * 1e3,
             "locked_latency_ms": locked_latency * 1e3,
         },

@@ -113,13 +113,24 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8443,
     ssl_certfile: Annotated[Optional[str], typer.Option("--tls-cert", help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Optional[str], typer.Option("--tls-key", help="TLS private key (PEM).")] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive (408 after; 0: no deadline).")
+    ] = 10.0,
 ) -> None:
     """Run the owner backend's HTTP API (key release, usage reports); migrates the database first."""
     from modelcloak.owner.server import serve as run_server
 
     provider = _master_provider(master_key_file, master_key_env, required=True)
     out.print(f"owner backend on {host}:{port}, database {_shown(_database(db))}", highlight=False)
-    run_server(_database(db), provider, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    run_server(
+        _database(db),
+        provider,
+        host=host,
+        port=port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        header_timeout=header_timeout,
+    )
 
 
 def init(

@@ -27,6 +27,8 @@ from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from modelcloak.bundle.errors import BundleError
+from modelcloak.bundle.serial import serial_entry
 from modelcloak.licensing.protocol import (
     FHE_RESULT_REFUSED,
     HPKE_SUITE,
@@ -103,6 +105,7 @@ class Release:
     query_quota: int | None
     queries_used: int
     insecure: bool
+    min_serial: int | None = None  # the oldest bundle serial the device may run under this licence
 
     def as_json(self) -> dict[str, Any]:
         import base64
@@ -117,6 +120,7 @@ class Release:
             "query_quota": self.query_quota,
             "queries_used": self.queries_used,
             "insecure_evidence": self.insecure,
+            "min_serial": self.min_serial,
         }
 
 
@@ -340,7 +344,11 @@ class OwnerService:
         allow_sim: bool = False,
         allow_debug: bool = False,
         measurements: dict[str, str] | None = None,
+        min_serial: int | None = None,
     ) -> str:
+        """A new licence; `min_serial` pins the oldest bundle serial its devices may run (None: no pin)."""
+        if min_serial is not None:
+            _check_min_serial(min_serial)
         if (device_id is None) == (max_instances is None):
             raise RequestRefused("a licence is bound to exactly one of a device or an instance count", 400)
         if max_instances is not None and max_instances < 1:
@@ -386,6 +394,7 @@ class OwnerService:
                 expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
                 sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
                 created_at=now,
+                min_serial=min_serial,
             )
             seal_row(self.master.row_tag_key, licence)
             session.add(licence)
@@ -401,8 +410,23 @@ class OwnerService:
                 quota=query_quota,
                 allow_sim=allow_sim,
                 allow_debug=allow_debug,
+                min_serial=min_serial,
             )
         return licence_id
+
+    def pin_serial(self, licence_id: str, min_serial: int | None) -> None:
+        """Set (or with None, clear) the oldest bundle serial a licence's devices may run; audited.
+
+        Raise it when a new release replaces one that must no longer run: devices learn it at their next
+        key release (start-up or revalidation) and refuse an older bundle from then on."""
+        if min_serial is not None:
+            _check_min_serial(min_serial)
+        with self.store.transaction() as session:
+            licence = self._locked_licence(session, licence_id)
+            check_row(self.master.row_tag_key, licence)
+            previous, licence.min_serial = licence.min_serial, min_serial
+            seal_row(self.master.row_tag_key, licence)
+            self.store.audit(session, "licence.pin", licence_id, "ok", min_serial=min_serial, previous=previous)
 
     def revoke_licence(self, licence_id: str, reason: str = "revoked by the owner") -> None:
         with self.store.transaction() as session:
@@ -463,6 +487,7 @@ class OwnerService:
                     "revoked": row.revoked_at is not None,
                     "allow_sim": row.allow_sim,
                     "allow_debug": row.allow_debug,
+                    "min_serial": row.min_serial,
                 }
                 for row in rows
             ]
@@ -664,6 +689,7 @@ class OwnerService:
                     query_quota=licence.query_quota,
                     queries_used=licence.queries_used,
                     insecure=claims.insecure,
+                    min_serial=licence.min_serial,
                 )
                 self.store.audit_row(
                     connection,
@@ -991,6 +1017,13 @@ class OwnerService:
             key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
             self._usage_keys[licence.id] = key
         return key
+
+
+def _check_min_serial(value: Any) -> None:
+    try:
+        serial_entry(value)  # the bundle room's own rule for serials
+    except BundleError:
+        raise RequestRefused(f"the minimum serial must be an integer from 0 to 2**53, got {value!r}", 400) from None
 
 
 def _ephemeral_key(raw: bytes) -> X25519PublicKey:

@@ -61,6 +61,9 @@ def load(bundle: str | Path, *, key: KeyProvider, options: LoadOptions | None = 
         report.signer = sealed.verify_signature(trusted or None, require=chosen.require_signature)
         check_serial(sealed.manifest.document, chosen.min_serial, report.signer if trusted else None)
         report.seconds["verify"] = time.perf_counter() - started
+        pin_bundle = getattr(key, "pin_bundle", None)
+        if callable(pin_bundle):  # a key from the owner backend: its licence may pin a minimum serial
+            pin_bundle(sealed.manifest.document, report.signer if trusted else None)
         licence = _licence(key, chosen)
         context = schemes.OpenContext(key=key, options=chosen, report=report, licence=licence)
         session = scheme.open(sealed, context)

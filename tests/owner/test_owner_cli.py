@@ -32,7 +32,7 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
 def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
     ok = cli("owner", "init", "--master-key-file", "master.key", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert "schema revision 0004" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
+    assert "schema revision 0005" in ok.stdout and (tmp_path / "master.key").stat().st_mode & 0o077 == 0
     assert cli("keygen", "model.key", cwd=tmp_path).returncode == 0
     assert (
         cli(
@@ -76,6 +76,8 @@ def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
         "dev1",
         "--quota",
         "100",
+        "--min-serial",
+        "5",
         "--allow-sim",
         "--master-key-file",
         "master.key",
@@ -85,7 +87,13 @@ def test_owner_workflow_from_the_command_line(tmp_path: Path) -> None:
     licence = issued.stdout.strip()
     assert licence.startswith("lic_")
     listed = json.loads(cli("owner", "licence", "list", "--json", cwd=tmp_path).stdout)
-    assert [(row["id"], row["query_quota"], row["revoked"]) for row in listed] == [(licence, 100, False)]
+    assert [(row["id"], row["query_quota"], row["revoked"], row["min_serial"]) for row in listed] == [
+        (licence, 100, False, 5)
+    ]
+    pin = ("owner", "licence", "pin", licence, "--master-key-file", "master.key")
+    assert cli(*pin, "--min-serial", "7", cwd=tmp_path).returncode == 0
+    assert json.loads(cli("owner", "licence", "list", "--json", cwd=tmp_path).stdout)[0]["min_serial"] == 7
+    one_line_error(cli(*pin, "--min-serial", "-1", cwd=tmp_path), "minimum serial must be an integer")
     one_line_error(cli("owner", "licence", "revoke", licence, cwd=tmp_path), "master key")
     revoke = ("owner", "licence", "revoke", licence, "--master-key-file", "master.key")
     assert cli(*revoke, "--reason", "test over", cwd=tmp_path).returncode == 0

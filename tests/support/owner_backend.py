@@ -32,9 +32,17 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m modelcloak serve` in a child process; kill9() is a crash, start() again is a restart."""
 
-    def __init__(self, database: str, master_key_file: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database: str,
+        master_key_file: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.database = database
         self.extra_env = env or {}
+        self.extra_args = args or []
         self.master_key_file = master_key_file
         self.log = log
         self.port = _free_port()
@@ -56,6 +64,7 @@ class ServerProcess:
             str(self.master_key_file),
             "--port",
             str(self.port),
+            *self.extra_args,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.extra_env}
         with open(self.log, "ab") as log:

@@ -12,11 +12,13 @@ package creates it) through runuser. `new_database()` gives each test its own em
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -65,6 +67,26 @@ def require_postgres() -> Path:
         pytest.skip(message)
     assert bindir is not None
     return bindir
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _free_port() -> int:
@@ -116,33 +138,64 @@ class PostgresCluster:
         )
         for _attempt in range(3):  # a port can be taken between the probe and the server's bind
             self.port = _free_port()
-            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200" + (
-                "" if self.durable else " -c fsync=off -c synchronous_commit=off"
-            )
-            started = subprocess.run(
-                self._as_owner(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "-D",
-                        str(data),
-                        "-l",
-                        str(self.root / "log"),
-                        "-o",
-                        options,
-                        "-w",
-                        "-t",
-                        str(int(STARTUP_TIMEOUT)),
-                        "start",
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-            )
+            started = self._launch()
             if started.returncode == 0 and self._ready():
                 return self
         log = (self.root / "log").read_text(errors="replace")[-800:] if (self.root / "log").exists() else ""
         self.stop()
         raise RuntimeError(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
+
+    def _launch(self) -> subprocess.CompletedProcess[str]:
+        assert self.root is not None
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200" + (
+            "" if self.durable else " -c fsync=off -c synchronous_commit=off"
+        )
+        return subprocess.run(
+            self._as_owner(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.root / "data"),
+                    "-l",
+                    str(self.root / "log"),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    str(int(STARTUP_TIMEOUT)),
+                    "start",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+        )
+
+    def kill9(self) -> None:
+        """SIGKILL the postmaster and every backend of it at once: PostgreSQL crashing mid-transaction."""
+        assert self.root is not None
+        postmaster = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+        family = [postmaster, *_children(postmaster)]
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while any(_alive(pid) for pid in family):
+            if time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL processes survived SIGKILL")
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """Start the server again on the same directory and port (crash recovery replays the WAL)."""
+        assert self.root is not None
+        # A killed postmaster nobody reaped is a zombie, which PostgreSQL's lock-file checks (data directory
+        # and socket) take for a running server; the lock files of a postmaster that is gone are stale.
+        for lock in (self.root / "data" / "postmaster.pid", self.root / f".s.PGSQL.{self.port}.lock"):
+            if lock.exists() and not _alive(int(lock.read_text().split()[0])):
+                lock.unlink()
+        started = self._launch()
+        if started.returncode != 0 or not self._ready():
+            log = (self.root / "log").read_text(errors="replace")[-800:] if self.root else ""
+            raise RuntimeError(f"PostgreSQL did not restart: {started.stderr.strip()} {log}")
 
     def _ready(self) -> bool:
         deadline = time.monotonic() + STARTUP_TIMEOUT

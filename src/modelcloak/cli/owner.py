@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
     device_app.command("enroll")(device_enroll)
     licence_app.command("issue")(licence_issue)
     licence_app.command("revoke")(licence_revoke)
+    licence_app.command("pin")(licence_pin)
     licence_app.command("free-instance")(licence_free_instance)
     licence_app.command("list")(licence_list)
     owner_app.command("usage")(usage)
@@ -113,13 +114,24 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8443,
     ssl_certfile: Annotated[Optional[str], typer.Option("--tls-cert", help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Optional[str], typer.Option("--tls-key", help="TLS private key (PEM).")] = None,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive (408 after; 0: no deadline).")
+    ] = 10.0,
 ) -> None:
     """Run the owner backend's HTTP API (key release, usage reports); migrates the database first."""
     from modelcloak.owner.server import serve as run_server
 
     provider = _master_provider(master_key_file, master_key_env, required=True)
     out.print(f"owner backend on {host}:{port}, database {_shown(_database(db))}", highlight=False)
-    run_server(_database(db), provider, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    run_server(
+        _database(db),
+        provider,
+        host=host,
+        port=port,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        header_timeout=header_timeout,
+    )
 
 
 def init(
@@ -262,6 +274,12 @@ def licence_issue(
     ] = False,
     allow_debug: Annotated[bool, typer.Option("--allow-debug", help="Accept debug enclaves/VMs.")] = False,
     measurement: MeasurementOpt = None,
+    min_serial: Annotated[
+        Optional[int],
+        typer.Option(
+            "--min-serial", help="Devices refuse bundles with an older serial (`protect --serial`; rollback pin)."
+        ),
+    ] = None,
     db: DatabaseOpt = None,
     master_key_file: MasterFileOpt = None,
     master_key_env: MasterEnvOpt = None,
@@ -282,8 +300,24 @@ def licence_issue(
         allow_sim=allow_sim,
         allow_debug=allow_debug,
         measurements=_measurements(measurement) or None,
+        min_serial=min_serial,
     )
     out.print(licence_id, highlight=False)
+
+
+def licence_pin(
+    licence_id: Annotated[str, typer.Argument(help="Licence to pin.")],
+    min_serial: Annotated[
+        Optional[int], typer.Option("--min-serial", help="Oldest bundle serial its devices may run (omit: no pin).")
+    ] = None,
+    db: DatabaseOpt = None,
+    master_key_file: MasterFileOpt = None,
+    master_key_env: MasterEnvOpt = None,
+) -> None:
+    """Set or clear a licence's minimum bundle serial; devices apply it at their next key release."""
+    _service(db, master_key_file, master_key_env, master=True).pin_serial(licence_id, min_serial)
+    pinned = "no minimum serial" if min_serial is None else f"minimum serial {min_serial}"
+    out.print(f"{licence_id}: {pinned}", highlight=False)
 
 
 def licence_revoke(
@@ -331,6 +365,8 @@ def licence_list(
         state = "revoked" if row["revoked"] else "active"
         if row["allow_sim"]:
             state += ", sim allowed (INSECURE)"
+        if row["min_serial"] is not None:
+            state += f", serial >= {row['min_serial']}"
         table.add_row(row["id"], row["model"], bound, row["expires_at"][:19], f"{row['queries_used']} / {quota}", state)
     out.print(table)
 

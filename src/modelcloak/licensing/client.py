@@ -27,6 +27,8 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from modelcloak.bundle.errors import BundleError
+from modelcloak.bundle.serial import RollbackError, check_serial
 from modelcloak.hygiene import SecureBuffer
 from modelcloak.keys.errors import KeyProviderError
 from modelcloak.keys.providers import KeyProvider, _into_secret
@@ -173,6 +175,14 @@ class OwnerBackendKey(KeyProvider):
         self.instance_id = instance_id or device_id
         self.usage_key: bytes | None = None
         self.terms: dict[str, Any] = {}
+        self._bundle: tuple[dict[str, Any], str | None] | None = None
+
+    def pin_bundle(self, document: dict[str, Any], signer: str | None) -> None:
+        """Name the bundle this provider releases keys for: its manifest and its pinned, verified signer
+        (None when no signer is pinned). From then on a licence whose `min_serial` is newer than the
+        bundle's serial is refused before the key leaves this provider, at the first release and at
+        every revalidation. `load()` calls this."""
+        self._bundle = (document, signer)
 
     def describe(self) -> str:
         insecure = " (INSECURE sim evidence)" if self.attester.kind == "sim" else ""
@@ -200,9 +210,30 @@ class OwnerBackendKey(KeyProvider):
                 instance_id=self.instance_id,
                 attester=self.attester,
             )
+        try:
+            self._check_pin(released.terms)
+        except BaseException:
+            released.model_key.close()
+            raise
         self.usage_key = released.usage_key
         self.terms = released.terms
         return released.model_key
+
+    def _check_pin(self, terms: dict[str, Any]) -> None:
+        """Refuse a bundle older than the licence's pinned serial (RollbackError), as the device's own `min_serial`."""
+        pinned = terms.get("min_serial")
+        if pinned is None:
+            return
+        if self._bundle is None:
+            raise RollbackError(
+                f"licence {self.licence_id} pins bundle serial {pinned}, but the bundle is unknown to this key "
+                "provider: open it with modelcloak.load(), which checks its serial"
+            )
+        document, signer = self._bundle
+        try:
+            check_serial(document, pinned, signer)
+        except BundleError as exc:
+            raise RollbackError(f"licence {self.licence_id} pins serial {pinned}: {exc}") from None
 
     def _deadline(self, name: str) -> datetime:
         try:
@@ -224,6 +255,8 @@ class OwnerBackendKey(KeyProvider):
         offline_until = self._deadline("offline_until")
         try:
             model_key = self._release()
+        except RollbackError as exc:  # the owner raised the pin above this bundle while it ran
+            raise RequestRefused(str(exc), 403) from None
         except RequestRefused:
             raise
         except OwnerError as exc:

@@ -34,7 +34,7 @@ def _micros(value: datetime | None) -> int | None:
 
 
 def licence_fields(licence: Any) -> dict[str, Any]:
-    return {
+    fields = {
         "id": licence.id,
         "model_id": licence.model_id,
         "device_id": licence.device_id,
@@ -52,6 +52,11 @@ def licence_fields(licence: Any) -> dict[str, Any]:
         "revoked_at": _micros(licence.revoked_at),
         "revocation_reason": licence.revocation_reason,
     }
+    # Covered only when set, so the tags of licences made before the column existed (revision 0005)
+    # stay valid; setting, changing or clearing a pin by SQL changes the tag all the same.
+    if licence.min_serial is not None:
+        fields["min_serial"] = licence.min_serial
+    return fields
 
 
 def device_fields(device: Any) -> dict[str, Any]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from modelcloak.owner.errors import OwnerError
 from modelcloak.owner.evidence.registry import VerifierRegistry
+from modelcloak.owner.headers import HEADER_TIMEOUT, header_deadline_protocol
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
 
 DEFAULT_DATABASE = "modelcloak-owner.db"
 METRICS_TOKEN_ENV = "MODELCLOAK_METRICS_TOKEN"
+_log = logging.getLogger("modelcloak.owner")
 
 
 def open_service(
@@ -33,19 +36,36 @@ def serve(
     log_level: str = "warning",
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> None:
     """Serve until interrupted. Put TLS in front (or pass a certificate): the API itself authenticates
-    devices by evidence and signed batches, but licence ids and usage figures are not secret-free."""
+    devices by evidence and signed batches, but licence ids and usage figures are not secret-free.
+
+    `header_timeout`: seconds a request's headers may take to arrive (408 after; 0 turns the deadline off,
+    for a backend behind a proxy that has its own)."""
     import uvicorn
 
     from modelcloak.owner.api import create_app
 
     if not 0 < port < 65536:
         raise OwnerError(f"port {port} is outside 1..65535")
+    if not 0 <= header_timeout <= 3600:
+        raise OwnerError(f"header timeout {header_timeout:g} s is outside 0..3600 (0: no deadline)")
     service = open_service(database, master_key_provider)
+    # The metrics token comes from the environment only, so it never shows in `ps`.
+    app = create_app(service, metrics_token=os.environ.get(METRICS_TOKEN_ENV) or None)
+
+    def headers_late(client: tuple[str, int] | None) -> None:
+        address = client[0] if client else None
+        service.refusals.record("http.refused", "(headers)", status=408, reason="header timeout", client=address)
+        app.metrics.refusals.labels("other", "header_timeout").inc()
+
+    protocol = header_deadline_protocol(header_timeout, headers_late) if header_timeout > 0 else None
+    if protocol is None and header_timeout > 0:
+        _log.warning("httptools is not installed: request headers have no deadline (pip install httptools)")
     config = uvicorn.Config(
-        # The metrics token comes from the environment only, so it never shows in `ps`.
-        create_app(service, metrics_token=os.environ.get(METRICS_TOKEN_ENV) or None),
+        app,
+        http=protocol or "auto",
         host=host,
         port=port,
         log_level=log_level,

@@ -23,10 +23,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from sqlalchemy import delete, func, insert, literal, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, literal, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from modelcloak.bundle.errors import BundleError
+from modelcloak.bundle.serial import serial_entry
 from modelcloak.licensing.protocol import (
     FHE_RESULT_REFUSED,
     HPKE_SUITE,
@@ -44,7 +46,7 @@ from modelcloak.licensing.protocol import (
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.evidence.base import Claims, EvidenceError
 from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
-from modelcloak.owner.integrity import check_row, seal_row
+from modelcloak.owner.integrity import check_row, row_tag, seal_row
 from modelcloak.owner.refusals import RefusalLog
 from modelcloak.owner.store import (
     Device,
@@ -64,6 +66,29 @@ from modelcloak.owner.store import (
 NONCE_LIFETIME = timedelta(seconds=120)
 _LICENCES, _DEVICES, _MODELS = Licence.__table__, Device.__table__, Model.__table__
 _NONCES, _INSTANCES = Nonce.__table__, Instance.__table__
+_STREAMS, _BATCHES = UsageStream.__table__, UsageBatch.__table__
+# The usage writer's statements, built once: building a statement costs more CPU than SQLAlchemy's
+# cached compilation of it (and a statement built once also computes its cache key once).
+_LID, _RID = bindparam("b_lid"), bindparam("b_rid")
+_LOCK_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID).with_for_update()
+_READ_STREAM = select(_STREAMS.c.last_sequence, _STREAMS.c.queries).where(
+    _STREAMS.c.licence_id == _LID, _STREAMS.c.reporter_id == _RID
+)
+_READ_BATCH = select(_BATCHES.c.queries, _BATCHES.c.mac).where(
+    _BATCHES.c.licence_id == _LID, _BATCHES.c.reporter_id == _RID, _BATCHES.c.sequence == bindparam("b_seq")
+)
+_COUNT_LICENCE = (
+    update(_LICENCES).where(_LICENCES.c.id == _LID).values(queries_used=bindparam("b_used"), row_tag=bindparam("b_tag"))
+)
+_NEW_STREAM = insert(_STREAMS).values(
+    licence_id=_LID, reporter_id=_RID, last_sequence=bindparam("b_last"), queries=bindparam("b_queries")
+)
+_ADVANCE_STREAM = (
+    update(_STREAMS)
+    .where(_STREAMS.c.licence_id == _LID, _STREAMS.c.reporter_id == _RID)
+    .values(last_sequence=bindparam("b_last"), queries=bindparam("b_queries"))
+)
+_NEW_BATCH = insert(_BATCHES)
 # Stale nonces are swept at most this often per process, up to NONCE_SWEEP_ROWS at a time: enough for
 # 10,000 nonces/s per worker.
 NONCE_SWEEP_SECONDS = 0.5
@@ -103,6 +128,7 @@ class Release:
     query_quota: int | None
     queries_used: int
     insecure: bool
+    min_serial: int | None = None  # the oldest bundle serial the device may run under this licence
 
     def as_json(self) -> dict[str, Any]:
         import base64
@@ -117,6 +143,7 @@ class Release:
             "query_quota": self.query_quota,
             "queries_used": self.queries_used,
             "insecure_evidence": self.insecure,
+            "min_serial": self.min_serial,
         }
 
 
@@ -143,6 +170,101 @@ def _check_usage_shape(licence_id: str, reporter_id: str, sequence: int, queries
         raise RequestRefused(f"sequence must be between 1 and {MAX_SEQUENCE}", 400)
     if not 0 <= queries <= MAX_BATCH_QUERIES:
         raise RequestRefused(f"a batch counts between 0 and {MAX_BATCH_QUERIES} queries", 400)
+
+
+class _LicenceState:
+    """A licence row read under its lock, with the usage the group has added (integrity.row_tag reads
+    its attributes like a row's)."""
+
+    def __init__(self, row: Any) -> None:
+        self.__dict__.update(row._mapping)
+        self.changed = False
+
+
+class UsageGroup:
+    """What one usage group transaction has read and will write, in Core SQL.
+
+    The rows a group touches are read once (the licence under its lock, each stream, a stored batch
+    only for a resend) and kept here; the group's writes go out at the end as a few executemany
+    statements (licence totals with their new tags, stream rows, batch rows), right before the commit.
+    The ORM did the same with an identity map and a flush at several times the CPU."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.licences: dict[str, _LicenceState] = {}
+        self.streams: dict[tuple[str, str], list[int]] = {}  # [last sequence, queries]
+        self.stored_streams: set[tuple[str, str]] = set()  # streams that already have a row
+        self.new_batches: dict[tuple[str, str, int], tuple[int, bytes, datetime]] = {}
+
+    def licence(self, licence_id: str) -> _LicenceState:
+        state = self.licences.get(licence_id)
+        if state is None:
+            row = self.connection.execute(_LOCK_LICENCE, {"b_lid": licence_id}).one_or_none()
+            if row is None:
+                raise RequestRefused(f"unknown licence {licence_id}", 404)
+            state = self.licences[licence_id] = _LicenceState(row)
+        return state
+
+    def stream(self, licence_id: str, reporter_id: str) -> list[int]:
+        key = (licence_id, reporter_id)
+        stream = self.streams.get(key)
+        if stream is None:
+            row = self.connection.execute(_READ_STREAM, {"b_lid": licence_id, "b_rid": reporter_id}).one_or_none()
+            if row is not None:
+                self.stored_streams.add(key)
+            stream = self.streams[key] = [row.last_sequence, row.queries] if row is not None else [0, 0]
+        return stream
+
+    def stored_batch(self, licence_id: str, reporter_id: str, sequence: int) -> tuple[int, bytes] | None:
+        new = self.new_batches.get((licence_id, reporter_id, sequence))
+        if new is not None:
+            return new[0], new[1]
+        row = self.connection.execute(
+            _READ_BATCH, {"b_lid": licence_id, "b_rid": reporter_id, "b_seq": sequence}
+        ).one_or_none()
+        return (row.queries, row.mac) if row is not None else None
+
+    def write(self) -> None:
+        """Send the group's writes (before the caller commits)."""
+        if not self.new_batches:
+            return
+        connection = self.connection
+        changed = [state for state in self.licences.values() if state.changed]
+        connection.execute(
+            _COUNT_LICENCE, [{"b_lid": s.id, "b_used": s.queries_used, "b_tag": s.row_tag} for s in changed]
+        )
+        touched = {(licence, reporter) for licence, reporter, _sequence in self.new_batches}
+        rows = [
+            {
+                "b_lid": lid,
+                "b_rid": rid,
+                "b_last": self.streams[(lid, rid)][0],
+                "b_queries": self.streams[(lid, rid)][1],
+            }
+            for lid, rid in touched
+        ]
+        fresh = [row for row in rows if (row["b_lid"], row["b_rid"]) not in self.stored_streams]
+        known = [row for row in rows if (row["b_lid"], row["b_rid"]) in self.stored_streams]
+        if fresh:
+            connection.execute(_NEW_STREAM, fresh)
+            self.stored_streams.update((row["b_lid"], row["b_rid"]) for row in fresh)
+        if known:
+            connection.execute(_ADVANCE_STREAM, known)
+        connection.execute(
+            _NEW_BATCH,
+            [
+                {
+                    "licence_id": lid,
+                    "reporter_id": rid,
+                    "sequence": seq,
+                    "queries": count,
+                    "mac": mac,
+                    "received_at": at,
+                }
+                for (lid, rid, seq), (count, mac, at) in self.new_batches.items()
+            ],
+        )
+        self.new_batches.clear()
 
 
 class GroupCommit:
@@ -202,13 +324,15 @@ class GroupCommit:
         return slot[2]
 
     def _apply_group(self, group: list[list[Any]]) -> None:
-        with self.store.transaction() as session:
+        with self.store.connection() as connection:
+            writes = UsageGroup(connection)
             for slot in group:
                 slot[2], slot[3] = None, None
                 try:
-                    slot[2] = self.apply(session, *slot[0])
+                    slot[2] = self.apply(writes, *slot[0])
                 except RequestRefused as exc:
                     slot[3] = exc
+            writes.write()
 
     def _run(self) -> None:
         while True:
@@ -340,7 +464,11 @@ class OwnerService:
         allow_sim: bool = False,
         allow_debug: bool = False,
         measurements: dict[str, str] | None = None,
+        min_serial: int | None = None,
     ) -> str:
+        """A new licence; `min_serial` pins the oldest bundle serial its devices may run (None: no pin)."""
+        if min_serial is not None:
+            _check_min_serial(min_serial)
         if (device_id is None) == (max_instances is None):
             raise RequestRefused("a licence is bound to exactly one of a device or an instance count", 400)
         if max_instances is not None and max_instances < 1:
@@ -386,6 +514,7 @@ class OwnerService:
                 expected_measurements=json.dumps(expected, sort_keys=True) if expected else None,
                 sealed_usage_key=self.master.seal(secrets.token_bytes(USAGE_KEY_SIZE), f"usage:{licence_id}"),
                 created_at=now,
+                min_serial=min_serial,
             )
             seal_row(self.master.row_tag_key, licence)
             session.add(licence)
@@ -401,8 +530,23 @@ class OwnerService:
                 quota=query_quota,
                 allow_sim=allow_sim,
                 allow_debug=allow_debug,
+                min_serial=min_serial,
             )
         return licence_id
+
+    def pin_serial(self, licence_id: str, min_serial: int | None) -> None:
+        """Set (or with None, clear) the oldest bundle serial a licence's devices may run; audited.
+
+        Raise it when a new release replaces one that must no longer run: devices learn it at their next
+        key release (start-up or revalidation) and refuse an older bundle from then on."""
+        if min_serial is not None:
+            _check_min_serial(min_serial)
+        with self.store.transaction() as session:
+            licence = self._locked_licence(session, licence_id)
+            check_row(self.master.row_tag_key, licence)
+            previous, licence.min_serial = licence.min_serial, min_serial
+            seal_row(self.master.row_tag_key, licence)
+            self.store.audit(session, "licence.pin", licence_id, "ok", min_serial=min_serial, previous=previous)
 
     def revoke_licence(self, licence_id: str, reason: str = "revoked by the owner") -> None:
         with self.store.transaction() as session:
@@ -463,6 +607,7 @@ class OwnerService:
                     "revoked": row.revoked_at is not None,
                     "allow_sim": row.allow_sim,
                     "allow_debug": row.allow_debug,
+                    "min_serial": row.min_serial,
                 }
                 for row in rows
             ]
@@ -664,6 +809,7 @@ class OwnerService:
                     query_quota=licence.query_quota,
                     queries_used=licence.queries_used,
                     insecure=claims.insecure,
+                    min_serial=licence.min_serial,
                 )
                 self.store.audit_row(
                     connection,
@@ -824,7 +970,7 @@ class OwnerService:
 
     def _apply_usage(
         self,
-        session: Session,
+        group: UsageGroup,
         licence_id: str,
         reporter_id: str,
         sequence: int,
@@ -832,43 +978,29 @@ class OwnerService:
         mac: bytes,
         result: bytes | None = None,
     ) -> UsageAck:
-        # Every refusal below is raised before anything is written, so a refused batch leaves the
-        # shared group transaction untouched (no savepoint needed).
+        # Every refusal below is raised before anything is written (the group writes at its end), so a
+        # refused batch leaves the shared group transaction untouched.
         # The licence row lock (FOR UPDATE on PostgreSQL, BEGIN IMMEDIATE on SQLite) serialises
         # every batch of this licence: the quota check and the count commit as one.
-        # Within one group transaction, rows already read are kept in session.info: one lock of the
-        # licence, one read per stream, and all writes flushed together at commit.
-        licences: dict[str, Licence] = session.info.setdefault("licences", {})
-        streams: dict[tuple[str, str], UsageStream] = session.info.setdefault("streams", {})
-        batches: dict[tuple[str, str, int], tuple[int, bytes]] = session.info.setdefault("batches", {})
-        with session.no_autoflush:
-            licence = licences.get(licence_id)
-            if licence is None:
-                licence = self._locked_licence(session, licence_id)
-                check_row(self.master.row_tag_key, licence)
-                licences[licence_id] = licence
-            if result is None:
-                expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
-            else:
-                expected_mac = fhe_request_mac(
-                    self._usage_key(licence), licence_id, reporter_id, sequence, queries, result
-                )
-            if not hmac.compare_digest(expected_mac, mac):
-                raise RequestRefused("usage batch signature does not verify", 401)
-            stream = streams.get((licence_id, reporter_id))
-            if stream is None:
-                stream = session.get(UsageStream, (licence_id, reporter_id))
-            last = stream.last_sequence if stream is not None else 0
-            if sequence <= last:
-                previous = batches.get((licence_id, reporter_id, sequence))
-                if previous is None:
-                    row = session.get(UsageBatch, (licence_id, reporter_id, sequence))
-                    previous = (row.queries, row.mac) if row is not None else None
-                # FHE requests with the same count can differ in their result: the MAC tells them apart.
-                if previous is None or previous[0] != queries or not hmac.compare_digest(previous[1], mac):
-                    raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
-                # Acknowledged again even after revocation: it was counted before, and the device may drop it.
-                return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
+        first_read = licence_id not in group.licences
+        licence = group.licence(licence_id)
+        if first_read:
+            check_row(self.master.row_tag_key, licence)
+        if result is None:
+            expected_mac = usage_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries)
+        else:
+            expected_mac = fhe_request_mac(self._usage_key(licence), licence_id, reporter_id, sequence, queries, result)
+        if not hmac.compare_digest(expected_mac, mac):
+            raise RequestRefused("usage batch signature does not verify", 401)
+        stream = group.stream(licence_id, reporter_id)
+        last = stream[0]
+        if sequence <= last:
+            previous = group.stored_batch(licence_id, reporter_id, sequence)
+            # FHE requests with the same count can differ in their result: the MAC tells them apart.
+            if previous is None or previous[0] != queries or not hmac.compare_digest(previous[1], mac):
+                raise RequestRefused(f"batch {sequence} was already acknowledged with different content", 409)
+            # Acknowledged again even after revocation: it was counted before, and the device may drop it.
+            return UsageAck(sequence, True, licence.queries_used, licence.query_quota)
         # A new batch is new use: a revoked or expired licence has none, from the moment it is revoked.
         if licence.revoked_at is not None:
             raise RequestRefused(f"licence {licence.id} was revoked: {licence.revocation_reason}")
@@ -880,25 +1012,12 @@ class OwnerService:
             raise RequestRefused(
                 f"query quota exhausted: {licence.queries_used} of {licence.query_quota} used, batch asks for {queries}"
             )
-        if stream is None:
-            stream = UsageStream(licence_id=licence_id, reporter_id=reporter_id, last_sequence=0, queries=0)
-            session.add(stream)
-        streams[(licence_id, reporter_id)] = stream
-        batches[(licence_id, reporter_id, sequence)] = (queries, mac)
-        stream.last_sequence = sequence
-        stream.queries += queries
+        stream[0] = sequence
+        stream[1] += queries
         licence.queries_used += queries
-        seal_row(self.master.row_tag_key, licence)
-        session.add(
-            UsageBatch(
-                licence_id=licence_id,
-                reporter_id=reporter_id,
-                sequence=sequence,
-                queries=queries,
-                mac=mac,
-                received_at=self.clock(),
-            )
-        )
+        licence.row_tag = row_tag(self.master.row_tag_key, licence)
+        licence.changed = True
+        group.new_batches[(licence_id, reporter_id, sequence)] = (queries, mac, self.clock())
         return UsageAck(sequence, False, licence.queries_used, licence.query_quota)
 
     # --- FHE decryption (the fhe scheme's owner side) -------------------------------------------------
@@ -991,6 +1110,13 @@ class OwnerService:
             key = self.master.open(licence.sealed_usage_key, f"usage:{licence.id}")
             self._usage_keys[licence.id] = key
         return key
+
+
+def _check_min_serial(value: Any) -> None:
+    try:
+        serial_entry(value)  # the bundle room's own rule for serials
+    except BundleError:
+        raise RequestRefused(f"the minimum serial must be an integer from 0 to 2**53, got {value!r}", 400) from None
 
 
 def _ephemeral_key(raw: bytes) -> X25519PublicKey:

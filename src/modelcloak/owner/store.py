@@ -130,6 +130,8 @@ class Licence(Base):
     revocation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     row_tag: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # owner/integrity.py
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The oldest bundle serial a device may run under this licence (rollback pin; checked on the device).
+    min_serial: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Instance(Base):

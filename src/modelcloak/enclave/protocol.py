@@ -213,6 +213,8 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _F64 = struct.Struct(">d")
+_U8_PAIR = struct.Struct(">BB")
+_DIMS = [struct.Struct(f">{rank}Q") for rank in range(MAX_RANK + 1)]  # compiled once: decoded on every call
 
 
 def _str16(text: str) -> bytes:
@@ -226,7 +228,9 @@ def _str16(text: str) -> bytes:
 # Tensors: u16 count | per tensor: str16 name | u8 dtype | u8 rank | rank x u64 dims | raw LE bytes
 
 
-def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
+def tensor_parts(tensors: Iterable[tuple[str, np.ndarray]]) -> list[bytes | memoryview]:
+    """A tensor list as buffers to send with one gathered write: headers as bytes, each array's
+    data as a view of the array itself (no copy unless its dtype or layout must change)."""
     items = list(tensors)
     if len(items) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"at most {MAX_TENSORS} tensors fit one message")
@@ -239,10 +243,28 @@ def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
         # Little-endian, C order: the one layout the other side accepts. (np.asarray, not
         # np.ascontiguousarray, which would turn a 0-d tensor into shape (1,).)
         array = np.asarray(array, dtype=DTYPE_BY_CODE[code], order="C")
-        parts.append(_str16(name))
-        parts.append(struct.pack(f">BB{array.ndim}Q", code, array.ndim, *array.shape))
-        parts.append(memoryview(array).cast("B") if array.nbytes else b"")
-    return b"".join(parts)
+        head = _str16(name) + struct.pack(f">BB{array.ndim}Q", code, array.ndim, *array.shape)
+        parts.append(head)
+        if array.nbytes:
+            parts.append(memoryview(array).cast("B"))
+    return parts
+
+
+def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
+    return b"".join(tensor_parts(tensors))
+
+
+def frame_parts(msg_type: int, request_id: int, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A frame as buffers for one gathered write (sendmsg/writev): the header, then `parts` as they are."""
+    length = FRAME_OVERHEAD + sum(len(part) for part in parts)
+    if length > MAX_MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"a frame of {length} bytes does not fit a u32 length")
+    return [FRAME_HEADER.pack(length, msg_type, request_id), *parts]
+
+
+def frame_length(parts: Sequence[bytes | memoryview]) -> int:
+    """The length field of a frame made of `parts` (header excluded, type and request id included)."""
+    return FRAME_OVERHEAD + sum(len(part) for part in parts)
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview) -> list[tuple[str, np.ndarray]]:
@@ -255,13 +277,13 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> list[tuple[str, n
     tensors: list[tuple[str, np.ndarray]] = []
     for _ in range(count):
         name = reader.string(bad)
-        code, rank = reader.unpack(struct.Struct(">BB"), bad)
+        code, rank = reader.unpack(_U8_PAIR, bad)
         dtype = DTYPE_BY_CODE.get(code)
         if dtype is None:
             raise ProtocolError(bad, f"tensor {name!r} has unknown dtype code {code}")
         if rank > MAX_RANK:
             raise ProtocolError(bad, f"tensor {name!r} has rank {rank} > {MAX_RANK}")
-        dims = reader.unpack(struct.Struct(f">{rank}Q"), bad) if rank else ()
+        dims = reader.unpack(_DIMS[rank], bad) if rank else ()
         # Python ints cannot overflow; the size is checked against what is actually left.
         nbytes = math.prod(dims) * dtype.itemsize
         if nbytes > reader.remaining:

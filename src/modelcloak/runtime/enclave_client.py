@@ -166,12 +166,13 @@ def _refusal(payload: bytes | bytearray) -> EnclaveError:
 
 class _Pending:
     """One request's reply slot. `done` once its reply (or error) is in; `wake` is set then, and also
-    when the thread that was reading the connection stops, so that a waiter can take over reading."""
+    when the thread that was reading the connection stops, so that a waiter can take over reading.
+    `wake` is made only by a caller that has to wait for another one (a lone caller never needs it)."""
 
     __slots__ = ("wake", "done", "msg_type", "payload", "error")
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
+        self.wake: threading.Event | None = None
         self.done = False
         self.msg_type: int | None = None
         self.payload: bytearray | None = None
@@ -182,7 +183,9 @@ class _Pending:
     ) -> None:
         self.msg_type, self.payload, self.error = msg_type, payload, error
         self.done = True
-        self.wake.set()
+        wake = self.wake
+        if wake is not None:
+            wake.set()
 
 
 class _EndOfStream(Exception):
@@ -330,29 +333,35 @@ class _Connection:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            pending.wake.clear()
-            if pending.done:  # finished between the check above and the clear
-                break
             if self._read_lock.acquire(blocking=False):
                 try:
                     while not pending.done and self.broken is None:
+                        self._read_one(remaining)
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
-                            return False
-                        self._read_one(remaining)
+                            break
                 finally:
                     self._read_lock.release()
                     self._hand_over()
-            else:
-                pending.wake.wait(remaining)  # woken by the reader: our reply, or its turn is over
+                continue
+            # Another caller is reading: it wakes us when our reply is in or when it stops reading.
+            wake = pending.wake
+            if wake is None:
+                wake = pending.wake = threading.Event()
+            wake.clear()
+            if pending.done:
+                break
+            if not self._read_lock.locked():
+                continue  # it stopped before it could see our event: read ourselves
+            wake.wait(remaining)
         return True
 
     def _hand_over(self) -> None:
         """The reading caller is done: wake the others so one of them reads for the rest."""
-        with self._lock:
-            waiting = [pending for pending in self._pending.values() if not pending.done]
-        for pending in waiting:
-            pending.wake.set()
+        for pending in list(self._pending.values()):  # list() of a dict view is atomic under the GIL
+            wake = pending.wake
+            if wake is not None and not pending.done:
+                wake.set()
 
     def _read_one(self, timeout: float) -> None:
         """Read one frame (or nothing within `timeout`) and deliver it; a broken stream fails every request."""
@@ -382,8 +391,7 @@ class _Connection:
                 "the connection to the enclave lost its framing (the enclave reported: "
                 f"{protocol.decode_error(payload)[1]})"
             )
-        with self._lock:
-            pending = self._pending.get(request_id)
+        pending = self._pending.get(request_id)  # one dict lookup: atomic under the GIL
         if msg_type == MsgType.BUDGET_STATE:
             # Stored before the READY/RESULT that follows is read: an answer whose count could not
             # be kept is not handed out (that reply is dropped, the caller gets this error).
@@ -495,7 +503,9 @@ class _Connection:
     def _send(self, frames: Iterable[Sequence[bytes | memoryview]], deadline: float, timeout: float) -> None:
         """Send whole frames. Running out of time between frames leaves the stream in step (the
         enclave treats a LOAD cut short that way as interrupted); inside a frame it does not."""
-        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not self._send_lock.acquire(blocking=False) and not self._send_lock.acquire(
+            timeout=max(0.0, deadline - time.monotonic())
+        ):
             raise self.timeout_error(timeout)
         try:
             for frame in frames:
@@ -557,10 +567,12 @@ class _Connection:
 
 
 def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
-    """sendall for a list of buffers: one sendmsg per call (no joined copy), continuing after a partial write."""
+    """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial write."""
+    sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
+    if sent == sum(len(buffer) for buffer in buffers):
+        return  # the usual case: the whole frame in one call
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
     while views:
-        sent = sock.sendmsg(views[:_MAX_IOVECS])
         while sent:
             if sent >= len(views[0]):
                 sent -= len(views[0])
@@ -568,6 +580,8 @@ def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+        if views:
+            sent = sock.sendmsg(views[:_MAX_IOVECS])
 
 
 def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -983,10 +997,10 @@ class EnclaveClient:
         conn, _ = self._wait_running(time.monotonic() + limit, limit, need_model=True)
         info = conn.info
         assert info is not None
-        names = set(info.input_names)
-        missing = [n for n in info.input_names if n not in feeds]
-        unknown = [n for n in feeds if n not in names]
-        if missing or unknown:
+        if len(feeds) != len(info.inputs) or any(spec.name not in feeds for spec in info.inputs):
+            names = set(info.input_names)
+            missing = [n for n in info.input_names if n not in feeds]
+            unknown = [n for n in feeds if n not in names]
             parts = ([f"missing {', '.join(map(repr, missing))}"] if missing else []) + (
                 [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
             )

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_enclave_call.py --rounds 6 --calls 300
     git archive <commit> src | tar -x -C /tmp/before      # an older client/enclave to compare with
-    python benchmarks/bench_enclave_call.py --before /tmp/before --rounds 6 --calls 300
+    python benchmarks/bench_enclave_call.py --before /tmp/before --native --rounds 6 --calls 300
 
 One bundle is built once; each round starts a fresh process (with this tree's `src`, or, with
 `--before`, alternately the older tree's and this one's), loads the bundle and times, in
@@ -10,7 +10,10 @@ interleaved order, `calls` calls each of: the whole model in onnxruntime, the pu
 private part run locally, an empty PING to the enclave, `enclave.infer` on the boundary and
 `SplitSession.run`, at batch 1 and 32. Figures are medians over rounds of each round's median;
 CPU is per call, this process (all threads) and the enclave process (from /proc, 10 ms ticks).
+Every onnxruntime session here stops its workers spinning at the end of a run, as a split
+session's public part does, so no call's spinning workers slow the next call timed.
 "added" is enclave.infer minus the local private part: what the boundary costs per call.
+`--native` adds, in the same rounds, this tree with the bundle's native (C) enclave.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def small_resnet():  # noqa: ANN201 - torch is imported lazily
     ).eval()
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, native: bool) -> None:
     import torch
 
     from modelcloak.keys import generate_key_file
@@ -78,6 +81,14 @@ def build(folder: Path) -> None:
     (folder / "private.onnx").write_bytes(private.SerializeToString())
     host, enclave = generate_key_file(folder / "host.key"), generate_key_file(folder / "enclave.key")
     protect(model, folder / "m.mcb", key=host, scheme="split", cut={"index": cut.index}, enclave_key=enclave)
+    if native:
+        from modelcloak.bundle import Bundle
+        from modelcloak.native import build_for_header
+
+        with Bundle.open(folder / "m.mcb") as sealed:
+            header = sealed.header
+        command = build_for_header(header, private.SerializeToString(), folder / "native").command()
+        (folder / "native-command.json").write_text(json.dumps(list(command)))
 
 
 def _enclave_cpu(pid: int) -> float:
@@ -86,24 +97,29 @@ def _enclave_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker(folder: Path, calls: int, threads: int | None) -> dict[str, object]:
+def worker(folder: Path, calls: int, threads: int | None, native: bool) -> dict[str, object]:
     """One round in this process: medians (ms) and CPU per call (ms) of every kind at every batch."""
     import numpy as np
     import onnxruntime as ort
 
     from modelcloak.inference import load
     from modelcloak.keys import KeyFile
+    from modelcloak.options import EnclaveConfig
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # Workers that keep spinning after a run (onnxruntime's default) would steal the cores from
+    # whatever is timed next (on 2 cores: up to several ms). No session here gains from it: the same
+    # session runs again only after five other calls.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     whole = ort.InferenceSession(str(folder / "whole.onnx"), options, providers=["CPUExecutionProvider"])
     local = ort.InferenceSession(str(folder / "private.onnx"), options, providers=["CPUExecutionProvider"])
     key = KeyFile(folder / "host.key")
     began = time.perf_counter()
-    session = load(
-        folder / "m.mcb", key=key, enclave_key_file=folder / "enclave.key", threads=threads, enclave_threads=threads
-    )
+    command = tuple(json.loads((folder / "native-command.json").read_text())) if native else None
+    enclave = EnclaveConfig(key_file=folder / "enclave.key", threads=threads, command=command)
+    session = load(folder / "m.mcb", key=key, enclave=enclave, threads=threads)
     result: dict[str, object] = {
         "load_s": time.perf_counter() - began,
         "enclave_start_s": session.report.seconds.get("enclave_start"),
@@ -148,9 +164,9 @@ def worker(folder: Path, calls: int, threads: int | None) -> dict[str, object]:
     return result
 
 
-def _run_round(folder: Path, src: Path, calls: int, threads: int | None) -> dict[str, object]:
+def _run_round(folder: Path, src: Path, calls: int, threads: int | None, native: bool) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    argv = [sys.executable, __file__, "--worker", str(folder), "--calls", str(calls)]
+    argv = [sys.executable, __file__, "--worker", str(folder), "--calls", str(calls)] + (["--native"] if native else [])
     if threads:
         argv += ["--threads", str(threads)]
     done = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
@@ -209,22 +225,26 @@ def main() -> None:
         "--threads", type=int, default=None, help="onnxruntime threads, host and enclave (default: theirs)"
     )
     parser.add_argument("--before", type=Path, help="a tree with an older src/ to compare with, round by round")
+    parser.add_argument("--native", action="store_true", help="also this tree with the bundle's native enclave")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "enclave-call.json")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.calls, args.threads)))
+        print(json.dumps(worker(args.worker, args.calls, args.threads, args.native)))
         return
     current = HERE.parent / "src"
-    trees = {"before": args.before / "src", "after": current} if args.before else {"current": current}
+    trees = {"before": (args.before / "src", False)} if args.before else {}
+    trees["after" if args.before else "current"] = (current, False)
+    if args.native:
+        trees["native enclave"] = (current, True)
     rounds: dict[str, list[dict]] = {label: [] for label in trees}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="modelcloak-bench-") as scratch:
         folder = Path(scratch)
-        build(folder)
+        build(folder, args.native)
         for index in range(args.rounds):
-            for label, src in trees.items():  # interleaved: load on a shared machine hits both alike
-                rounds[label].append(_run_round(folder, src, args.calls, args.threads))
+            for label, (src, native) in trees.items():  # interleaved: load on a shared machine hits all alike
+                rounds[label].append(_run_round(folder, src, args.calls, args.threads, native))
                 print(f"round {index + 1}/{args.rounds} {label} done", file=sys.stderr)
     report = {
         "machine": f"{os.cpu_count()} cores, load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after",

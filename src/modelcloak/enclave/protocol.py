@@ -254,7 +254,10 @@ def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
     return b"".join(tensor_parts(tensors))
 
 
-def frame_parts(msg_type: int, request_id: int, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+Buffer = bytes | bytearray | memoryview
+
+
+def frame_parts(msg_type: int, request_id: int, parts: Sequence[Buffer]) -> list[Buffer]:
     """A frame as buffers for one gathered write (sendmsg/writev): the header, then `parts` as they are."""
     length = FRAME_OVERHEAD + sum(len(part) for part in parts)
     if length > MAX_MAX_FRAME_BYTES:
@@ -262,7 +265,7 @@ def frame_parts(msg_type: int, request_id: int, parts: Sequence[bytes | memoryvi
     return [FRAME_HEADER.pack(length, msg_type, request_id), *parts]
 
 
-def frame_length(parts: Sequence[bytes | memoryview]) -> int:
+def frame_length(parts: Sequence[Buffer]) -> int:
     """The length field of a frame made of `parts` (header excluded, type and request id included)."""
     return FRAME_OVERHEAD + sum(len(part) for part in parts)
 

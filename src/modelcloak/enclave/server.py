@@ -193,10 +193,10 @@ class Channel:
         self,
         msg_type: MsgType,
         request_id: int,
-        payload: bytes | bytearray | memoryview | list[bytes | memoryview] = b"",
+        payload: protocol.Buffer | list[bytes | memoryview] = b"",
     ) -> None:
         """One frame; `payload` is a buffer or a list of buffers (protocol.tensor_parts) sent as they are."""
-        parts = payload if isinstance(payload, list) else [payload]
+        parts: list[protocol.Buffer] = list(payload) if isinstance(payload, list) else [payload]
         views = [memoryview(part).cast("B") for part in protocol.frame_parts(msg_type, request_id, parts) if len(part)]
         while views:
             written = os.writev(self.fd, views[:_MAX_IOVECS])
@@ -609,12 +609,11 @@ class EnclaveServer:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_profiling = False
-        # The host's own onnxruntime runs on the same cores: idle workers spinning here between
-        # requests would steal the CPU the host needs (measured: up to 5x slower totals at batch 64
-        # with onnxruntime's default). Workers spin only within a run (handing each operator to them
-        # without a wake-up: 18 instead of 24 us for a dense head at batch 32) and stop when it ends.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # The host's own onnxruntime runs on the same cores: idle workers spinning here would steal
+        # the CPU the host needs between requests (measured: up to 5x slower totals at batch 64).
+        # (Spinning within a run only, with session.force_spinning_stop, was tried in issue 13: no
+        # faster per call under load, and up to 2.5x the enclave's CPU per call at batch 32.)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # fatal only: onnxruntime's messages can name private nodes
         # onnxruntime's Python API takes only `bytes`: one immutable copy, wiped right after.
         model_bytes = bytes(model)

@@ -463,7 +463,7 @@ class _Connection:
 
     def request(
         self,
-        build: Callable[[int], Iterable[Sequence[bytes | memoryview]]],
+        build: Callable[[int], Iterable[Sequence[protocol.Buffer]]],
         expect: MsgType,
         timeout: float,
         shown: float | None = None,
@@ -500,7 +500,7 @@ class _Connection:
             raise EnclaveError(f"enclave sent a malformed frame: expected {expect.name}, got {name}")
         return pending.payload
 
-    def _send(self, frames: Iterable[Sequence[bytes | memoryview]], deadline: float, timeout: float) -> None:
+    def _send(self, frames: Iterable[Sequence[protocol.Buffer]], deadline: float, timeout: float) -> None:
         """Send whole frames. Running out of time between frames leaves the stream in step (the
         enclave treats a LOAD cut short that way as interrupted); inside a frame it does not."""
         if not self._send_lock.acquire(blocking=False) and not self._send_lock.acquire(
@@ -566,7 +566,7 @@ class _Connection:
             self.proc.stderr.close()
 
 
-def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer]) -> None:
     """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial write."""
     sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
     if sent == sum(len(buffer) for buffer in buffers):
@@ -824,7 +824,7 @@ class EnclaveClient:
         if protocol.FRAME_OVERHEAD + len(first) > hello.max_frame_bytes:
             raise EnclaveError(f"the bundle header ({len(header)} bytes) exceeds the enclave's frame limit")
 
-        def frames(request_id: int) -> Iterable[list[bytes | memoryview]]:
+        def frames(request_id: int) -> Iterable[list[protocol.Buffer]]:
             # Built lazily; each LOAD_DATA sends a view of the ciphertext (no copy).
             yield protocol.frame_parts(MsgType.LOAD, request_id, [first])
             for start in range(0, len(data), piece):

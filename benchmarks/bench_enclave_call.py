@@ -12,7 +12,8 @@ private part run locally, an empty PING to the enclave, `enclave.infer` on the b
 CPU is per call, this process (all threads) and the enclave process (from /proc, 10 ms ticks).
 Every onnxruntime session here stops its workers spinning at the end of a run, as a split
 session's public part does, so no call's spinning workers slow the next call timed.
-"added" is enclave.infer minus the local private part: what the boundary costs per call.
+"added" is enclave.infer minus the local private part: what the boundary costs per call. Last,
+5 x `calls` back-to-back enclave.infer calls at batch 1 (nothing in between): the call's own cost.
 `--native` adds, in the same rounds, this tree with the bundle's native (C) enclave.
 """
 
@@ -160,6 +161,20 @@ def worker(folder: Path, calls: int, threads: int | None, native: bool) -> dict[
             }
             for kind in KINDS
         }
+    # Back to back, nothing else between calls: the call's own cost, host and enclave CPU included.
+    crossing = session.boundary({input_name: np.zeros((1, 3, 32, 32), np.float32)})
+    for _ in range(100):
+        session.enclave.infer(crossing)
+    times, cpu0, enc0 = [], time.process_time(), _enclave_cpu(pid)
+    for _ in range(calls * 5):
+        t0 = time.perf_counter()
+        session.enclave.infer(crossing)
+        times.append(time.perf_counter() - t0)
+    result["loop"] = {
+        "ms": statistics.median(times) * 1e3,
+        "host_cpu_ms": (time.process_time() - cpu0) / len(times) * 1e3,
+        "enclave_cpu_ms": (_enclave_cpu(pid) - enc0) / len(times) * 1e3,
+    }
     session.close()
     return result
 
@@ -178,6 +193,7 @@ def summarise(rounds: list[dict]) -> dict[str, object]:
     summary: dict[str, object] = {
         key: statistics.median(r[key] for r in rounds) for key in ("load_s", "enclave_start_s", "enclave_ready_s")
     }
+    summary["loop"] = {field: statistics.median(r["loop"][field] for r in rounds) for field in rounds[0]["loop"]}
     for batch in map(str, BATCHES):
         per = {
             kind: {
@@ -214,6 +230,11 @@ def _table(label: str, summary: dict) -> str:
             f"total/whole {row['total_vs_whole']:.2f}x "
             f"[{row['total_vs_whole_range'][0]:.2f}..{row['total_vs_whole_range'][1]:.2f}]"
         )
+    loop = summary["loop"]
+    lines.append(
+        f"  enclave.infer back to back, batch 1: {loop['ms']:.3f} ms "
+        f"({loop['host_cpu_ms']:.3f}/{loop['enclave_cpu_ms']:.3f})"
+    )
     return "\n".join(lines)
 
 

@@ -125,14 +125,7 @@ class SplitScheme:
                 "this is a split bundle: give the enclave its key (`enclave_key_file` or `enclave_key_env`)"
             )
         lock = lock_entry(bundle.manifest.document, context)
-        # Every run of the public part hands over to the enclave process on the same cores: its
-        # workers must not keep spinning after a run (onnxruntime's default), stealing the CPU the
-        # enclave needs. A caller's own session_config still decides.
-        public_options = dataclasses.replace(
-            context.options,
-            session_config={"session.force_spinning_stop": "1", **(context.options.session_config or {})},
-        )
-        runner = open_graph(bundle, context.key, "public.", context.report, public_options, lock=lock)
+        runner = open_graph(bundle, context.key, "public.", context.report, context.options, lock=lock)
         header, private = bundle.header, bundle.section_ciphertext("private")
         mark = time.perf_counter()
         # The timeout bounds every run(), restarts included.

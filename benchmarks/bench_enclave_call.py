@@ -238,6 +238,44 @@ def _table(label: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Per variant: the added cost per call at batch 1 and 32 (whiskers: min..max over rounds) and
+    the back-to-back call, against the 0.1 ms target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [label for label in report if isinstance(report[label], dict) and "loop" in report[label]]
+    groups = [("added, batch 1", "1"), ("added, batch 32", "32"), ("infer back to back, batch 1", None)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        summary = report[label]
+        values, low, high = [], [], []
+        for _, batch in groups:
+            if batch is None:
+                values.append(summary["loop"]["ms"])
+                low.append(0.0)
+                high.append(0.0)
+            else:
+                value, (lo, hi) = summary[batch]["added_ms"], summary[batch]["added_ms_range"]
+                values.append(value)
+                low.append(max(0.0, value - lo))
+                high.append(max(0.0, hi - value))
+        x = np.arange(len(groups)) + (i - (len(labels) - 1) / 2) * width
+        ax.bar(x, values, width, yerr=[low, high], capsize=3, label=label)
+    ax.axhline(0.1, color="black", linestyle="--", linewidth=1, label="target 0.1 ms")
+    ax.set_xticks(np.arange(len(groups)), [name for name, _ in groups])
+    ax.set_ylabel("ms per call (median over rounds)")
+    ax.set_title(f"enclave call, small residual CNN, dense-head cut ({report['machine']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -248,10 +286,15 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="a tree with an older src/ to compare with, round by round")
     parser.add_argument("--native", action="store_true", help="also this tree with the bundle's native enclave")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "enclave-call.json")
+    parser.add_argument("--plot", type=Path, default=HERE / "out" / "enclave-call.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw --plot from the JSON in --out")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.calls, args.threads, args.native)))
+        return
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.plot)
         return
     current = HERE.parent / "src"
     trees = {"before": (args.before / "src", False)} if args.before else {}
@@ -276,6 +319,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.plot)
     print(report["machine"])
     print("ms per call, median over rounds (host CPU / enclave CPU ms per call)")
     for label in trees:

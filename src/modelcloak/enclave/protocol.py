@@ -213,6 +213,8 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _F64 = struct.Struct(">d")
+_U8_PAIR = struct.Struct(">BB")
+_DIMS = [struct.Struct(f">{rank}Q") for rank in range(MAX_RANK + 1)]  # compiled once: decoded on every call
 
 
 def _str16(text: str) -> bytes:
@@ -226,7 +228,9 @@ def _str16(text: str) -> bytes:
 # Tensors: u16 count | per tensor: str16 name | u8 dtype | u8 rank | rank x u64 dims | raw LE bytes
 
 
-def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
+def tensor_parts(tensors: Iterable[tuple[str, np.ndarray]]) -> list[bytes | memoryview]:
+    """A tensor list as buffers to send with one gathered write: headers as bytes, each array's
+    data as a view of the array itself (no copy unless its dtype or layout must change)."""
     items = list(tensors)
     if len(items) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"at most {MAX_TENSORS} tensors fit one message")
@@ -239,44 +243,94 @@ def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
         # Little-endian, C order: the one layout the other side accepts. (np.asarray, not
         # np.ascontiguousarray, which would turn a 0-d tensor into shape (1,).)
         array = np.asarray(array, dtype=DTYPE_BY_CODE[code], order="C")
-        parts.append(_str16(name))
-        parts.append(struct.pack(f">BB{array.ndim}Q", code, array.ndim, *array.shape))
-        parts.append(memoryview(array).cast("B") if array.nbytes else b"")
-    return b"".join(parts)
+        head = _str16(name) + struct.pack(f">BB{array.ndim}Q", code, array.ndim, *array.shape)
+        parts.append(head)
+        if array.nbytes:
+            parts.append(memoryview(array).cast("B"))
+    return parts
+
+
+def encode_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> bytes:
+    return b"".join(tensor_parts(tensors))
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def frame_parts(msg_type: int, request_id: int, parts: Sequence[Buffer]) -> list[Buffer]:
+    """A frame as buffers for one gathered write (sendmsg/writev): the header, then `parts` as they are."""
+    length = FRAME_OVERHEAD + sum(len(part) for part in parts)
+    if length > MAX_MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"a frame of {length} bytes does not fit a u32 length")
+    return [FRAME_HEADER.pack(length, msg_type, request_id), *parts]
+
+
+def frame_length(parts: Sequence[Buffer]) -> int:
+    """The length field of a frame made of `parts` (header excluded, type and request id included)."""
+    return FRAME_OVERHEAD + sum(len(part) for part in parts)
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview) -> list[tuple[str, np.ndarray]]:
-    """Decode a tensor list; arrays are aligned, writable copies only where alignment requires it."""
-    reader = Reader(payload, "tensor list")
+    """Decode a tensor list; arrays are views of `payload` (aligned copies only where alignment requires it).
+
+    Offsets are checked against the payload's size before every read, so damage is a BAD_TENSOR
+    ProtocolError, never an IndexError. (Written with unpack_from on one view rather than with
+    `Reader`: this runs on every call on both sides, and it is about twice as fast.)"""
+    view = memoryview(payload).cast("B")
+    size = len(view)
     bad = ErrorCode.BAD_TENSOR
-    (count,) = reader.unpack(_U16, bad)
+
+    def truncated(pos: int, count: int) -> ProtocolError:
+        return ProtocolError(
+            bad, f"tensor list is truncated: needs {count} more bytes at offset {pos}, has {max(0, size - pos)}"
+        )
+
+    if size < 2:
+        raise truncated(0, 2)
+    (count,) = _U16.unpack_from(view, 0)
     if count > MAX_TENSORS:
         raise ProtocolError(bad, f"tensor list declares {count} tensors, at most {MAX_TENSORS} are allowed")
+    pos = 2
     tensors: list[tuple[str, np.ndarray]] = []
     for _ in range(count):
-        name = reader.string(bad)
-        code, rank = reader.unpack(struct.Struct(">BB"), bad)
+        if pos + 2 > size:
+            raise truncated(pos, 2)
+        (length,) = _U16.unpack_from(view, pos)
+        pos += 2
+        if pos + length + 2 > size:
+            raise truncated(pos, length + 2)
+        try:
+            name = bytes(view[pos : pos + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(bad, "tensor list holds a name that is not UTF-8") from None
+        code, rank = _U8_PAIR.unpack_from(view, pos + length)
+        pos += length + 2
         dtype = DTYPE_BY_CODE.get(code)
         if dtype is None:
             raise ProtocolError(bad, f"tensor {name!r} has unknown dtype code {code}")
         if rank > MAX_RANK:
             raise ProtocolError(bad, f"tensor {name!r} has rank {rank} > {MAX_RANK}")
-        dims = reader.unpack(struct.Struct(f">{rank}Q"), bad) if rank else ()
+        if pos + 8 * rank > size:
+            raise truncated(pos, 8 * rank)
+        dims = _DIMS[rank].unpack_from(view, pos) if rank else ()
+        pos += 8 * rank
         # Python ints cannot overflow; the size is checked against what is actually left.
-        nbytes = math.prod(dims) * dtype.itemsize
-        if nbytes > reader.remaining:
+        elements = math.prod(dims)
+        nbytes = elements * dtype.itemsize
+        if nbytes > size - pos:
             raise ProtocolError(
-                bad, f"tensor {name!r} of shape {list(dims)} needs {nbytes} bytes, the message has {reader.remaining}"
+                bad, f"tensor {name!r} of shape {list(dims)} needs {nbytes} bytes, the message has {size - pos}"
             )
-        raw = reader.take(nbytes, bad)
         try:
-            array = np.frombuffer(raw, dtype=dtype).reshape(dims)
+            array = np.frombuffer(view, dtype=dtype, count=elements, offset=pos).reshape(dims)
         except (ValueError, OverflowError):  # e.g. (0, 2**63): no data, but dims numpy cannot represent
             raise ProtocolError(bad, f"tensor {name!r} has dimensions {list(dims)} numpy cannot represent") from None
+        pos += nbytes
         if not array.flags.aligned:
             array = array.copy()
         tensors.append((name, array))
-    reader.end(bad)
+    if pos != size:
+        raise ProtocolError(bad, f"tensor list has {size - pos} unexpected trailing bytes")
     return tensors
 
 

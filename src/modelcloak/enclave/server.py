@@ -51,6 +51,8 @@ MAX_SECTIONS = 64
 _SECTION_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
+_READ_AHEAD = 64 * 1024  # the channel's read buffer: a request of this size or less takes one read
+_MAX_IOVECS = 512  # per writev; Linux refuses more than IOV_MAX (1024)
 
 # onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
 # before the first session. Its event database is kept from opening at all by the HOME that
@@ -92,18 +94,50 @@ class _Frame:
 
 
 class Channel:
-    """Frames over one bidirectional descriptor (socket pair end, vsock or TCP socket)."""
+    """Frames over one bidirectional descriptor (socket pair end, vsock or TCP socket).
+
+    Reads go through a small buffer, so a request usually costs one read system call (header and
+    body together) instead of three; large bodies are read straight into their own buffer. Writes
+    gather the frame header and the payload's parts (tensor data included) into one writev.
+    """
 
     def __init__(self, fd: int, max_frame_bytes: int) -> None:
         os.set_blocking(fd, True)  # a non-blocking descriptor from the host would make reads fail spuriously
         self.fd = fd
         self.max_frame_bytes = max_frame_bytes
         self._pushback: list[_Frame] = []
+        self._inbox = bytearray(_READ_AHEAD)
+        self._start = 0  # unread bytes are self._inbox[self._start : self._end]
+        self._end = 0
+
+    def _take_buffered(self, count: int) -> bytearray:
+        out = self._inbox[self._start : self._start + count]
+        self._start += count
+        return out
 
     def _read_exact(self, count: int, *, boundary: bool = False) -> bytearray:
+        buffered = self._end - self._start
+        if count <= buffered:
+            return self._take_buffered(count)
+        if count <= len(self._inbox):
+            # Small: refill the buffer (reading ahead into the next frame is fine, it stays buffered).
+            if self._start:
+                self._inbox[:buffered] = self._inbox[self._start : self._end]
+                self._start, self._end = 0, buffered
+            view = memoryview(self._inbox)
+            while self._end < count:
+                got = os.readv(self.fd, [view[self._end :]])
+                if got == 0:
+                    nothing = boundary and self._end == 0
+                    raise _EndOfInput("end of input" if nothing else "end of input inside a frame")
+                self._end += got
+            return self._take_buffered(count)
+        # Large: what is buffered, then the rest straight into the body's own buffer.
         buffer = bytearray(count)
+        buffer[:buffered] = self._inbox[self._start : self._end]
+        self._start = self._end = 0
         view = memoryview(buffer)
-        done = 0
+        done = buffered
         while done < count:
             got = os.readv(self.fd, [view[done:]])
             if got == 0:
@@ -112,6 +146,9 @@ class Channel:
         return buffer
 
     def _discard(self, count: int) -> None:
+        buffered = min(count, self._end - self._start)
+        self._start += buffered
+        count -= buffered
         scratch = memoryview(bytearray(min(count, 1 << 20) or 1))
         while count > 0:
             got = os.readv(self.fd, [scratch[: min(count, len(scratch))]])
@@ -152,13 +189,17 @@ class Channel:
                 continue
             return _Frame(MsgType(msg_type), request_id, payload)
 
-    def send(self, msg_type: MsgType, request_id: int, payload: bytes | bytearray | memoryview = b"") -> None:
-        length = protocol.FRAME_OVERHEAD + len(payload)
-        views = [memoryview(protocol.FRAME_HEADER.pack(length, msg_type, request_id))]
-        if len(payload):
-            views.append(memoryview(payload).cast("B"))
+    def send(
+        self,
+        msg_type: MsgType,
+        request_id: int,
+        payload: protocol.Buffer | list[bytes | memoryview] = b"",
+    ) -> None:
+        """One frame; `payload` is a buffer or a list of buffers (protocol.tensor_parts) sent as they are."""
+        parts: list[protocol.Buffer] = list(payload) if isinstance(payload, list) else [payload]
+        views = [memoryview(part).cast("B") for part in protocol.frame_parts(msg_type, request_id, parts) if len(part)]
         while views:
-            written = os.writev(self.fd, views)
+            written = os.writev(self.fd, views[:_MAX_IOVECS])
             while written:
                 if written >= len(views[0]):
                     written -= len(views[0])
@@ -367,6 +408,7 @@ class EnclaveServer:
         self._inputs: tuple[TensorSpec, ...] = ()
         self._batch_axes: tuple[int | None, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
+        self._output_names: list[str] = []
         self._policy = OutputPolicy()
         self._meter: Meter | None = None
 
@@ -507,6 +549,7 @@ class EnclaveServer:
         self._inputs = tuple(_spec_of(a) for a in session.get_inputs())
         self._batch_axes = tuple(_batch_axis(a, sealed.batch_symbol) for a in session.get_inputs())
         self._outputs = tuple(_spec_of(a) for a in session.get_outputs())
+        self._output_names = [o.name for o in self._outputs]
         try:
             policy_mod.check_applicable(sealed.policy, self._outputs[0].shape if self._outputs else None)
         except PolicyError as exc:
@@ -568,6 +611,8 @@ class EnclaveServer:
         options.enable_profiling = False
         # The host's own onnxruntime runs on the same cores: idle workers spinning here would steal
         # the CPU the host needs between requests (measured: up to 5x slower totals at batch 64).
+        # (Spinning within a run only, with session.force_spinning_stop, was tried in issue 13: no
+        # faster per call under load, and up to 2.5x the enclave's CPU per call at batch 32.)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # fatal only: onnxruntime's messages can name private nodes
         # onnxruntime's Python API takes only `bytes`: one immutable copy, wiped right after.
@@ -606,7 +651,7 @@ class EnclaveServer:
         try:
             outputs = self._session.run(None, feeds)
             policy_mod.apply_output_policy(self._policy, [o.name for o in self._outputs], outputs)
-            protocol.encode_tensors([("warm-up", np.zeros(1, np.float32))])
+            protocol.tensor_parts([("warm-up", np.zeros(1, np.float32))])
         except Exception:
             pass  # a model that rejects zeros still serves real inputs
 
@@ -685,14 +730,15 @@ class EnclaveServer:
                 "because they can name private layers",
             ) from None
         try:
-            results = policy_mod.apply_output_policy(self._policy, [o.name for o in self._outputs], outputs)
+            results = policy_mod.apply_output_policy(self._policy, self._output_names, outputs)
         except PolicyError as exc:
             raise Refusal(ErrorCode.INFERENCE_FAILED, str(exc)) from None
-        payload = protocol.encode_tensors(results)
-        if protocol.FRAME_OVERHEAD + len(payload) > self.channel.max_frame_bytes:
+        payload = protocol.tensor_parts(results)  # views of the result arrays: written, not copied
+        size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
+        if protocol.FRAME_OVERHEAD + size > self.channel.max_frame_bytes:
             raise Refusal(
                 ErrorCode.FRAME_TOO_LARGE,
-                f"the result ({len(payload)} bytes) exceeds the frame limit of {self.channel.max_frame_bytes}; "
+                f"the result ({size} bytes) exceeds the frame limit of {self.channel.max_frame_bytes}; "
                 "send smaller batches",
             )
         if self._budget is not None:

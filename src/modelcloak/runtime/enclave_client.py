@@ -40,7 +40,8 @@ from modelcloak.runtime.errors import EnclaveError
 __all__ = ["EnclaveClient", "EnclaveError", "EnclaveInfo", "EnclaveStats"]
 
 EnclaveStats = protocol.Stats
-_READ_POLL_S = 0.25  # how often the reader thread checks whether the client is closing
+_READ_AHEAD = 64 * 1024  # the reply buffer: a reply of this size or less usually takes one recv
+_MAX_IOVECS = 512  # buffers per sendmsg; Linux refuses more than IOV_MAX (1024)
 _LOAD_PIECE = 1 << 20  # LOAD_DATA frames carry at most 1 MiB (less if the enclave's limit is lower)
 
 # The enclave runs `python -I` (no PYTHONPATH, no user site, no script directory on sys.path) and
@@ -164,28 +165,113 @@ def _refusal(payload: bytes | bytearray) -> EnclaveError:
 
 
 class _Pending:
-    __slots__ = ("event", "msg_type", "payload", "error")
+    """One request's reply slot. `done` once its reply (or error) is in; `wake` is set then, and also
+    when the thread that was reading the connection stops, so that a waiter can take over reading.
+    `wake` is made only by a caller that has to wait for another one (a lone caller never needs it)."""
+
+    __slots__ = ("wake", "done", "msg_type", "payload", "error")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.wake: threading.Event | None = None
+        self.done = False
         self.msg_type: int | None = None
         self.payload: bytearray | None = None
         self.error: EnclaveError | None = None
 
+    def finish(
+        self, msg_type: int | None = None, payload: bytearray | None = None, error: EnclaveError | None = None
+    ) -> None:
+        self.msg_type, self.payload, self.error = msg_type, payload, error
+        self.done = True
+        wake = self.wake
+        if wake is not None:
+            wake.set()
+
+
+class _EndOfStream(Exception):
+    """The enclave's end of the connection is closed."""
+
+
+class _Inbox:
+    """Frames from the enclave, read through a buffer: a small reply (header and body) usually takes
+    one recv. A frame cut short by a timeout stays half-read here, so whichever thread reads next
+    continues it and the stream stays in step."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self._sock = sock
+        self._max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray(_READ_AHEAD)
+        self._start = 0  # unread bytes are self._buffer[self._start : self._end]
+        self._end = 0
+        self._head: tuple[int, int] | None = None  # (type, request id) of a body being read straight into
+        self._body = bytearray()
+        self._filled = 0
+
+    def read(self, timeout: float) -> tuple[int, int, bytearray] | None:
+        """(type, request id, payload) of the next frame; None if `timeout` passed first."""
+        self._sock.settimeout(timeout)
+        try:
+            if self._head is None:
+                while self._end - self._start < protocol.HEADER_SIZE:
+                    self._fill()
+                length, msg_type, request_id = protocol.FRAME_HEADER.unpack_from(self._buffer, self._start)
+                if length < protocol.FRAME_OVERHEAD or length > self._max_frame_bytes:
+                    raise _FramingLost(
+                        f"enclave sent a malformed frame: length {length} outside 9..{self._max_frame_bytes}"
+                    )
+                if msg_type not in protocol.ENCLAVE_TO_HOST:
+                    raise _FramingLost(f"enclave sent a malformed frame: unknown message type 0x{msg_type:02x}")
+                self._start += protocol.HEADER_SIZE
+                size = length - protocol.FRAME_OVERHEAD
+                buffered = self._end - self._start
+                if size <= buffered:
+                    payload = self._buffer[self._start : self._start + size]
+                    self._start += size
+                    return msg_type, request_id, payload
+                self._head, self._body = (msg_type, request_id), bytearray(size)
+                self._body[:buffered] = self._buffer[self._start : self._end]
+                self._filled, self._start, self._end = buffered, 0, 0
+            with memoryview(self._body) as view:
+                while self._filled < len(self._body):
+                    got = self._sock.recv_into(view[self._filled :])
+                    if got == 0:
+                        raise _EndOfStream
+                    self._filled += got
+            (msg_type, request_id), payload = self._head, self._body
+            self._head, self._body = None, bytearray()
+            return msg_type, request_id, payload
+        except TimeoutError:
+            return None
+
+    def _fill(self) -> None:
+        if self._start:
+            unread = self._end - self._start
+            self._buffer[:unread] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, unread
+        with memoryview(self._buffer) as view:
+            got = self._sock.recv_into(view[self._end :])
+        if got == 0:
+            raise _EndOfStream
+        self._end += got
+
 
 class _Connection:
-    """One enclave process and its socket: a reader thread routes replies to waiting requests."""
+    """One enclave process and its socket. There is no reader thread: a caller sends its request and
+    reads replies itself (one thread at a time holds the read lock and hands every reply it reads to
+    the request it belongs to), so a reply reaches its caller without a hand-off between threads."""
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, max_frame_bytes: int) -> None:
         self.proc = proc
         self.max_frame_bytes = max_frame_bytes
         self._rsock = sock
-        self._rsock.settimeout(_READ_POLL_S)
         # A second socket object on the same connection so a sender's timeout never disturbs the
         # reader; both are in timeout mode, so the shared descriptor is consistently non-blocking.
         self._wsock = sock.dup()
-        self._lock = threading.Lock()
+        self._rsock.settimeout(START_TIMEOUT)
+        self._inbox = _Inbox(self._rsock, max_frame_bytes)
+        self._lock = threading.Lock()  # the pending table, request ids, `broken`
         self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # held by the one caller reading replies
         self._pending: dict[int, _Pending] = {0: _Pending()}  # request id 0: HELLO or a start-up error
         self._next_id = 1
         self.broken: str | None = None  # why this connection can no longer be used
@@ -194,12 +280,8 @@ class _Connection:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
         # Stores a BUDGET_STATE blob durably; None: this host keeps no persistent budget.
         self.budget_sink: Callable[[bytes], None] | None = None
-        self._reader = threading.Thread(target=self._read_loop, name=f"enclave-{proc.pid}-reader", daemon=True)
         self._stderr = threading.Thread(target=self._stderr_loop, name=f"enclave-{proc.pid}-stderr", daemon=True)
-        # stderr first: an enclave that exits at once makes the reader report its death, which
-        # joins the stderr thread for the last words; that thread must have been started.
         self._stderr.start()
-        self._reader.start()
 
     # -- process state -------------------------------------------------------------------------
 
@@ -235,7 +317,7 @@ class _Connection:
         hint = " (the process is stopped)" if state in ("T", "t") else ""
         return EnclaveError(f"enclave did not answer within {_seconds(timeout)} s{hint}")
 
-    # -- threads ---------------------------------------------------------------------------------
+    # -- reading replies -------------------------------------------------------------------------
 
     def _stderr_loop(self) -> None:
         stream = self.proc.stderr
@@ -244,45 +326,56 @@ class _Connection:
         for raw in iter(stream.readline, b""):
             self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip()[:500])
 
-    def _recv_exact(self, count: int) -> bytearray | None:
-        buffer = bytearray(count)
-        view = memoryview(buffer)
-        done = 0
-        while done < count:
-            try:
-                got = self._rsock.recv_into(view[done:])
-            except TimeoutError:
-                if self._closing:
-                    return None
+    def _await(self, pending: _Pending, deadline: float) -> bool:
+        """Wait until `pending` has its reply (True) or `deadline` passes (False), reading the
+        connection whenever no other caller is."""
+        while not pending.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    while not pending.done and self.broken is None:
+                        self._read_one(remaining)
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                finally:
+                    self._read_lock.release()
+                    self._hand_over()
                 continue
-            except OSError:
-                return None
-            if got == 0:
-                return None
-            done += got
-        return buffer
+            # Another caller is reading: it wakes us when our reply is in or when it stops reading.
+            wake = pending.wake
+            if wake is None:
+                wake = pending.wake = threading.Event()
+            wake.clear()
+            if pending.done:
+                break
+            if not self._read_lock.locked():
+                continue  # it stopped before it could see our event: read ourselves
+            wake.wait(remaining)
+        return True
 
-    def _read_loop(self) -> None:
+    def _hand_over(self) -> None:
+        """The reading caller is done: wake the others so one of them reads for the rest."""
+        for pending in list(self._pending.values()):  # list() of a dict view is atomic under the GIL
+            wake = pending.wake
+            if wake is not None and not pending.done:
+                wake.set()
+
+    def _read_one(self, timeout: float) -> None:
+        """Read one frame (or nothing within `timeout`) and deliver it; a broken stream fails every request."""
         reason: str | None = None
         try:
-            while True:
-                head = self._recv_exact(protocol.HEADER_SIZE)
-                if head is None:
-                    break
-                length, msg_type, request_id = protocol.decode_header(head)
-                if length < protocol.FRAME_OVERHEAD or length > self.max_frame_bytes:
-                    reason = f"enclave sent a malformed frame: length {length} outside 9..{self.max_frame_bytes}"
-                    break
-                if msg_type not in protocol.ENCLAVE_TO_HOST:
-                    reason = f"enclave sent a malformed frame: unknown message type 0x{msg_type:02x}"
-                    break
-                payload = self._recv_exact(length - protocol.FRAME_OVERHEAD)
-                if payload is None:
-                    break
-                self._deliver(msg_type, request_id, payload)
+            frame = self._inbox.read(timeout)
+            if frame is not None:
+                self._deliver(*frame)
+            return
+        except (_EndOfStream, OSError):
+            reason = None  # the process ended or the client is closing: _fail_all says which
         except _FramingLost as lost:
             reason = str(lost)
-        except Exception as exc:  # never let the reader die silently: waiters would hang to their timeout
+        except Exception as exc:  # never leave waiters hanging to their timeout
             reason = f"enclave connection failed ({type(exc).__name__}: {exc})"
         if reason is not None:
             # A desynchronised or lying enclave cannot be trusted to answer anything else.
@@ -298,20 +391,17 @@ class _Connection:
                 "the connection to the enclave lost its framing (the enclave reported: "
                 f"{protocol.decode_error(payload)[1]})"
             )
-        with self._lock:
-            pending = self._pending.get(request_id)
+        pending = self._pending.get(request_id)  # one dict lookup: atomic under the GIL
         if msg_type == MsgType.BUDGET_STATE:
             # Stored before the READY/RESULT that follows is read: an answer whose count could not
             # be kept is not handed out (that reply is dropped, the caller gets this error).
             failure = self._store_budget_state(payload)
-            if failure is not None and pending is not None and not pending.event.is_set():
-                pending.error = failure
-                pending.event.set()
+            if failure is not None and pending is not None and not pending.done:
+                pending.finish(error=failure)
             return
-        if pending is None or pending.event.is_set():
+        if pending is None or pending.done:
             return  # a late reply to a request that timed out, or an unsolicited notice
-        pending.msg_type, pending.payload = msg_type, payload
-        pending.event.set()
+        pending.finish(msg_type, payload)
 
     def _store_budget_state(self, payload: bytearray) -> EnclaveError | None:
         if self.budget_sink is None:
@@ -336,11 +426,10 @@ class _Connection:
             waiting = list(self._pending.items())
             self._pending.clear()
         for request_id, pending in waiting:
-            if not pending.event.is_set():
+            if not pending.done:
                 # Request id 0 is the start-up wait for HELLO; wait_hello words that case itself.
                 suffix = " while serving a request" if ended and request_id else ""
-                pending.error = EnclaveError(reason + suffix)
-                pending.event.set()
+                pending.finish(error=EnclaveError(reason + suffix))
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -349,7 +438,7 @@ class _Connection:
             pending = self._pending.get(0)
         if pending is None:
             raise EnclaveError(self.broken or "enclave connection is closed")
-        if not pending.event.wait(timeout):
+        if not self._await(pending, time.monotonic() + timeout):
             raise EnclaveError(f"enclave did not start within {_seconds(timeout)} s")
         with self._lock:
             self._pending.pop(0, None)
@@ -374,12 +463,13 @@ class _Connection:
 
     def request(
         self,
-        build: Callable[[int], Iterable[bytes | memoryview]],
+        build: Callable[[int], Iterable[Sequence[protocol.Buffer]]],
         expect: MsgType,
         timeout: float,
         shown: float | None = None,
     ) -> bytearray:
-        """Send the frames `build(request_id)` yields (one buffer per frame); wait for the reply with that id.
+        """Send the frames `build(request_id)` yields (each a list of buffers, sent with one gathered
+        write); wait for the reply with that id, reading it in this thread when no other caller is.
 
         `shown` is the timeout named in a timeout error (the caller's whole limit, when `timeout`
         is what is left of it)."""
@@ -395,7 +485,7 @@ class _Connection:
             self._pending[request_id] = pending
         try:
             self._send(build(request_id), deadline, timeout)
-            if not pending.event.wait(max(0.0, deadline - time.monotonic())):
+            if not self._await(pending, deadline):
                 raise self.timeout_error(timeout)
         finally:
             with self._lock:
@@ -410,10 +500,12 @@ class _Connection:
             raise EnclaveError(f"enclave sent a malformed frame: expected {expect.name}, got {name}")
         return pending.payload
 
-    def _send(self, frames: Iterable[bytes | memoryview], deadline: float, timeout: float) -> None:
+    def _send(self, frames: Iterable[Sequence[protocol.Buffer]], deadline: float, timeout: float) -> None:
         """Send whole frames. Running out of time between frames leaves the stream in step (the
         enclave treats a LOAD cut short that way as interrupted); inside a frame it does not."""
-        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not self._send_lock.acquire(blocking=False) and not self._send_lock.acquire(
+            timeout=max(0.0, deadline - time.monotonic())
+        ):
             raise self.timeout_error(timeout)
         try:
             for frame in frames:
@@ -422,18 +514,29 @@ class _Connection:
                     raise self.timeout_error(timeout)
                 self._wsock.settimeout(remaining)
                 try:
-                    self._wsock.sendall(frame)
+                    _send_gathered(self._wsock, frame)
                 except TimeoutError:
                     with self._lock:
                         if self.broken is None:
                             self.broken = "enclave stopped reading its input and the connection is out of step"
                     raise self.timeout_error(timeout) from None
         except OSError:
-            # The enclave end is gone; the reader thread is about to say why.
-            self._reader.join(timeout=max(0.0, min(1.5, deadline - time.monotonic())))
+            # The enclave end is gone: read what is left (an error it sent, the end of the
+            # stream) so the error says why.
+            self._read_to_end(min(deadline, time.monotonic() + 1.5))
             raise EnclaveError((self.broken or self._death()) + " while serving a request") from None
         finally:
             self._send_lock.release()
+
+    def _read_to_end(self, deadline: float) -> None:
+        if not self._read_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return
+        try:
+            while self.broken is None and time.monotonic() < deadline:
+                self._read_one(deadline - time.monotonic())
+        finally:
+            self._read_lock.release()
+            self._hand_over()
 
     # -- teardown ----------------------------------------------------------------------------------
 
@@ -451,13 +554,34 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._reader is not threading.current_thread():
-            self._reader.join(timeout=2.0)
+        # A caller blocked reading sees the end of the stream now; its descriptor is closed only
+        # after it has let go (closing a descriptor another thread is polling is a race).
+        if self._read_lock.acquire(timeout=2.0):
+            self._read_lock.release()
+        self._fail_all("enclave connection was closed")
         self._stderr.join(timeout=2.0)
         for sock in (self._rsock, self._wsock):
             sock.close()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer]) -> None:
+    """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial write."""
+    sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
+    if sent == sum(len(buffer) for buffer in buffers):
+        return  # the usual case: the whole frame in one call
+    views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+    while views:
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+        if views:
+            sent = sock.sendmsg(views[:_MAX_IOVECS])
 
 
 def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -700,11 +824,11 @@ class EnclaveClient:
         if protocol.FRAME_OVERHEAD + len(first) > hello.max_frame_bytes:
             raise EnclaveError(f"the bundle header ({len(header)} bytes) exceeds the enclave's frame limit")
 
-        def frames(request_id: int) -> Iterable[bytes]:
-            # One buffer per whole frame, built lazily: at most one piece is copied at a time.
-            yield protocol.encode_frame(MsgType.LOAD, request_id, first)
+        def frames(request_id: int) -> Iterable[list[protocol.Buffer]]:
+            # Built lazily; each LOAD_DATA sends a view of the ciphertext (no copy).
+            yield protocol.frame_parts(MsgType.LOAD, request_id, [first])
             for start in range(0, len(data), piece):
-                yield protocol.encode_frame(MsgType.LOAD_DATA, request_id, data[start : start + piece])
+                yield protocol.frame_parts(MsgType.LOAD_DATA, request_id, [data[start : start + piece]])
 
         began = time.monotonic()
         payload = conn.request(frames, MsgType.READY, timeout)
@@ -817,7 +941,7 @@ class EnclaveClient:
                 return
             if conn.proc.poll() is None and conn.broken is None:
                 try:
-                    conn.request(lambda rid: [protocol.encode_frame(MsgType.SHUTDOWN, rid)], MsgType.BYE, timeout)
+                    conn.request(lambda rid: [protocol.frame_parts(MsgType.SHUTDOWN, rid, [])], MsgType.BYE, timeout)
                     conn.proc.wait(timeout=timeout)
                 except (EnclaveError, subprocess.TimeoutExpired):
                     pass
@@ -873,10 +997,10 @@ class EnclaveClient:
         conn, _ = self._wait_running(time.monotonic() + limit, limit, need_model=True)
         info = conn.info
         assert info is not None
-        names = set(info.input_names)
-        missing = [n for n in info.input_names if n not in feeds]
-        unknown = [n for n in feeds if n not in names]
-        if missing or unknown:
+        if len(feeds) != len(info.inputs) or any(spec.name not in feeds for spec in info.inputs):
+            names = set(info.input_names)
+            missing = [n for n in info.input_names if n not in feeds]
+            unknown = [n for n in feeds if n not in names]
             parts = ([f"missing {', '.join(map(repr, missing))}"] if missing else []) + (
                 [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
             )
@@ -891,18 +1015,20 @@ class EnclaveClient:
                 array = array.astype(spec.dtype)
             tensors.append((spec.name, array))
         try:
-            payload = protocol.encode_tensors(tensors)
+            # Views of the arrays, sent with one gathered write: the tensor data is not copied here.
+            payload = protocol.tensor_parts(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
+        size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
 
         def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> dict[str, np.ndarray]:
-            if protocol.FRAME_OVERHEAD + len(payload) > hello.max_frame_bytes:
+            if protocol.FRAME_OVERHEAD + size > hello.max_frame_bytes:
                 raise EnclaveError(
-                    f"inputs of {len(payload)} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
+                    f"inputs of {size} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
                     "send smaller batches or start the enclave with a larger max_frame_bytes"
                 )
             reply = conn.request(
-                lambda rid: [protocol.encode_frame(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
+                lambda rid: [protocol.frame_parts(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
             )
             try:
                 results = protocol.decode_tensors(reply)
@@ -918,7 +1044,7 @@ class EnclaveClient:
 
         def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> EnclaveStats:
             reply = conn.request(
-                lambda rid: [protocol.encode_frame(MsgType.STATS, rid)], MsgType.STATS_REPLY, remaining, limit
+                lambda rid: [protocol.frame_parts(MsgType.STATS, rid, [])], MsgType.STATS_REPLY, remaining, limit
             )
             try:
                 return protocol.decode_stats(reply)
@@ -933,7 +1059,7 @@ class EnclaveClient:
         body = os.urandom(payload_bytes) if payload_bytes else b""
         limit = self.timeout if timeout is None else timeout
         began = time.perf_counter()
-        reply = conn.request(lambda rid: [protocol.encode_frame(MsgType.PING, rid, body)], MsgType.PONG, limit)
+        reply = conn.request(lambda rid: [protocol.frame_parts(MsgType.PING, rid, [body])], MsgType.PONG, limit)
         elapsed = time.perf_counter() - began
         if bytes(reply) != body:
             raise EnclaveError("enclave sent a malformed frame: PONG does not echo the PING payload")

@@ -1,0 +1,128 @@
+"""The framing layer both ends of the enclave connection use (issue 13, item 8): gathered writes of
+tensor views, buffered reads that may hold parts of two frames, a frame cut by a timeout that the
+next reader continues, and a client that reads its replies on the calling thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from modelcloak.enclave import protocol
+from modelcloak.enclave.protocol import MsgType
+from modelcloak.enclave.server import Channel
+from modelcloak.keys import KeyFile
+from modelcloak.runtime import enclave_client
+from modelcloak.runtime.enclave_client import EnclaveClient
+
+
+def test_tensor_parts_are_the_encoding_without_copies() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    parts = protocol.tensor_parts([("x", x), ("ids", np.arange(3, dtype=">i8"))])
+    assert b"".join(parts) == protocol.encode_tensors([("x", x), ("ids", np.arange(3, dtype=">i8"))])
+    # The C-ordered little-endian array is sent from its own memory, not from a copy.
+    assert np.shares_memory(np.frombuffer(parts[2], np.float32), x)
+    frame = protocol.frame_parts(MsgType.INFER, 7, parts)
+    assert b"".join(frame) == protocol.encode_frame(MsgType.INFER, 7, b"".join(parts))
+    assert protocol.frame_length(parts) == len(b"".join(frame)) - 4
+
+
+def test_gathered_send_survives_partial_writes() -> None:
+    """A frame larger than the socket buffer goes out in several sendmsg calls, byte for byte."""
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)  # 512 KiB
+    frame = protocol.frame_parts(MsgType.INFER, 3, protocol.tensor_parts([("h", data)]))
+    expected = b"".join(frame)
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(expected):
+            received.extend(right.recv(65536))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    enclave_client._send_gathered(left, frame)
+    reader.join(timeout=30)
+    left.close()
+    right.close()
+    assert bytes(received) == expected
+
+
+def test_enclave_channel_reads_coalesced_and_split_frames() -> None:
+    host, enclave = socket.socketpair()
+    channel = Channel(enclave.fileno(), 1 << 20)
+    big = protocol.encode_tensors([("h", np.ones((300, 300), np.float32))])  # larger than the read buffer
+    frames = [
+        protocol.encode_frame(MsgType.PING, 1, b"a"),
+        protocol.encode_frame(MsgType.PING, 2, b"bc"),
+        protocol.encode_frame(MsgType.INFER, 3, big),
+        protocol.encode_frame(MsgType.STATS, 4),
+    ]
+    stream = b"".join(frames)
+
+    def send() -> None:
+        host.sendall(stream[:20])  # the first frame and part of the second in one write
+        host.sendall(stream[20:25])
+        host.sendall(stream[25:])
+
+    writer = threading.Thread(target=send)
+    writer.start()
+    got = [channel.next_frame() for _ in frames]
+    writer.join()
+    assert [(f.type, f.request_id) for f in got] == [
+        (MsgType.PING, 1),
+        (MsgType.PING, 2),
+        (MsgType.INFER, 3),
+        (MsgType.STATS, 4),
+    ]
+    assert got[0].payload == b"a" and got[1].payload == b"bc" and bytes(got[2].payload) == big
+    host.close()
+    enclave.close()
+
+
+def test_host_inbox_continues_a_frame_cut_by_a_timeout() -> None:
+    """A reader that times out mid-frame leaves it half-read; the next read finishes it in step."""
+    enclave, host = socket.socketpair()
+    inbox = enclave_client._Inbox(host, 1 << 20)
+    payload = protocol.encode_tensors([("label", np.arange(5000, dtype=np.int64))])  # 40 KB
+    first = protocol.encode_frame(MsgType.RESULT, 9, payload)
+    second = protocol.encode_frame(MsgType.PONG, 10, b"xyz")
+    enclave.sendall(first[:7])  # not even a whole header
+    assert inbox.read(0.05) is None
+    enclave.sendall(first[7:30000])
+    assert inbox.read(0.05) is None  # header read, body incomplete
+    enclave.sendall(first[30000:] + second)
+    msg_type, request_id, body = inbox.read(1.0)
+    assert (msg_type, request_id, bytes(body)) == (MsgType.RESULT, 9, payload)
+    assert inbox.read(1.0) == (MsgType.PONG, 10, bytearray(b"xyz"))
+    enclave.close()
+    host.close()
+
+
+@pytest.mark.parametrize("threads", [1, 6])
+def test_replies_are_read_by_the_callers_without_a_reader_thread(key_file: KeyFile, threads: int) -> None:
+    """No thread sits between the socket and a caller: replies reach each calling thread directly,
+    also when several callers share the connection (one reads, the others are handed theirs)."""
+    with EnclaveClient() as client:
+        client.start(["--key-file", str(key_file.path)])
+        before = {t.name for t in threading.enumerate()}
+        assert not [name for name in before if name.endswith("-reader")]
+        sizes = list(range(threads * 40))
+        errors: list[BaseException] = []
+
+        def call(size: int) -> None:
+            try:
+                client.ping(size)  # PONG must echo this caller's own payload, or ping() raises
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=lambda s=s: [call(n) for n in sizes[s::threads]]) for s in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert not errors
+        assert client.ping(0) >= 0

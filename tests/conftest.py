@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import pristine
 import pytest
 from models import make_mlp
 
@@ -35,6 +36,7 @@ def _budget_state_in_tmp(tmp_path_factory, monkeypatch):
 
 
 _CORE_LIMIT_AT_START = __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE)
+pristine.start()  # before any test can harden this process (tests/support/pristine.py)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pristine
 import pytest
 
 from modelcloak import hygiene
@@ -396,8 +397,8 @@ os.abort()
 
 
 def _crash(tmp_path, harden: str) -> bytes | None:
-    proc = subprocess.run([sys.executable, "-c", _CRASH, harden], cwd=tmp_path, capture_output=True, timeout=60)
-    assert proc.returncode == -6, proc.stderr.decode(errors="replace")
+    returncode, stderr, _ = pristine.run([sys.executable, "-c", _CRASH, harden], tmp_path, 60)
+    assert returncode == -6, stderr.decode(errors="replace")
     cores = [p for p in tmp_path.iterdir() if p.name.startswith("core")]
     return cores[0].read_bytes() if cores else None
 
@@ -407,8 +408,8 @@ def test_core_dump_leaves_out_protected_buffers(tmp_path):
         pattern = fh.read().strip()
     if pattern.startswith("|") or "/" in pattern:
         pytest.skip(f"core_pattern {pattern!r} does not write a core file into the working directory")
-    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
-        pytest.skip("hard RLIMIT_CORE is 0: no core dumps possible here")
+    if pristine.run([sys.executable, "-c", "pass"], tmp_path, 60)[2] == 0:
+        pytest.skip("hard RLIMIT_CORE was 0 when the tests started: no core dumps possible here")
     core = _crash(tmp_path, "0")
     if core is None:
         pytest.skip("the kernel wrote no core file (suid_dumpable or container policy)")

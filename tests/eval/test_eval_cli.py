@@ -6,14 +6,13 @@ network on scikit-learn's digits) with small budgets and seeds.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_process import run_modelcloak as cli
 from digits_victim import dense_model, digits_split
 
 from modelcloak.keys import generate_key_file
@@ -23,16 +22,6 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 PROGRESS = re.compile(r"seed \d+ budget \d+")  # the progress bar's step descriptions
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

@@ -8,15 +8,11 @@ task, a head retrained on the frozen public layers can, and fine-tuning everythi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_process import run_modelcloak as _cli
 from digits_victim import dense_model
 from onnx import TensorProto, helper, numpy_helper
 from split_models import mlp
@@ -243,16 +239,6 @@ def test_a_rerun_with_the_same_seed_is_identical(measured, public_model, digits)
 
 
 # --- the command ------------------------------------------------------------------------------
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 @pytest.mark.slow  # a child process that imports torch and trains: ~30 s on two busy cores

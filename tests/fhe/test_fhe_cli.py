@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_process import run_modelcloak
 from models import make_mlp
 
 from modelcloak.fhe import DenseProgram, EdgeEvaluator, OwnerDecryptor, protect_program
@@ -17,13 +16,7 @@ pytest.importorskip("torch")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
-    )
+    return run_modelcloak(*args, env={"OMP_NUM_THREADS": "1"}, timeout=180)
 
 
 def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:

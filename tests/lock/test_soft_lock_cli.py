@@ -11,14 +11,13 @@ and the one-line errors.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_process import run_modelcloak as cli
 from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
@@ -29,16 +28,6 @@ from modelcloak.lock.from_onnx import sequential_from_onnx  # noqa: E402
 from modelcloak.training import train_classifier  # noqa: E402
 
 nn = torch.nn
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:

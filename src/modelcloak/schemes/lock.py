@@ -17,7 +17,8 @@ from modelcloak.schemes.parts import describe_lock, part_sections
 CLAIMS = SchemeClaims(
     summary=(
         "sealed like `seal`, and the weights are also locked to enrolled devices (a TPM-sealed secret, or "
-        "a weaker software secret): only those devices turn the codes back into the real weights"
+        "a weaker software secret): only those devices open the locked weights (the `sealed` method: "
+        "they are sealed under a key that needs the device's lock key)"
     ),
     protects=(
         "a copied bundle with its key file: on another machine (another TPM) the device secret does not unseal",
@@ -34,6 +35,8 @@ CLAIMS = SchemeClaims(
         "the model structure, single-number tensors and control inputs (Resize scales, Clip bounds), which are "
         "sealed, not locked",
         "whoever received the exported device lock key (the owner's copy): keep it like a model key",
+        "with `sealed`, a wrong device key is refused rather than giving a model that runs at chance, so a "
+        "thief learns that a key is wrong (the key is 256 random bits; uniform-shift keeps the decoy)",
     ),
 )
 

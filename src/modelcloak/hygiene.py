@@ -484,12 +484,13 @@ def stop_wiping_freed_heap() -> None:
 
 
 def exclude_anonymous_memory_from_dumps() -> int:
-    """Mark every private anonymous writable mapping of this process MADV_DONTDUMP; returns how many.
+    """Mark every private anonymous writable or reserved mapping MADV_DONTDUMP; returns how many.
 
     Called once the runtime holds its copies of the weights (its initializers, pre-packed weights,
     graph optimisers' rewritten tensors all live in the heap or in anonymous mappings), so those
     copies are left out of a core dump even where non-dumpability is not honoured
-    (fs.suid_dumpable=2, pipe core handlers). Memory mapped later is not covered. Reads
+    (fs.suid_dumpable=2, pipe core handlers). Reserved arena space that becomes writable later
+    is covered; memory mapped later (and the main heap's growth by brk) is not. Reads
     /proc/self/maps (no page-table walk); a mapping the kernel refuses (device memory) is skipped.
     """
     if not _IS_LINUX:
@@ -505,7 +506,9 @@ def exclude_anonymous_memory_from_dumps() -> int:
     marked = 0
     for line in lines:
         parts = line.split(None, 5)
-        if len(parts) < 5 or parts[1] != "rw-p":
+        # "---p": glibc reserves each thread arena's heap PROT_NONE and mprotects it writable as it
+        # grows; the part that grows later keeps the flag only if the reservation has it now.
+        if len(parts) < 5 or parts[1] not in ("rw-p", "---p"):
             continue
         name = parts[5].strip() if len(parts) == 6 else ""
         if name and name != "[heap]" and not name.startswith("[anon:"):

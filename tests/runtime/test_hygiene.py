@@ -189,6 +189,31 @@ def test_negative_control_plain_mmap_has_no_dontdump():
         mm.close()
 
 
+_GROWN_RESERVATION = """
+import ctypes, json, mmap, sys
+from modelcloak import hygiene
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+size = 4 * mmap.PAGESIZE
+# A reservation like glibc's thread-arena heaps: PROT_NONE (0) first, made writable as it grows.
+base = libc.mmap(None, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+if sys.argv[1] == "exclude":
+    hygiene.exclude_anonymous_memory_from_dumps()
+assert libc.mprotect(ctypes.c_void_p(base), ctypes.c_size_t(2 * mmap.PAGESIZE), 3) == 0
+print(json.dumps(sorted(hygiene.mapping_flags(base))))
+"""
+
+
+def test_reserved_arena_space_that_grows_later_stays_out_of_dumps():
+    assert "dd" in _run_child(_GROWN_RESERVATION, "exclude")
+
+
+def test_control_reserved_space_not_swept_grows_dumpable():
+    flags = _run_child(_GROWN_RESERVATION, "leave")
+    assert "rd" in flags and "wr" in flags and "dd" not in flags
+
+
 def test_mapping_lookup_fails_for_unmapped_address():
     with pytest.raises(HygieneError):
         mapping_flags(16)  # page zero is never mapped

@@ -378,3 +378,16 @@ def test_manifest_parser_only_raises_manifest_error(document):
         parse_manifest(raw, 1)
     except ManifestError:
         pass
+
+
+def test_signer_key_material_of_the_wrong_length_is_named_not_read_as_a_path():
+    from modelcloak.bundle.signing import load_public_key
+
+    raw = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    assert load_public_key(raw) == raw  # control: 32 raw bytes are taken as they are
+    with pytest.raises(SignatureError, match="a raw signer key is 32 bytes, got 31"):
+        load_public_key(raw[:31])

@@ -22,7 +22,7 @@ def cli(
         [sys.executable, "-m", "modelcloak", *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
         input=stdin,

@@ -31,7 +31,7 @@ def bert(tmp_path_factory) -> tuple[Path, int]:
 def _splits(path: Path, *args: str, columns: int = 80) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": str(columns)}
     command = [sys.executable, "-m", "modelcloak", "splits", str(path), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_rich_reads_a_bare_shape_as_markup() -> None:

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return run_modelcloak(*args, env={"OMP_NUM_THREADS": "1"}, timeout=180)
+    return run_modelcloak(*args, env={"OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:

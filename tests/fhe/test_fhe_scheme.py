@@ -112,7 +112,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
     return subprocess.run(
         [sys.executable, "-m", "modelcloak", *args],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
 
 

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
 def test_key_env_is_removed_and_wiped_once_read():
     key = secrets.token_hex(32)
     env = {**os.environ, "MC_TEST_KEY": key}
-    result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     before, after, still_set, child_sees, same_key = result.stdout.split()
     assert before == "True"  # negative control: the value was visible before the read

@@ -346,7 +346,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "modelcloak", *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
 
@@ -424,7 +424,7 @@ def test_cli_enroll_export_protect_run_on_swtpm(tmp_path):
                 str(tmp_path / "m.mcb"), str(tmp_path / "x.npy"),
              "--key-file", str(tmp_path / "host.key"), "--device-state", str(tmp_path / "dev-a"),
              "-o", str(tmp_path / "y2.npz")],
-            capture_output=True, text=True, timeout=180, env=no_env,
+            capture_output=True, text=True, timeout=600, env=no_env,
         )  # fmt: skip
         assert recorded.returncode == 0, recorded.stderr
         assert np.array_equal(np.load(tmp_path / "y2.npz")["logits"], reference_outputs(model, x))

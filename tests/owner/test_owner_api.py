@@ -501,17 +501,17 @@ def test_cli_run_takes_its_key_from_the_backend_and_reports_usage(backend: Backe
                "--owner-url", backend.server.url, "--licence", licence, "--device-id", "dev1", "--attest", "sim",
                "--sim-key", str(tmp_path / "device.pem"), *measurement, "--usage-state", str(tmp_path / "usage.json"),
                "-o", str(tmp_path / "y.npz")]  # fmt: skip
-    ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stderr
     assert "INSECURE" in ran.stderr
     assert np.array_equal(np.load(tmp_path / "y.npz")["logits"], reference_outputs(model, x))
     assert backend.service.queries_used(licence) == 7
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # 7 more would pass 10
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # 7 more would pass 10
     assert again.returncode == 2, again.stderr
     assert "quota" in again.stderr and "Traceback" not in again.stderr
     assert backend.service.queries_used(licence) == 7
 
     backend.service.revoke_licence(licence, "device decommissioned")
-    revoked = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    revoked = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert revoked.returncode == 2 and "device decommissioned" in revoked.stderr

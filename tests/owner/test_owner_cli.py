@@ -16,7 +16,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "modelcloak", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200", "MODELCLOAK_OWNER_DB": str(cwd / "owner.db")},
     )

@@ -134,13 +134,13 @@ def test_read_only_commands_do_not_migrate_and_a_newer_database_is_one_line(post
 
     database = postgres_cluster.new_database()
     command = [sys.executable, "-m", "modelcloak", "owner", "usage", "--db", database]
-    unmigrated = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    unmigrated = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert unmigrated.returncode == 2 and "owner migrate" in unmigrated.stderr, unmigrated.stderr
     store = Store(database)  # control: once migrated, the read-only command works
-    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
+    assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
     with store.engine.begin() as connection:
         connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    newer = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    newer = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert newer.returncode == 2 and "newer than this release" in newer.stderr
     assert "Traceback" not in newer.stderr and len(newer.stderr.strip().splitlines()) == 1
     store.close()

@@ -623,7 +623,7 @@ def test_torchinductor_reads_the_guarded_environment(tmp_path):
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     apply("override", env, cwd=tmp_path, warn=lambda m: None)
     result = subprocess.run(
-        [sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=600, check=True
     )
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     # torch's own defaults are True, True, False and /tmp/torchinductor_<user>: each assertion

@@ -231,7 +231,7 @@ def test_strict_policy_refuses_to_start_with_caches_enabled(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=tmp_path / "device" / "work",
     )
     assert result.returncode == 2

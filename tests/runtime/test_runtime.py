@@ -69,7 +69,7 @@ def test_process_is_non_dumpable_after_load(tmp_path, sealed, key_file):
         f"s=load({str(sealed)!r}, key=KeyFile({str(key_file.path)!r}));"
         "libc=ctypes.CDLL(None); print(libc.prctl(3,0,0,0,0))"  # PR_GET_DUMPABLE
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.stdout.strip() == "0", result.stderr
 
 
@@ -186,5 +186,5 @@ def test_package_level_protect_and_load_stay_callable_after_submodule_imports():
         "assert callable(modelcloak.protect) and modelcloak.protect is protect, modelcloak.protect\n"
         "assert callable(modelcloak.load), modelcloak.load\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -95,7 +95,7 @@ def test_budget_survives_a_new_modelcloak_run_process(tmp_path, keys):
     command = [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned", str(bundle), str(tmp_path / "x.npy")]
     command += ["--key-file", str(host_key.path), "--enclave-key-file", str(enclave_key.path)]
     command += ["--budget-state", str(state)]
-    codes = [subprocess.run(command, capture_output=True, text=True, timeout=120) for _ in range(BUDGET + 2)]
+    codes = [subprocess.run(command, capture_output=True, text=True, timeout=600) for _ in range(BUDGET + 2)]
     assert [c.returncode for c in codes] == [0] * BUDGET + [2, 2], [c.stderr for c in codes]
     assert "query budget exhausted (5 of 5 samples used)" in codes[-1].stderr
 

@@ -722,7 +722,7 @@ SANDBOX_PROBE = textwrap.dedent(
 
 def _probe(workdir: Path, with_filter: bool) -> tuple[int, dict[str, object]]:
     env = {**os.environ, "PROBE_FILTER": "1" if with_filter else "0", "PROBE_FILE": str(workdir / "probe-written")}
-    done = subprocess.run([sys.executable, "-c", SANDBOX_PROBE], env=env, capture_output=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", SANDBOX_PROBE], env=env, capture_output=True, timeout=600)
     lines = done.stdout.decode().splitlines()
     assert lines, done.stderr.decode()
     return done.returncode, json.loads(lines[-1])

@@ -73,7 +73,7 @@ def test_enclave_key_file_and_env_together_are_refused(bundles):
         [sys.executable, "-m", "modelcloak", "run", "--allow-unsigned",
             str(paths["mlp"]), str(folder / "x.npy"), "--key-file",
          str(host_key.path), "--enclave-key-file", str(enclave_key.path), "--enclave-key-env", "MC_EK"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "MC_EK": "00" * 32},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "MC_EK": "00" * 32},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [

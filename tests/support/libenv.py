@@ -60,7 +60,7 @@ def build_shim(directory: Path) -> Path:
             ["cc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(SHIM_SOURCE), "-ldl"],
             check=True,
             capture_output=True,
-            timeout=120,
+            timeout=600,
         )
     return shim
 

@@ -100,6 +100,7 @@ def write_bundle(
     if needs_enclave_key and (enclave_key is None or len(enclave_key) != stream.KEY_SIZE):
         raise BundleError(f"sections sealed for the enclave need a {stream.KEY_SIZE}-byte enclave key")
     if needs_enclave_key:
+        assert enclave_key is not None  # checked just above
         extra = {**extra, "enclave_key": {**(enclave_key_spec or {}), "id": key_id(enclave_key)}}
     salt = os.urandom(SALT_SIZE)
     signer_public = (
@@ -132,7 +133,7 @@ def write_bundle(
             section_digests = []
             for index, source in enumerate(sections):
                 digest = hashlib.sha256()
-                scope_key = enclave_key if source.key == "enclave" else master_key
+                scope_key = enclave_key if source.key == "enclave" and enclave_key is not None else master_key
                 if source.derive_key is not None:
                     scope_key = source.derive_key(memoryview(master_key))
                 section_key = stream.derive(scope_key, salt, "section/" + source.name)
@@ -166,6 +167,8 @@ class _Source:
         if self._data is not None:
             destination[:] = self._data[offset : offset + len(destination)]
             return
+        if self._fd is None:
+            raise BundleError("bundle source has neither a file nor bytes")
         done = 0
         while done < len(destination):
             count = os.preadv(self._fd, [destination[done:]], offset + done)

@@ -8,7 +8,7 @@ minimum serial must therefore also pin the owner's signing key (docs/FORMAT.md).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from modelcloak.bundle.errors import BundleError
 
@@ -22,7 +22,7 @@ class RollbackError(BundleError):
     """The bundle is older than the minimum serial this device requires, or has no serial."""
 
 
-def _valid(value: Any) -> bool:
+def _valid(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SERIAL
 
 

@@ -83,6 +83,8 @@ def load_public_key(source: Path | str | bytes) -> bytes:
     """Read a trusted signer from a PEM public key file (or take raw 32-byte key material)."""
     if isinstance(source, bytes) and len(source) == 32:
         return source
+    if isinstance(source, bytes):
+        raise SignatureError(f"a raw signer key is 32 bytes, got {len(source)}")
     try:
         data = Path(source).read_bytes()
         key = serialization.load_pem_public_key(data)

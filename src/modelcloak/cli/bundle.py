@@ -393,7 +393,7 @@ def run(
     from modelcloak.runtime import FheSession
 
     _check_signer_pinning(trusted_signer, allow_unsigned)
-    feeds = load_inputs(inputs)
+    feeds: Any = load_inputs(inputs)  # a dict of arrays or one array; cast_feeds keeps the form
     if output is not None:
         check_output_path(output)
     owner_key = None

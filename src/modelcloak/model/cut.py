@@ -632,8 +632,10 @@ class _TypeTable:
             return
         symbols, plans, runs = measured
         for name in names:
-            shapes = [run[name].shape if isinstance(run[name], np.ndarray) else None for run in runs]
-            if any(shape is None or len(shape) != len(shapes[0]) for shape in shapes):
+            if not all(isinstance(run[name], np.ndarray) for run in runs):
+                continue
+            shapes = [run[name].shape for run in runs]
+            if any(len(shape) != len(shapes[0]) for shape in shapes):
                 continue
             dims = [_name_dim([shape[axis] for shape in shapes], symbols, plans) for axis in range(len(shapes[0]))]
             try:
@@ -648,10 +650,9 @@ class _TypeTable:
         Dims still unknown after the probe (it failed, or they grow with the batch without being
         the batch) are None; inference's "unk__N" placeholders are reported as None too.
         """
-        entry = self.types.get(name)
-        if entry is None or not entry[0] or entry[1] is None:
+        elem, dims = self.types.get(name, (0, None))
+        if not elem or dims is None:
             return None
-        elem, dims = entry
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
         except (KeyError, TypeError, ValueError):
@@ -838,12 +839,12 @@ def verify_split(model: onnx.ModelProto, public: onnx.ModelProto, private: onnx.
         raise ModelError(f"{where} builds a part onnxruntime cannot load: {_first_line(exc)}") from None
     specs = {spec.name: spec for spec in cut.boundary}
     for plan, want in zip(chosen[1], expected):
-        sizes = ", ".join(f"{k}={v}" for k, v in plan.items() if not k.startswith("\0"))
+        described = ", ".join(f"{k}={v}" for k, v in plan.items() if not k.startswith("\0"))
         feeds = _probe_feeds(inputs, plan)
         try:
             produced = dict(zip([o.name for o in public_session.get_outputs()], public_session.run(None, feeds)))
         except Exception as exc:
-            raise ModelError(f"the public part of {where} fails at {sizes}: {_first_line(exc)}") from None
+            raise ModelError(f"the public part of {where} fails at {described}: {_first_line(exc)}") from None
         boundary = {name: produced[name] if name in produced else feeds[name] for name in cut.tensors}
         for name, value in boundary.items():
             spec = specs[name]
@@ -853,12 +854,12 @@ def verify_split(model: onnx.ModelProto, public: onnx.ModelProto, private: onnx.
             if not fits or value.dtype.name != spec.dtype:
                 raise ModelError(
                     f"{where} declares boundary tensor {name!r} as {_describe_spec(spec).split(': ', 1)[1]}, "
-                    f"but at {sizes} it is {value.dtype.name}[{','.join(map(str, value.shape))}]"
+                    f"but at {described} it is {value.dtype.name}[{','.join(map(str, value.shape))}]"
                 )
         try:
             got = private_session.run(None, {i.name: boundary[i.name] for i in private_session.get_inputs()})
         except Exception as exc:
-            raise ModelError(f"the private part of {where} fails at {sizes}: {_first_line(exc)}") from None
+            raise ModelError(f"the private part of {where} fails at {described}: {_first_line(exc)}") from None
         for output, mine, theirs in zip(model.graph.output, got, want):
             mine, theirs = np.asarray(mine), np.asarray(theirs)
             same = mine.shape == theirs.shape and (
@@ -867,7 +868,7 @@ def verify_split(model: onnx.ModelProto, public: onnx.ModelProto, private: onnx.
                 else np.array_equal(mine, theirs)
             )
             if not same:
-                raise ModelError(f"{where} does not reproduce output {output.name!r} of the whole model at {sizes}")
+                raise ModelError(f"{where} does not reproduce output {output.name!r} of the whole model at {described}")
 
 
 def _first_line(exc: BaseException) -> str:

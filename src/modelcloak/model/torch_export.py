@@ -108,6 +108,8 @@ def export_torch(
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
             )
+            if program is None:
+                raise ModelError("torch.onnx.export returned no program")
             model = program.model_proto
     except ModelError:
         raise

@@ -122,7 +122,7 @@ def format_report(findings: Iterable[CacheFinding]) -> list[tuple[str, ...]]:
 
     Risky findings come first so the table opens with what needs attention.
     """
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for finding in sorted(findings, key=lambda f: not f.risk):
         if finding.risk:
             verdict = "yes (default)" if finding.origin == "default" else "yes"

@@ -85,7 +85,8 @@ class EfficientNetLite0:
     def __init__(self, net: torch.nn.Module) -> None:
         torch = _import_torch()
         net._fc = torch.nn.Identity()  # the ImageNet classifier is not part of the extractor
-        self.net = net.eval()
+        # Any: its sub-modules (_conv_stem, _blocks, ...) are attributes torch cannot type.
+        self.net: Any = net.eval()
 
     def stem_modules(self) -> list[torch.nn.Module]:
         return [self.net._conv_stem, self.net._bn0]

@@ -167,7 +167,7 @@ class MiniLMEncoder:
 
     def __init__(self, tokenizer: Any, bert: torch.nn.Module) -> None:
         self.tokenizer = tokenizer
-        self.bert = bert
+        self.bert: Any = bert  # Any: sub-modules reached by attribute are untyped in torch
         self.bert.eval()
 
     @property

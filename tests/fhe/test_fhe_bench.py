@@ -81,6 +81,7 @@ def test_every_sap_cell_sits_beside_our_measurement_of_the_same_row_and_level(tm
     table = (tmp_path / "fhe.md").read_text()
     assert "| classifier, square | 128 | 2.9 | 963.8 | 3.5 (1.8) | 3 | 100.0 (90.0) |" in table
     assert "| classifier, square | 256 | 3.2 | 2062.5 | not run | not run | not run |" in table
+    assert (tmp_path / "fhe_sap.png").stat().st_size > 0  # the comparison also gets a plot
     json.dumps(summary)  # the summary the bench writes must stay JSON
 
 

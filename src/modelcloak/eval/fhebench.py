@@ -654,3 +654,28 @@ def _write(out_dir: Path, rows: list[BenchRow], comparisons: list[dict[str, Any]
     fig.tight_layout()
     fig.savefig(out_dir / "fhe.png", dpi=120)
     plt.close(fig)
+    if sap:
+        _plot_sap(out_dir / "fhe_sap.png", sap["cells"])
+
+
+def _plot_sap(path: Path, cells: list[dict[str, Any]]) -> None:
+    """Decrypting one classification: the SAP paper's Table 4 against our owner side (CPU), log scale."""
+    import matplotlib.pyplot as plt
+
+    measured = [c for c in cells if c["ours_decrypt_ms"] is not None]
+    if not measured:
+        return
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    pos = np.arange(len(measured))
+    ax.bar(pos - 0.2, [c["sap_decrypt_s"] * 1000 for c in measured], 0.4, label="SAP paper, Table 4 (DGX-1 / TX2)")
+    ax.bar(
+        pos + 0.2, [c["ours_decrypt_cpu_ms"] for c in measured], 0.4, label="modelcloak owner side (CPU, this machine)"
+    )
+    ax.set_yscale("log")
+    ax.set_ylabel("decrypt one classification (ms, log)")
+    ax.set_xticks(pos, [f"{c['row']}\n{c['security']}-bit" for c in measured], fontsize=7)
+    ax.set_title("Decryption of one result: SAP's published figures beside ours (different hardware)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -70,7 +70,10 @@ _STREAMS, _BATCHES = UsageStream.__table__, UsageBatch.__table__
 # The usage writer's statements, built once: building a statement costs more CPU than SQLAlchemy's
 # cached compilation of it (and a statement built once also computes its cache key once).
 _LID, _RID = bindparam("b_lid"), bindparam("b_rid")
-_LOCK_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID).with_for_update()
+# FOR NO KEY UPDATE (key_share=True on PostgreSQL): excludes every other writer of the licence row, but not
+# the KEY SHARE lock that inserting a row referring to it takes (a key release's spent nonce); with FOR
+# UPDATE two releases holding KEY SHARE and both taking an instance slot deadlocked.
+_LOCK_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID).with_for_update(key_share=True)
 _READ_STREAM = select(_STREAMS.c.last_sequence, _STREAMS.c.queries).where(
     _STREAMS.c.licence_id == _LID, _STREAMS.c.reporter_id == _RID
 )
@@ -948,7 +951,7 @@ class OwnerService:
             return
         # Counting and taking a slot must not interleave with another worker's: lock the licence, then
         # look again (the slot may have been taken while we waited; each statement sees what committed).
-        connection.execute(select(_LICENCES.c.id).where(_LICENCES.c.id == licence.id).with_for_update())
+        connection.execute(select(_LICENCES.c.id).where(_LICENCES.c.id == licence.id).with_for_update(key_share=True))
         if connection.execute(update(_INSTANCES).where(*known).values(last_seen=now)).rowcount == 1:
             return
         count = connection.execute(

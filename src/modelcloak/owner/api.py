@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from modelcloak.licensing.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.metrics import Metrics, MetricsMiddleware
+from modelcloak.owner.refusals import SHUTDOWN_FLUSH_TIMEOUT
 from modelcloak.owner.service import OwnerService
 
 MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
@@ -230,7 +232,17 @@ def create_app(
         ["/v1/health", "/v1/nonce", "/v1/release", "/v1/usage", FHE_PATH, "/v1/openapi.json"],
         service.licence_usage,
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # At shutdown, after the last request was answered: the refusals they audited may still be queued
+        # for the background writer (owner/refusals.py), whose daemon thread dies with the process. Here,
+        # not after uvicorn returns: uvicorn re-raises SIGTERM once it is done, which ends the process.
+        await run_in_threadpool(service.refusals.close, SHUTDOWN_FLUSH_TIMEOUT)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="modelcloak owner backend",
         version="1",
         docs_url=None,

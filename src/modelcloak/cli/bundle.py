@@ -262,12 +262,17 @@ def _owner_key(
     sim_key: Path | None,
     measurements: list[str] | None,
     tcti: str | None,
+    pin: str | None = None,
 ) -> Any:
     """The owner backend as key source, with the device's evidence (TPM quote, or INSECURE sim)."""
     from modelcloak.licensing.client import OwnerBackendKey
 
     if not licence or not device_id:
         raise ModelcloakError("--owner-url needs --licence and --device-id")
+    if pin is not None:
+        from modelcloak.licensing.pinning import parse_pin
+
+        pin = parse_pin(pin)  # a malformed pin is named before any attester is opened
     if attest == "tpm":
         from modelcloak.keys.tpm_attest import TpmAttester
 
@@ -290,7 +295,7 @@ def _owner_key(
         raise ModelcloakError(f"--attest must be tpm or sim, got {attest!r}")
     # One instance id per runtime: its usage batches form one sequence, kept in --usage-state.
     return OwnerBackendKey(
-        url, licence_id=licence, device_id=device_id, attester=attester, instance_id=instance_id or device_id
+        url, licence_id=licence, device_id=device_id, attester=attester, instance_id=instance_id or device_id, pin=pin
     )
 
 
@@ -370,6 +375,10 @@ def run(
     owner_url: Annotated[
         Optional[str], typer.Option("--owner-url", help="Get the key from the owner backend (attested release).")
     ] = None,
+    owner_pin: Annotated[
+        Optional[str],
+        typer.Option("--owner-pin", help="owner backend: refuse any TLS certificate key but sha256:<hex> (SPKI)."),
+    ] = None,
     licence: Annotated[Optional[str], typer.Option("--licence", help="owner backend: licence id.")] = None,
     device_id: Annotated[Optional[str], typer.Option("--device-id", help="owner backend: this device's id.")] = None,
     attest: Annotated[str, typer.Option("--attest", help="owner backend evidence: tpm, or sim (INSECURE).")] = "tpm",
@@ -400,9 +409,13 @@ def run(
     if owner_url is not None:
         if key_file or key_env or passphrase_env or passphrase:
             raise ModelcloakError("--owner-url is the key source: do not also give --key-file/--key-env/--passphrase")
-        owner_key = _owner_key(owner_url, licence, device_id, instance_id, attest, sim_key, measurement, tcti)
+        owner_key = _owner_key(
+            owner_url, licence, device_id, instance_id, attest, sim_key, measurement, tcti, pin=owner_pin
+        )
         provider = owner_key
     else:
+        if owner_pin is not None:
+            raise ModelcloakError("--owner-pin pins the owner backend's certificate: give --owner-url too")
         provider = key_provider(key_file, key_env, passphrase_env, passphrase)
     device_key = None
     if device_state is not None:

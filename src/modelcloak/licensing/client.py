@@ -77,11 +77,22 @@ class OwnerClient:
     """HTTP calls to the owner backend; a refusal becomes OwnerError with the server's reason."""
 
     def __init__(
-        self, url: str, *, timeout: float = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+        pin: str | None = None,
     ) -> None:
+        """`pin`: `sha256:<hex>` of the server certificate's public key (licensing/pinning.py); any other
+        certificate is refused before a request is sent."""
         if not url.startswith(("http://", "https://")):
             raise OwnerError(f"owner backend URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
+        if pin is not None:
+            from modelcloak.licensing.pinning import parse_pin, pinned_transport
+
+            transport = pinned_transport(self.url, parse_pin(pin))
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -164,9 +175,24 @@ class OwnerBackendKey(KeyProvider):
     name = "owner"
 
     def __init__(
-        self, url: str, *, licence_id: str, device_id: str, attester: Attester, instance_id: str | None = None
+        self,
+        url: str,
+        *,
+        licence_id: str,
+        device_id: str,
+        attester: Attester,
+        instance_id: str | None = None,
+        pin: str | None = None,
     ) -> None:
+        """`pin`: the backend certificate's `sha256:<hex>` SPKI pin; every connection of this provider
+        and of the usage reporting that uses its keys checks it (see `client()`)."""
+        if pin is not None:
+            from modelcloak.licensing.pinning import parse_pin, pinned_transport
+
+            pin = parse_pin(pin)
+            pinned_transport(url, pin)  # an http:// URL with a pin is refused here, not at the first release
         self.url = url
+        self.pin = pin
         self.licence_id = licence_id
         self.device_id = device_id
         self.attester = attester
@@ -200,9 +226,13 @@ class OwnerBackendKey(KeyProvider):
         except OwnerError as exc:
             raise KeyProviderError(str(exc)) from None
 
+    def client(self) -> OwnerClient:
+        """A client for this provider's backend, with its certificate pin (usage reports, FHE labels)."""
+        return OwnerClient(self.url, pin=self.pin)
+
     def _release(self) -> SecureBuffer:
         """One attested release; keeps the usage key and terms, returns the model key (caller closes it)."""
-        with OwnerClient(self.url) as client:
+        with self.client() as client:
             released = obtain_keys(
                 client,
                 licence_id=self.licence_id,

@@ -30,12 +30,12 @@ def result_count(result: bytes) -> int:
 
 def labels_from_owner(owner_key: Any, result: bytes, *, usage_state: Path, out: Path, top_k: int = 1) -> list[Any]:
     """Labels for `result` from the owner backend `owner_key` was released by; written to `out` as JSON."""
-    from modelcloak.licensing.client import FheLabelClient, OwnerClient
+    from modelcloak.licensing.client import FheLabelClient
 
     if owner_key.usage_key is None:
         raise FheError("the licence's usage key was not released; the bundle must be opened with --owner-url first")
     queries = result_count(result)
-    with OwnerClient(owner_key.url) as client:
+    with owner_key.client() as client:
         labeller = FheLabelClient(
             client,
             licence_id=owner_key.licence_id,

@@ -64,12 +64,12 @@ class LicensedUse:
 
     def start(self) -> None:
         """Call once the key was released (the usage key and terms exist); resends a crashed batch."""
-        from modelcloak.licensing.client import OwnerClient, UsageReporter
+        from modelcloak.licensing.client import UsageReporter
 
         if self.key.usage_key is None:
             raise SessionError("the licence's usage key was not released; load the bundle with this key first")
         self._reporter = UsageReporter(
-            OwnerClient(self.key.url),
+            self.key.client(),
             licence_id=self.key.licence_id,
             reporter_id=self.key.instance_id,
             usage_key=self.key.usage_key,

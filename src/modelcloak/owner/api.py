@@ -10,21 +10,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelcloak.licensing.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.metrics import Metrics, MetricsMiddleware
+from modelcloak.owner.refusals import SHUTDOWN_FLUSH_TIMEOUT
 from modelcloak.owner.service import OwnerService
 
 MAX_BODY = 256 * 1024  # evidence with a certificate chain is a few KiB; nothing legitimate is near this
@@ -229,7 +232,17 @@ def create_app(
         ["/v1/health", "/v1/nonce", "/v1/release", "/v1/usage", FHE_PATH, "/v1/openapi.json"],
         service.licence_usage,
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # At shutdown, after the last request was answered: the refusals they audited may still be queued
+        # for the background writer (owner/refusals.py), whose daemon thread dies with the process. Here,
+        # not after uvicorn returns: uvicorn re-raises SIGTERM once it is done, which ends the process.
+        await run_in_threadpool(service.refusals.close, SHUTDOWN_FLUSH_TIMEOUT)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="modelcloak owner backend",
         version="1",
         docs_url=None,
@@ -288,8 +301,12 @@ def create_app(
         return {"ok": True, "database": service.store.dialect}
 
     @app.post("/v1/nonce", responses=_errors(400, 404))
-    def nonce(body: NonceRequest) -> dict[str, Any]:
-        value, expires_at = service.new_nonce(body.licence_id)
+    async def nonce(body: NonceRequest) -> dict[str, Any]:
+        # A nonce for a licence this process knows costs an HMAC: made on the event loop, no thread hop.
+        if service.knows_licence(body.licence_id):
+            value, expires_at = service.new_nonce(body.licence_id)
+        else:
+            value, expires_at = await run_in_threadpool(service.new_nonce, body.licence_id)
         return {"nonce": base64.b64encode(value).decode(), "expires_at": expires_at.isoformat()}
 
     @app.post("/v1/release", responses=_errors(400, 403, 404))

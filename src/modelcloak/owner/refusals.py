@@ -5,8 +5,9 @@ entries must not cost a synced commit each (that was one fsync per junk request,
 without bound. Entries go to a bounded queue; one thread writes what is waiting in one transaction
 (at most `max_batch` rows, every `interval` seconds at the latest). When the queue is full, entries
 are counted instead of kept, and the count is written as one `audit.dropped` entry with the next
-batch, so the log says how much it is missing. Entries still queued when the process is killed are
-lost; granted releases and owner actions are audited in their own transaction, not here.
+batch, so the log says how much it is missing. `serve` writes what is still queued before it exits
+on SIGTERM or Ctrl-C (`close`); entries queued when the process is killed (SIGKILL, power loss) are
+lost. Granted releases and owner actions are audited in their own transaction, not here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from modelcloak.owner.store import Store
 
 _log = logging.getLogger("modelcloak.owner")
+SHUTDOWN_FLUSH_TIMEOUT = 30.0  # seconds a stopping server waits for queued entries (a hung database)
 
 
 class RefusalLog:
@@ -41,12 +43,21 @@ class RefusalLog:
             with self._dropped_lock:
                 self._dropped += 1
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait until everything recorded so far is written (tests, shutdown)."""
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything recorded so far is written (tests, shutdown); False if `timeout` passed first."""
         self._ensure_writer()
         marker = threading.Event()
         self._queue.put(marker)
-        marker.wait(timeout)
+        return marker.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """At shutdown: write what is queued, waiting at most `timeout` seconds (a database that hangs
+        must not keep the process from exiting); says in the log when entries were left unwritten."""
+        if self._thread is None:  # nothing was ever recorded
+            return
+        # Always through the queue: a batch the writer has taken but not yet committed is not in it.
+        if not self.flush(timeout):
+            _log.error("refusal audit entries still unwritten after %g s at shutdown: lost", timeout)
 
     def _ensure_writer(self) -> None:
         if self._thread is None or not self._thread.is_alive():

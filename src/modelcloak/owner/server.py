@@ -10,6 +10,7 @@ from typing import Any
 from modelcloak.owner.errors import OwnerError
 from modelcloak.owner.evidence.registry import VerifierRegistry
 from modelcloak.owner.headers import HEADER_TIMEOUT, header_deadline_protocol
+from modelcloak.owner.refusals import SHUTDOWN_FLUSH_TIMEOUT
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
 
@@ -81,4 +82,6 @@ def serve(
     try:
         uvicorn.Server(config).run()
     finally:
+        # The app's lifespan wrote queued refusal entries at a signalled stop; this covers other exits.
+        service.refusals.close(timeout=SHUTDOWN_FLUSH_TIMEOUT)
         service.store.close()

@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from sqlalchemy import bindparam, delete, func, insert, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -35,7 +36,6 @@ from modelcloak.licensing.protocol import (
     MAX_BATCH_QUERIES,
     MAX_SEQUENCE,
     MODEL_KEY_SIZE,
-    NONCE_SIZE,
     USAGE_KEY_SIZE,
     RequestRefused,
     binding_digest,
@@ -47,6 +47,7 @@ from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
 from modelcloak.owner.evidence.base import Claims, EvidenceError
 from modelcloak.owner.evidence.registry import KNOWN_KINDS, VerifierRegistry
 from modelcloak.owner.integrity import check_row, row_tag, seal_row
+from modelcloak.owner.nonces import check_nonce, issue_nonce
 from modelcloak.owner.refusals import RefusalLog
 from modelcloak.owner.store import (
     Device,
@@ -59,7 +60,6 @@ from modelcloak.owner.store import (
     Store,
     UsageBatch,
     UsageStream,
-    UtcDateTime,
     now_utc,
 )
 
@@ -70,7 +70,10 @@ _STREAMS, _BATCHES = UsageStream.__table__, UsageBatch.__table__
 # The usage writer's statements, built once: building a statement costs more CPU than SQLAlchemy's
 # cached compilation of it (and a statement built once also computes its cache key once).
 _LID, _RID = bindparam("b_lid"), bindparam("b_rid")
-_LOCK_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID).with_for_update()
+# FOR NO KEY UPDATE (key_share=True on PostgreSQL): excludes every other writer of the licence row, but not
+# the KEY SHARE lock that inserting a row referring to it takes (a key release's spent nonce); with FOR
+# UPDATE two releases holding KEY SHARE and both taking an instance slot deadlocked.
+_LOCK_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID).with_for_update(key_share=True)
 _READ_STREAM = select(_STREAMS.c.last_sequence, _STREAMS.c.queries).where(
     _STREAMS.c.licence_id == _LID, _STREAMS.c.reporter_id == _RID
 )
@@ -89,6 +92,17 @@ _ADVANCE_STREAM = (
     .values(last_sequence=bindparam("b_last"), queries=bindparam("b_queries"))
 )
 _NEW_BATCH = insert(_BATCHES)
+# The key release's statements, built once for the same reason.
+_LICENCE_EXISTS = select(literal(1)).where(_LICENCES.c.id == _LID)
+_READ_LICENCE = select(_LICENCES).where(_LICENCES.c.id == _LID)
+_READ_DEVICE = select(_DEVICES).where(_DEVICES.c.id == bindparam("b_did"))
+_SPEND_NONCE = {
+    dialect.__name__.rsplit(".", 1)[-1]: dialect.insert(_NONCES)
+    .values(value=bindparam("b_value"), licence_id=_LID, expires_at=bindparam("b_expires"), used_at=bindparam("b_now"))
+    .on_conflict_do_nothing(index_elements=["value"])
+    .returning(_NONCES.c.value)  # rowcount is -1 here under psycopg: a returned row says it was inserted
+    for dialect in (postgresql, sqlite)
+}
 # Stale nonces are swept at most this often per process, up to NONCE_SWEEP_ROWS at a time: enough for
 # 10,000 nonces/s per worker.
 NONCE_SWEEP_SECONDS = 0.5
@@ -381,6 +395,8 @@ class OwnerService:
         self._usage_keys: dict[str, bytes] = {}
         self._model_keys: dict[str, bytes] = {}
         self._sweep_lock = threading.Lock()
+        self._known_licences: set[str] = set()
+        self._spend_statement = _SPEND_NONCE[store.dialect]
         self._last_sweep = -NONCE_SWEEP_SECONDS
         self._fhe_decryptors: dict[str, Any] = {}  # model id -> OwnerDecryptor (parsing a secret is slow)
         self._fhe_lock = threading.Lock()  # SEAL's decryptor is not documented as thread-safe
@@ -698,40 +714,22 @@ class OwnerService:
     # --- key release --------------------------------------------------------------------------------
 
     def new_nonce(self, licence_id: str) -> tuple[bytes, datetime]:
-        """A fresh single-use nonce for `licence_id`, valid for NONCE_LIFETIME."""
+        """A fresh single-use nonce for `licence_id`, valid for NONCE_LIFETIME (owner/nonces.py: nothing is
+        stored; the database is asked only whether the licence exists, once per licence and process)."""
         check_id(licence_id, "licence id")
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        now = self.clock()
-        with self.store.connection() as connection:
-            if self.store.dialect == "postgresql":
-                # Not synced: a nonce lost in a crash only means the device asks for another.
-                connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            # One statement: the nonce is inserted only if the licence exists.
-            issued = connection.execute(
-                insert(_NONCES)
-                .from_select(
-                    ["value", "licence_id", "expires_at"],
-                    select(
-                        literal(nonce.hex()), _LICENCES.c.id, literal(now + NONCE_LIFETIME, type_=UtcDateTime)
-                    ).where(_LICENCES.c.id == licence_id),
-                )
-                .returning(_NONCES.c.value)
-            ).first()
-            if issued is None:
-                raise RequestRefused(f"unknown licence {licence_id}", 404)
-            if self._sweep_due():
-                # Keep the table small: spent and stale nonces are no longer needed to refuse a replay
-                # (an expired nonce is refused as unknown just the same). SKIP LOCKED: workers cleaning
-                # up at the same time each take rows nobody else holds, instead of locking overlapping
-                # sets in different orders (a deadlock between two workers).
-                stale = (
-                    select(Nonce.value)
-                    .where(Nonce.expires_at < now - NONCE_LIFETIME)
-                    .limit(NONCE_SWEEP_ROWS)
-                    .with_for_update(skip_locked=True)
-                )
-                connection.execute(delete(Nonce).where(Nonce.value.in_(stale)))
-        return nonce, now + NONCE_LIFETIME
+        if not self.knows_licence(licence_id):
+            with self.store.connection() as connection:
+                if connection.execute(_LICENCE_EXISTS, {"b_lid": licence_id}).first() is None:
+                    raise RequestRefused(f"unknown licence {licence_id}", 404)
+            if len(self._known_licences) >= 100_000:  # bounded: forgetting only costs a lookup
+                self._known_licences.clear()
+            self._known_licences.add(licence_id)
+        expires_at = self.clock() + NONCE_LIFETIME
+        return issue_nonce(self.master.nonce_key, licence_id, expires_at), expires_at
+
+    def knows_licence(self, licence_id: str) -> bool:
+        """True when `licence_id` is known to exist, so `new_nonce` needs no database (licences are never deleted)."""
+        return licence_id in self._known_licences
 
     def _sweep_due(self) -> bool:
         """True at most once per NONCE_SWEEP_SECONDS per process: a sweep per nonce was a second
@@ -759,111 +757,140 @@ class OwnerService:
         check_id(device_id, "device id")
         check_id(instance_id, "instance id")
         subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
-        spend_on_refusal = False
         try:
-            # One synced commit per release: the nonce is read here (no write), and spent in the same
-            # transaction as the grant; a refused attempt spends it afterwards (below).
-            self._check_nonce(licence_id, nonce)
-            spend_on_refusal = True
-            public_key = _ephemeral_key(ephemeral_public_key)
-            try:
-                claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
-            except EvidenceError as exc:
-                raise RequestRefused(f"evidence refused: {exc}") from None
-            except Exception as exc:  # noqa: BLE001  a parser's surprise on hostile bytes is still the sender's fault
-                _log.warning("evidence verifier for %r raised on malformed input", evidence_kind, exc_info=True)
-                raise RequestRefused(
-                    f"evidence refused: malformed {evidence_kind} evidence ({type(exc).__name__})", 400
-                ) from None
-            if claims.kind != evidence_kind:
-                raise RequestRefused(f"evidence claims kind {claims.kind!r}, sent as {evidence_kind!r}")
-            expected_binding = binding_digest(nonce, ephemeral_public_key)
-            if not hmac.compare_digest(claims.report_data[: len(expected_binding)], expected_binding):
-                raise RequestRefused(
-                    "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
-                )
-            # Core SQL, not the ORM: this is the hot path, and it keeps none of the rows it reads.
+            now = self.clock()
+            # Unknown, forged, foreign and expired nonces are refused by the nonce itself: no database.
+            expires_at = check_nonce(self.master.nonce_key, licence_id, nonce, now)
+            refusal: RequestRefused | None = None
+            # One transaction, one synced commit per grant: the nonce is spent first (a replay is refused
+            # before any evidence work), then everything is checked, and the grant and its audit entry
+            # commit with the spend.
             with self.store.connection() as connection:
-                self._spend_nonce(connection, licence_id, nonce)
-                # No row lock on the licence here: a release only reads it, and many devices of one
-                # licence release at once. Taking an instance slot locks it (_take_instance_slot).
-                licence = connection.execute(select(_LICENCES).where(_LICENCES.c.id == licence_id)).one_or_none()
-                if licence is None:
-                    raise RequestRefused(f"unknown licence {licence_id}", 404)
-                device = connection.execute(select(_DEVICES).where(_DEVICES.c.id == device_id)).one_or_none()
-                self._check_release(connection, licence, device, claims, instance_id)
-                assert device is not None
-                model_key = self._model_key(connection, licence.model_id)
-                usage_key = self._usage_key(licence)
-                wrapped = HPKE_SUITE.encrypt(model_key + usage_key, public_key, info=release_info(licence_id, nonce))
-                now = self.clock()
-                revalidate_at = min(licence.expires_at, now + timedelta(seconds=licence.revalidate_seconds))
-                release = Release(
-                    licence_id=licence.id,
-                    wrapped_key=wrapped,
-                    expires_at=licence.expires_at,
-                    revalidate_at=revalidate_at,
-                    offline_until=min(
-                        licence.expires_at, revalidate_at + timedelta(seconds=licence.offline_grace_seconds)
-                    ),
-                    query_quota=licence.query_quota,
-                    queries_used=licence.queries_used,
-                    insecure=claims.insecure,
-                    min_serial=licence.min_serial,
-                )
-                self.store.audit_row(
-                    connection,
-                    "key.release",
-                    licence_id,
-                    "ok",
-                    **subject,
-                    insecure=claims.insecure,
-                    debug=claims.debug,
-                    identity=claims.identity,
-                )
-                return release
+                if not self._spend_nonce(connection, licence_id, nonce, expires_at, now):
+                    refusal = RequestRefused("nonce already used: replayed request")
+                else:
+                    try:
+                        release = self._grant(
+                            connection,
+                            licence_id,
+                            device_id,
+                            instance_id,
+                            nonce,
+                            ephemeral_public_key,
+                            evidence_kind,
+                            evidence,
+                            subject,
+                        )
+                    except RequestRefused as exc:
+                        # Committed anyway, so a refused attempt cannot be retried with the same nonce. Nothing
+                        # else was written (every check comes before the only other writes: the instance slot
+                        # and the audit entry). Not synced: a spend lost in a crash dies with its nonce.
+                        refusal = exc
+                        if self.store.dialect == "postgresql":
+                            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                if self._sweep_due():
+                    self._sweep_nonces(connection, now)
+            if refusal is not None:
+                raise refusal
+            return release
         except RequestRefused as exc:
-            if spend_on_refusal:  # so a refused attempt cannot be retried with the same nonce
-                self._burn_nonce(nonce)
             # Queued, not committed here: anyone can cause refusals, so they must not each cost a synced write.
             self.refusals.record("key.release", licence_id, reason=str(exc), **subject)
             exc.audited = True
             raise
 
-    def _check_nonce(self, licence_id: str, nonce: bytes) -> None:
-        """Refuse an unknown, used, foreign or expired nonce before any work (a read, no lock, no write)."""
-        if len(nonce) != NONCE_SIZE:
-            raise RequestRefused(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}", 400)
-        with self.store.connection() as connection:
-            found = connection.execute(
-                select(_NONCES.c.used_at, _NONCES.c.licence_id, _NONCES.c.expires_at).where(
-                    _NONCES.c.value == nonce.hex()
-                )
-            ).one_or_none()
-        if found is None:
-            raise RequestRefused("unknown or expired nonce: ask for a fresh one")
-        used_at, owner, expires_at = found
-        if used_at is not None:
-            raise RequestRefused("nonce already used: replayed request")
-        if owner != licence_id:
-            self._burn_nonce(nonce)
-            raise RequestRefused("nonce was issued for a different licence")
-        if expires_at <= self.clock():
-            self._burn_nonce(nonce)
-            raise RequestRefused("nonce expired: ask for a fresh one")
-
-    def _spend_nonce(self, connection: Connection, licence_id: str, nonce: bytes) -> None:
-        """Mark the nonce used inside the grant's transaction; a concurrent replay finds it used.
-
-        One conditional UPDATE: of two concurrent spends, the second waits on the first's row lock and
-        then matches no row (used_at is set), so exactly one release gets the nonce."""
-        spent = connection.execute(
-            update(_NONCES)
-            .where(_NONCES.c.value == nonce.hex(), _NONCES.c.used_at.is_(None), _NONCES.c.licence_id == licence_id)
-            .values(used_at=self.clock())
+    def _grant(
+        self,
+        connection: Connection,
+        licence_id: str,
+        device_id: str,
+        instance_id: str,
+        nonce: bytes,
+        ephemeral_public_key: bytes,
+        evidence_kind: str,
+        evidence: bytes,
+        subject: dict[str, str],
+    ) -> Release:
+        """Every check after the nonce's spend, then the wrapped keys and the audit entry (same transaction)."""
+        public_key = _ephemeral_key(ephemeral_public_key)
+        try:
+            claims = self.registry.get(evidence_kind).verify(evidence, now=self.clock())
+        except EvidenceError as exc:
+            raise RequestRefused(f"evidence refused: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  a parser's surprise on hostile bytes is still the sender's fault
+            _log.warning("evidence verifier for %r raised on malformed input", evidence_kind, exc_info=True)
+            raise RequestRefused(
+                f"evidence refused: malformed {evidence_kind} evidence ({type(exc).__name__})", 400
+            ) from None
+        if claims.kind != evidence_kind:
+            raise RequestRefused(f"evidence claims kind {claims.kind!r}, sent as {evidence_kind!r}")
+        expected_binding = binding_digest(nonce, ephemeral_public_key)
+        if not hmac.compare_digest(claims.report_data[: len(expected_binding)], expected_binding):
+            raise RequestRefused(
+                "evidence is not bound to this nonce and key (report data differs): replayed or relayed evidence"
+            )
+        # Core SQL, not the ORM: this is the hot path, and it keeps none of the rows it reads. No row lock
+        # on the licence: a release only reads it, and many devices of one licence release at once. Taking
+        # an instance slot locks it (_take_instance_slot).
+        licence = connection.execute(_READ_LICENCE, {"b_lid": licence_id}).one_or_none()
+        if licence is None:
+            raise RequestRefused(f"unknown licence {licence_id}", 404)
+        device = connection.execute(_READ_DEVICE, {"b_did": device_id}).one_or_none()
+        # Before _check_release, whose instance slot is the only write a refusal could otherwise follow.
+        model_key = self._model_key(connection, licence.model_id)
+        self._check_release(connection, licence, device, claims, instance_id)
+        usage_key = self._usage_key(licence)
+        wrapped = HPKE_SUITE.encrypt(model_key + usage_key, public_key, info=release_info(licence_id, nonce))
+        now = self.clock()
+        revalidate_at = min(licence.expires_at, now + timedelta(seconds=licence.revalidate_seconds))
+        release = Release(
+            licence_id=licence.id,
+            wrapped_key=wrapped,
+            expires_at=licence.expires_at,
+            revalidate_at=revalidate_at,
+            offline_until=min(licence.expires_at, revalidate_at + timedelta(seconds=licence.offline_grace_seconds)),
+            query_quota=licence.query_quota,
+            queries_used=licence.queries_used,
+            insecure=claims.insecure,
+            min_serial=licence.min_serial,
         )
-        if spent.rowcount != 1:
-            raise RequestRefused("nonce already used: replayed request")
+        self.store.audit_row(
+            connection,
+            "key.release",
+            licence_id,
+            "ok",
+            **subject,
+            insecure=claims.insecure,
+            debug=claims.debug,
+            identity=claims.identity,
+        )
+        return release
+
+    def _spend_nonce(
+        self, connection: Connection, licence_id: str, nonce: bytes, expires_at: datetime, now: datetime
+    ) -> bool:
+        """Record the nonce as spent; False when it already was (a replay).
+
+        One INSERT on the nonce's primary key: of two concurrent spends, the second waits on the first's
+        uncommitted row and then inserts nothing, so exactly one release gets the nonce."""
+        spent = connection.execute(
+            self._spend_statement,
+            {"b_value": nonce.hex(), "b_lid": licence_id, "b_expires": expires_at, "b_now": now},
+        )
+        return spent.first() is not None
+
+    def _sweep_nonces(self, connection: Connection, now: datetime) -> None:
+        """Keep the table of spent nonces small: a row is needed only while its nonce could still be
+        accepted (the extra NONCE_LIFETIME allows for clocks that differ between workers). SKIP LOCKED:
+        workers cleaning up at the same time each take rows nobody else holds, instead of locking
+        overlapping sets in different orders (a deadlock between two workers)."""
+        stale = (
+            select(_NONCES.c.value)
+            .where(_NONCES.c.expires_at < now - NONCE_LIFETIME)
+            .limit(NONCE_SWEEP_ROWS)
+            .with_for_update(skip_locked=True)
+        )
+        connection.execute(delete(_NONCES).where(_NONCES.c.value.in_(stale)))
 
     def _model_key(self, connection: Connection, model_id: str) -> bytes:
         """A model's key, opened once per process: models are never changed or deleted once registered."""
@@ -874,16 +901,6 @@ class OwnerService:
                 raise RequestRefused(f"model {model_id} is not registered", 404)
             key = self._model_keys[model_id] = self.master.open(sealed, f"model:{model_id}")
         return key
-
-    def _burn_nonce(self, nonce: bytes) -> None:
-        """Spend a nonce after a refusal. Not synced on PostgreSQL: a nonce lost in a crash is refused anyway
-        once it expires, two minutes later."""
-        with self.store.transaction() as session:
-            if self.store.dialect == "postgresql":
-                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            session.execute(
-                update(Nonce).where(Nonce.value == nonce.hex(), Nonce.used_at.is_(None)).values(used_at=self.clock())
-            )
 
     def _check_release(
         self, connection: Connection, licence: Any, device: Any | None, claims: Claims, instance_id: str
@@ -934,7 +951,7 @@ class OwnerService:
             return
         # Counting and taking a slot must not interleave with another worker's: lock the licence, then
         # look again (the slot may have been taken while we waited; each statement sees what committed).
-        connection.execute(select(_LICENCES.c.id).where(_LICENCES.c.id == licence.id).with_for_update())
+        connection.execute(select(_LICENCES.c.id).where(_LICENCES.c.id == licence.id).with_for_update(key_share=True))
         if connection.execute(update(_INSTANCES).where(*known).values(last_seen=now)).rowcount == 1:
             return
         count = connection.execute(

@@ -137,7 +137,7 @@ def _owner_labels(key: Any, options: FheLabels | None) -> _OwnerLabels | None:
     from modelcloak.licensing.client import FheLabelClient, OwnerClient
 
     client = FheLabelClient(
-        OwnerClient(key.url),
+        key.client() if hasattr(key, "client") else OwnerClient(key.url),
         licence_id=key.licence_id,
         # Its own sequence stream, as `run --fhe-labels` uses: never collides with usage reports.
         reporter_id=f"{key.instance_id}.fhe",

@@ -1,0 +1,90 @@
+"""Key-release nonces across a PostgreSQL crash (issue 12): a release cut off by the crash is a 503 with
+Retry-After, and its nonce still works afterwards, because issued nonces are not stored (owner/nonces.py).
+
+Before, nonces were stored when issued, without a sync: one issued shortly before a crash could be
+gone afterwards, and the device's release was refused with a 403 ("unknown nonce") instead of
+being told to retry. Whether a given nonce survived depended on when PostgreSQL's WAL writer last
+flushed, so that failure could not be provoked on demand; what is tested here is the property that
+replaces it, deterministically: the same nonce before, during and after a kill -9 of PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from postgres import PostgresCluster, require_postgres
+from starlette.testclient import TestClient
+
+from modelcloak.licensing.protocol import HPKE_SUITE, binding_digest, release_info
+from modelcloak.owner.api import create_app
+from modelcloak.owner.evidence.sim import SimDevice
+from modelcloak.owner.service import OwnerService
+from modelcloak.owner.store import MasterKey, Store
+
+MEASUREMENT = {"app": "ab" * 32}
+
+
+def _release_body(device: SimDevice, licence: str, nonce: bytes) -> tuple[dict, X25519PrivateKey]:
+    ephemeral = X25519PrivateKey.generate()
+    public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    body = {
+        "licence_id": licence,
+        "device_id": "dev1",
+        "instance_id": "i1",
+        "nonce": base64.b64encode(nonce).decode(),
+        "ephemeral_public_key": base64.b64encode(public).decode(),
+        "evidence_kind": "sim",
+        "evidence": base64.b64encode(device.evidence(binding_digest(nonce, public), MEASUREMENT)).decode(),
+    }
+    return body, ephemeral
+
+
+@pytest.mark.slow
+def test_a_release_cut_off_by_a_postgresql_crash_is_503_and_its_nonce_works_after(tmp_path: Path) -> None:
+    with PostgresCluster(require_postgres()) as cluster:  # its own cluster: this test kills it
+        store = Store(cluster.new_database())
+        service = OwnerService(store, MasterKey(secrets.token_bytes(32)))
+        model_key = secrets.token_bytes(32)
+        service.register_model("m", model_key)
+        device = SimDevice.create(tmp_path / "dev1.pem")
+        service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity)
+        licence = service.issue_licence("m", device_id="dev1", allow_sim=True)
+        client = TestClient(create_app(service, rate=0), raise_server_exceptions=False)
+        try:
+
+            def nonce() -> bytes:
+                answer = client.post("/v1/nonce", json={"licence_id": licence})
+                assert answer.status_code == 200, answer.text
+                return base64.b64decode(answer.json()["nonce"])
+
+            spent, kept = nonce(), nonce()
+            body, _ = _release_body(device, licence, spent)
+            assert client.post("/v1/release", json=body).status_code == 200  # committed (synced) before the crash
+
+            cluster.kill9()
+            body, ephemeral = _release_body(device, licence, kept)
+            cut_off = client.post("/v1/release", json=body)
+            assert cut_off.status_code == 503, cut_off.text  # retryable, not a 403
+            assert cut_off.headers["retry-after"]
+            assert "5432" not in cut_off.text and str(cluster.port) not in cut_off.text  # no internals
+
+            cluster.restart()
+            retried = client.post("/v1/release", json=body)  # the same request, the same nonce
+            assert retried.status_code == 200, retried.text
+            wrapped = base64.b64decode(retried.json()["wrapped_key"])
+            assert HPKE_SUITE.decrypt(wrapped, ephemeral, info=release_info(licence, kept))[:32] == model_key
+
+            # Controls: the spend of the release granted before the crash survived it (a replay is refused),
+            # and the retried release spent its nonce as well.
+            for used in (spent, kept):
+                body, _ = _release_body(device, licence, used)
+                replay = client.post("/v1/release", json=body)
+                assert replay.status_code == 403 and "already used" in replay.json()["error"]
+        finally:
+            client.close()
+            store.close()

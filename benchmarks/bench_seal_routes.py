@@ -1,13 +1,14 @@
 """Where the sealed load's extra peak memory comes from: every way onnxruntime's Python API can be
 handed in-memory weights, measured side by side with plain onnxruntime on the bench_seal model.
 
-Each sample is a fresh process. For each route it records peak RSS (VmHWM, reset once the weights
-are in memory so only the session build counts, plus the whole process), load time (wall and
-CPU), the RSS the load adds (for the routes that start from a caller's buffer, that buffer
-counts as added: the sealed load decrypts into its own), the output checksum (bit-equal to plain onnxruntime's default or not) and whether the
-session still reads the caller's buffer after it is built (the buffer is overwritten and the
-model run again: unchanged output means onnxruntime made its own copy). It also samples the RSS
-of a plain and a sealed load every 2 ms from outside, to show when each copy appears.
+Each sample is a fresh process. For each route it records peak RSS (VmHWM, reset once the
+weights are in memory so only the load counts, plus the whole process), load time (wall and CPU),
+the RSS the load adds (for routes that start from a caller's buffer, that buffer counts as added:
+the sealed load decrypts into its own), the output checksum (bit-equal to plain onnxruntime's
+defaults or not) and whether the session still reads the caller's buffer after it is built (the
+buffer is overwritten and the model run again: unchanged output means onnxruntime made its own
+copy). It also samples the RSS of a plain, a sealed and a sealed-held load every 2 ms from
+outside, to show when each copy appears.
 
     python benchmarks/bench_seal_routes.py --runs 3   # builds the bench_seal model if missing
                                                       # writes benchmarks/out/seal-routes.{json,png}
@@ -31,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 ROUTES = {
     "plain": "onnxruntime.InferenceSession(path), defaults",
     "plain-noprepack": "the same with session.disable_prepacking=1",
-    "sealed": "modelcloak.load: OrtValues over the guarded buffer, add_external_initializers",
+    "sealed": "modelcloak.load: OrtValues over the guarded buffer, each weight handed back once copied",
+    "sealed-held": "the same with the hand-back switched off: the buffer lives until the build returns",
     "sealed-noprepack": "modelcloak.load with session_config session.disable_prepacking=1",
     "files-in-memory": "add_external_initializers_from_files_in_memory over an anonymous mapping",
     "ort-format-copied": "ORT-format bytes, onnxruntime copies them",
@@ -47,7 +49,11 @@ import numpy as np, onnxruntime as ort
 route, folder = sys.argv[1:3]
 noprepack = route.endswith("noprepack")
 if route.startswith("sealed"):
+    import re
     import modelcloak.inference, modelcloak.keys
+    from modelcloak.runtime import copywatch
+    if route == "sealed-held":
+        copywatch._COPIED = re.compile(rb"(?!)")  # never matches: nothing is handed back early
 buffer = None
 if route in ("files-in-memory", "ort-format-copied", "ort-format-in-place"):
     name = "weights.bin" if route == "files-in-memory" else "model.ort"
@@ -169,14 +175,14 @@ def main() -> None:
     child = CHILD % {"width": SIZES[0]}
     samples: dict[str, list[dict]] = {route: [] for route in ROUTES}
     with Progress() as progress:
-        task = progress.add_task("route samples", total=args.runs * len(ROUTES) + 2)
+        task = progress.add_task("route samples", total=args.runs * len(ROUTES) + 3)
         for run in range(args.runs):
             order = list(ROUTES) if run % 2 == 0 else list(ROUTES)[::-1]
             for route in order:
                 samples[route].append(sample(route, args.workdir, child))
                 progress.advance(task)
         traces = {}
-        for route in ("plain", "sealed"):
+        for route in ("plain", "sealed", "sealed-held"):
             traces[route] = rss_trace(route, args.workdir, child)
             progress.advance(task)
     reference = next(s["checksum"] for s in samples["plain"] if "checksum" in s)

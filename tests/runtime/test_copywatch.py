@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +21,7 @@ from modelcloak.keys import generate_key_file
 from modelcloak.protector import protect
 from modelcloak.runtime.copywatch import RegionRelease
 
+COPIED = b"2026-12-03 [I:onnxruntime:, graph.cc:1 InjectExternalInitializedTensors] Replaced external initializer: "
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTNEED and /proc/self/smaps")
 
 
@@ -59,12 +62,11 @@ def test_regions_are_released_only_when_reported_and_other_output_goes_through(c
     view.release()
     # a and b share their last page: b's bytes must survive until b is reported too.
     regions = [("a", 0, 3 * 4096), ("b", 2 * 4096, 2 * 4096), ("never", 4 * 4096, 2 * 4096)]
-    copied = b"2026-12-03 [I:onnxruntime:, graph.cc:1 InjectExternalInitializedTensors] Replaced external initializer: "
     with RegionRelease(regions, buffer.release) as watch:
-        os.write(2, copied + b"a\n")
+        os.write(2, COPIED + b"a\n")
         os.write(2, b"not a runtime line\n")
         shared_page = ctypes.string_at(buffer.address + 2 * 4096, 4096)  # a is copied, b is not yet
-        os.write(2, copied + b"b\n")
+        os.write(2, COPIED + b"b\n")
         os.write(2, b"2026-12-03 [W:onnxruntime:, x.cc:1 f] a warning the session would have printed\n")
     contents = ctypes.string_at(buffer.address, 6 * 4096)
     buffer.close()
@@ -100,3 +102,61 @@ def test_release_outside_the_buffer_is_refused():
     with hygiene.weights_buffer(4096) as buffer:
         with pytest.raises(hygiene.HygieneError, match="outside"):
             buffer.release(4000, 200)
+
+
+def test_a_child_holding_the_pipe_does_not_block_the_end_of_the_build(capfd):
+    # Another thread's child process started during the build inherits the pipe as its stderr.
+    with hygiene.weights_buffer(4096) as buffer:
+        with RegionRelease([("a", 0, 4096)], buffer.release) as watch:
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            os.write(2, COPIED + b"a\n")
+        try:
+            assert child.poll() is None  # the build ended while the child still held the pipe
+            assert watch.released == ["a"]
+        finally:
+            child.kill()
+            child.wait()
+    os.write(2, b"stderr is back\n")
+    assert "stderr is back" in capfd.readouterr().err
+
+
+def test_a_failing_release_stops_early_release_but_keeps_draining(capfd):
+    calls = []
+
+    def release(offset: int, length: int) -> int:
+        calls.append(offset)
+        raise hygiene.HygieneError("buffer already closed")
+
+    with RegionRelease([("a", 0, 4096), ("b", 4096, 4096)], release) as watch:
+        for _ in range(2000):  # far more than a pipe holds: a reader that stopped would block here
+            os.write(2, COPIED + b"a\n")
+        os.write(2, COPIED + b"b\n")
+        os.write(2, b"still forwarded\n")
+    assert calls == [0] and watch.released == []
+    assert "still forwarded" in capfd.readouterr().err
+
+
+def test_concurrent_sealed_loads_each_hand_back_and_leave_stderr_working(tmp_path, capfd):
+    key = generate_key_file(tmp_path / "k.key")
+    models = [make_mlp((64, 128, 10), seed=seed) for seed in (1, 2)]
+    for index, model in enumerate(models):
+        protect(model, tmp_path / f"m{index}.mcb", key=key)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    results: dict[int, tuple[int, np.ndarray]] = {}
+
+    def open_and_run(index: int) -> None:
+        with load(tmp_path / f"m{index}.mcb", key=key) as session:
+            results[index] = (session.report.weights_released_early, next(iter(session.run(x).values())))
+
+    threads = [threading.Thread(target=open_and_run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, model in enumerate(models):
+        plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        released, got = results[index]
+        assert released > 0
+        assert np.array_equal(got, plain.run(None, {"x": x})[0])
+    os.write(2, b"stderr after two loads\n")
+    assert "stderr after two loads" in capfd.readouterr().err

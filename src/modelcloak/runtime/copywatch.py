@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -32,6 +33,9 @@ _RUNTIME_LINE = re.compile(rb"\[[VIWEF]:onnxruntime:")
 _COPIED = re.compile(rb"InjectExternalInitializedTensors\] Replaced external initializer: (.*?)\r?$")
 # The INFO level that carries the line above; the session is built at this level while watched.
 INFO_SEVERITY = 1
+# File descriptor 2 is one per process: watched builds in several threads take turns, or one
+# build's exit would point stderr back at another's pipe.
+_STDERR_TURN = threading.Lock()
 
 
 class RegionRelease:
@@ -52,20 +56,31 @@ class RegionRelease:
         self.released_bytes = 0
         self._saved_fd: int | None = None
         self._reader: threading.Thread | None = None
+        self._done = threading.Event()
+        self._stopped = False
 
     def __enter__(self) -> RegionRelease:
         if not self._regions:
             return self
+        _STDERR_TURN.acquire()
         try:
             sys.stderr.flush()
-            self._saved_fd = os.dup(2)
+            saved = os.dup(2)
         except (OSError, ValueError, AttributeError):
+            _STDERR_TURN.release()
             return self  # no stderr to borrow: nothing is released early
-        read_end, write_end = os.pipe()
+        try:
+            read_end, write_end = os.pipe()
+        except OSError:
+            os.close(saved)
+            _STDERR_TURN.release()
+            return self
         os.dup2(write_end, 2)
         os.close(write_end)
+        self._saved_fd = saved
+        self._done = threading.Event()
         self._reader = threading.Thread(
-            target=self._read, args=(read_end, self._saved_fd), name="modelcloak-copy-watch", daemon=True
+            target=self._read, args=(read_end, saved), name="modelcloak-copy-watch", daemon=True
         )
         self._reader.start()
         return self
@@ -76,29 +91,51 @@ class RegionRelease:
         try:
             sys.stderr.flush()
         finally:
-            os.dup2(self._saved_fd, 2)  # closes the pipe's last write end: the reader sees EOF
+            os.dup2(self._saved_fd, 2)  # our end of the pipe is closed; a child may still hold one
+            self._done.set()
             if self._reader is not None:
                 self._reader.join()
             os.close(self._saved_fd)
             self._saved_fd = None
+            _STDERR_TURN.release()
 
     def _read(self, read_end: int, forward_fd: int) -> None:
-        with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            pending = b""
-            while chunk := pipe.read(65536):
+        """Consume the pipe until the build is over and nothing more is waiting (or every writer
+        is gone). A child process started meanwhile by another thread may hold the write end:
+        then the pipe does not reach EOF, so the loop polls instead of blocking on read()."""
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([read_end], [], [], 0.05)
+                if not ready:
+                    if self._done.is_set():
+                        break
+                    continue
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._line(line, forward_fd)
+                    self._safe_line(line, forward_fd)
             if pending:
-                self._line(pending, forward_fd)
+                self._safe_line(pending, forward_fd)
+        finally:
+            os.close(read_end)
+
+    def _safe_line(self, line: bytes, forward_fd: int) -> None:
+        # The pipe must keep draining whatever happens: onnxruntime blocks on a full pipe.
+        try:
+            self._line(line, forward_fd)
+        except Exception:  # a failed release or forward only ends the early release
+            self._stopped = True  # release nothing more; the buffer's close() wipes the rest
 
     def _line(self, line: bytes, forward_fd: int) -> None:
         if not _RUNTIME_LINE.search(line):
             os.write(forward_fd, line + b"\n")  # not onnxruntime's: the caller's own stderr output
             return
         copied = _COPIED.search(line)
-        if copied is None:
+        if copied is None or self._stopped:
             return
         name = copied.group(1).decode("utf-8", "replace")
         if name not in self._pending:

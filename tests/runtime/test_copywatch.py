@@ -160,3 +160,12 @@ def test_concurrent_sealed_loads_each_hand_back_and_leave_stderr_working(tmp_pat
         assert np.array_equal(got, plain.run(None, {"x": x})[0])
     os.write(2, b"stderr after two loads\n")
     assert "stderr after two loads" in capfd.readouterr().err
+
+
+def test_runtime_lines_at_the_level_the_caller_asked_for_still_show(capfd):
+    with hygiene.weights_buffer(4096) as buffer:
+        with RegionRelease([("a", 0, 4096)], buffer.release, show_from=2):
+            os.write(2, COPIED + b"a\n")  # INFO: below the asked level, consumed
+            os.write(2, b"2026-12-03 [W:onnxruntime:, x.cc:1 f] a warning the caller asked to see\n")
+    err = capfd.readouterr().err
+    assert "a warning the caller asked to see" in err and "Replaced external initializer" not in err

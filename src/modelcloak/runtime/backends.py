@@ -83,6 +83,7 @@ class OrtBackend:
         if names:
             options.add_external_initializers(names, values)
         regions = [(t.name, offset, length) for t, offset, length in external_records(graph)] if release else []
+        asked_severity = options.log_severity_level
         if regions:
             # The per-tensor "copied" lines are INFO; RegionRelease consumes them (copywatch.py).
             options.log_severity_level = min(options.log_severity_level, copywatch.INFO_SEVERITY)
@@ -94,7 +95,7 @@ class OrtBackend:
                 guarded.append((name, cacheguard.guard_provider_options(name, dict(provider_options), cache_policy)))
             else:
                 guarded.append((provider, cacheguard.guard_provider_options(provider, {}, cache_policy)))
-        watch = copywatch.RegionRelease(regions, release or (lambda offset, length: 0))
+        watch = copywatch.RegionRelease(regions, release or (lambda offset, length: 0), show_from=asked_severity)
         try:
             with watch:
                 self._session = ort.InferenceSession(graph.SerializeToString(), options, providers=guarded)

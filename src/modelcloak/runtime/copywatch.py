@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 
 # onnxruntime's log lines: "<time> [I:onnxruntime:<logid>, <file>:<line> <function>] <message>".
-_RUNTIME_LINE = re.compile(rb"\[[VIWEF]:onnxruntime:")
+_RUNTIME_LINE = re.compile(rb"\[([VIWEF]):onnxruntime:")
+_SEVERITY = {b"V": 0, b"I": 1, b"W": 2, b"E": 3, b"F": 4}
 _COPIED = re.compile(rb"InjectExternalInitializedTensors\] Replaced external initializer: (.*?)\r?$")
 # The INFO level that carries the line above; the session is built at this level while watched.
 INFO_SEVERITY = 1
@@ -44,11 +45,16 @@ class RegionRelease:
     `regions` are (name, offset, length) of the initializers inside our weights buffer, and
     `release(offset, length)` wipes and hands back such a region (`SecureBuffer.release`).
     `released_bytes` and `released` (names) say what was handed back before the build returned.
+    onnxruntime's lines are consumed, except those at `show_from` or above (0 verbose .. 4 fatal):
+    the level the caller had asked the session to log at (by default modelcloak asks for none).
     """
 
-    def __init__(self, regions: Iterable[tuple[str, int, int]], release: Callable[[int, int], int]) -> None:
+    def __init__(
+        self, regions: Iterable[tuple[str, int, int]], release: Callable[[int, int], int], *, show_from: int = 5
+    ) -> None:
         self._regions = {name: (offset, offset + length) for name, offset, length in regions}
         self._release = release
+        self._show_from = show_from  # onnxruntime lines at this severity or above still reach stderr
         self._pending = set(self._regions)
         self._copied: list[str] = []  # copied, but sharing bytes with a tensor still pending
         self._spans: set[tuple[int, int]] = set()  # released already (two names, one region)
@@ -131,10 +137,10 @@ class RegionRelease:
             self._stopped = True  # release nothing more; the buffer's close() wipes the rest
 
     def _line(self, line: bytes, forward_fd: int) -> None:
-        if not _RUNTIME_LINE.search(line):
-            os.write(forward_fd, line + b"\n")  # not onnxruntime's: the caller's own stderr output
-            return
-        copied = _COPIED.search(line)
+        runtime = _RUNTIME_LINE.search(line)
+        if runtime is None or _SEVERITY[runtime.group(1)] >= self._show_from:
+            os.write(forward_fd, line + b"\n")  # the caller's own output, or a level the caller asked for
+        copied = _COPIED.search(line) if runtime is not None else None
         if copied is None or self._stopped:
             return
         name = copied.group(1).decode("utf-8", "replace")

@@ -38,6 +38,7 @@ __all__ = [
     "SecureBuffer",
     "harden_process",
     "exclude_anonymous_memory_from_dumps",
+    "release_range",
     "mapping_flags",
     "mapping_flags_of",
     "mapping_name",
@@ -203,6 +204,7 @@ class SecureBuffer:
         self._length = len(mm)
         self._views: list[memoryview] = []
         self._closing = False
+        self._released: list[tuple[int, int]] = []  # page spans handed back by release(), already zero
         self.kind = kind
         self.size = size
         self.address = _address_of(mm)
@@ -227,10 +229,36 @@ class SecureBuffer:
         return part
 
     def wipe(self) -> None:
-        """Overwrite the whole mapping with zeros using memset (not optimised away); safe to repeat."""
+        """Overwrite the whole mapping with zeros using memset (not optimised away); safe to repeat.
+
+        Pages given back by `release()` read as zeros already and are skipped: writing them would
+        only fault them back in.
+        """
         if self._mm is None:
             return  # already unmapped: nothing left to wipe, and the address is no longer ours
-        ctypes.memset(self.address, 0, self._length)
+        position = 0
+        for start, end in sorted(self._released):
+            if start > position:
+                ctypes.memset(self.address + position, 0, start - position)
+            position = max(position, end)
+        if position < self._length:
+            ctypes.memset(self.address + position, 0, self._length - position)
+
+    def release(self, offset: int, length: int) -> int:
+        """Wipe `length` bytes at `offset` now and hand their whole pages back to the kernel.
+
+        For a region nothing will read or write again (weights the runtime has copied); the buffer
+        stays usable, the region reads as zeros. Returns the bytes handed back (`release_range`).
+        """
+        if self.closed:
+            raise HygieneError("this SecureBuffer is closed (its contents were wiped); allocate a new one")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise HygieneError(f"release of [{offset}, {offset + length}) is outside this {self.size}-byte buffer")
+        dropped = release_range(self.address + offset, length)
+        if dropped:
+            start, end = _whole_pages(self.address + offset, length)
+            self._released.append((start - self.address, end - self.address))
+        return dropped
 
     def close(self) -> None:
         """Wipe, release handed-out views, then unmap (closing the memfd). Idempotent.
@@ -341,6 +369,36 @@ def weights_buffer(size: int) -> SecureBuffer:
         # pages cut the first-touch cost of a 100 MB model about five-fold (benchmarks/bench_seal.py).
         _madvise(mm, getattr(mmap, "MADV_HUGEPAGE", None))
     return SecureBuffer(mm, size, KIND_DONTDUMP if dd else KIND_NONE)
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def _whole_pages(address: int, length: int) -> tuple[int, int]:
+    """The page-aligned [start, end) inside [address, address + length); empty when start >= end."""
+    return -(-address // _PAGE) * _PAGE, (address + length) // _PAGE * _PAGE
+
+
+def release_range(address: int, length: int) -> int:
+    """Zero `length` bytes at `address` (memset), then give the whole pages inside back to the kernel.
+
+    For a region of a private anonymous mapping (a `weights_buffer`) that nothing will read again:
+    the bytes are wiped first, then `MADV_DONTNEED` drops the pages so they stop counting towards
+    RSS (reading them again gives zeros). Partial pages at either end are only zeroed, because a
+    neighbouring region may still be in use. Returns the bytes handed back (0 where the kernel or
+    platform cannot). `SecureBuffer.release` is the same for a region of one buffer, remembered so
+    that its final wipe does not fault the pages back in.
+    """
+    if length <= 0:
+        return 0
+    ctypes.memset(address, 0, length)
+    start, end = _whole_pages(address, length)
+    libc = _libc() if _IS_LINUX else None
+    if end <= start or libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
+        return 0
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED)) != 0:
+        return 0
+    return end - start
 
 
 def _get_dumpable() -> int | None:

@@ -6,7 +6,7 @@ so nothing is read from or written to disk on the way in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from modelcloak.model import external_records
-from modelcloak.runtime import cacheguard
+from modelcloak.runtime import cacheguard, copywatch
 from modelcloak.runtime.errors import SessionError
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -45,7 +45,9 @@ class OrtBackend:
     """onnxruntime session built from graph bytes; weights handed over as in-memory initializers.
 
     onnxruntime copies the initializers into its own allocator (`add_external_initializers`), so the
-    caller may wipe its decrypted buffer as soon as the session exists.
+    caller may wipe its decrypted buffer as soon as the session exists; each tensor's bytes are
+    already wiped and given back while the session builds, once onnxruntime reports it copied
+    (`copywatch.RegionRelease`).
     """
 
     def __init__(
@@ -57,7 +59,10 @@ class OrtBackend:
         threads: int | None,
         cache_policy: str,
         session_config: dict[str, Any] | None = None,
+        release: Callable[[int, int], int] | None = None,
     ) -> None:
+        """`release(offset, length)`, when given, wipes and hands back a region of `weights` that
+        onnxruntime has copied, during the build (`copywatch`); without it `weights` is untouched."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -77,6 +82,11 @@ class OrtBackend:
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         if names:
             options.add_external_initializers(names, values)
+        regions = [(t.name, offset, length) for t, offset, length in external_records(graph)] if release else []
+        asked_severity = options.log_severity_level
+        if regions:
+            # The per-tensor "copied" lines are INFO; RegionRelease consumes them (copywatch.py).
+            options.log_severity_level = min(options.log_severity_level, copywatch.INFO_SEVERITY)
         cacheguard.guard_ort_session_options(options, cache_policy)
         guarded = []
         for provider in providers or ["CPUExecutionProvider"]:
@@ -85,12 +95,15 @@ class OrtBackend:
                 guarded.append((name, cacheguard.guard_provider_options(name, dict(provider_options), cache_policy)))
             else:
                 guarded.append((provider, cacheguard.guard_provider_options(provider, {}, cache_policy)))
+        watch = copywatch.RegionRelease(regions, release or (lambda offset, length: 0), show_from=asked_severity)
         try:
-            self._session = ort.InferenceSession(graph.SerializeToString(), options, providers=guarded)
+            with watch:
+                self._session = ort.InferenceSession(graph.SerializeToString(), options, providers=guarded)
         except Exception as exc:  # onnxruntime's own exception types
             raise SessionError(f"onnxruntime could not build the model: {_first_line(exc)}") from None
         finally:
             del values, arrays
+        self.released_bytes = watch.released_bytes  # of the caller's buffer, before the build returned
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.providers = self._session.get_providers()

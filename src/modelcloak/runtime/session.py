@@ -46,6 +46,8 @@ class LoadReport:
     # VmFlags of each buffer's mapping read from /proc/self/smaps while it held plaintext.
     buffer_flags: dict[str, set[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Bytes of the decrypted weights wiped and handed back while onnxruntime was still building.
+    weights_released_early: int = 0
 
 
 class Session:
@@ -311,12 +313,14 @@ def open_graph(
                     threads=options.threads,
                     cache_policy=options.cache_policy,
                     session_config=dict(options.session_config) if options.session_config else None,
+                    release=weights_buffer.release,  # each weight, once onnxruntime has its own copy
                 )
             else:
                 runner = OpenVinoBackend(graph, weights_view, device=options.device, cache_policy=options.cache_policy)
         finally:
             weights_view.release()
         report.seconds["build"] = clock() - mark
+        report.weights_released_early = getattr(runner, "released_bytes", 0)
         # The runtime's copies (initializers, pre-packed and rewritten weights) now exist in its heap.
         report.hardening["runtime_copies_dontdump"] = hygiene.exclude_anonymous_memory_from_dumps() > 0
         report.providers = list(runner.providers)

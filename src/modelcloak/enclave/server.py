@@ -53,6 +53,7 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 _READ_AHEAD = 64 * 1024  # the channel's read buffer: a request of this size or less takes one read
 _MAX_IOVECS = 512  # per writev; Linux refuses more than IOV_MAX (1024)
+_HOST_TYPES = {int(kind): kind for kind in protocol.HOST_TO_ENCLAVE}
 
 # onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
 # before the first session. Its event database is kept from opening at all by the HOME that
@@ -156,6 +157,28 @@ class Channel:
                 raise _EndOfInput("end of input inside a discarded frame")
             count -= got
 
+    def _buffered_frame(self) -> _Frame | None:
+        """The next frame if it lies whole and well formed in the read buffer after at most one read
+        (the usual small request: one system call, one header unpack); None leaves everything
+        buffered for next_frame's step-by-step path, which reads the rest and answers violations."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            with memoryview(self._inbox) as view:
+                got = os.readv(self.fd, [view])
+            if got == 0:
+                raise _EndOfInput("end of input")
+            self._end = got
+        if self._end - self._start < protocol.HEADER_SIZE:
+            return None
+        length, code, request_id = protocol.FRAME_HEADER.unpack_from(self._inbox, self._start)
+        end = self._start + 4 + length
+        kind = _HOST_TYPES.get(code)
+        if kind is None or end > self._end or length < protocol.FRAME_OVERHEAD or length > self.max_frame_bytes:
+            return None
+        payload = self._inbox[self._start + protocol.HEADER_SIZE : end]
+        self._start = end
+        return _Frame(kind, request_id, payload)
+
     def pushback(self, frame: _Frame) -> None:
         self._pushback.append(frame)
 
@@ -164,6 +187,9 @@ class Channel:
         if self._pushback:
             return self._pushback.pop()
         while True:
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
             (length,) = struct.unpack(">I", self._read_exact(4, boundary=True))
             if length < protocol.FRAME_OVERHEAD:
                 self._discard(length)

@@ -276,6 +276,9 @@ class _Connection:
         self._next_id = 1
         self.broken: str | None = None  # why this connection can no longer be used
         self.info: EnclaveInfo | None = None  # what this connection's READY said
+        # READY's input and result specs compiled for the per-call fast paths (protocol.KnownTensors).
+        self.request_layout = protocol.KnownTensors(())
+        self.result_layout = protocol.KnownTensors(())
         self._closing = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
         # Stores a BUDGET_STATE blob durably; None: this host keeps no persistent budget.
@@ -569,7 +572,7 @@ class _Connection:
 def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer]) -> None:
     """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial write."""
     sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
-    if sent == sum(len(buffer) for buffer in buffers):
+    if sent == sum(map(len, buffers)):
         return  # the usual case: the whole frame in one call
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
     while views:
@@ -848,6 +851,8 @@ class EnclaveClient:
             sandbox=ready.sandbox,
             pid=conn.proc.pid,
         )
+        conn.request_layout = protocol.KnownTensors(ready.inputs)
+        conn.result_layout = protocol.KnownTensors(ready.results)
         return self._info
 
     def _recover(self, broken: _Connection, deadline: float) -> None:
@@ -1016,7 +1021,7 @@ class EnclaveClient:
             tensors.append((spec.name, array))
         try:
             # Views of the arrays, sent with one gathered write: the tensor data is not copied here.
-            payload = protocol.tensor_parts(tensors)
+            payload = conn.request_layout.parts(tensors) or protocol.tensor_parts(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
         size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
@@ -1030,6 +1035,9 @@ class EnclaveClient:
             reply = conn.request(
                 lambda rid: [protocol.frame_parts(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
             )
+            arrays = conn.result_layout.decode(reply)
+            if arrays is not None:  # exactly what READY announced, in its order
+                return dict(zip(conn.result_layout.names, arrays))
             try:
                 results = protocol.decode_tensors(reply)
             except ProtocolError as exc:

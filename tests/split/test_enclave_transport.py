@@ -126,3 +126,90 @@ def test_replies_are_read_by_the_callers_without_a_reader_thread(key_file: KeyFi
             worker.join(timeout=60)
         assert not errors
         assert client.ping(0) >= 0
+
+
+# -- the per-call fast paths (protocol.KnownTensors) ----------------------------------------------
+
+_SPECS = (
+    protocol.TensorSpec("h", np.dtype("<f4"), (None, 4)),
+    protocol.TensorSpec("ids", np.dtype("<i8"), (None,)),
+)
+
+
+def _general(payload: bytes | bytearray) -> list[np.ndarray] | None:
+    """What the general path accepts for _SPECS: decode_tensors, then names, dtypes, ranks, fixed dims."""
+    try:
+        tensors = protocol.decode_tensors(payload)
+    except protocol.ProtocolError:
+        return None
+    if [name for name, _ in tensors] != [spec.name for spec in _SPECS]:
+        return None
+    for (_, array), spec in zip(tensors, _SPECS):
+        if array.dtype != spec.dtype or array.ndim != len(spec.shape):
+            return None
+        if any(d is not None and d != n for d, n in zip(spec.shape, array.shape)):
+            return None
+    return [array for _, array in tensors]
+
+
+def test_known_tensors_encode_like_tensor_parts_and_decode_like_the_general_path() -> None:
+    known = protocol.KnownTensors(_SPECS)
+    tensors = [("h", np.arange(12, dtype=np.float32).reshape(3, 4)), ("ids", np.arange(3, dtype=np.int64))]
+    parts = known.parts(tensors)
+    assert parts is not None
+    assert b"".join(parts) == b"".join(protocol.tensor_parts(tensors))
+    assert np.shares_memory(np.frombuffer(parts[1], np.float32), tensors[0][1])  # data not copied
+    decoded = known.decode(bytearray(b"".join(parts)))
+    assert decoded is not None
+    for (_, sent), got in zip(tensors, decoded):
+        assert got.dtype == sent.dtype and np.array_equal(got, sent)
+    # What does not fit the specs exactly is left to the general path (None), never sent wrongly.
+    assert known.parts([("h", tensors[0][1]), ("other", tensors[1][1])]) is None
+    assert known.parts([("h", tensors[0][1].astype(np.float64)), tensors[1]]) is None
+    assert known.parts([("h", tensors[0][1].T), tensors[1]]) is None  # not C-ordered
+    assert known.parts([("h", np.zeros((3, 5), np.float32)), tensors[1]]) is None  # fixed dim 4
+    assert known.parts(tensors[:1]) is None
+
+
+def test_known_tensors_accept_no_damaged_request_the_general_path_refuses() -> None:
+    """Every one-byte change of a valid request, and every truncation or extension: the fast
+    decoder either refuses it or returns exactly what the general path accepts. Control: the
+    fast decoder does accept the undamaged request and some damaged ones (changed data)."""
+    known = protocol.KnownTensors(_SPECS)
+    valid = protocol.encode_tensors([("h", np.ones((2, 4), np.float32)), ("ids", np.arange(2, dtype=np.int64))])
+    assert known.decode(bytearray(valid)) is not None
+    accepted = 0
+    variants = [valid[:cut] for cut in range(len(valid))] + [valid + b"\x00", valid + valid]
+    for index in range(len(valid)):
+        for value in (0x00, 0x01, 0x04, 0x7F, 0xFF, valid[index] ^ 0x20):
+            variants.append(valid[:index] + bytes([value]) + valid[index + 1 :])
+    for payload in variants:
+        fast, general = known.decode(bytearray(payload)), _general(payload)
+        if fast is not None:
+            accepted += 1
+            assert general is not None, payload
+            assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(fast, general))
+            assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(fast, general))
+    assert accepted > len(valid)  # the data bytes may change freely
+
+
+def test_enclave_channel_send_survives_partial_writes() -> None:
+    host, enclave = socket.socketpair()
+    enclave.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    channel = Channel(enclave.fileno(), 1 << 24)
+    data = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)  # 256 KiB
+    parts = protocol.tensor_parts([("r", data)])
+    expected = b"".join(protocol.frame_parts(MsgType.RESULT, 5, parts))
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(expected):
+            received.extend(host.recv(65536))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    channel.send(MsgType.RESULT, 5, parts)
+    reader.join(timeout=30)
+    host.close()
+    enclave.close()
+    assert bytes(received) == expected

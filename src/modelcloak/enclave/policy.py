@@ -184,7 +184,7 @@ def apply_output_policy(
     if first.ndim == 0:
         raise PolicyError(f"output policy {policy.spec!r} needs a first output with a class axis")
     if policy.output == "label":
-        return [("label", np.argmax(first, axis=-1).astype(np.int64))]
+        return [("label", first.argmax(axis=-1).astype(np.int64, copy=False))]
     assert policy.k is not None
     if policy.k > first.shape[-1]:
         raise PolicyError(f"output policy {policy.spec!r} asks for more classes than the model has ({first.shape[-1]})")

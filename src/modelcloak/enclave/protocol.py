@@ -376,6 +376,91 @@ def _decode_specs(reader: Reader) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+class KnownTensors:
+    """One session's tensor list of known names, dtypes and ranks (from READY's specs), compiled
+    once: every per-call header is a fixed prefix plus the dims, so encoding packs only the dims
+    and decoding compares one slice of bytes per tensor instead of parsing name, dtype and rank.
+
+    Both methods accept only what exactly fits the specs, in their order, and return None for
+    anything else; the caller then takes the general path (`tensor_parts`, `decode_tensors` and
+    its own checks), which says what is wrong. So the fast path can refuse but never accept more.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec]) -> None:
+        self.names = [spec.name for spec in specs]
+        self._count = _U16.pack(len(specs))
+        self._items: list[tuple[bytes, struct.Struct, np.dtype, tuple[tuple[int, int], ...]]] = []
+        self.usable = len(specs) <= MAX_TENSORS and all(
+            spec.dtype is not None and len(spec.shape) <= MAX_RANK for spec in specs
+        )
+        if not self.usable:
+            return
+        for spec in specs:
+            assert spec.dtype is not None
+            code = dtype_code(spec.dtype)
+            prefix = _str16(spec.name) + _U8_PAIR.pack(code, len(spec.shape))
+            fixed = tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None)
+            self._items.append((prefix, _DIMS[len(spec.shape)], DTYPE_BY_CODE[code], fixed))
+
+    def parts(self, tensors: Sequence[tuple[str, np.ndarray]]) -> list[bytes | memoryview] | None:
+        """What `tensor_parts(tensors)` returns, or None if a tensor does not fit its spec."""
+        if not self.usable or len(tensors) != len(self._items):
+            return None
+        head = [self._count]
+        parts: list[bytes | memoryview] = []
+        for (prefix, dims, dtype, fixed), expected, (name, array) in zip(self._items, self.names, tensors):
+            if (
+                name != expected
+                or type(array) is not np.ndarray
+                or array.dtype != dtype
+                or array.ndim != dims.size // 8
+                or not array.flags.c_contiguous
+                or any(array.shape[axis] != dim for axis, dim in fixed)
+            ):
+                return None
+            head.append(prefix)
+            head.append(dims.pack(*array.shape))
+            if array.nbytes:
+                parts.append(b"".join(head))
+                parts.append(memoryview(array).cast("B"))
+                head = []
+        if head:
+            parts.append(b"".join(head))
+        return parts
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> list[np.ndarray] | None:
+        """The arrays (views of `payload`, in spec order) if it holds exactly these tensors; else None."""
+        if not self.usable:
+            return None
+        if isinstance(payload, memoryview):
+            payload = payload.tobytes()
+        size = len(payload)
+        if not payload.startswith(self._count):
+            return None
+        pos = 2
+        arrays = []
+        for prefix, dims_format, dtype, fixed in self._items:
+            if not payload.startswith(prefix, pos) or pos + len(prefix) + dims_format.size > size:
+                return None
+            dims = dims_format.unpack_from(payload, pos + len(prefix))
+            pos += len(prefix) + dims_format.size
+            for axis, dim in fixed:
+                if dims[axis] != dim:
+                    return None
+            nbytes = math.prod(dims) * dtype.itemsize
+            if nbytes > size - pos:
+                return None
+            try:
+                array = np.ndarray(dims, dtype, buffer=payload, offset=pos)
+            except (TypeError, ValueError, OverflowError):  # dims numpy cannot represent
+                return None
+            if not array.flags.aligned:
+                array = array.copy()
+            arrays.append(array)
+            pos += nbytes
+        return arrays if pos == size else None
+
+
 # --------------------------------------------------------------------------------------------
 # Policy: u8 mode (1 label, 2 topk, 3 scores) | u32 k | u64 budget (NO_LIMIT = none) | f64 rate (0 = none)
 

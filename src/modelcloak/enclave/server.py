@@ -53,6 +53,7 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 _READ_AHEAD = 64 * 1024  # the channel's read buffer: a request of this size or less takes one read
 _MAX_IOVECS = 512  # per writev; Linux refuses more than IOV_MAX (1024)
+_HOST_TYPES = {int(kind): kind for kind in protocol.HOST_TO_ENCLAVE}
 
 # onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
 # before the first session. Its event database is kept from opening at all by the HOME that
@@ -156,6 +157,28 @@ class Channel:
                 raise _EndOfInput("end of input inside a discarded frame")
             count -= got
 
+    def _buffered_frame(self) -> _Frame | None:
+        """The next frame if it lies whole and well formed in the read buffer after at most one read
+        (the usual small request: one system call, one header unpack); None leaves everything
+        buffered for next_frame's step-by-step path, which reads the rest and answers violations."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            with memoryview(self._inbox) as view:
+                got = os.readv(self.fd, [view])
+            if got == 0:
+                raise _EndOfInput("end of input")
+            self._end = got
+        if self._end - self._start < protocol.HEADER_SIZE:
+            return None
+        length, code, request_id = protocol.FRAME_HEADER.unpack_from(self._inbox, self._start)
+        end = self._start + 4 + length
+        kind = _HOST_TYPES.get(code)
+        if kind is None or end > self._end or length < protocol.FRAME_OVERHEAD or length > self.max_frame_bytes:
+            return None
+        payload = self._inbox[self._start + protocol.HEADER_SIZE : end]
+        self._start = end
+        return _Frame(kind, request_id, payload)
+
     def pushback(self, frame: _Frame) -> None:
         self._pushback.append(frame)
 
@@ -164,6 +187,9 @@ class Channel:
         if self._pushback:
             return self._pushback.pop()
         while True:
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
             (length,) = struct.unpack(">I", self._read_exact(4, boundary=True))
             if length < protocol.FRAME_OVERHEAD:
                 self._discard(length)
@@ -197,7 +223,21 @@ class Channel:
     ) -> None:
         """One frame; `payload` is a buffer or a list of buffers (protocol.tensor_parts) sent as they are."""
         parts: list[protocol.Buffer] = list(payload) if isinstance(payload, list) else [payload]
-        views = [memoryview(part).cast("B") for part in protocol.frame_parts(msg_type, request_id, parts) if len(part)]
+        frame = protocol.frame_parts(msg_type, request_id, parts)
+        if len(frame) <= _MAX_IOVECS:
+            written = os.writev(self.fd, frame)
+            if written == protocol.HEADER_SIZE - protocol.FRAME_OVERHEAD + protocol.frame_length(parts):
+                return  # the usual case: the whole frame in one call
+        else:
+            written = 0
+        views = [memoryview(part).cast("B") for part in frame if len(part)]
+        while written:  # the part the first writev already sent
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
         while views:
             written = os.writev(self.fd, views[:_MAX_IOVECS])
             while written:
@@ -376,6 +416,17 @@ def _batch_axis(arg: Any, symbol: str) -> int | None:
     return None
 
 
+def _sample_axes_of(inputs: Sequence[TensorSpec], batch_axes: Sequence[int | None]) -> tuple[int | None, ...]:
+    """Per input, the axis whose length the budget charges (None: the input counts as 1 sample).
+
+    Samples are rows of the batch axis the cut declares (axis 1 in a sequence-first layout); the
+    largest over the inputs counts, so no input can hide some. A part whose inputs name no batch
+    axis (a bundle from before split.batch) is charged by its inputs' leading dims."""
+    if any(axis is not None for axis in batch_axes):
+        return tuple(batch_axes)
+    return tuple(0 if spec.shape else None for spec in inputs)
+
+
 def _shape_text(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
@@ -406,11 +457,15 @@ class EnclaveServer:
         self._started_monotonic = started_monotonic
         self._session: ort.InferenceSession | None = None
         self._inputs: tuple[TensorSpec, ...] = ()
-        self._batch_axes: tuple[int | None, ...] = ()
+        self._sample_axes: tuple[int | None, ...] = ()  # per input: the axis counted as samples; None: 1
         self._outputs: tuple[TensorSpec, ...] = ()
         self._output_names: list[str] = []
         self._policy = OutputPolicy()
         self._meter: Meter | None = None
+        # Compiled at LOAD from the specs READY announces: the per-call fast paths (protocol.KnownTensors).
+        self._request = protocol.KnownTensors(())
+        self._reply = protocol.KnownTensors(())
+        self._run: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -547,7 +602,9 @@ class EnclaveServer:
             _wipe_mapping(buffer)
         self._session = session
         self._inputs = tuple(_spec_of(a) for a in session.get_inputs())
-        self._batch_axes = tuple(_batch_axis(a, sealed.batch_symbol) for a in session.get_inputs())
+        self._sample_axes = _sample_axes_of(
+            self._inputs, tuple(_batch_axis(a, sealed.batch_symbol) for a in session.get_inputs())
+        )
         self._outputs = tuple(_spec_of(a) for a in session.get_outputs())
         self._output_names = [o.name for o in self._outputs]
         try:
@@ -561,6 +618,12 @@ class EnclaveServer:
         # The key has done its only job; a later LOAD is refused, so nothing needs it any more.
         self._key.wipe()
         self._key = None
+        self._request = protocol.KnownTensors(self._inputs)
+        self._reply = protocol.KnownTensors(self._result_specs())
+        # onnxruntime's binding itself: its Python wrapper re-checks the feed names (done here
+        # already) and looks up the output names on every call, a tenth of a small part's run.
+        binding = getattr(session, "_sess", None)
+        self._run = binding.run if binding is not None and hasattr(binding, "run") else session.run
         self._warm_up()
         self._sandbox()
         return protocol.Ready(
@@ -649,8 +712,9 @@ class EnclaveServer:
                 return
             feeds[spec.name] = np.zeros([1 if d is None else d for d in spec.shape], dtype=spec.dtype)
         try:
-            outputs = self._session.run(None, feeds)
-            policy_mod.apply_output_policy(self._policy, [o.name for o in self._outputs], outputs)
+            outputs = self._run(self._output_names, feeds, None)
+            results = policy_mod.apply_output_policy(self._policy, self._output_names, outputs)
+            self._reply.parts(results)
             protocol.tensor_parts([("warm-up", np.zeros(1, np.float32))])
         except Exception:
             pass  # a model that rejects zeros still serves real inputs
@@ -668,6 +732,9 @@ class EnclaveServer:
     # -- INFER / STATS -------------------------------------------------------------------
 
     def _validated_feeds(self, payload: bytearray) -> tuple[dict[str, np.ndarray], int]:
+        arrays = self._request.decode(payload)
+        if arrays is not None:  # exactly the announced inputs: names, dtypes, ranks and fixed dims checked
+            return dict(zip(self._request.names, arrays)), self._samples(arrays)
         try:
             tensors = protocol.decode_tensors(payload)
         except ProtocolError as exc:
@@ -685,9 +752,7 @@ class EnclaveServer:
                 [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
             )
             raise Refusal(ErrorCode.BAD_INPUT, "inputs do not match the private part: " + "; ".join(parts))
-        samples = 0
-        counted = any(axis is not None for axis in self._batch_axes)
-        for spec, axis in zip(self._inputs, self._batch_axes):
+        for spec in self._inputs:
             array = feeds[spec.name]
             if spec.dtype is not None and array.dtype != spec.dtype:
                 raise Refusal(
@@ -700,14 +765,16 @@ class EnclaveServer:
                     ErrorCode.BAD_INPUT,
                     f"input {spec.name!r} must have shape {_shape_text(spec.shape)}, got {list(array.shape)}",
                 )
-            # Samples are rows of the batch axis the cut declares (axis 1 in a sequence-first
-            # layout); the largest counts, so no input can hide some. A part whose inputs name no
-            # batch axis (a bundle from before split.batch) is charged by its leading dims.
-            if counted:
-                samples = max(samples, array.shape[axis] if axis is not None else 1)
-            else:
-                samples = max(samples, array.shape[0] if array.ndim else 1)
-        return feeds, samples
+        return feeds, self._samples([feeds[spec.name] for spec in self._inputs])
+
+    def _samples(self, arrays: Sequence[np.ndarray]) -> int:
+        """The samples in these validated inputs (see _sample_axes_of): the largest count over them."""
+        samples = 0
+        for array, axis in zip(arrays, self._sample_axes):
+            rows = 1 if axis is None else array.shape[axis]
+            if rows > samples:
+                samples = rows
+        return samples
 
     def _infer(self, frame: _Frame) -> None:
         assert self._session is not None and self._meter is not None
@@ -722,7 +789,7 @@ class EnclaveServer:
             )
             raise Refusal(code, str(refusal)) from None
         try:
-            outputs = self._session.run(None, feeds)
+            outputs = self._run(self._output_names, feeds, None)
         except Exception as exc:
             raise Refusal(
                 ErrorCode.INFERENCE_FAILED,
@@ -733,7 +800,8 @@ class EnclaveServer:
             results = policy_mod.apply_output_policy(self._policy, self._output_names, outputs)
         except PolicyError as exc:
             raise Refusal(ErrorCode.INFERENCE_FAILED, str(exc)) from None
-        payload = protocol.tensor_parts(results)  # views of the result arrays: written, not copied
+        # Views of the result arrays: written, not copied.
+        payload = self._reply.parts(results) or protocol.tensor_parts(results)
         size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
         if protocol.FRAME_OVERHEAD + size > self.channel.max_frame_bytes:
             raise Refusal(

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import math
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -198,7 +200,13 @@ class _Inbox:
     continues it and the stream stays in step."""
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        # Non-blocking, waited on with poll: a wait and a read are two system calls. (A socket in
+        # timeout mode costs four per reply: settimeout's ioctl, its own poll, the read, and
+        # the sender's ioctl and poll before every send.)
+        sock.settimeout(0.0)
         self._sock = sock
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
         self._max_frame_bytes = max_frame_bytes
         self._buffer = bytearray(_READ_AHEAD)
         self._start = 0  # unread bytes are self._buffer[self._start : self._end]
@@ -209,11 +217,11 @@ class _Inbox:
 
     def read(self, timeout: float) -> tuple[int, int, bytearray] | None:
         """(type, request id, payload) of the next frame; None if `timeout` passed first."""
-        self._sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
             if self._head is None:
                 while self._end - self._start < protocol.HEADER_SIZE:
-                    self._fill()
+                    self._fill(deadline)
                 length, msg_type, request_id = protocol.FRAME_HEADER.unpack_from(self._buffer, self._start)
                 if length < protocol.FRAME_OVERHEAD or length > self._max_frame_bytes:
                     raise _FramingLost(
@@ -233,7 +241,7 @@ class _Inbox:
                 self._filled, self._start, self._end = buffered, 0, 0
             with memoryview(self._body) as view:
                 while self._filled < len(self._body):
-                    got = self._sock.recv_into(view[self._filled :])
+                    got = self._recv_into(view[self._filled :], deadline)
                     if got == 0:
                         raise _EndOfStream
                     self._filled += got
@@ -243,13 +251,24 @@ class _Inbox:
         except TimeoutError:
             return None
 
-    def _fill(self) -> None:
+    def _recv_into(self, view: memoryview, deadline: float) -> int:
+        """One recv once the socket is readable; TimeoutError if it is not by `deadline`."""
+        while True:
+            wait = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if not self._readable.poll(wait):
+                raise TimeoutError
+            try:
+                return self._sock.recv_into(view)
+            except BlockingIOError:
+                continue  # readable was a false alarm: wait again
+
+    def _fill(self, deadline: float) -> None:
         if self._start:
             unread = self._end - self._start
             self._buffer[:unread] = self._buffer[self._start : self._end]
             self._start, self._end = 0, unread
         with memoryview(self._buffer) as view:
-            got = self._sock.recv_into(view[self._end :])
+            got = self._recv_into(view[self._end :], deadline)
         if got == 0:
             raise _EndOfStream
         self._end += got
@@ -267,7 +286,7 @@ class _Connection:
         # A second socket object on the same connection so a sender's timeout never disturbs the
         # reader; both are in timeout mode, so the shared descriptor is consistently non-blocking.
         self._wsock = sock.dup()
-        self._rsock.settimeout(START_TIMEOUT)
+        self._wsock.settimeout(0.0)  # waits are polls with the caller's deadline (_send_gathered)
         self._inbox = _Inbox(self._rsock, max_frame_bytes)
         self._lock = threading.Lock()  # the pending table, request ids, `broken`
         self._send_lock = threading.Lock()
@@ -276,6 +295,9 @@ class _Connection:
         self._next_id = 1
         self.broken: str | None = None  # why this connection can no longer be used
         self.info: EnclaveInfo | None = None  # what this connection's READY said
+        # READY's input and result specs compiled for the per-call fast paths (protocol.KnownTensors).
+        self.request_layout = protocol.KnownTensors(())
+        self.result_layout = protocol.KnownTensors(())
         self._closing = False
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=8)
         # Stores a BUDGET_STATE blob durably; None: this host keeps no persistent budget.
@@ -512,9 +534,8 @@ class _Connection:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self.timeout_error(timeout)
-                self._wsock.settimeout(remaining)
                 try:
-                    _send_gathered(self._wsock, frame)
+                    _send_gathered(self._wsock, frame, deadline)
                 except TimeoutError:
                     with self._lock:
                         if self.broken is None:
@@ -566,10 +587,14 @@ class _Connection:
             self.proc.stderr.close()
 
 
-def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer]) -> None:
-    """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial write."""
-    sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
-    if sent == sum(len(buffer) for buffer in buffers):
+def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer], deadline: float | None = None) -> None:
+    """sendall for a list of byte buffers: one sendmsg (no joined copy), continued after a partial
+    write. On a non-blocking socket a full send buffer is waited for until `deadline` (TimeoutError)."""
+    try:
+        sent = sock.sendmsg(buffers) if len(buffers) <= _MAX_IOVECS else 0
+    except BlockingIOError:
+        sent = 0
+    if sent == sum(map(len, buffers)):
         return  # the usual case: the whole frame in one call
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
     while views:
@@ -581,7 +606,18 @@ def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer]) -> N
                 views[0] = views[0][sent:]
                 sent = 0
         if views:
-            sent = sock.sendmsg(views[:_MAX_IOVECS])
+            try:
+                sent = sock.sendmsg(views[:_MAX_IOVECS])
+            except BlockingIOError:
+                _wait_writable(sock, deadline)
+
+
+def _wait_writable(sock: socket.socket, deadline: float | None) -> None:
+    writable = select.poll()
+    writable.register(sock.fileno(), select.POLLOUT)
+    wait = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+    if not writable.poll(wait):
+        raise TimeoutError
 
 
 def _announced_results(results: list[tuple[str, np.ndarray]], announced: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -848,6 +884,8 @@ class EnclaveClient:
             sandbox=ready.sandbox,
             pid=conn.proc.pid,
         )
+        conn.request_layout = protocol.KnownTensors(ready.inputs)
+        conn.result_layout = protocol.KnownTensors(ready.results)
         return self._info
 
     def _recover(self, broken: _Connection, deadline: float) -> None:
@@ -1016,7 +1054,7 @@ class EnclaveClient:
             tensors.append((spec.name, array))
         try:
             # Views of the arrays, sent with one gathered write: the tensor data is not copied here.
-            payload = protocol.tensor_parts(tensors)
+            payload = conn.request_layout.parts(tensors) or protocol.tensor_parts(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
         size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
@@ -1030,6 +1068,9 @@ class EnclaveClient:
             reply = conn.request(
                 lambda rid: [protocol.frame_parts(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
             )
+            arrays = conn.result_layout.decode(reply)
+            if arrays is not None:  # exactly what READY announced, in its order
+                return dict(zip(conn.result_layout.names, arrays))
             try:
                 results = protocol.decode_tensors(reply)
             except ProtocolError as exc:

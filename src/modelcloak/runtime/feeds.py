@@ -13,6 +13,7 @@ the runtime, which knows the symbolic dimensions. 0-d (scalar) arrays stay 0-d.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,7 +57,12 @@ def _check_shape(name: str, value: Any, declared: Sequence[Any] | None) -> None:
     """Refuse a tensor whose rank or fixed dims differ from the signed signature, in one line."""
     if declared is None or not isinstance(value, np.ndarray):
         return
-    if value.ndim != len(declared) or any(isinstance(d, int) and d != n for d, n in zip(declared, value.shape)):
+    fits = value.ndim == len(declared)
+    for dim, got in zip(declared, value.shape) if fits else ():  # a loop, not any(): this runs on every call
+        if isinstance(dim, int) and dim != got:
+            fits = False
+            break
+    if not fits:
         expected = "[" + ", ".join("?" if d is None else str(d) for d in declared) + "]"
         raise SessionError(f"input {name!r} must have shape {expected}, got {list(value.shape)}")
 
@@ -73,14 +79,23 @@ def _check(value: Any, kind: str, what: str) -> Any:
         return [_check(item, inner, f"{what} item {index}") for index, item in enumerate(value)]
     if kind.startswith("map("):
         raise SessionError(f"{what} is a map; sealed sessions do not take map inputs")
-    try:
-        expected = np.dtype(kind)
-    except TypeError:
+    expected = _numpy_dtype(kind)
+    if expected is None:
         return value  # a type numpy does not name (bfloat16, float8 without ml_dtypes): onnxruntime checks it
     return _tensor(value, expected, what)
 
 
+@functools.lru_cache(maxsize=256)
+def _numpy_dtype(kind: str) -> np.dtype | None:
+    try:
+        return np.dtype(kind)
+    except TypeError:
+        return None
+
+
 def _tensor(value: Any, expected: np.dtype, what: str) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == expected and value.flags.c_contiguous:
+        return value  # the usual case, already what onnxruntime takes: no conversion to check
     if isinstance(value, np.ndarray | np.generic):
         array = np.asarray(value)
         if not _same_type(array.dtype, expected):

@@ -1,11 +1,12 @@
 """The soft lock for ONNX graphs with branches: residual adds, concatenations, folded BatchNorm.
 
-The model is a small residual CNN written as ordinary PyTorch (two ResNet-style basic blocks
-with BatchNorm, an Inception-style concatenation of two branches, global average pooling) and
-exported by torch's own ONNX exporter, so the graph is what an owner's export produces, not one
-shaped for this converter. The fast tests check the rebuild against onnxruntime and where the
-lock site may and may not go; the slow one soft-locks the exported file from the command line
-and reads the report, with the original model in the same formats as the control.
+The model is a small residual CNN written as ordinary PyTorch (`modelcloak.zoo.residual`: two
+ResNet-style basic blocks with BatchNorm, an Inception-style concatenation of two branches,
+global average pooling) and exported by torch's own ONNX exporter, so the graph is what an
+owner's export produces, not one shaped for this converter. The fast tests check the rebuild
+of a hand-built residual graph against onnxruntime and where the lock site may and may not go;
+the slow ones rebuild the exported CNN and soft-lock it from the command line, with the
+original model in the same formats as the control.
 """
 
 from __future__ import annotations
@@ -27,45 +28,9 @@ from modelcloak.lock.from_onnx import module_from_onnx  # noqa: E402
 from modelcloak.lock.soft import find_lock_site, soft_lock  # noqa: E402
 from modelcloak.model.torch_export import export_torch  # noqa: E402
 from modelcloak.training import train_classifier  # noqa: E402
+from modelcloak.zoo.residual import residual_cnn  # noqa: E402
 
 nn = torch.nn
-
-
-class BasicBlock(nn.Module):
-    """conv-bn-relu-conv-bn plus the input (or a strided 1x1 projection of it), then relu."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        projection = stride != 1 or cin != cout
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if projection
-            else nn.Identity()
-        )
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class ResidualNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = BasicBlock(8, 8)
-        self.narrow, self.wide = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Sequential(
-            nn.ReLU(), nn.MaxPool2d(2), BasicBlock(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
-        )
-
-    def forward(self, x):
-        x = self.block(self.stem(x))
-        return self.head(torch.cat([self.narrow(x), self.wide(x)], 1))
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +42,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def exported() -> onnx.ModelProto:
-    """The untrained ResidualNet through torch's exporter (10-20 s on a loaded 2-core VM)."""
-    torch.manual_seed(0)
-    net = ResidualNet()
+    """The untrained residual CNN through torch's exporter (10-20 s on a loaded 2-core VM)."""
+    net = residual_cnn(seed=0)
     for module in net.modules():  # BatchNorm statistics away from the identity, so folding matters
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -116,7 +80,7 @@ def test_the_lock_site_skips_relus_that_feed_a_residual_add(exported):
     assert len(nodes[site.producer].users) == 1 and len(nodes[site.relu].users) == 1
     assert [user.target for user in nodes[site.relu].users] == [site.consumer]
     # The PyTorch module itself (BatchNorm folded by torch's fuse) has the same site.
-    assert find_lock_site(ResidualNet()).producer == "block.conv1"
+    assert find_lock_site(residual_cnn()).producer == "block.conv1"
 
 
 def _residual_only(double_use: bool) -> onnx.ModelProto:
@@ -183,8 +147,7 @@ def test_unknown_operators_and_batchnorm_without_a_conv_are_refused_naming_the_n
 @pytest.mark.slow
 def test_cli_soft_locks_an_exported_residual_cnn_and_reports_every_format(tmp_path):
     x, y = digits()
-    torch.manual_seed(0)
-    net = ResidualNet()
+    net = residual_cnn(seed=0)
     train_classifier(net, x[:1400], y[:1400], epochs=8, progress=False)
     onnx.save(export_torch(net, torch.from_numpy(x[:2])), tmp_path / "residual.onnx")
     np.savez(tmp_path / "train.npz", x=x[:1400], y=y[:1400])

@@ -311,6 +311,16 @@ class _SavedObjects:
     sealed: Any
 
 
+def _save_objects(
+    tss: ModuleType, ectx: Any, blobs: tuple[bytes, bytes], primary: Any, sealed: Any
+) -> _SavedObjects | None:
+    """TPM2_ContextSave of both objects (they stay loaded); None if the TPM declines: only later loads are slower."""
+    try:
+        return _SavedObjects(blobs, ectx.context_save(primary), ectx.context_save(sealed))
+    except tss.TSS2_Exception:
+        return None
+
+
 class TpmDeviceKey(DeviceKeyBase):
     """Model lock keys derived from a secret that only this TPM (in the enrolled boot state) unseals."""
 
@@ -363,7 +373,7 @@ class TpmDeviceKey(DeviceKeyBase):
                 primary, sealed = self._reload_objects(tss, ectx, blobs)
                 if primary is None:
                     primary, sealed = self._load_objects(tss, ectx, blobs)
-                    saved = _SavedObjects(blobs, ectx.context_save(primary), ectx.context_save(sealed))
+                    saved = _save_objects(tss, ectx, blobs, primary, sealed)
                 if pcrs:
                     session = _encrypted_session(tss, ectx, primary, tss.TPM2_SE.POLICY, tss.TPMA_SESSION.ENCRYPT)
                     ectx.policy_pcr(session, tss.TPM2B_DIGEST(), pcr_selection(tss, pcrs))

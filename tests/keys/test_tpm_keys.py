@@ -151,6 +151,84 @@ def test_a_cleared_tpm_refuses(start_tpm: StartTpm, tmp_path: Path) -> None:
         t.TpmDeviceKey(tmp_path / "device", tcti=fresh.tcti).key_for(spec)
 
 
+def _count_tpm_calls(monkeypatch: pytest.MonkeyPatch, t, *names: str) -> dict[str, int]:
+    """Count the ESAPI calls named in `names` on every TPM connection the module opens from now on."""
+    calls = {name: 0 for name in names}
+    real_esapi = t.esapi
+
+    class Counting:
+        def __init__(self, tcti: str) -> None:
+            self.context = real_esapi(tcti)
+
+        def __enter__(self):
+            ectx = self.context.__enter__()
+            for name in names:
+                original = getattr(ectx, name)
+
+                def counted(*args, _name=name, _original=original, **kwargs):
+                    calls[_name] += 1
+                    return _original(*args, **kwargs)
+
+                setattr(ectx, name, counted)
+            return ectx
+
+        def __exit__(self, *exc):
+            return self.context.__exit__(*exc)
+
+    monkeypatch.setattr(t, "esapi", Counting)
+    return calls
+
+
+def test_later_unseals_reuse_saved_objects_and_still_refuse_a_cleared_tpm(
+    start_tpm: StartTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tpm_api()
+    a = start_tpm(tmp_path / "tpm-a")
+    t.enroll_device(tmp_path / "device", tcti=a.tcti)
+    calls = _count_tpm_calls(monkeypatch, t, "create_primary", "load", "context_load", "unseal")
+    provider = t.TpmDeviceKey(tmp_path / "device", tcti=a.tcti)
+    key, spec = provider.new_key()
+    assert calls == {"create_primary": 1, "load": 1, "context_load": 0, "unseal": 1}
+
+    # A second load in this process: the TPM reloads its own saved contexts, and still unseals.
+    assert raw(provider.key_for(spec)) == raw(key)
+    assert calls == {"create_primary": 1, "load": 1, "context_load": 2, "unseal": 2}
+
+    # After TPM2_Clear the TPM refuses the saved contexts; the full path names the cause.
+    swtpm.clear_tpm(a.tcti)
+    with pytest.raises(KeyProviderError, match="cleared since"):
+        provider.key_for(spec)
+    assert calls["context_load"] == 3 and calls["create_primary"] == 2
+
+
+def test_saved_objects_are_refused_by_another_tpm_and_follow_the_files(
+    start_tpm: StartTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tpm_api()
+    a = start_tpm(tmp_path / "tpm-a")
+    b = start_tpm(tmp_path / "tpm-b")
+    t.enroll_device(tmp_path / "device", tcti=a.tcti)
+    provider = t.TpmDeviceKey(tmp_path / "device", tcti=a.tcti)
+    key, spec = provider.new_key()
+    calls = _count_tpm_calls(monkeypatch, t, "context_load", "create_primary")
+
+    # The same provider, pointed at another TPM: B's TPM2_ContextLoad refuses A's contexts.
+    provider.tcti = b.tcti
+    with pytest.raises(KeyProviderError, match="is not the one .* was enrolled on"):
+        provider.key_for(spec)
+    assert calls == {"context_load": 1, "create_primary": 1}
+
+    # Back on A (after a fresh first unseal), a sealed.priv altered on disk is not hidden by the contexts.
+    provider.tcti = a.tcti
+    assert raw(provider.key_for(spec)) == raw(key)
+    private = tmp_path / "device" / "sealed.priv"
+    blob = bytearray(private.read_bytes())
+    blob[-5] ^= 0x01
+    private.write_bytes(bytes(blob))
+    with pytest.raises(KeyProviderError, match="refuses sealed.priv"):
+        provider.key_for(spec)
+
+
 # --------------------------------------------------------------------------------------------
 # PCR binding
 # --------------------------------------------------------------------------------------------

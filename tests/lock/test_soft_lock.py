@@ -236,9 +236,25 @@ def test_digits_mlp_low_precision_variants_fall_to_chance(digits_case: Case, var
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_model_that_is_not_sequential_is_refused() -> None:
-    with pytest.raises(LockError, match="needs a torch.nn.Sequential, got Linear"):
-        soft_lock(torch.nn.Linear(4, 2), np.zeros((4, 4), np.float32), np.zeros(4, np.int64))
+def test_a_module_without_a_site_or_that_torch_fx_cannot_trace_is_refused() -> None:
+    x, y = np.zeros((4, 4), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(LockError, match="no Conv2d/Linear -> ReLU"):
+        soft_lock(torch.nn.Linear(4, 2), x, y)  # traced by torch.fx: one layer, no site
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, inputs):
+            if inputs.sum() > 0:  # data-dependent control flow: not traceable
+                inputs = -inputs
+            return self.b(torch.relu(self.a(inputs)))
+
+    with pytest.raises(LockError, match="torch.fx cannot trace Branchy"):
+        soft_lock(Branchy(), x, y)
+    with pytest.raises(LockError, match="needs a torch.nn.Module, got str"):
+        soft_lock("model.pt", x, y)  # type: ignore[arg-type]
 
 
 def test_a_model_without_a_lock_site_is_refused() -> None:

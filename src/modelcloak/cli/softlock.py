@@ -15,7 +15,10 @@ from modelcloak.errors import ModelcloakError
 
 def soft_lock(
     model: Annotated[
-        Path, typer.Argument(help="The trained classifier: .onnx, or a saved PyTorch nn.Sequential (.pt).")
+        Path,
+        typer.Argument(
+            help="The trained classifier: .onnx (chains and branching graphs), or a saved PyTorch module (.pt)."
+        ),
     ],
     data: Annotated[Path, typer.Option("--data", help="Training data: .npz with float inputs x and integer labels y.")],
     output: Annotated[Path, typer.Option("--out", "-o", help="Where to write the soft-locked ONNX model.")],

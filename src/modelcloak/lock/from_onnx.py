@@ -1,5 +1,7 @@
 """An ONNX classifier as a `torch.nn.Sequential`, so the soft lock can fine-tune it.
 
+(Graphs with branches go to `modelcloak.lock.from_onnx_graph`; `module_from_onnx` picks.)
+
 The soft lock needs gradients, so it works on a torch module; owners often have only the ONNX
 file. A chain graph (each node feeds the next, one input, one output) of the layers the soft
 lock understands is rebuilt layer for layer with the same weights: Conv (2-D), Gemm, MatMul
@@ -19,7 +21,46 @@ from onnx import numpy_helper
 
 from modelcloak.lock.errors import LockError
 
-__all__ = ["sequential_from_onnx"]
+__all__ = ["model_input_shape", "module_from_onnx", "sequential_from_onnx"]
+
+
+def module_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
+    """A chain as an `nn.Sequential`; a graph with branches as an fx.GraphModule (`from_onnx_graph`)."""
+    if _is_chain(model):
+        return sequential_from_onnx(model)
+    from modelcloak.lock.from_onnx_graph import graph_module_from_onnx
+
+    return graph_module_from_onnx(model)
+
+
+def _is_chain(model: onnx.ModelProto) -> bool:
+    """Every node reads only the previous node's output (and constants): no branch, no join."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    inputs = [i.name for i in graph.input if i.name not in constants]
+    current = inputs[0] if len(inputs) == 1 else None
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        activations = [name for name in node.input if name and name not in constants]
+        if activations != [current] or len(node.output) != 1:
+            return False
+        current = node.output[0]
+    return True
+
+
+def model_input_shape(model: onnx.ModelProto, weights: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """(the single input's name, its shape without the batch axis); LockError unless 1 input, 1 output."""
+    graph = model.graph
+    inputs = [i for i in graph.input if i.name not in weights]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise LockError(
+            f"the soft lock handles one input and one output; this model has {len(inputs)} and {len(graph.output)}"
+        )
+    dims = inputs[0].type.tensor_type.shape.dim
+    if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
+        raise LockError(f"input {inputs[0].name!r} needs a fixed shape apart from its batch axis")
+    return inputs[0].name, tuple(int(d.dim_value) for d in dims[1:])
 
 
 def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
@@ -30,15 +71,7 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
     nn = torch.nn
     graph = model.graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in weights]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise LockError(
-            f"the soft lock handles one input and one output; this model has {len(inputs)} and {len(graph.output)}"
-        )
-    dims = inputs[0].type.tensor_type.shape.dim
-    if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
-        raise LockError(f"input {inputs[0].name!r} needs a fixed shape apart from its batch axis")
-    input_shape = tuple(int(d.dim_value) for d in dims[1:])
+    input_name, input_shape = model_input_shape(model, weights)
 
     def weight(node: onnx.NodeProto, index: int) -> np.ndarray:
         if index >= len(node.input) or node.input[index] not in weights:
@@ -48,7 +81,7 @@ def sequential_from_onnx(model: onnx.ModelProto) -> tuple[Any, tuple[int, ...]]:
         return np.array(weights[node.input[index]], dtype=np.float32)
 
     layers: list[Any] = []
-    current = inputs[0].name
+    current = input_name
     nodes = list(graph.node)
     i = 0
     while i < len(nodes):
@@ -127,7 +160,17 @@ def _symmetric_pads(pads: list[int], label: str) -> tuple[int, int]:
     return pads[0], pads[1]
 
 
-def _conv(nn: Any, torch: Any, node: onnx.NodeProto, attrs: dict[str, Any], weight: Any, label: str) -> Any:
+def _conv(
+    nn: Any,
+    torch: Any,
+    node: onnx.NodeProto,
+    attrs: dict[str, Any],
+    weight: Any,
+    label: str,
+    *,
+    zero_bias: bool = False,
+) -> Any:
+    """The Conv node as an nn.Conv2d; without a bias input it gets none, or a zero one with `zero_bias`."""
     w = weight(node, 1)
     if w.ndim != 4:
         raise LockError(f"{label}: only 2-D convolutions are supported")
@@ -135,6 +178,8 @@ def _conv(nn: Any, torch: Any, node: onnx.NodeProto, attrs: dict[str, Any], weig
         raise LockError(f"{label}: auto_pad is not supported; export with explicit pads")
     group = int(attrs.get("group", 1))
     bias = weight(node, 2) if len(node.input) > 2 and node.input[2] else None
+    if bias is None and zero_bias:
+        bias = np.zeros(w.shape[0], np.float32)
     layer = nn.Conv2d(
         w.shape[1] * group,
         w.shape[0],

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ __all__ = [
     "LockSite",
     "evaluate_variants",
     "find_lock_site",
+    "lockable",
     "quantised_variants",
     "soft_lock",
 ]
@@ -93,11 +95,11 @@ _CALIBRATION_BATCH = 64
 
 @dataclass(frozen=True)
 class LockSite:
-    """Where the offset goes: indices into the `nn.Sequential` and what the scan found."""
+    """Where the offset goes: indices into an `nn.Sequential`, or submodule names in a graph module."""
 
-    producer: int  # the Conv2d/Linear whose bias carries the offset
-    relu: int  # the ReLU right after it, which the offset keeps in its linear part
-    consumer: int  # the Conv2d/Linear whose channel sums are held at zero
+    producer: int | str  # the Conv2d/Linear whose bias carries the offset
+    relu: int | str  # the ReLU right after it, which the offset keeps in its linear part
+    consumer: int | str  # the Conv2d/Linear whose channel sums are held at zero
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,17 +110,18 @@ class LockSite:
 def find_lock_site(model: torch.nn.Module) -> LockSite:
     """Find the first Conv2d/Linear -> ReLU -> (MaxPool2d|Flatten|Dropout)* -> Conv2d/Linear.
 
-    Raises LockError, naming what is missing, when the model is not an `nn.Sequential` or has
-    no such run of layers.
+    In an `nn.Sequential` these are consecutive layers. In a `torch.fx.GraphModule` (an ONNX
+    graph with branches, `modelcloak.lock.from_onnx_graph`, or any module `lockable` traced)
+    they are a path on which every value has exactly one use, so the offset reaches the
+    consumer and nothing else (not a residual Add or a Concat, which would not cancel it), and
+    each module on it is called once. Raises LockError, naming what is missing, otherwise.
     """
     torch = _import_torch()
-    if not isinstance(model, torch.nn.Sequential):
-        raise LockError(f"soft_lock needs a torch.nn.Sequential, got {type(model).__name__}")
+    model = lockable(model)
+    if isinstance(model, torch.fx.GraphModule):
+        return _graph_lock_site(model)
     nn = torch.nn
-    # Layers that commute with adding the same constant to every channel (max-pooling pads with
-    # -inf, so its borders do too); average pooling with zero padding would not.
-    linear_layers = (nn.Conv2d, nn.Linear)
-    pass_through = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+    linear_layers, pass_through = _linear_types(), _pass_types()
     layers = list(model)
     for i in range(len(layers) - 2):
         producer = layers[i]
@@ -129,16 +132,105 @@ def find_lock_site(model: torch.nn.Module) -> LockSite:
             j += 1
         if j == len(layers) or not isinstance(layers[j], linear_layers):
             continue
-        if producer.bias is None:
-            raise LockError(f"layer {i} ({type(producer).__name__}) has no bias to carry the soft-lock offset")
-        consumer = layers[j]
-        if isinstance(consumer, nn.Conv2d) and (consumer.groups != 1 or consumer.padding_mode != "zeros"):
-            raise LockError(f"layer {j} (Conv2d) must have groups=1 and zero padding to be a soft-lock consumer")
+        _check_site(producer, layers[j], f"layer {i}", f"layer {j}")
         return LockSite(producer=i, relu=i + 1, consumer=j)
-    raise LockError(
-        "the model has no Conv2d/Linear -> ReLU -> (MaxPool2d|Flatten|Dropout)* -> Conv2d/Linear run of layers "
-        "for the soft lock"
-    )
+    raise LockError(_NO_SITE)
+
+
+def lockable(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` itself if it is a flat `nn.Sequential` or an fx.GraphModule, else its torch.fx trace.
+
+    The trace keeps every leaf submodule (Conv2d, ReLU, ...) as a call, so a site found in it is
+    a set of real submodules. It is made by torch's own `fuse`, which also folds each
+    BatchNorm2d into the Conv2d before it, as inference computes it (so Conv -> BatchNorm ->
+    ReLU can be a site). A model torch.fx cannot trace (data-dependent control flow) is refused
+    with the tracer's reason.
+    """
+    torch = _import_torch()
+    from torch.fx.experimental.optimization import fuse
+
+    if not isinstance(model, torch.nn.Module):
+        raise LockError(f"soft_lock needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    if isinstance(model, torch.nn.Sequential) and not any(list(layer.children()) for layer in model):
+        return model
+    was_training = model.training
+    try:
+        traced = fuse(model.eval())
+    except Exception as exc:  # the tracer raises assorted types for untraceable Python
+        raise LockError(f"torch.fx cannot trace {type(model).__name__} to find a lock site: {exc}") from None
+    finally:
+        model.train(was_training)
+    traced.train(was_training)
+    return traced
+
+
+_NO_SITE = (
+    "the model has no Conv2d/Linear -> ReLU -> (MaxPool2d|Flatten|Dropout)* -> Conv2d/Linear run of layers "
+    "(each value used once) for the soft lock"
+)
+
+
+def _linear_types() -> tuple[type, ...]:
+    nn = _import_torch().nn
+    return (nn.Conv2d, nn.Linear)
+
+
+def _pass_types() -> tuple[type, ...]:
+    # Layers that commute with adding the same constant to every channel (max-pooling pads with
+    # -inf, so its borders do too); average pooling with zero padding would not.
+    nn = _import_torch().nn
+    return (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def _check_site(producer: Any, consumer: Any, producer_label: str, consumer_label: str) -> None:
+    torch = _import_torch()
+    if producer.bias is None:
+        raise LockError(f"{producer_label} ({type(producer).__name__}) has no bias to carry the soft-lock offset")
+    if isinstance(consumer, torch.nn.Conv2d) and (consumer.groups != 1 or consumer.padding_mode != "zeros"):
+        raise LockError(f"{consumer_label} (Conv2d) must have groups=1 and zero padding to be a soft-lock consumer")
+
+
+def _graph_lock_site(model: Any) -> LockSite:
+    nn = _import_torch().nn
+    linear_layers, pass_through = _linear_types(), _pass_types()
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in model.graph.nodes if node.op == "call_module")
+
+    def module(node: Any) -> Any:
+        return modules.get(node.target) if node is not None and node.op == "call_module" else None
+
+    def only_use(node: Any) -> Any:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    for node in model.graph.nodes:
+        if not isinstance(module(node), linear_layers) or calls[node.target] != 1:
+            continue
+        relu = only_use(node)
+        if not isinstance(module(relu), nn.ReLU) or calls[relu.target] != 1:
+            continue
+        step = only_use(relu)
+        while isinstance(module(step), pass_through):
+            step = only_use(step)
+        if not isinstance(module(step), linear_layers) or calls[step.target] != 1:
+            continue
+        _check_site(module(node), module(step), f"layer {node.target!r}", f"layer {step.target!r}")
+        return LockSite(producer=str(node.target), relu=str(relu.target), consumer=str(step.target))
+    raise LockError(_NO_SITE)
+
+
+def _submodule(model: Any, key: int | str) -> Any:
+    return model[key] if isinstance(key, int) else model.get_submodule(key)
+
+
+def _replace_submodule(model: Any, key: int | str, replacement: Any) -> None:
+    if isinstance(key, int):
+        model[key] = replacement
+        return
+    parent, _, leaf = key.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, replacement)
 
 
 def soft_lock(
@@ -157,8 +249,10 @@ def soft_lock(
     """Return a soft-locked copy of `model`: accurate in FP32, at chance in INT8 and FP16.
 
     Args:
-        model: a trained `nn.Sequential` classifier with a lock site (see `find_lock_site`).
-            It is not modified.
+        model: a trained classifier with a lock site (see `find_lock_site`): an `nn.Sequential`,
+            an fx.GraphModule (an ONNX graph rebuilt by `modelcloak.lock.from_onnx`), or a
+            module torch.fx can trace. It is not modified; the result is a Sequential or a
+            GraphModule.
         x_train, y_train: labelled training data for the constrained fine-tune; the largest
             activation at the lock site over `x_train` sets the producer's scale, so it should
             cover the input range the model will see.
@@ -189,12 +283,12 @@ def soft_lock(
     if not np.isfinite(x).all():
         raise LockError("x_train holds NaN or infinite values")
 
-    locked = copy.deepcopy(model)
-    producer, consumer = locked[site.producer], locked[site.consumer]
+    locked = copy.deepcopy(lockable(model))
+    producer, consumer = _submodule(locked, site.producer), _submodule(locked, site.consumer)
     # Fine-tune in clean coordinates: no offset yet, the site's ReLU already the identity it will
     # be once the offset keeps its input positive, and the consumer on its constraint.
-    relu = locked[site.relu]
-    locked[site.relu] = torch.nn.Identity()
+    relu = _submodule(locked, site.relu)
+    _replace_submodule(locked, site.relu, torch.nn.Identity())
     with torch.no_grad():
         consumer.weight.copy_(_zero_channel_sum(consumer.weight))
     parametrize.register_parametrization(consumer, "weight", _zero_channel_sum_parametrisation())
@@ -206,10 +300,10 @@ def soft_lock(
         raise LockError(f"the soft-lock fine-tune failed: {exc}") from exc
     finally:
         parametrize.remove_parametrizations(consumer, "weight", leave_parametrized=True)
-        locked[site.relu] = relu
+        _replace_submodule(locked, site.relu, relu)
 
     offset = float(2**offset_exponent)
-    largest = _largest_activation(locked[: site.producer + 1], x)
+    largest = _largest_activation(locked, producer, x)
     if not math.isfinite(largest):
         raise LockError("the fine-tuned model's activations at the lock site are not finite; lower lr or epochs")
     target = _DELTA_FRACTION_OF_FP16_ULP * 2.0 ** (offset_exponent - _FP16_MANTISSA_BITS)
@@ -286,14 +380,25 @@ def _zero_channel_sum(weight: torch.Tensor) -> torch.Tensor:
     return weight - weight.mean(dim=1, keepdim=True)
 
 
-def _largest_activation(head: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> float:
+def _largest_activation(model: torch.nn.Module, layer: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> float:
+    """The largest |output| of `layer` (a submodule of `model`) over the inputs `x`."""
     torch = _import_torch()
-    largest = 0.0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out = head(torch.from_numpy(x[i : i + batch_size]))
-            largest = max(largest, float(out.abs().max()))
-    return largest
+    largest = [0.0]
+
+    def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        largest[0] = max(largest[0], float(output.abs().max()))
+
+    hook = layer.register_forward_hook(record)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(torch.from_numpy(x[i : i + batch_size]))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return largest[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The soft lock for a model file and the owner's data: what `modelcloak soft-lock` runs.
 
-Input: an ONNX classifier (rebuilt as an `nn.Sequential`, `modelcloak.lock.from_onnx`) or a
-pickled PyTorch module; labelled data as `.npz` files with arrays `x` and `y`. Output: the
-soft-locked model as ONNX, and the accuracy of the original and the locked model in every
-deployment format (`VARIANTS`: FP32, FP16, INT8 dynamic, INT8 static), each built by
-onnxruntime's own tools and run in onnxruntime on the held-out data.
+Input: an ONNX classifier (rebuilt as a torch module, `modelcloak.lock.from_onnx`: chains and
+graphs with residual adds or concatenations) or a pickled PyTorch module; labelled data as
+`.npz` files with arrays `x` and `y`. Output: the soft-locked model as ONNX, and the accuracy
+of the original and the locked model in every deployment format (`VARIANTS`: FP32, FP16, INT8
+dynamic, INT8 static), each built by onnxruntime's own tools and run in onnxruntime on the
+held-out data.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def load_labelled(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_source_model(path: Path) -> Any:
-    """The model as an `nn.Sequential`: an ONNX file is rebuilt, a .pt/.pth file is unpickled.
+    """The model as a torch module: an ONNX file is rebuilt (a chain as an `nn.Sequential`, a graph
+    with branches as an fx.GraphModule), a .pt/.pth file is unpickled.
 
     Unpickling runs code from the file: give it only your own models.
     """
@@ -84,13 +86,13 @@ def load_source_model(path: Path) -> Any:
     if not path.is_file():
         raise LockError(f"model {path} does not exist")
     if path.suffix.lower() == ".onnx":
-        from modelcloak.lock.from_onnx import sequential_from_onnx
+        from modelcloak.lock.from_onnx import module_from_onnx
 
         try:
             model = onnx.load(path)
         except Exception as exc:  # onnx raises DecodeError and friends
             raise LockError(f"{path} is not a readable ONNX model: {exc}") from None
-        return sequential_from_onnx(model)[0]
+        return module_from_onnx(model)[0]
     torch = _import_torch()
     try:
         module = torch.load(path, weights_only=False, map_location="cpu")

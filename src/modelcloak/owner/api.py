@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelcloak.licensing.protocol import MAX_BATCH_QUERIES, MAX_SEQUENCE, RequestRefused
 from modelcloak.owner.errors import DatabaseUnavailable, OwnerError
+from modelcloak.owner.hot import HotRoutes
 from modelcloak.owner.metrics import Metrics, MetricsMiddleware
 from modelcloak.owner.refusals import SHUTDOWN_FLUSH_TIMEOUT
 from modelcloak.owner.service import OwnerService
@@ -154,8 +155,10 @@ class BodyLimit:
         limit: int = MAX_BODY,
         per_path: dict[str, int] | None = None,
         on_refusal: Callable[[Scope, int], None] | None = None,
+        hot: HotRoutes | None = None,
     ) -> None:
         self.app = app
+        self.hot = hot
         self.on_refusal = on_refusal or (lambda _scope, _limit: None)
         self.default_limit = limit
         self.per_path = per_path or {}
@@ -200,6 +203,8 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if self.hot is not None and self.hot.wants(scope) and await self.hot.serve(scope, body, send):
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -255,26 +260,35 @@ def create_app(
         service.refusals.record("http.refused", request.url.path, status=status, reason=reason, client=client)
         return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
-    @app.exception_handler(RequestRefused)
-    async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
-        if exc.audited:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        return refuse(request, exc.status, str(exc))
+    def answer_exception(
+        path: str, client: str | None, exc: Exception
+    ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """Status, body and headers for an exception from an endpoint; audits and logs as it goes.
+        Shared by FastAPI's exception handlers and the hot routes (owner/hot.py)."""
+        if isinstance(exc, RequestRefused):
+            if not exc.audited:
+                service.refusals.record("http.refused", path, status=exc.status, reason=str(exc), client=client)
+            return exc.status, {"error": str(exc)}, None
+        if isinstance(exc, DatabaseUnavailable):
+            # The cause (host, port, driver message) goes to the owner's log, never to the client.
+            _log.error("database unavailable on %s: %s", path, exc)
+            metrics.database_errors.inc()
+            return 503, {"error": "the owner backend's database is unavailable; retry later"}, {"Retry-After": "5"}
+        if isinstance(exc, OwnerError):
+            service.refusals.record("http.refused", path, status=400, reason=str(exc), client=client)
+            return 400, {"error": str(exc)}, None
+        # A bug, not bad input: logged with its traceback, audited, and answered without internals.
+        _log.error("unhandled error on POST %s", path, exc_info=exc)
+        service.refusals.record("http.error", path, error=type(exc).__name__, client=client)
+        return 500, {"error": "internal error; the owner's log has the details"}, None
 
-    @app.exception_handler(DatabaseUnavailable)
-    async def _database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        # The cause (host, port, driver message) goes to the owner's log, never to the client.
-        _log.error("database unavailable on %s: %s", request.url.path, exc)
-        metrics.database_errors.inc()
-        return JSONResponse(
-            {"error": "the owner backend's database is unavailable; retry later"},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+    async def _handled(request: Request, exc: Exception) -> JSONResponse:
+        client = request.client.host if request.client else None
+        status, payload, headers = answer_exception(request.url.path, client, exc)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
-    @app.exception_handler(OwnerError)
-    async def _owner_error(request: Request, exc: OwnerError) -> JSONResponse:
-        return refuse(request, 400, str(exc))
+    for handled in (RequestRefused, DatabaseUnavailable, OwnerError):
+        app.add_exception_handler(handled, _handled)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -300,8 +314,9 @@ def create_app(
         service.store.ping()  # 503 (handler above) when the database does not answer
         return {"ok": True, "database": service.store.dialect}
 
-    @app.post("/v1/nonce", responses=_errors(400, 404))
-    async def nonce(body: NonceRequest) -> dict[str, Any]:
+    # The hot routes' work, shared by their FastAPI declarations (schema, unusual requests) and by
+    # owner/hot.py, which answers well-formed requests without FastAPI's per-request machinery.
+    async def nonce_work(body: NonceRequest) -> dict[str, Any]:
         # A nonce for a licence this process knows costs an HMAC: made on the event loop, no thread hop.
         if service.knows_licence(body.licence_id):
             value, expires_at = service.new_nonce(body.licence_id)
@@ -309,8 +324,7 @@ def create_app(
             value, expires_at = await run_in_threadpool(service.new_nonce, body.licence_id)
         return {"nonce": base64.b64encode(value).decode(), "expires_at": expires_at.isoformat()}
 
-    @app.post("/v1/release", responses=_errors(400, 403, 404))
-    def release(body: ReleaseRequest) -> dict[str, Any]:
+    def release_sync(body: ReleaseRequest) -> dict[str, Any]:
         granted = service.release_key(
             licence_id=body.licence_id,
             device_id=body.device_id,
@@ -322,13 +336,28 @@ def create_app(
         )
         return granted.as_json()
 
-    @app.post("/v1/usage", responses=_errors(400, 401, 403, 404, 409))
-    async def usage(body: UsageRequest) -> dict[str, Any]:
-        # async: the request waits for its group commit without holding a worker thread.
+    async def release_work(body: ReleaseRequest) -> dict[str, Any]:
+        # Blocking (evidence, a synced commit): in the worker pool, off the event loop.
+        return await run_in_threadpool(release_sync, body)
+
+    async def usage_work(body: UsageRequest) -> dict[str, Any]:
+        # The request waits for its group commit without holding a worker thread.
         ack = await service.report_usage_async(
             body.licence_id, body.reporter_id, body.sequence, body.queries, _b64(body.mac, "mac")
         )
         return ack.as_json()
+
+    @app.post("/v1/nonce", responses=_errors(400, 404))
+    async def nonce(body: NonceRequest) -> dict[str, Any]:
+        return await nonce_work(body)
+
+    @app.post("/v1/release", responses=_errors(400, 403, 404))
+    async def release(body: ReleaseRequest) -> dict[str, Any]:
+        return await release_work(body)
+
+    @app.post("/v1/usage", responses=_errors(400, 401, 403, 404, 409))
+    async def usage(body: UsageRequest) -> dict[str, Any]:
+        return await usage_work(body)
 
     @app.post(FHE_PATH, responses=_errors(400, 401, 403, 404, 409))
     def fhe_labels(body: FheLabelsRequest) -> dict[str, Any]:
@@ -358,7 +387,15 @@ def create_app(
             client = (scope.get("client") or (None,))[0]
             service.refusals.record("http.throttled", client or "?", status=429, every=1000)
 
-    limited = BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=body_refused)
+    hot = HotRoutes(
+        {
+            "/v1/nonce": (NonceRequest, nonce_work),
+            "/v1/release": (ReleaseRequest, release_work),
+            "/v1/usage": (UsageRequest, usage_work),
+        },
+        answer_exception,
+    )
+    limited = BodyLimit(app, per_path={FHE_PATH: FHE_MAX_BODY}, on_refusal=body_refused, hot=hot)
     return MetricsMiddleware(
         RateLimit(limited, rate=rate, burst=burst, on_refusal=throttled), metrics, token=metrics_token
     )

@@ -93,16 +93,29 @@ class Metrics:
             "modelcloak_database_errors", "Requests answered 503 because the database failed", registry=self.registry
         )
         self.registry.register(_UsageCollector(usage))
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
 
     def route_of(self, path: str) -> str:
         return path if path in self.routes else "other"
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         route = self.route_of(path)
-        self.requests.labels(route, method if method in ("GET", "POST") else "other", str(status)).inc()
-        self.latency.labels(route).observe(seconds)
-        if status >= 400:
-            self.refusals.labels(route, REASONS.get(status, f"http_{status // 100}xx")).inc()
+        method = method if method in ("GET", "POST") else "other"
+        # The labelled children, looked up once per (route, method, status): `labels()` costs more than
+        # the increments. Bounded like the labels themselves (fixed routes, methods, statuses).
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            refusal = (
+                self.refusals.labels(route, REASONS.get(status, f"http_{status // 100}xx")) if status >= 400 else None
+            )
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route), refusal)
+            self._children[key] = children
+        requests, latency, refusals = children
+        requests.inc()
+        latency.observe(seconds)
+        if refusals is not None:
+            refusals.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

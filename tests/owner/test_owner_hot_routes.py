@@ -144,6 +144,14 @@ def test_a_key_release_and_a_usage_report_through_the_hot_routes(owner) -> None:
     assert acked.status_code == 200, acked.text
     assert service.queries_used(licence) == 7
     assert answered == ["/v1/nonce", "/v1/release", "/v1/release", "/v1/usage"]
+    # The next report through FastAPI: an answer of the same shape and encoding.
+    mac = usage_mac(plain[32:], licence, "r1", 2, 5)
+    second = _post(
+        client, "/v1/usage", {**report, "sequence": 2, "queries": 5, "mac": base64.b64encode(mac).decode()}, VIA_FASTAPI
+    )
+    assert second.status_code == 200 and len(answered) == 4, second.text
+    assert second.json() == {**acked.json(), "acknowledged": 2, "queries_used": 12}
+    assert b" " not in acked.content and b" " not in second.content  # both compact JSON
     # A GET on a hot path is FastAPI's: 405 with Allow, as the schema says.
     wrong_method = client.get("/v1/usage")
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"

@@ -117,6 +117,12 @@ def serve(
     header_timeout: Annotated[
         float, typer.Option(help="Seconds a request's headers may take to arrive (408 after; 0: no deadline).")
     ] = 10.0,
+    trusted_proxy: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Address of a reverse proxy whose X-Forwarded-For is believed (repeatable; none by default)."
+        ),
+    ] = None,
 ) -> None:
     """Run the owner backend's HTTP API (key release, usage reports); migrates the database first."""
     from modelcloak.owner.server import serve as run_server
@@ -131,6 +137,7 @@ def serve(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         header_timeout=header_timeout,
+        trusted_proxies=trusted_proxy or (),
     )
 
 

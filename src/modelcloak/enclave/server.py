@@ -53,6 +53,8 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 _READ_AHEAD = 64 * 1024  # the channel's read buffer: a request of this size or less takes one read
 _MAX_IOVECS = 512  # per writev; Linux refuses more than IOV_MAX (1024)
+
+
 _HOST_TYPES = {int(kind): kind for kind in protocol.HOST_TO_ENCLAVE}
 
 # onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off
@@ -92,6 +94,17 @@ class _Frame:
 
 # --------------------------------------------------------------------------------------------
 # Transport
+
+
+def _drop_sent(views: list[memoryview], written: int) -> None:
+    """Remove the first `written` bytes from `views` (what a partial writev sent)."""
+    while written:
+        if written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][written:]
+            written = 0
 
 
 class Channel:
@@ -231,22 +244,9 @@ class Channel:
         else:
             written = 0
         views = [memoryview(part).cast("B") for part in frame if len(part)]
-        while written:  # the part the first writev already sent
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
+        _drop_sent(views, written)  # the part the first writev already sent
         while views:
-            written = os.writev(self.fd, views[:_MAX_IOVECS])
-            while written:
-                if written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][written:]
-                    written = 0
+            _drop_sent(views, os.writev(self.fd, views[:_MAX_IOVECS]))
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self.send(MsgType.ERROR, request_id, protocol.encode_error(code, message))

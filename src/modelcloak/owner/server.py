@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,17 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     header_timeout: float = HEADER_TIMEOUT,
+    trusted_proxies: Sequence[str] = (),
 ) -> None:
     """Serve until interrupted. Put TLS in front (or pass a certificate): the API itself authenticates
     devices by evidence and signed batches, but licence ids and usage figures are not secret-free.
 
     `header_timeout`: seconds a request's headers may take to arrive (408 after; 0 turns the deadline off,
-    for a backend behind a proxy that has its own)."""
+    for a backend behind a proxy that has its own).
+
+    `trusted_proxies`: addresses whose X-Forwarded-For / X-Forwarded-Proto headers are believed. None
+    by default: uvicorn's own default believes them from loopback, so any local client could choose the
+    address that per-address rate limits and audit entries see."""
     import uvicorn
 
     from modelcloak.owner.api import create_app
@@ -78,6 +84,8 @@ def serve(
         # Beyond this many open connections and requests, new ones get 503 at once instead of
         # holding memory (issue 12: 800 half-sent requests were all held open).
         limit_concurrency=1024,
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=list(trusted_proxies) or None,
     )
     try:
         uvicorn.Server(config).run()

@@ -53,8 +53,6 @@ _HEX16 = re.compile(r"[0-9a-f]{16}")
 _MADV_DONTDUMP = getattr(mmap, "MADV_DONTDUMP", None)
 _READ_AHEAD = 64 * 1024  # the channel's read buffer: a request of this size or less takes one read
 _MAX_IOVECS = 512  # per writev; Linux refuses more than IOV_MAX (1024)
-
-
 _HOST_TYPES = {int(kind): kind for kind in protocol.HOST_TO_ENCLAVE}
 
 # onnxruntime's telemetry events name the graphs it runs ("main_graph_private"); switch them off

@@ -69,8 +69,12 @@ def test_ks_rows_separate_the_three_methods(bench):
     for row in by_method["uniform-shift"]:
         assert row.finite and row.ks < 2.22 * (2 / row.weights) ** 0.5, row
     # The free key check: random bit patterns (NaN/inf in any large tensor, magnitudes to 3e38).
+    # A finite draw still fails the same KS test: about a quarter of random patterns are below -1
+    # and a quarter above 1, where real weights are not, so D stays near 0.25 (0.24 at the least in
+    # 4,000 simulated draws of 256 values) against 0.196 at n = 256. An earlier bound of 0.3 failed
+    # whenever a 256-value tensor drew no NaN/inf (about one draw in three).
     # (Tensors of a few values, now locked too, can draw finite patterns near the real ones by luck.)
-    assert all(not r.finite or r.ks > 0.3 for r in by_method["plain-aes"] if r.weights >= 256)
+    assert all(not r.finite or r.ks > 2.22 * (2 / r.weights) ** 0.5 for r in by_method["plain-aes"] if r.weights >= 256)
     assert not any(r.finite for r in by_method["plain-aes"] if r.weights >= 4096)
     assert all(r.ks == 0.0 for r in by_method["permutation"])  # same multiset: not encryption
 

@@ -15,19 +15,17 @@ import secrets
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from owner_backend import MEASUREMENT, release_body
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
-from modelcloak.licensing.protocol import HPKE_SUITE, binding_digest, release_info, usage_mac
+from modelcloak.licensing.protocol import HPKE_SUITE, release_info, usage_mac
 from modelcloak.owner.api import create_app
 from modelcloak.owner.evidence.sim import SimDevice
 from modelcloak.owner.hot import HotRoutes
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import AuditEntry, MasterKey, Store
 
-MEASUREMENT = {"app": "ab" * 32}
 HOT = "application/json"
 VIA_FASTAPI = "application/vnd.modelcloak+json"
 
@@ -119,17 +117,7 @@ def test_a_key_release_and_a_usage_report_through_the_hot_routes(owner) -> None:
     nonce_answer = client.post("/v1/nonce", json={"licence_id": licence})
     assert nonce_answer.status_code == 200 and nonce_answer.headers["content-type"] == "application/json"
     nonce = base64.b64decode(nonce_answer.json()["nonce"])
-    ephemeral = X25519PrivateKey.generate()
-    public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    body = {
-        "licence_id": licence,
-        "device_id": "dev1",
-        "instance_id": "i1",
-        "nonce": base64.b64encode(nonce).decode(),
-        "ephemeral_public_key": base64.b64encode(public).decode(),
-        "evidence_kind": "sim",
-        "evidence": base64.b64encode(device.evidence(binding_digest(nonce, public), MEASUREMENT)).decode(),
-    }
+    body, ephemeral = release_body(device, licence, nonce)
     granted = client.post("/v1/release", json=body)
     assert granted.status_code == 200, granted.text
     plain = HPKE_SUITE.decrypt(

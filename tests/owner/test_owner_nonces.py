@@ -15,33 +15,15 @@ import secrets
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from owner_backend import MEASUREMENT, release_body
 from postgres import PostgresCluster, require_postgres
 from starlette.testclient import TestClient
 
-from modelcloak.licensing.protocol import HPKE_SUITE, binding_digest, release_info
+from modelcloak.licensing.protocol import HPKE_SUITE, release_info
 from modelcloak.owner.api import create_app
 from modelcloak.owner.evidence.sim import SimDevice
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
-
-MEASUREMENT = {"app": "ab" * 32}
-
-
-def _release_body(device: SimDevice, licence: str, nonce: bytes) -> tuple[dict, X25519PrivateKey]:
-    ephemeral = X25519PrivateKey.generate()
-    public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    body = {
-        "licence_id": licence,
-        "device_id": "dev1",
-        "instance_id": "i1",
-        "nonce": base64.b64encode(nonce).decode(),
-        "ephemeral_public_key": base64.b64encode(public).decode(),
-        "evidence_kind": "sim",
-        "evidence": base64.b64encode(device.evidence(binding_digest(nonce, public), MEASUREMENT)).decode(),
-    }
-    return body, ephemeral
 
 
 @pytest.mark.slow
@@ -63,11 +45,11 @@ def test_a_release_cut_off_by_a_postgresql_crash_is_503_and_its_nonce_works_afte
                 return base64.b64decode(answer.json()["nonce"])
 
             spent, kept = nonce(), nonce()
-            body, _ = _release_body(device, licence, spent)
+            body, _ = release_body(device, licence, spent)
             assert client.post("/v1/release", json=body).status_code == 200  # committed (synced) before the crash
 
             cluster.kill9()
-            body, ephemeral = _release_body(device, licence, kept)
+            body, ephemeral = release_body(device, licence, kept)
             cut_off = client.post("/v1/release", json=body)
             assert cut_off.status_code == 503, cut_off.text  # retryable, not a 403
             assert cut_off.headers["retry-after"]
@@ -82,7 +64,7 @@ def test_a_release_cut_off_by_a_postgresql_crash_is_503_and_its_nonce_works_afte
             # Controls: the spend of the release granted before the crash survived it (a replay is refused),
             # and the retried release spent its nonce as well.
             for used in (spent, kept):
-                body, _ = _release_body(device, licence, used)
+                body, _ = release_body(device, licence, used)
                 replay = client.post("/v1/release", json=body)
                 assert replay.status_code == 403 and "already used" in replay.json()["error"]
         finally:

@@ -3,6 +3,7 @@ OwnerService on the same database for the owner's side (register, enrol, issue).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -12,15 +13,34 @@ import time
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from modelcloak.keys import KeyFile, generate_key_file
 from modelcloak.licensing.client import OwnerClient, SimAttester, obtain_keys
+from modelcloak.licensing.protocol import binding_digest
 from modelcloak.owner.evidence.sim import SimDevice
 from modelcloak.owner.service import OwnerService
 from modelcloak.owner.store import MasterKey, Store
 
 MEASUREMENT = {"app": "ab" * 32}
 STARTUP_TIMEOUT = 120.0  # a hang guard: a loaded CI machine took over 30 s once
+
+
+def release_body(device: SimDevice, licence: str, nonce: bytes) -> tuple[dict, X25519PrivateKey]:
+    """A key-release request body from the sim `device` for `nonce`, and its ephemeral private key."""
+    ephemeral = X25519PrivateKey.generate()
+    public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    body = {
+        "licence_id": licence,
+        "device_id": "dev1",
+        "instance_id": "i1",
+        "nonce": base64.b64encode(nonce).decode(),
+        "ephemeral_public_key": base64.b64encode(public).decode(),
+        "evidence_kind": "sim",
+        "evidence": base64.b64encode(device.evidence(binding_digest(nonce, public), MEASUREMENT)).decode(),
+    }
+    return body, ephemeral
 
 
 def _free_port() -> int:

@@ -648,3 +648,16 @@ def error_name(code: int) -> str:
         return ErrorCode(code).name
     except ValueError:
         return f"code {code}"
+
+
+def drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first `sent` bytes from `views`, in place: what a partial writev/sendmsg sent.
+
+    Shared by both ends of the channel (the enclave's writev and the host's sendmsg)."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0

@@ -94,17 +94,6 @@ class _Frame:
 # Transport
 
 
-def _drop_sent(views: list[memoryview], written: int) -> None:
-    """Remove the first `written` bytes from `views` (what a partial writev sent)."""
-    while written:
-        if written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        else:
-            views[0] = views[0][written:]
-            written = 0
-
-
 class Channel:
     """Frames over one bidirectional descriptor (socket pair end, vsock or TCP socket).
 
@@ -242,9 +231,9 @@ class Channel:
         else:
             written = 0
         views = [memoryview(part).cast("B") for part in frame if len(part)]
-        _drop_sent(views, written)  # the part the first writev already sent
+        protocol.drop_sent(views, written)  # the part the first writev already sent
         while views:
-            _drop_sent(views, os.writev(self.fd, views[:_MAX_IOVECS]))
+            protocol.drop_sent(views, os.writev(self.fd, views[:_MAX_IOVECS]))
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self.send(MsgType.ERROR, request_id, protocol.encode_error(code, message))

@@ -598,13 +598,8 @@ def _send_gathered(sock: socket.socket, buffers: Sequence[protocol.Buffer], dead
         return  # the usual case: the whole frame in one call
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
     while views:
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        protocol.drop_sent(views, sent)
+        sent = 0  # a send that would block below sends nothing
         if views:
             try:
                 sent = sock.sendmsg(views[:_MAX_IOVECS])

@@ -579,6 +579,7 @@ class EdgeEvaluator:
                     acc = prod
                 else:
                     ev.add_inplace(acc, prod)
+            assert acc is not None, "a giant step starts below the diagonal count, so it has a baby step"
             # Rescale first: relinearisation and the giant-step rotations are key switches, whose
             # cost grows with the number of primes, so both run one level down. Relinearise once
             # per giant step (rotations need size-2 ciphertexts), not once per product.

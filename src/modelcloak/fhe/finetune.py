@@ -32,7 +32,9 @@ def head_module(program: DenseProgram) -> Any:
     """A torch Sequential computing `program` (Linear layers and fixed polynomial activations)."""
     torch = _torch()
 
-    class Polynomial(torch.nn.Module):
+    module_base: Any = torch.nn.Module  # torch is optional, so the base class is only known at run time
+
+    class Polynomial(module_base):
         def __init__(self, activation: Activation) -> None:
             super().__init__()
             self.activation = activation

@@ -217,7 +217,8 @@ class DenseProgram:
         arrays["activations"] = np.frombuffer(
             json.dumps([a.to_json() for a in self.activations]).encode(), dtype=np.uint8
         )
-        np.savez(path, **arrays)
+        # The keys are w<i>, b<i> and activations, never savez's own allow_pickle keyword.
+        np.savez(path, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> DenseProgram:

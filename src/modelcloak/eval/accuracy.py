@@ -576,7 +576,8 @@ def _run_image(run: _Run) -> list[AccuracyResult]:
     total = _count(net)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def boundary(x: torch.Tensor) -> torch.Tensor:  # raw digits -> input of block _IMAGE_TUNE_FROM
+    # Tensors typed Any: torch is an optional extra, imported into a local here.
+    def boundary(x: Any) -> Any:  # raw digits -> input of block _IMAGE_TUNE_FROM
         return extractor.prefix(grayscale_to_imagenet(x.numpy(), _IMAGE_SIZE), _IMAGE_TUNE_FROM)
 
     # The frozen prefix (stem + blocks 0-10) is the same public function in both modes, so its
@@ -586,7 +587,7 @@ def _run_image(run: _Run) -> list[AccuracyResult]:
     prefix_seconds = time.perf_counter() - start
     cached_test = _features(boundary, data.x_test[:n_test], run, "image: public blocks 0-10 (test)")
 
-    def suffix(h: torch.Tensor) -> torch.Tensor:  # input of block _IMAGE_TUNE_FROM -> pooled features
+    def suffix(h: Any) -> Any:  # input of block _IMAGE_TUNE_FROM -> pooled features
         return extractor.suffix(h, _IMAGE_TUNE_FROM)
 
     results = []

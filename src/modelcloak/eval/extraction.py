@@ -215,11 +215,14 @@ def attacker_session(bundle: Path, host_key: KeyProvider, enclave_key_file: Path
     import tempfile
 
     from modelcloak.inference import load
+    from modelcloak.runtime.session import SplitSession
 
     with tempfile.TemporaryDirectory(prefix="modelcloak-attacker-") as state:
         with load(
             bundle, key=host_key, enclave_key_file=enclave_key_file, enclave_budget_state=Path(state) / "budget.state"
         ) as session:
+            if not isinstance(session, SplitSession):
+                raise EvalError(f"{bundle} is not a split bundle: the extraction attacks query an enclave")
             yield session
 
 
@@ -380,9 +383,8 @@ def _crafted_algebraic(session: SplitSession, target: _Target, seed: int, n_clas
         asked = min(budget, need)
         used = min(asked, answered)
         began = time.perf_counter()
-        logits, note = _algebraic(
-            flat[:used], answers[:used] if used else np.zeros((0, n_classes)), boundary.test_f, n_classes
-        )
+        seen = answers[:used] if used and answers is not None else np.zeros((0, n_classes))
+        logits, note = _algebraic(flat[:used], seen, boundary.test_f, n_classes)
         notes = [f"data-free: {used} Gaussian boundary tensors", note]
         if used < asked:
             notes.append(f"the enclave answered {used} of {asked} queries")
@@ -831,7 +833,7 @@ def mnist_report(
     proto = export_torch(module, torch.from_numpy(data.x_test[:2]), input_names=["image"], output_names=["logits"])
     names = {}
     for name, selector in selectors.items():
-        cut = find_cut(proto, **selector)
+        cut = find_cut(proto, last=selector.get("last"), index=selector.get("index"))
         if cut.index < 0:
             raise EvalError(f"cut {name!r} is valid but not one of the candidate cuts; choose another")
         names[cut.index] = name
@@ -1334,7 +1336,7 @@ def _fit(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l
     batch = min(_BATCH, n)
     per_epoch = -(-n // batch)
     steps = max(_MIN_STEPS, _EPOCHS * per_epoch)
-    losses: dict[str, Callable[..., torch.Tensor]] = {
+    losses: dict[str, Callable[..., Any]] = {
         "ce": torch.nn.functional.cross_entropy,  # class indices
         "mse": torch.nn.functional.mse_loss,  # scores
         "ranking": _ranking_loss,  # top-K indices, best first

@@ -394,9 +394,9 @@ def _tenseal_comparison(program: DenseProgram, x: np.ndarray, runs: int, label: 
     cpus: dict[str, list[float]] = {k: [] for k in cells}
     for _ in range(runs):
         for name, fn in cells.items():
-            wall, cpu = _median_ms(fn, 1)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
+            one_wall, one_cpu = _median_ms(fn, 1)
+            walls[name].append(one_wall)
+            cpus[name].append(one_cpu)
     ts_error = float(np.max(np.abs(np.asarray(out.decrypt()) + program.biases[0] - program.forward(x[:1])[0])))
     wall = {k: statistics.median(v) for k, v in walls.items()}
     cpu = {k: statistics.median(v) for k, v in cpus.items()}

@@ -202,7 +202,8 @@ def _pads(pads: Sequence[int] | None, spatial: int) -> list[int]:
 
 def _run(op: str, args: list[Any], attrs: dict[str, Any], opset: int) -> Any:  # noqa: C901 - one branch per op
     functional = torch.nn.functional
-    x = args[0] if args else None
+    # torch's stubs cannot follow a table of operators: the tensors here are typed by use.
+    x: Any = args[0] if args else None
     if op == "Gemm":
         a, b = args[0], args[1]
         a = a.transpose(0, 1) if attrs.get("transA", 0) else a
@@ -212,7 +213,8 @@ def _run(op: str, args: list[Any], attrs: dict[str, Any], opset: int) -> Any:  #
     if op == "MatMul":
         return torch.matmul(args[0], args[1])
     if op in _ELEMENTWISE:
-        return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](args[0], args[1])
+        binary: dict[str, Any] = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+        return binary[op](args[0], args[1])
     if op == "Relu":
         return torch.relu(x)
     if op == "Sigmoid":
@@ -226,7 +228,7 @@ def _run(op: str, args: list[Any], attrs: dict[str, Any], opset: int) -> Any:  #
         return torch.softmax(x, dim=axis) if op == "Softmax" else torch.log_softmax(x, dim=axis)
     if op == "Conv":
         spatial = x.dim() - 2
-        conv = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}[spatial]
+        conv: Any = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}[spatial]
         x = functional.pad(x, _pads(attrs.get("pads"), spatial))
         bias = args[2] if len(args) > 2 else None
         return conv(
@@ -243,14 +245,14 @@ def _run(op: str, args: list[Any], attrs: dict[str, Any], opset: int) -> Any:  #
         strides = attrs.get("strides", [1] * spatial)
         ceil = bool(attrs.get("ceil_mode", 0))
         if op == "MaxPool":
-            pool = {1: functional.max_pool1d, 2: functional.max_pool2d, 3: functional.max_pool3d}[spatial]
+            pool: Any = {1: functional.max_pool1d, 2: functional.max_pool2d, 3: functional.max_pool3d}[spatial]
             x = functional.pad(x, _pads(attrs.get("pads"), spatial), value=-math.inf)
             return pool(x, kernel, strides, dilation=attrs.get("dilations", 1), ceil_mode=ceil)
-        pool = {1: functional.avg_pool1d, 2: functional.avg_pool2d, 3: functional.avg_pool3d}[spatial]
+        avg_pool: Any = {1: functional.avg_pool1d, 2: functional.avg_pool2d, 3: functional.avg_pool3d}[spatial]
         pads = attrs.get("pads") or [0] * (2 * spatial)
         if pads[:spatial] == pads[spatial:]:
             include = bool(attrs.get("count_include_pad", 0))
-            return pool(x, kernel, strides, padding=pads[:spatial], ceil_mode=ceil, count_include_pad=include)
+            return avg_pool(x, kernel, strides, padding=pads[:spatial], ceil_mode=ceil, count_include_pad=include)
         raise EvalError("AveragePool with uneven padding is not supported by `eval accuracy`")
     if op == "GlobalAveragePool":
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)

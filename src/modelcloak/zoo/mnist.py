@@ -70,7 +70,7 @@ def load_mnist(test_fraction: float = 0.2, seed: int = 0) -> MnistSplit:
     )
 
 
-def small_cnn(*, seed: int = 0) -> torch.nn.Module:
+def small_cnn(*, seed: int = 0) -> torch.nn.Sequential:
     """A small MNIST classifier: 2 conv + max-pool blocks, then 2 dense layers (~57k weights).
 
     Small on purpose: it trains to well above 90% test accuracy on 4,000 digits in a few

@@ -297,14 +297,12 @@ def open_graph(
         report.seconds["decrypt"] = clock() - mark
         try:
             # A streamed check (format 2) hashed the ciphertext as it was decrypted: until it
-            # matches, nothing decrypted is parsed or handed on, and on failure all of it is wiped.
+            # matches, nothing decrypted is parsed or handed on; on failure the guarded buffers
+            # are wiped by the `finally` below, the extra sections here.
             sealed.finish_verification()
         except BaseException:
             for data in extra.values():
                 data[:] = bytes(len(data))
-            graph_buffer.close()
-            weights_buffer.close()
-            master.close()
             raise
         for name, data in extra.items():
             also[name] = bytes(data)  # type: ignore[index]

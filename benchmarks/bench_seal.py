@@ -236,7 +236,8 @@ def main() -> None:
         row = summary[mode]
         wall = row["load_s"] / summary["plain"]["load_s"]
         cpu = row["load_cpu_s"] / summary["plain"]["load_cpu_s"]
-        print(f"{mode:<10} {row['load_s']:8.3f} {wall:8.2f} {row['load_cpu_s']:8.3f} {cpu:8.2f} {row['peak_rss_mib']:9.0f}")
+        peak = row["peak_rss_mib"]
+        print(f"{mode:<10} {row['load_s']:8.3f} {wall:8.2f} {row['load_cpu_s']:8.3f} {cpu:8.2f} {peak:9.0f}")
 
 
 def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:

@@ -5,8 +5,8 @@ neutralised and the process hardened before any runtime initialises; the signatu
 before anything decrypted is parsed or handed to a runtime (format 1: before anything is
 decrypted; format 2: over the bytes as they are decrypted, docs/FORMAT.md); the key is checked
 against the header MAC before the sections; decrypted bytes live in buffers that are excluded from
-core dumps and wiped as soon as the backend holds its own copy. What each scheme then builds (a graph backend, an enclave, an
-encrypted head) is the scheme module's business (`modelcloak.schemes`).
+core dumps and wiped as soon as the backend holds its own copy. What each scheme then builds (a
+graph backend, an enclave, an encrypted head) is the scheme module's business (`modelcloak.schemes`).
 
 Process-wide effects, on purpose and documented in docs/MEMORY.md and docs/CACHES.md: opening a
 bundle makes this process non-dumpable with a core limit of zero (`hygiene.harden_process`) and

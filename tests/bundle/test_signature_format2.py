@@ -25,8 +25,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modelcloak import hygiene
-from modelcloak.bundle import Bundle, BundleError, ManifestError, SectionSource, SignatureError, stream, write_bundle
-from modelcloak.bundle import signing
+from modelcloak.bundle import (
+    Bundle,
+    BundleError,
+    ManifestError,
+    SectionSource,
+    SignatureError,
+    signing,
+    stream,
+    write_bundle,
+)
 from modelcloak.bundle.manifest import canonical_json
 from modelcloak.inference import load
 from modelcloak.protector import protect
@@ -135,7 +143,11 @@ def signed(request, tmp_path, mlp, key_file, owner) -> Path:
 def spies(monkeypatch) -> dict[str, list]:
     """Record every guarded buffer the load allocates, every graph it parses, every backend it builds."""
     seen: dict[str, list] = {"buffers": [], "parsed": [], "backends": []}
-    real_buffer, real_parse, real_backend = hygiene.weights_buffer, session_module._parse_graph, session_module.OrtBackend
+    real_buffer, real_parse, real_backend = (
+        hygiene.weights_buffer,
+        session_module._parse_graph,
+        session_module.OrtBackend,
+    )
 
     def weights_buffer(size: int) -> hygiene.SecureBuffer:
         buffer = real_buffer(size)

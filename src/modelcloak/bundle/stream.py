@@ -155,4 +155,7 @@ def decrypt_section_hashing(
                     )
                 except InvalidTag:
                     raise TamperedError(str(chunks.ChunkAuthenticationError(section_name, index, total))) from None
+        for pending in hashing:
+            if pending is not None:
+                pending.result()  # a hashing failure surfaces here, not as a digest short of bytes
     return bytes(digest.digest())

@@ -31,6 +31,7 @@ from modelcloak.bundle import (
     ManifestError,
     SectionSource,
     SignatureError,
+    TamperedError,
     signing,
     stream,
     write_bundle,
@@ -419,3 +420,36 @@ def test_a_file_changed_after_the_check_is_refused_when_streamed(tmp_path, mlp, 
             else:
                 bundle.finish_verification()  # nothing pending: the check before passed
                 assert not bundle.verification_pending
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 3 * CHUNK, 3 * CHUNK + 5, 10 * CHUNK - 1])
+def test_streamed_decryption_matches_the_plain_path_at_every_size(size):
+    import blake3
+
+    key, manifest_digest = bytes(range(32)), hashlib.sha256(b"header").digest()
+    plain = os.urandom(size)
+    sealed = b"".join(stream.encrypt_section(key, manifest_digest, 2, size, [plain], CHUNK))
+
+    def read(offset: int, destination: memoryview) -> None:
+        destination[:] = sealed[offset : offset + len(destination)]
+
+    out = bytearray(size)
+    digest = stream.decrypt_section_hashing(
+        key, manifest_digest, 2, "s", read, len(sealed), memoryview(out), CHUNK, blake3.blake3()
+    )
+    assert out == plain and digest == blake3.blake3(sealed).digest()
+    # Control: a flipped byte in the last chunk is still refused by its AEAD tag on this path.
+    bad = bytearray(sealed)
+    bad[-1] ^= 1
+    with pytest.raises(TamperedError):
+        stream.decrypt_section_hashing(
+            key,
+            manifest_digest,
+            2,
+            "s",
+            lambda offset, destination: destination.__setitem__(slice(None), bad[offset : offset + len(destination)]),
+            len(bad),
+            memoryview(bytearray(size)),
+            CHUNK,
+            blake3.blake3(),
+        )

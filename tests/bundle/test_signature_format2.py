@@ -453,3 +453,28 @@ def test_streamed_decryption_matches_the_plain_path_at_every_size(size):
             CHUNK,
             blake3.blake3(),
         )
+
+
+def test_a_signed_fhe_bundle_streams_its_extra_sections_too(tmp_path, key_file, owner, spies):
+    """The fhe scheme decrypts public sections besides the graph (`open_graph(also=...)`): they are
+    hashed as they are decrypted and nothing is handed on before the signature matched."""
+    pytest.importorskip("tenseal")
+    from support.models import make_mlp
+
+    path = tmp_path / "head.mcb"
+    model = make_mlp(sizes=(16, 32, 10), seed=5)
+    protect(
+        model, path, key=key_file, scheme="fhe", cut={"last": 1}, fhe={"secret_out": tmp_path / "o.fhe"}, signer=owner
+    )
+    with Bundle.open(path) as bundle:
+        assert bundle.manifest.format_version == 2
+        extra = [e.name for e in bundle.manifest.sections if not e.name.startswith("public.")]
+    assert extra  # the scheme really has sections besides the public graph and weights
+    forged = forge(
+        path, key_file, tmp_path / "forged.mcb", change={extra[0]: lambda plain: plain.__setitem__(0, plain[0] ^ 1)}
+    )
+    with pytest.raises(SignatureError, match="signature is invalid"):
+        load(forged, key=key_file, trusted_signers=[public_bytes(owner)])
+    assert spies["parsed"] == [] and spies["backends"] == []
+    with load(path, key=key_file, trusted_signers=[public_bytes(owner)]) as session:  # control
+        assert len(spies["backends"]) == 1 and session is not None

@@ -1,10 +1,12 @@
 """Sealed load vs plain load of the same >=100 MB ONNX model, side by side in one run.
 
-Each load sample is a fresh Python process (so peak RSS is that load's alone), alternating plain,
-sealed and sealed+signed; we report medians. Also: single-core decryption throughput, and
-inference latency of a plain and a sealed session interleaved in one process.
+Each load sample is a fresh Python process (so peak RSS is that load's alone), interleaving plain,
+sealed, signed (bundle format 2: BLAKE3 digests hashed beside the decryption) and signed-v1
+(format 1: SHA-256 over the whole file before decrypting); we report medians of wall and CPU time.
+Also: single-core decryption throughput, and inference latency of a plain and a sealed session
+interleaved in one process.
 
-    python benchmarks/bench_seal.py --runs 7            # writes benchmarks/out/seal.{json,csv,png}
+    python benchmarks/bench_seal.py --runs 9            # writes benchmarks/out/seal.{json,csv,png}
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ if mode == "plain":
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     run = lambda x: session.run(None, {"x": x})[0]
 else:
-    trusted = [signer] if mode == "signed" else None
+    trusted = [signer] if mode.startswith("signed") else None
     sealed = modelcloak.inference.load(bundle, key=modelcloak.keys.KeyFile(key), trusted_signers=trusted)
     run = lambda x: sealed.run(x)["logits"]
 load_s = time.perf_counter() - start
@@ -54,7 +56,7 @@ print(json.dumps({"load_s": load_s, "cpu_s": cpu_s, "peak_kib": peak, "base_kib"
 SIZES = (1024, 4096, 4096, 2048, 10)
 
 
-def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
+def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: F401
 
     sys.path.insert(0, str(HERE.parent / "tests" / "support"))
@@ -66,7 +68,7 @@ def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_path, key_path = workdir / "model.onnx", workdir / "model.key"
-    bundle, signed = workdir / "model.mcb", workdir / "model.signed.mcb"
+    bundle, signed, signed_v1 = workdir / "model.mcb", workdir / "model.signed-v2.mcb", workdir / "model.signed-v1.mcb"
     signer = workdir / "owner.pem"
     if not model_path.exists():
         model_path.write_bytes(make_mlp(SIZES, seed=11).SerializeToString())
@@ -78,8 +80,10 @@ def build(workdir: Path) -> tuple[Path, Path, Path, Path, Path]:
     if not bundle.exists():
         protect(model_path, bundle, key=key)
     if not signed.exists():
-        protect(model_path, signed, key=key, signer=signer)
-    return model_path, bundle, signed, key_path, Path(str(signer) + ".pub")
+        protect(model_path, signed, key=key, signer=signer, format_version=2)
+    if not signed_v1.exists():
+        protect(model_path, signed_v1, key=key, signer=signer, format_version=1)
+    return model_path, bundle, signed, signed_v1, key_path, Path(str(signer) + ".pub")
 
 
 def decrypt_throughput(bundle: Path, key_path: Path, repeats: int = 7) -> dict[str, float]:
@@ -147,11 +151,14 @@ def main() -> None:
 
     from rich.progress import Progress
 
-    model_path, bundle, signed, key_path, signer_pub = build(args.workdir)
-    for path in (model_path, bundle, signed):
+    load_before = os.getloadavg()[0]
+
+    model_path, bundle, signed, signed_v1, key_path, signer_pub = build(args.workdir)
+    for path in (model_path, bundle, signed, signed_v1):
         path.read_bytes()  # warm the page cache equally for every variant
     child = CHILD % {"width": SIZES[0]}
-    modes = ("plain", "sealed", "signed")
+    modes = ("plain", "sealed", "signed", "signed-v1")
+    bundles = {"plain": bundle, "sealed": bundle, "signed": signed, "signed-v1": signed_v1}
     samples: dict[str, list[dict]] = {m: [] for m in modes}
     with Progress() as progress:
         task = progress.add_task("load samples", total=args.runs * len(modes))
@@ -165,7 +172,7 @@ def main() -> None:
                         child,
                         mode,
                         str(model_path),
-                        str(bundle if mode != "signed" else signed),
+                        str(bundles[mode]),
                         str(key_path),
                         str(signer_pub),
                     ],
@@ -187,6 +194,7 @@ def main() -> None:
         "model_bytes": model_path.stat().st_size,
         "runs": args.runs,
         "decrypt_gb_per_s_one_core": decrypt_throughput(bundle, key_path),
+        "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "note": "load_s excludes interpreter and library import; peak_rss is VmHWM of a fresh process",
     }
     for mode in modes:
@@ -196,7 +204,7 @@ def main() -> None:
             "peak_rss_mib": median(mode, "peak_kib") / 1024,
             "load_rss_mib": statistics.median((s["peak_kib"] - s["base_kib"]) / 1024 for s in samples[mode]),
         }
-    for mode in ("sealed", "signed"):
+    for mode in modes[1:]:
         summary[f"{mode}_vs_plain"] = {
             "load_time_ratio": summary[mode]["load_s"] / summary["plain"]["load_s"],
             "load_cpu_ratio": summary[mode]["load_cpu_s"] / summary["plain"]["load_cpu_s"],
@@ -222,6 +230,14 @@ def main() -> None:
                 )
     plot(samples, summary, args.out / "seal.png")
     print(json.dumps(summary, indent=2))
+    print(f"\nload medians of {args.runs} interleaved fresh processes (load average {os.getloadavg()[0]:.1f} now):")
+    print(f"{'mode':<10} {'wall s':>8} {'x plain':>8} {'CPU s':>8} {'x plain':>8} {'peak MiB':>9}")
+    for mode in modes:
+        row = summary[mode]
+        wall = row["load_s"] / summary["plain"]["load_s"]
+        cpu = row["load_cpu_s"] / summary["plain"]["load_cpu_s"]
+        peak = row["peak_rss_mib"]
+        print(f"{mode:<10} {row['load_s']:8.3f} {wall:8.2f} {row['load_cpu_s']:8.3f} {cpu:8.2f} {peak:9.0f}")
 
 
 def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
@@ -231,9 +247,10 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = list(samples)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     panels = [
-        ("load time (s)", lambda s: s["load_s"]),
+        ("load time, wall (s)", lambda s: s["load_s"]),
+        ("load time, CPU (s)", lambda s: s["cpu_s"]),
         ("peak RSS (MiB, whole process)", lambda s: s["peak_kib"] / 1024),
     ]
     for axis, (title, getter) in zip(axes, panels):
@@ -245,10 +262,10 @@ def plot(samples: dict[str, list[dict]], summary: dict, path: Path) -> None:
     batches = list(latency)
     width = 0.38
     for offset, name in ((-width / 2, "plain"), (width / 2, "sealed")):
-        axes[2].bar([i + offset for i in range(len(batches))], [latency[b][name] for b in batches], width, label=name)
-    axes[2].set_xticks(range(len(batches)), batches)
-    axes[2].set_title("median inference latency (ms)")
-    axes[2].legend()
+        axes[3].bar([i + offset for i in range(len(batches))], [latency[b][name] for b in batches], width, label=name)
+    axes[3].set_xticks(range(len(batches)), batches)
+    axes[3].set_title("median inference latency (ms)")
+    axes[3].legend()
     fig.suptitle(
         f"sealed vs plain, {summary['model_bytes'] / 1e6:.0f} MB model, {summary['runs']} runs each "
         f"(decrypt {summary['decrypt_gb_per_s_one_core']['fresh_buffer_incl_alloc_and_faults']:.1f} GB/s/core)"

@@ -2,10 +2,11 @@
 
 Both open a bundle the same way, and the order is the security argument: on-disk caches are
 neutralised and the process hardened before any runtime initialises; the signature is checked
-before anything is decrypted; the key is checked against the header MAC before the sections;
-decrypted bytes live in buffers that are excluded from core dumps and wiped as soon as the
-backend holds its own copy. What each scheme then builds (a graph backend, an enclave, an
-encrypted head) is the scheme module's business (`modelcloak.schemes`).
+before anything decrypted is parsed or handed to a runtime (format 1: before anything is
+decrypted; format 2: over the bytes as they are decrypted, docs/FORMAT.md); the key is checked
+against the header MAC before the sections; decrypted bytes live in buffers that are excluded from
+core dumps and wiped as soon as the backend holds its own copy. What each scheme then builds (a
+graph backend, an enclave, an encrypted head) is the scheme module's business (`modelcloak.schemes`).
 
 Process-wide effects, on purpose and documented in docs/MEMORY.md and docs/CACHES.md: opening a
 bundle makes this process non-dumpable with a core limit of zero (`hygiene.harden_process`) and
@@ -58,15 +59,25 @@ def load(bundle: str | Path, *, key: KeyProvider, options: LoadOptions | None = 
         scheme = schemes.get(name)
         if "lock" not in sealed.manifest.document and chosen.device_key is not None:
             raise SessionError(f"this {name} bundle is not locked to a device; drop `device_key`")
-        report.signer = sealed.verify_signature(trusted or None, require=chosen.require_signature)
+        pin_bundle = getattr(key, "pin_bundle", None)
+        # Format 2 bundles are hashed while they are decrypted (one read of the file, the digest on a
+        # second core) and verified before anything decrypted is parsed or built (open_graph). Not
+        # for a key from the owner backend (asked for the key only about a verified bundle) nor for
+        # a device lock (whose TPM unseal starts at once): those verify every byte first.
+        streamed = not callable(pin_bundle) and "lock" not in sealed.manifest.document
+        report.signer = sealed.verify_signature(trusted or None, require=chosen.require_signature, streamed=streamed)
         check_serial(sealed.manifest.document, chosen.min_serial, report.signer if trusted else None)
         report.seconds["verify"] = time.perf_counter() - started
-        pin_bundle = getattr(key, "pin_bundle", None)
         if callable(pin_bundle):  # a key from the owner backend: its licence may pin a minimum serial
             pin_bundle(sealed.manifest.document, report.signer if trusted else None)
         licence = _licence(key, chosen)
         context = schemes.OpenContext(key=key, options=chosen, report=report, licence=licence)
         session = scheme.open(sealed, context)
+        try:
+            sealed.finish_verification()  # a no-op unless a scheme left a streamed check unfinished
+        except BaseException:
+            session.close()
+            raise
     if licence is not None:
         try:
             licence.start()  # the key is released now, and with it the usage key; resends a crashed batch

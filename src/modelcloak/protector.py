@@ -58,6 +58,7 @@ def protect(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
+    format_version: int | None = None,
 ) -> Manifest:
     """Protect `model` into a bundle at `out` with a key from `key`; return the written manifest.
 
@@ -75,7 +76,9 @@ def protect(
     `serial` is a release number devices can require a minimum of (`LoadOptions.min_serial`),
     so an older signed bundle cannot be rolled back in. `native_enclave` (split): a directory in
     which the private part's native C enclave is generated and compiled (docs/NATIVE.md); a
-    private part it cannot run is refused up front.
+    private part it cannot run is refused up front. `format_version` 1 writes a signed bundle
+    that modelcloak releases before format 2 can read (SHA-256 signature digests); the default
+    is the newest each bundle can use (docs/FORMAT.md).
     """
     request = ProtectRequest(
         cut=CutSelector.coerce(cut) if cut is not None else None,
@@ -115,6 +118,7 @@ def protect(
             progress=progress,
             enclave_key=enclave_master.view() if enclave_master is not None else None,
             enclave_key_spec=enclave_spec,
+            format_version=format_version,
         )
         failed = False
     finally:

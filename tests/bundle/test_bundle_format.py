@@ -255,10 +255,10 @@ def test_passphrase_round_trip_and_wrong_passphrase(tmp_path, mlp):
 
 def test_unknown_format_version_is_named(tmp_path, sealed, key_file):
     data = bytearray(sealed.read_bytes())
-    data[8:10] = struct.pack(">H", 2)
-    (tmp_path / "v2.mcb").write_bytes(bytes(data))
-    with pytest.raises(UnsupportedVersionError, match="format version 2"):
-        read_everything(tmp_path / "v2.mcb", key_file)
+    data[8:10] = struct.pack(">H", 3)  # versions 1 and 2 exist
+    (tmp_path / "v3.mcb").write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersionError, match="format version 3"):
+        read_everything(tmp_path / "v3.mcb", key_file)
 
 
 def test_not_a_bundle(tmp_path, key_file, mlp):

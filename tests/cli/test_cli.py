@@ -93,7 +93,8 @@ def test_protect_run_round_trip_npy_and_npz(owner, mlp):
 def test_inspect_needs_no_key_and_states_claims(owner):
     result = cli("inspect", str(owner / "mlp.mcb"))
     assert result.returncode == 0, result.stderr
-    for fragment in ("scheme", "seal", "valid, by ed25519:", "protects against", "does not protect against", "root"):
+    claims = ("protects against", "does not protect against", "root")
+    for fragment in ("scheme", "seal", "valid, by ed25519:", "BLAKE3", *claims):
         assert fragment in result.stdout
     raw = cli("inspect", "--json", str(owner / "mlp.mcb"))
     assert json.loads(raw.stdout)["model"]["inputs"][0]["name"] == "x"

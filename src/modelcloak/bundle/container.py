@@ -3,7 +3,7 @@
 Layout (all integers big-endian; docs/FORMAT.md is the normative description):
 
     magic        8 bytes   b"\\x89MCLOAK\\n"
-    version      u16       format version (1)
+    version      u16       format version (1 or 2: 2 signs BLAKE3 digests, 1 SHA-256)
     length       u32       manifest length in bytes
     manifest     length    canonical JSON (see manifest.py)
     header MAC   32        HMAC-SHA256 over everything above, key derived from the model key
@@ -23,7 +23,7 @@ import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ from modelcloak.bundle.manifest import (
 )
 
 MAGIC = b"\x89MCLOAK\n"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # the newest version written; signed bundles get it (write_bundle)
+SUPPORTED_VERSIONS = (1, 2)
 _PREFIX = struct.Struct(">8sHI")
 MAC_SIZE = 32
 
@@ -86,11 +86,16 @@ def write_bundle(
     progress: Callable[[int], None] | None = None,
     enclave_key: bytes | memoryview | None = None,
     enclave_key_spec: dict[str, Any] | None = None,
+    format_version: int | None = None,
 ) -> Manifest:
     """Encrypt `sections` into a new bundle at `path`; the file appears only once complete.
 
     Sections whose `key` is "enclave" are sealed under `enclave_key`, which the host never holds;
     the enclave authenticates the manifest through those sections' associated data.
+
+    `format_version` defaults to 2 for a signed bundle (BLAKE3 section digests) and to 1 otherwise:
+    the two differ only in the signature, so an unsigned bundle stays readable by older readers,
+    and bundles with enclave sections stay at 1 because the enclaves read version 1 headers only.
     """
     from cryptography.hazmat.primitives import serialization
 
@@ -99,6 +104,12 @@ def write_bundle(
     needs_enclave_key = any(s.key == "enclave" for s in sections)
     if needs_enclave_key and (enclave_key is None or len(enclave_key) != stream.KEY_SIZE):
         raise BundleError(f"sections sealed for the enclave need a {stream.KEY_SIZE}-byte enclave key")
+    if format_version is None:
+        format_version = 2 if signer is not None and not needs_enclave_key else 1
+    if format_version not in SUPPORTED_VERSIONS:
+        raise BundleError(f"cannot write bundle format version {format_version}; this modelcloak writes 1 or 2")
+    if format_version != 1 and needs_enclave_key:
+        raise BundleError("bundles with sections sealed for the enclave are written as format version 1")
     if needs_enclave_key:
         assert enclave_key is not None  # checked just above
         extra = {**extra, "enclave_key": {**(enclave_key_spec or {}), "id": key_id(enclave_key)}}
@@ -107,7 +118,7 @@ def write_bundle(
         signer.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) if signer else None
     )
     manifest = build_manifest(
-        format_version=FORMAT_VERSION,
+        format_version=format_version,
         scheme=scheme,
         key_spec={**key_spec, "id": key_id(master_key)},
         salt=salt,
@@ -119,7 +130,7 @@ def write_bundle(
     manifest_bytes = manifest.to_bytes()
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise BundleError(f"manifest is {len(manifest_bytes)} bytes, over the {MAX_MANIFEST_BYTES} limit")
-    header = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes)) + manifest_bytes
+    header = _PREFIX.pack(MAGIC, format_version, len(manifest_bytes)) + manifest_bytes
     mac = hmac.new(stream.derive(master_key, salt, "header-mac"), header, hashlib.sha256).digest()
     manifest_digest = hashlib.sha256(header).digest()
 
@@ -132,7 +143,7 @@ def write_bundle(
             handle.write(mac)
             section_digests = []
             for index, source in enumerate(sections):
-                digest = hashlib.sha256()
+                digest = signing.new_digest(format_version)
                 scope_key = enclave_key if source.key == "enclave" and enclave_key is not None else master_key
                 if source.derive_key is not None:
                     scope_key = source.derive_key(memoryview(master_key))
@@ -146,7 +157,9 @@ def write_bundle(
                         progress(len(chunk) - stream.TAG_SIZE)
                 section_digests.append(digest.digest())
             if signer is not None:
-                message = signing.signed_message(hashlib.sha256(header + mac).digest(), section_digests)
+                header_digest = signing.new_digest(format_version)
+                header_digest.update(header + mac)
+                message = signing.signed_message(header_digest.digest(), section_digests, format_version)
                 handle.write(signing.make_trailer(signer, message))
             handle.flush()
             os.fsync(handle.fileno())
@@ -193,12 +206,23 @@ class _Source:
 _HASH_BLOCK = 1 << 20
 
 
+@dataclass
+class _PendingSignature:
+    """A streamed signature check: the trailer read, the section digests gathered as decrypted."""
+
+    signer: bytes
+    trailer: bytes
+    digests: dict[str, bytes] = field(default_factory=dict)
+    failure: str | None = None
+
+
 class Bundle:
     """A parsed bundle whose layout has been checked; nothing is decrypted until asked."""
 
     def __init__(self, source: _Source, name: str) -> None:
         self._source = source
         self.source = name
+        self._pending: _PendingSignature | None = None
         try:
             self._parse()
         except BaseException:
@@ -288,21 +312,32 @@ class Bundle:
         return self.manifest.signer_public_key is not None
 
     def _digest(self, start: int, length: int) -> bytes:
-        digest = hashlib.sha256()
+        digest = signing.new_digest(self.manifest.format_version)
         block = bytearray(min(length, _HASH_BLOCK))
         view = memoryview(block)
         for offset in range(0, length, _HASH_BLOCK):
             part = view[: min(_HASH_BLOCK, length - offset)]
             self._source.read_into(start + offset, part)
             digest.update(part)
-        return digest.digest()
+        return bytes(digest.digest())
 
-    def verify_signature(self, trusted: Sequence[bytes] | None = None, require: bool = False) -> str | None:
-        """Check the owner signature before any decryption; return the signer's fingerprint.
+    def verify_signature(
+        self, trusted: Sequence[bytes] | None = None, require: bool = False, *, streamed: bool = False
+    ) -> str | None:
+        """Check the owner signature; return the signer's fingerprint.
 
         `trusted` lists acceptable signer public keys; when given (or when `require` is set), an
         unsigned bundle or one signed by another key is refused. Without it, a signed bundle is
         still checked for integrity against the key it names.
+
+        By default every section's ciphertext is hashed and the signature verified here, before
+        any decryption. With `streamed` (honoured for format version 2 only; version 1 bundles are
+        always checked first, as before), only the signer, the trust decision and the trailer's
+        form are checked now; each section is then hashed from the very bytes
+        `decrypt_section_into` decrypts (one read of the file, the hash on a worker thread beside
+        the decryption), and `finish_verification()` verifies the signature. Until it has, the
+        caller keeps decrypted plaintext in its guarded buffers, unparsed and unused, and wipes it
+        if the check fails; `section_ciphertext()` finishes the check itself.
         """
         signer = self.manifest.signer_public_key
         if signer is None:
@@ -313,11 +348,46 @@ class Bundle:
             raise SignatureError(
                 f"{self.source} is signed by {signing.fingerprint(signer)}, which is not a trusted signer"
             )
-        digests = [self._digest(start, length) for _, start, length in self._ranges.values()]
-        message = signing.signed_message(hashlib.sha256(self.header + self.mac).digest(), digests)
         trailer = self._source.read(self._sections_end, self._source.size - self._sections_end)
-        signing.verify_trailer(trailer, signer, message)
+        signing.check_trailer_form(trailer, signer)
+        self._pending = _PendingSignature(signer, trailer)
+        if not (streamed and self.manifest.format_version >= 2):
+            self.finish_verification()
         return signing.fingerprint(signer)
+
+    @property
+    def verification_pending(self) -> bool:
+        """True between a streamed `verify_signature` and the `finish_verification` that checks it."""
+        return self._pending is not None
+
+    def finish_verification(self) -> None:
+        """Verify the signature of a pending check (no-op when none is pending).
+
+        Sections not decrypted since `verify_signature` are hashed from the file now. Raises
+        SignatureError when the signature does not match; the check then stays failed (every later
+        call raises again).
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.failure is not None:
+            raise SignatureError(pending.failure)
+        version = self.manifest.format_version
+        digests = []
+        for name, (_, start, length) in self._ranges.items():
+            digest = pending.digests.get(name)
+            if digest is None:
+                digest = pending.digests[name] = self._digest(start, length)
+            digests.append(digest)
+        header_digest = signing.new_digest(version)
+        header_digest.update(self.header + self.mac)
+        message = signing.signed_message(header_digest.digest(), digests, version)
+        try:
+            signing.verify_trailer(pending.trailer, pending.signer, message)
+        except SignatureError as exc:
+            pending.failure = str(exc)
+            raise
+        self._pending = None
 
     def check_key(self, master_key: bytes | memoryview) -> None:
         """Authenticate the header with the key; tell a wrong key apart from a modified header."""
@@ -339,20 +409,43 @@ class Bundle:
             raise BundleError(f"section {name!r} is sealed for the enclave; the host cannot decrypt it")
         if len(out) != entry.size:
             raise BundleError(f"buffer for section {name!r} is {len(out)} bytes, the section holds {entry.size}")
-        index, start, _ = self._ranges[name]
+        index, start, length = self._ranges[name]
         section_key = stream.derive(master_key, self.manifest.salt, "section/" + name)
-        stream.decrypt_section_into(
-            section_key,
-            self._manifest_digest,
-            index,
-            name,
-            lambda offset, destination: self._source.read_into(start + offset, destination),
-            out,
-            self.manifest.chunk_size,
-        )
+
+        def read(offset: int, destination: memoryview) -> None:
+            self._source.read_into(start + offset, destination)
+
+        pending = self._pending
+        if pending is None:
+            stream.decrypt_section_into(
+                section_key, self._manifest_digest, index, name, read, out, self.manifest.chunk_size
+            )
+            return
+        if pending.failure is not None:
+            raise SignatureError(pending.failure)
+        try:
+            digest = stream.decrypt_section_hashing(
+                section_key,
+                self._manifest_digest,
+                index,
+                name,
+                read,
+                length,
+                out,
+                self.manifest.chunk_size,
+                signing.new_digest(self.manifest.format_version),
+            )
+        except TamperedError:
+            # Report it as a check before decryption would: changed after the owner signed it.
+            self.finish_verification()
+            raise
+        if pending.digests.setdefault(name, digest) != digest:
+            pending.failure = f"{self.source}: section {name!r} changed between two reads of the file"
+            raise SignatureError(pending.failure)
 
     def section_ciphertext(self, name: str) -> bytes:
         """The raw sealed chunks of a section, to hand to the enclave that holds its key."""
+        self.finish_verification()  # nothing leaves this process before the signature matched
         _, start, length = self._ranges[self.manifest.section(name).name]
         return self._source.read(start, length)
 

@@ -23,6 +23,8 @@ MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 SALT_SIZE = 32
 KEY_SCOPES = ("host", "enclave")
+# The digest an owner signature covers, by bundle format version (signing.py).
+SIGNATURE_DIGESTS = {1: "SHA-256", 2: "BLAKE3"}
 _SECTION_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
 
@@ -112,7 +114,11 @@ def build_manifest(
             ],
             "signature": None
             if signer_public_key is None
-            else {"algorithm": "Ed25519", "public_key": b64encode(signer_public_key)},
+            else {
+                "algorithm": "Ed25519",
+                **({"digest": SIGNATURE_DIGESTS[format_version]} if format_version >= 2 else {}),
+                "public_key": b64encode(signer_public_key),
+            },
         }
     )
     # Round-trip through the parser so a writer can never produce a bundle its reader rejects.
@@ -180,6 +186,14 @@ def parse_manifest(raw: bytes, format_version: int) -> Manifest:
     if signature is not None:
         if not isinstance(signature, dict) or signature.get("algorithm") != "Ed25519":
             raise ManifestError("manifest signature must be null or an Ed25519 descriptor")
+        # Version 1 signs SHA-256 digests and names none; version 2 must name BLAKE3. Any other
+        # pairing is refused here, before a digest is computed (docs/FORMAT.md, "Signature trailer").
+        expected_digest = SIGNATURE_DIGESTS.get(format_version)
+        if signature.get("digest") != (expected_digest if format_version >= 2 else None):
+            raise ManifestError(
+                f"manifest signature digest {signature.get('digest')!r} does not match bundle format version "
+                f"{format_version} (which signs {expected_digest} digests)"
+            )
         signer = b64decode(signature.get("public_key"), "signature.public_key", 32)
     return Manifest(
         format_version=format_version,

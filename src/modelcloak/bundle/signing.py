@@ -3,6 +3,11 @@
 The signature covers ciphertext digests, not just the manifest, because devices hold the
 symmetric key: without that, any key holder could re-encrypt different weights under a
 manifest the owner signed.
+
+The digest depends on the bundle format version: SHA-256 in version 1, BLAKE3 in version 2
+(about twice as fast here, and hashed beside the decryption, docs/FORMAT.md). Each version's signed
+message starts with its own context string, which names the digest, so a signature made for one
+version never verifies as the other.
 """
 
 from __future__ import annotations
@@ -11,20 +16,44 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from modelcloak.bundle.errors import BundleError, SignatureError
+from modelcloak.bundle.manifest import SIGNATURE_DIGESTS
 
 TRAILER_MAGIC = b"MCSG"
 TRAILER_SIZE = len(TRAILER_MAGIC) + 32 + 64
-_CONTEXT = b"modelcloak/v1/signature\x00"
+_CONTEXTS = {1: b"modelcloak/v1/signature\x00", 2: b"modelcloak/v2/signature\x00BLAKE3\x00"}
 
 
-def signed_message(header_digest: bytes, section_digests: Sequence[bytes]) -> bytes:
-    return _CONTEXT + header_digest + b"".join(section_digests)
+def new_digest(format_version: int) -> Any:
+    """A fresh hash object of the digest that bundles of `format_version` sign (hashlib-like API)."""
+    name = SIGNATURE_DIGESTS.get(format_version)
+    if name == "SHA-256":
+        return hashlib.sha256()
+    if name == "BLAKE3":
+        return blake3.blake3()
+    raise BundleError(f"bundle format version {format_version} has no signature digest")
+
+
+def signed_message(header_digest: bytes, section_digests: Sequence[bytes], format_version: int = 1) -> bytes:
+    """The bytes an owner signs: the version's context, the header's digest, each section's digest."""
+    if format_version not in _CONTEXTS:
+        raise BundleError(f"bundle format version {format_version} has no signature format")
+    return _CONTEXTS[format_version] + header_digest + b"".join(section_digests)
+
+
+def check_trailer_form(trailer: bytes, expected_public_key: bytes) -> None:
+    """The cheap part of verification: a trailer of the right shape naming the manifest's signer."""
+    if len(trailer) != TRAILER_SIZE or trailer[:4] != TRAILER_MAGIC:
+        raise SignatureError("bundle says it is signed but its signature trailer is missing or damaged")
+    if trailer[4:36] != expected_public_key:
+        raise SignatureError("signature trailer names a different key than the manifest")
 
 
 def make_trailer(signer: Ed25519PrivateKey, message: bytes) -> bytes:
@@ -33,13 +62,9 @@ def make_trailer(signer: Ed25519PrivateKey, message: bytes) -> bytes:
 
 
 def verify_trailer(trailer: bytes, expected_public_key: bytes, message: bytes) -> None:
-    if len(trailer) != TRAILER_SIZE or trailer[:4] != TRAILER_MAGIC:
-        raise SignatureError("bundle says it is signed but its signature trailer is missing or damaged")
-    public = trailer[4:36]
-    if public != expected_public_key:
-        raise SignatureError("signature trailer names a different key than the manifest")
+    check_trailer_form(trailer, expected_public_key)
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(trailer[36:], message)
+        Ed25519PublicKey.from_public_bytes(expected_public_key).verify(trailer[36:], message)
     except InvalidSignature:
         raise SignatureError("owner signature is invalid: the bundle was modified after signing") from None
 

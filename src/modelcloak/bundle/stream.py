@@ -13,10 +13,13 @@ never exists twice in plaintext.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from modelcloak.bundle.errors import TamperedError
+from modelcloak.bundle.errors import BundleError, TamperedError
 from modelcloak.enclave import chunks
 from modelcloak.enclave.chunks import KEY_SIZE, TAG_SIZE, chunk_count, ciphertext_size, derive
 
@@ -25,6 +28,7 @@ __all__ = [
     "TAG_SIZE",
     "chunk_count",
     "ciphertext_size",
+    "decrypt_section_hashing",
     "decrypt_section_into",
     "derive",
     "encrypt_section",
@@ -92,3 +96,66 @@ def decrypt_section_into(
         )
     except chunks.ChunkAuthenticationError as exc:
         raise TamperedError(str(exc)) from None
+
+
+# Plaintext bytes per step of decrypt_section_hashing (whole chunks, at least one): large enough
+# that handing a batch to the hashing thread costs nothing measurable, small enough to stay in
+# cache; 2 MiB measured about 9 ms (8 %) less CPU than 4 MiB for a 117.6 MB bundle.
+_BATCH_BYTES = 2 << 20
+
+
+def decrypt_section_hashing(
+    section_key: bytes,
+    manifest_digest: bytes,
+    section_index: int,
+    section_name: str,
+    read_ciphertext: Callable[[int, memoryview], None],
+    ciphertext_length: int,
+    out: memoryview,
+    chunk_size: int,
+    digest: Any,
+) -> bytes:
+    """Decrypt a section into `out` and return `digest` (a fresh hash object) of its ciphertext.
+
+    One read of the file: the ciphertext arrives a batch of whole chunks at a time in one of two
+    buffers; a worker thread hashes a batch (blake3 and hashlib release the GIL) while this thread
+    decrypts it, and a buffer is refilled only once its hash is done. The digest is therefore of
+    exactly the bytes that were decrypted.
+    """
+    size = len(out)
+    total = chunk_count(size, chunk_size)
+    if ciphertext_length != ciphertext_size(size, chunk_size):
+        raise BundleError(f"section {section_name!r}: {ciphertext_length} ciphertext bytes do not hold {size}")
+    aead = AESGCM(section_key)
+    sealed_chunk = chunk_size + TAG_SIZE
+    per_batch = max(1, _BATCH_BYTES // chunk_size)
+    batch_bytes = min(ciphertext_length, per_batch * sealed_chunk)
+    buffers = (bytearray(batch_bytes), bytearray(batch_bytes))
+    hashing: list[Future[None] | None] = [None, None]
+    # One worker, so batches are hashed in order; leaving the block waits for the last one.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelcloak-digest") as hasher:
+        for batch, first in enumerate(range(0, total, per_batch)):
+            slot = batch % 2
+            previous = hashing[slot]
+            if previous is not None:
+                previous.result()
+            last = min(total, first + per_batch)
+            offset = first * sealed_chunk
+            view = memoryview(buffers[slot])[: min(ciphertext_length, last * sealed_chunk) - offset]
+            read_ciphertext(offset, view)
+            hashing[slot] = hasher.submit(digest.update, view)
+            for index in range(first, last):
+                start = index * chunk_size
+                plain_len = min(chunk_size, size - start)
+                at = (index - first) * sealed_chunk
+                ad = chunks.associated_data(manifest_digest, section_index, index, index == total - 1)
+                try:
+                    aead.decrypt_into(
+                        chunks.nonce(index), view[at : at + plain_len + TAG_SIZE], ad, out[start : start + plain_len]
+                    )
+                except InvalidTag:
+                    raise TamperedError(str(chunks.ChunkAuthenticationError(section_name, index, total))) from None
+        for pending in hashing:
+            if pending is not None:
+                pending.result()  # a hashing failure surfaces here, not as a digest short of bytes
+    return bytes(digest.digest())

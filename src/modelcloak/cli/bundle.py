@@ -488,6 +488,7 @@ def inspect(
 ) -> None:
     """Show a bundle's manifest and what its scheme does and does not protect."""
     from modelcloak.bundle import Bundle, SignatureError
+    from modelcloak.bundle.manifest import SIGNATURE_DIGESTS
     from modelcloak.schemes import SCHEMES, claims_for
     from modelcloak.schemes import get as get_scheme
 
@@ -495,7 +496,8 @@ def inspect(
         manifest = sealed.manifest
         try:
             signer = sealed.verify_signature()
-            signature = f"valid, by {signer}" if signer else "unsigned"
+            digest = SIGNATURE_DIGESTS.get(manifest.format_version, "?")
+            signature = f"valid, by {signer} (Ed25519 over {digest} digests)" if signer else "unsigned"
         except SignatureError as exc:
             signature = f"INVALID: {exc}"
     if as_json:

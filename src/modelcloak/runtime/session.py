@@ -1,8 +1,9 @@
 """Device side: the session classes, and decrypting a bundle's graph into a backend in memory.
 
 Order matters and is the security argument: caches are neutralised and the process hardened
-before any runtime initialises; the signature is checked before anything is decrypted; the key is
-checked against the header MAC before the sections; decrypted bytes live in buffers that are
+before any runtime initialises; the signature is checked before anything decrypted is parsed or
+handed to a runtime (for format 2, over the very ciphertext bytes decrypted, docs/FORMAT.md); the
+key is checked against the header MAC before the sections; decrypted bytes live in buffers that are
 excluded from core dumps and wiped as soon as the backend holds its own copy; the backend's copies
 are then marked excluded from core dumps too, and glibc overwrites them when they are freed
 (`hygiene.harden_process`, `hygiene.exclude_anonymous_memory_from_dumps`).
@@ -288,14 +289,25 @@ def open_graph(
             sealed.decrypt_section_into(weights_entry.name, master.view(), plain_part)
         finally:
             plain_part.release()  # a live slice would keep the buffer from being unmapped on failure
+        extra: dict[str, bytearray] = {}
+        for name in also or {}:  # before the signature check too, so it covers these bytes
+            entry = sealed.manifest.section(name)
+            extra[name] = bytearray(entry.size)
+            sealed.decrypt_section_into(name, master.view(), memoryview(extra[name]))
         report.seconds["decrypt"] = clock() - mark
+        try:
+            # A streamed check (format 2) hashed the ciphertext as it was decrypted: until it
+            # matches, nothing decrypted is parsed or handed on; on failure the guarded buffers
+            # are wiped by the `finally` below, the extra sections here.
+            sealed.finish_verification()
+        except BaseException:
+            for data in extra.values():
+                data[:] = bytes(len(data))
+            raise
+        for name, data in extra.items():
+            also[name] = bytes(data)  # type: ignore[index]
         report.buffer_flags = _flags_of({"key": master, "weights": weights_buffer, "graph": graph_buffer})
         graph = _parse_graph(graph_buffer.view())  # before the unlock: more work to overlap the TPM with
-        for name in also or {}:
-            entry = sealed.manifest.section(name)
-            data = bytearray(entry.size)
-            sealed.decrypt_section_into(name, master.view(), memoryview(data))
-            also[name] = bytes(data)  # type: ignore[index]
         if lock is not None and lock_key is not None:
             mark = clock()
             _unlock(sealed, master, prefix, lock, lock_key, weights_buffer)

@@ -304,7 +304,7 @@ def plot(report: dict, path: Path) -> None:
 
     labels = [label for label in report if isinstance(report[label], dict) and "loop" in report[label]]
     groups = [("added, batch 1", "1"), ("added, batch 32", "32"), ("infer back to back, batch 1", None)]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         summary = report[label]
@@ -324,8 +324,25 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(0.1, color="black", linestyle="--", linewidth=1, label="target 0.1 ms")
     ax.set_xticks(np.arange(len(groups)), [name for name, _ in groups])
     ax.set_ylabel("ms per call (median over rounds)")
-    ax.set_title(f"enclave call, small residual CNN, dense-head cut ({report['machine']})", fontsize=9)
+    ax.set_title("enclave call, small residual CNN, dense-head cut", fontsize=9)
     ax.legend(fontsize=8)
+    # Split total / whole model at batch 1: interleaved calls, and a run() loop (whiskers: min..max).
+    ratio_groups = [("interleaved, batch 1", lambda s: (s["1"]["total_vs_whole"], s["1"]["total_vs_whole_range"]))]
+    if all("run_loop" in report[label] for label in labels):
+        ratio_groups.append(
+            ("run() loop, batch 1", lambda s: (s["run_loop"]["total_vs_whole"], s["run_loop"]["total_vs_whole_range"]))
+        )
+    for i, label in enumerate(labels):
+        picked = [pick(report[label]) for _, pick in ratio_groups]
+        values = [value for value, _ in picked]
+        low = [max(0.0, value - lo) for value, (lo, _) in picked]
+        high = [max(0.0, hi - value) for value, (_, hi) in picked]
+        x = np.arange(len(ratio_groups)) + (i - (len(labels) - 1) / 2) * width
+        ratio_ax.bar(x, values, width, yerr=[low, high], capsize=3, label=label)
+    ratio_ax.axhline(1.3, color="black", linestyle="--", linewidth=1, label="target 1.3x")
+    ratio_ax.set_xticks(np.arange(len(ratio_groups)), [name for name, _ in ratio_groups])
+    ratio_ax.set_ylabel("split total / whole model")
+    ratio_ax.set_title(report["machine"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,6 +29,7 @@ from test_enclave import (  # noqa: F401  (fixtures are used by name)
     seal,
     workdir,
 )
+from test_native import NativeRaw
 
 from modelcloak.enclave import protocol, spin
 from modelcloak.enclave.protocol import ErrorCode, MsgType
@@ -132,21 +133,9 @@ def native_binary(seal, model, workdir):  # noqa: ANN001, ANN201
     return header, ciphertext, str(build.binary)
 
 
-class _NativeRaw(RawEnclave):
-    def __init__(self, binary: str, key_path: Path, *extra: str) -> None:
-        import subprocess
-
-        parent, child = socket.socketpair()
-        argv = [binary, "--fd", str(child.fileno()), "--key-file", str(key_path), *extra]
-        self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        child.close()
-        self.sock = parent
-        self.sock.settimeout(15)
-
-
 def test_native_enclave_answers_and_refuses_on_the_spin_path(native_binary, key_file: Path, reference) -> None:
     header, ciphertext, binary = native_binary
-    raw = _NativeRaw(binary, key_file, "--spin-us", ALWAYS_SPINNING)
+    raw = NativeRaw(binary, key_file, "--spin-us", ALWAYS_SPINNING)
     try:
         _serves_and_refuses_while_spinning(raw, header, ciphertext, reference)
     finally:
@@ -158,7 +147,7 @@ def test_idle_native_enclave_stops_spinning_and_the_check_can_fail(native_binary
     x = samples(23, 1)
     cpu = {}
     for label, spin_us in (("default", None), ("control", "1000000")):
-        raw = _NativeRaw(binary, key_file, *(["--spin-us", spin_us] if spin_us else []))
+        raw = NativeRaw(binary, key_file, *(["--spin-us", spin_us] if spin_us else []))
         try:
             assert raw.recv()[0] == MsgType.HELLO
             raw.load(1, header, ciphertext)

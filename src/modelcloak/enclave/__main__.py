@@ -20,7 +20,7 @@ import stat  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 
-from modelcloak.enclave import sandbox  # noqa: E402  (stdlib only; the heavy imports come later)
+from modelcloak.enclave import sandbox, spin  # noqa: E402  (stdlib only; the heavy imports come later)
 
 EXIT_USAGE = 2
 EXIT_BAD_CHANNEL = 3
@@ -51,6 +51,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _spin_microseconds(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= spin.MAX_SPIN_SECONDS * 1e6:
+        raise argparse.ArgumentTypeError(f"must be 0..{round(spin.MAX_SPIN_SECONDS * 1e6)}, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modelcloak.enclave",
@@ -72,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TCTI",
         default=None,
         help="TPM holding a `tpm` budget's counter: device:/dev/tpmrm0, a device path or swtpm:host=H,port=P",
+    )
+    parser.add_argument(
+        "--spin-us",
+        type=_spin_microseconds,
+        default=round(spin.DEFAULT_SPIN_SECONDS * 1e6),
+        metavar="MICROSECONDS",
+        help="how long to poll for the next request before blocking (0: never; docs/ENCLAVE.md, 'Spinning')",
     )
     parser.add_argument(
         "--seccomp",
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         started_at=started_at,
         started_monotonic=started_monotonic,
         tpm=args.tpm,
+        spin_seconds=args.spin_us / 1e6,
     )
     return server.serve()
 

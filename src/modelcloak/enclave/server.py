@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import re
+import select
 import struct
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelcloak.enclave import budget as budget_mod
-from modelcloak.enclave import chunks, protocol, sandbox
+from modelcloak.enclave import chunks, protocol, sandbox, spin
 from modelcloak.enclave import policy as policy_mod
 from modelcloak.enclave.policy import Meter, OutputPolicy, PolicyError, PolicyRefusal
 from modelcloak.enclave.protocol import ErrorCode, MsgType, ProtocolError, TensorSpec
@@ -102,10 +103,15 @@ class Channel:
     gather the frame header and the payload's parts (tensor data included) into one writev.
     """
 
-    def __init__(self, fd: int, max_frame_bytes: int) -> None:
+    def __init__(self, fd: int, max_frame_bytes: int, spin_seconds: float = spin.DEFAULT_SPIN_SECONDS) -> None:
         os.set_blocking(fd, True)  # a non-blocking descriptor from the host would make reads fail spuriously
         self.fd = fd
         self.max_frame_bytes = max_frame_bytes
+        # Waiting for the next request spins briefly before it blocks (spin.py): back-to-back
+        # calls then skip the enclave's sleep and wake-up.
+        self._spinner = spin.Spinner(spin_seconds)
+        self._readable = select.poll()
+        self._readable.register(fd, select.POLLIN)
         self._pushback: list[_Frame] = []
         self._inbox = bytearray(_READ_AHEAD)
         self._start = 0  # unread bytes are self._inbox[self._start : self._end]
@@ -163,8 +169,13 @@ class Channel:
         buffered for next_frame's step-by-step path, which reads the rest and answers violations."""
         if self._start == self._end:
             self._start = self._end = 0
+            spinner = self._spinner
+            began = time.perf_counter()
+            if spinner.armed:
+                spin.spin_until_readable(self._readable, spinner, began)
             with memoryview(self._inbox) as view:
-                got = os.readv(self.fd, [view])
+                got = os.readv(self.fd, [view])  # blocks only if the spin ran out
+            spinner.waited(time.perf_counter() - began)
             if got == 0:
                 raise _EndOfInput("end of input")
             self._end = got
@@ -431,8 +442,9 @@ class EnclaveServer:
         started_at: float,
         started_monotonic: float,
         tpm: str | None = None,
+        spin_seconds: float = spin.DEFAULT_SPIN_SECONDS,
     ) -> None:
-        self.channel = Channel(fd, max_frame_bytes)
+        self.channel = Channel(fd, max_frame_bytes, spin_seconds)
         self._tpm = tpm  # where a `tpm` budget's counter lives (a TCTI string); opened at LOAD, before the sandbox
         self._budget: budget_mod.PersistentBudget | None = None
         self._key: sandbox.KeyBuffer | None = key

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcloak.enclave import protocol
+from modelcloak.enclave import protocol, spin
 from modelcloak.enclave.policy import OutputPolicy
 from modelcloak.enclave.protocol import ErrorCode, MsgType, ProtocolError, TensorSpec
 from modelcloak.runtime.errors import EnclaveError
@@ -207,6 +207,7 @@ class _Inbox:
         self._sock = sock
         self._readable = select.poll()
         self._readable.register(sock.fileno(), select.POLLIN)
+        self._spinner = spin.Spinner()  # poll briefly for a reply before sleeping in poll
         self._max_frame_bytes = max_frame_bytes
         self._buffer = bytearray(_READ_AHEAD)
         self._start = 0  # unread bytes are self._buffer[self._start : self._end]
@@ -252,15 +253,29 @@ class _Inbox:
             return None
 
     def _recv_into(self, view: memoryview, deadline: float) -> int:
-        """One recv once the socket is readable; TimeoutError if it is not by `deadline`."""
+        """One recv once the socket is readable; TimeoutError if it is not by `deadline`. A reply
+        that comes soon is polled for without sleeping first (enclave/spin.py)."""
+        spinner = self._spinner
+        began = time.perf_counter()
+        if spinner.armed and spin.spin_until_readable(self._readable, spinner, began):
+            try:
+                got = self._sock.recv_into(view)
+            except BlockingIOError:
+                pass  # readable was a false alarm: block below
+            else:
+                spinner.waited(time.perf_counter() - began)
+                return got
         while True:
             wait = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             if not self._readable.poll(wait):
+                spinner.armed = False
                 raise TimeoutError
             try:
-                return self._sock.recv_into(view)
+                got = self._sock.recv_into(view)
             except BlockingIOError:
                 continue  # readable was a false alarm: wait again
+            spinner.waited(time.perf_counter() - began)
+            return got
 
     def _fill(self, deadline: float) -> None:
         if self._start:

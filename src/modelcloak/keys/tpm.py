@@ -157,6 +157,11 @@ def _create_primary(tss: ModuleType, ectx: Any) -> tuple[Any, bytes]:
     return handle, public.marshal()
 
 
+def _open_tcti(tss: ModuleType, tcti: str) -> Any:
+    """A bare TCTI connection (no ESAPI context) for `modelcloak.keys.tpm_direct`; close it after use."""
+    return tss.TCTILdr.parse(tcti)
+
+
 @functools.cache
 def _primary_template_bytes(tss: ModuleType) -> bytes:
     return bytes(_primary_template(tss).marshal())
@@ -415,7 +420,7 @@ class TpmDeviceKey(DeviceKeyBase):
         """
         os.environ.setdefault("TSS2_LOG", "all+NONE")
         pcrs = self._identity.pcrs
-        with tss.TCTILdr.parse(self.tcti) as tcti:
+        with _open_tcti(tss, self.tcti) as tcti:
             tpm = TpmConnection(tcti)
             primary: PrimaryKey | None = None
             sealed: int | None = None

@@ -140,9 +140,7 @@ def test_control_without_the_hmac_check_a_flipped_ciphertext_gives_a_wrong_secre
     assert len(wrong) == 32 and wrong != right
 
 
-def test_the_tpm_refuses_the_direct_policy_session_after_a_bound_pcr_moves(
-    start_tpm: StartTpm, tmp_path: Path
-) -> None:
+def test_the_tpm_refuses_the_direct_policy_session_after_a_bound_pcr_moves(start_tpm: StartTpm, tmp_path: Path) -> None:
     from modelcloak.keys import tpm_direct
 
     t = tpm_api()

@@ -227,6 +227,7 @@ def bench_lock(
     epochs: int = 3,
     soft: bool = True,
     efficientnet: bool = True,
+    mnist: bool = True,
     prefer_tpm: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -237,7 +238,8 @@ def bench_lock(
     """Run every measurement of the lock scheme (see the module docstring); nothing is written.
 
     `synthetic_weights` adds a float32 MLP of about that many weights to the load timing (0: none);
-    `overhead_only` skips the accuracy, soft-lock and KS rows.
+    `overhead_only` skips the accuracy, soft-lock and KS rows; `mnist=False` leaves the two MNIST
+    models out (no training).
     """
     if repeats < 1 or epochs < 1:
         raise ModelcloakError("repeats and epochs must be at least 1")
@@ -250,8 +252,11 @@ def bench_lock(
     folder = Path(tempfile.mkdtemp(prefix="modelcloak-bench-lock-"))
     try:
         with _progress(progress, console) as advance:
-            advance("training the MNIST models")
-            models, split = _mnist_models(seed, epochs)
+            models: dict[str, Any] = {}
+            split: Any = None
+            if mnist:
+                advance("training the MNIST models")
+                models, split = _mnist_models(seed, epochs)
             host = generate_key_file(folder / "host.key")
             advance("enrolling two devices")
             devices = _Devices(folder, prefer_tpm)
@@ -431,7 +436,7 @@ def _overhead(
     import subprocess
     import sys
 
-    from modelcloak.eval.locktiming import FRESH_KEY
+    from modelcloak.eval.locktiming import ESAPI_KEY, FRESH_KEY
     from modelcloak.lock.kernel import _numba_installed
     from modelcloak.options import LockOptions
     from modelcloak.protector import protect
@@ -446,8 +451,12 @@ def _overhead(
     # "sealed" (the default method), then uniform-shift with the fastest kernel installed.
     # "sealed-fresh-key": the sealed bundle loaded with a new device key object each time (no
     # TPM contexts kept from an earlier load: what a process that loads one model pays).
+    # "sealed-esapi" (TPM devices only): the same with every unseal through ESAPI, the pre-round-6 path.
     kernels = ["sealed", FRESH_KEY, "numba" if _numba_installed() else "numpy"]
     paths = {"sealed": locked_sealed, FRESH_KEY: locked_sealed, kernels[2]: locked}
+    if devices.kind == "swtpm":
+        kernels.append(ESAPI_KEY)
+        paths[ESAPI_KEY] = locked_sealed
     spec = {
         "seal": str(sealed),
         "lock": str(locked),

@@ -157,3 +157,17 @@ def test_the_tpm_refuses_the_direct_policy_session_after_a_bound_pcr_moves(start
     assert refused.value.command == UNSEAL
     with pytest.raises(KeyProviderError, match="PCR 7 changed since enrolment"):
         provider._open_secret()  # the caller's message comes from the ESAPI path
+
+
+def test_direct_false_runs_esapi_only_and_derives_the_same_key(
+    tpm: swtpm.SwTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tpm_api()
+    provider, _ = enrolled(tpm, tmp_path)
+    key, spec = provider.new_key()
+    opened = record_wire(monkeypatch)  # the direct path's connections
+    esapi_only = t.TpmDeviceKey(tmp_path / "device", tcti=tpm.tcti, direct=False)
+    assert bytes(esapi_only.key_for(spec).view()) == bytes(key.view())
+    assert opened == []
+    assert bytes(provider.key_for(spec).view()) == bytes(key.view())  # control: the default opens one
+    assert len(opened) == 1

@@ -20,6 +20,9 @@ from swtpm import StartTpm  # noqa: E402 - fixtures start_tpm and tpm live in co
 from modelcloak.keys import KeyProviderError
 
 UNSEAL = 0x15E
+LOAD = 0x157
+# In a TPM2_Load response: header (10), objectHandle (4), parameterSize (4), name.size (2), name.
+LOAD_NAME_BYTE = 30
 # Offsets in a TPM2_Unseal response for a 32-byte secret: header (10), parameterSize (4),
 # outData.size (2), the encrypted secret (32), nonceTPM (2 + 32), attributes (1), HMAC (2 + 32).
 CIPHERTEXT_BYTE = 20
@@ -29,11 +32,12 @@ HMAC_BYTE = 100
 
 
 class RecordingTcti:
-    """A TCTI that records every exchange and flips one byte of the Unseal's response when asked."""
+    """A TCTI that records every exchange and flips one byte of one command's response when asked."""
 
-    def __init__(self, inner: Any, flip_at: int | None) -> None:
+    def __init__(self, inner: Any, flip_at: int | None, flip_in: int = UNSEAL) -> None:
         self.inner = inner
         self.flip_at = flip_at
+        self.flip_in = flip_in
         self.command_code = 0
         self.wire: list[bytes] = []
 
@@ -50,7 +54,7 @@ class RecordingTcti:
 
     def receive(self, size: int = 4096, timeout: int = -1) -> bytes:
         response = bytearray(self.inner.receive(size, timeout))
-        if self.command_code == UNSEAL and self.flip_at is not None:
+        if self.command_code == self.flip_in and self.flip_at is not None:
             response[self.flip_at] ^= 0x01
         self.wire.append(bytes(response))
         return bytes(response)
@@ -70,13 +74,15 @@ def enrolled(tpm: swtpm.SwTpm, tmp_path: Path, pcrs: list[int] | None = None) ->
     return provider, blobs
 
 
-def record_wire(monkeypatch: pytest.MonkeyPatch, flip_at: int | None = None) -> list[RecordingTcti]:
+def record_wire(
+    monkeypatch: pytest.MonkeyPatch, flip_at: int | None = None, flip_in: int = UNSEAL
+) -> list[RecordingTcti]:
     t = tpm_api()
     opened: list[RecordingTcti] = []
     real_open = t._open_tcti
 
     def recording(tss: Any, tcti: str) -> RecordingTcti:
-        opened.append(RecordingTcti(real_open(tss, tcti), flip_at))
+        opened.append(RecordingTcti(real_open(tss, tcti), flip_at, flip_in))
         return opened[-1]
 
     monkeypatch.setattr(t, "_open_tcti", recording)
@@ -123,6 +129,23 @@ def test_an_altered_unseal_response_is_refused(
     with pytest.raises(KeyProviderError, match="fails its HMAC"):
         provider.key_for(spec)
     assert esys_unseals == [], "an altered response must be refused, not retried through ESAPI"
+
+
+def test_a_load_response_naming_another_object_is_refused(
+    tpm: swtpm.SwTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tpm_api()
+    provider, blobs = enrolled(tpm, tmp_path)
+    with monkeypatch.context() as control:  # the same flip aimed at no command: the path works
+        record_wire(control, LOAD_NAME_BYTE, 0)
+        assert len(provider._unseal_direct(t.pytss(), blobs)) == 32
+    provider._saved = None  # so the next load sends TPM2_Load again
+    esys_unseals: list[int] = []
+    monkeypatch.setattr(provider, "_unseal_esys", lambda *a: esys_unseals.append(1))
+    record_wire(monkeypatch, LOAD_NAME_BYTE, LOAD)
+    with pytest.raises(KeyProviderError, match="names another object than sealed.pub"):
+        provider._open_secret()
+    assert esys_unseals == [], "refused outright, not retried through ESAPI"
 
 
 def test_control_without_the_hmac_check_a_flipped_ciphertext_gives_a_wrong_secret(

@@ -190,13 +190,27 @@ class TpmConnection:
         start = reader.at
         area = _Reader(reader.tpm2b())
         public = reader.data[start : reader.at]
+        reader.tpm2b()  # creationData
+        reader.tpm2b()  # creationHash
+        reader.take(6)  # creationTicket: tag, hierarchy
+        reader.tpm2b()  # creationTicket.digest
+        # As ESAPI does: the Name the TPM reports must be the one its public area gives.
+        if reader.tpm2b() != object_name(public):
+            self._flush_quietly(handle)
+            raise TpmIntegrityError("the TPM's CreatePrimary response names another object than its public area")
         return PrimaryKey(handle, public, *_ecc_point(area))
 
     def load(self, parent: int, private: bytes, public: bytes) -> int:
         """TPM2_Load of a sealed object under `parent` (empty password) from its marshalled blobs (Part 3, 12.2)."""
         body = struct.pack(">II", parent, len(_PASSWORD_AUTH)) + _PASSWORD_AUTH + private + public
         _, reader = self._command(_ST_SESSIONS, _CC_LOAD, body)
-        return reader.u32()
+        handle = reader.u32()
+        reader.u32()  # parameterSize
+        # As ESAPI does: the loaded object's Name must be the sealed public area's (its cpHash uses it).
+        if reader.tpm2b() != object_name(public):
+            self._flush_quietly(handle)
+            raise TpmIntegrityError("the TPM's Load response names another object than sealed.pub")
+        return handle
 
     def context_save(self, handle: int) -> bytes:
         """TPM2_ContextSave: the marshalled TPMS_CONTEXT, encrypted and MACed by the TPM (Part 3, 28.2)."""
@@ -212,6 +226,12 @@ class TpmConnection:
         """TPM2_FlushContext (Part 3, 28.4): transient objects outlive a connection without a resource manager."""
         self._command(_ST_NO_SESSIONS, _CC_FLUSH_CONTEXT, struct.pack(">I", handle))
 
+    def _flush_quietly(self, handle: int) -> None:
+        try:
+            self.flush(handle)
+        except Exception:  # best effort: the error being raised matters more
+            pass
+
     def unseal(self, primary: PrimaryKey, sealed: int, sealed_name: bytes, pcr_selection: bytes | None) -> bytearray:
         """Unseal `sealed` over a session salted with `primary`, response encrypted and HMAC-checked.
 
@@ -226,10 +246,7 @@ class TpmConnection:
                 self._command(_ST_NO_SESSIONS, _CC_POLICY_PCR, struct.pack(">I", session) + _tpm2b(b"") + pcr_selection)
             return self._unseal_in_session(session, session_key, nonce_tpm, sealed, sealed_name)
         except BaseException:
-            try:
-                self.flush(session)
-            except KeyProviderError:
-                pass  # already ended (a successful command without continueSession) or the TPM is gone
+            self._flush_quietly(session)  # unless a successful Unseal already ended it
             raise
 
     def _start_salted_session(self, primary: PrimaryKey, policy: bool) -> tuple[int, bytes, bytes]:

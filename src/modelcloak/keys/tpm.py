@@ -17,6 +17,10 @@ keep the TPM's saved contexts of the primary and the sealed object after its fir
 later load sends ContextLoad twice instead of CreatePrimary and Load (the TPM only accepts its own
 contexts, and none after a clear); the salted session and the Unseal run every time.
 
+A load sends those commands itself (`modelcloak.keys.tpm_direct`, the session crypto in
+`cryptography`): ESAPI's libtss2 3.2 crypto cost 6-9 ms of CPU per load. ESAPI stays for
+enrolment and re-runs any unseal the TPM refused, so the refusal names its cause.
+
 `TpmDeviceKey` turns the unsealed secret into model keys (see `modelcloak.keys.device` for the
 derivation, the owner's export and the trust assumption). The TCTI (how to reach the TPM) is
 `tcti`, else $TPM2TOOLS_TCTI, else $TSS2_TCTI, else "device:/dev/tpmrm0" (the kernel's resource

@@ -50,6 +50,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--before", type=Path, help="an older modelcloak/keys/tpm.py to compare with")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the medians (wall and CPU per variant)")
     args = parser.parse_args()
 
     from modelcloak.keys import tpm
@@ -63,6 +64,7 @@ def main() -> int:
         sys.modules["tpm_before"] = before  # dataclasses look their module up while it executes
         spec.loader.exec_module(before)
     root = Path(tempfile.mkdtemp(prefix="modelcloak-bench-tpm-"))
+    medians: dict[tuple[str, str], tuple[float, float]] = {}
     with SwTpm(root / "tpm") as software_tpm:
         for pcrs in (None, [7]):
             state = root / f"device-{'pcr' if pcrs else 'plain'}"
@@ -91,8 +93,29 @@ def main() -> int:
                 wall_ms = 1e3 * statistics.median(r[0] for r in runs)
                 cpu_ms = 1e3 * statistics.median(r[1] for r in runs)
                 label = "PCR 7" if pcrs else "no PCR"
+                medians[(label, name)] = (wall_ms, cpu_ms)
                 print(f"{label:6s}  {name:12s}  wall {wall_ms:6.2f} ms  CPU {cpu_ms:6.2f} ms  (n={len(runs)})")
+    if args.plot is not None:
+        _plot(medians, args.plot, args.repeats)
     return 0
+
+
+def _plot(medians: dict[tuple[str, str], tuple[float, float]], path: Path, repeats: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{enrolment}\n{name}" for enrolment, name in medians]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.5), sharey=True)
+    for axis, column, title in ((axes[0], 0, "wall"), (axes[1], 1, "CPU of this process")):
+        axis.barh(labels, [value[column] for value in medians.values()], color="tab:blue")
+        axis.set_xlabel(f"ms per unseal ({title}, median of {repeats})")
+        axis.invert_yaxis()
+    fig.suptitle("one TPM device-key unseal against swtpm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ The security properties are those of the ESAPI path in `modelcloak.keys.tpm`, co
 - the session is salted with the storage primary's ECC key (TPM 2.0 Part 1, 11.4.10.3 KDFe and
   Part 3, 11.1 StartAuthSession), so only that TPM can compute the session key;
 - the Unseal's response parameter (the secret) is AES-128-CFB encrypted on the wire (Part 1,
-  21.3) and its response HMAC is verified before the secret is used (Part 1, 19.6.16);
+  21.3) and its response HMAC is verified before the secret is used (Part 1, 19.6, HMAC computation);
 - a PCR-bound enrolment runs PolicyPCR in the same session before the Unseal (Part 3, 23.7);
 - the storage primary is re-created with the fixed template and compared with the enrolment's
-  device id (in `modelcloak.keys.tpm`), or reloaded from a context this TPM saved (Part 1, 30.3:
-  only the saving TPM, under the same hierarchy proof, accepts it).
+  device id (in `modelcloak.keys.tpm`), or reloaded from a context this TPM saved (Part 1, context
+  management: only the saving TPM, under the same hierarchy proof, accepts it).
 
 Any TPM error response raises `TpmCommandError`: the caller then re-runs the unseal through ESAPI,
 whose path names the cause (another TPM, a cleared one, a damaged file, a moved PCR). A response
@@ -44,7 +44,7 @@ from modelcloak.keys.errors import KeyProviderError
 
 __all__ = ["PrimaryKey", "TpmCommandError", "TpmConnection", "TpmIntegrityError", "object_name"]
 
-# TPM 2.0 Part 2 constants (6.9 TPM_ST, 6.5 TPM_CC, 7.4 TPM_RH / TPM_RS, 6.3 TPM_ALG_ID, 6.11 TPM_SE).
+# TPM 2.0 Part 2 constants (TPM_ST, TPM_CC, TPM_RH / TPM_RS, TPM_ALG_ID, TPM_SE).
 _ST_NO_SESSIONS = 0x8001
 _ST_SESSIONS = 0x8002
 _CC_CREATE_PRIMARY = 0x131
@@ -63,13 +63,14 @@ _ALG_AES = 0x0006
 _ALG_CFB = 0x0043
 _SE_HMAC = 0x00
 _SE_POLICY = 0x01
-# TPMA_SESSION (Part 2, 8.4): encrypt the response's first parameter; continueSession left clear
+# TPMA_SESSION (Part 2): encrypt the response's first parameter; continueSession left clear
 # so the TPM ends the session with the Unseal.
 _ATTR_ENCRYPT = 0x40
 _NONCE_SIZE = 32  # the session hash's digest size (Part 3, 11.1: 16 bytes at least)
 _MAX_RESPONSE = 4096
-# An empty password authorisation (Part 1, 19.6.4): TPM_RS_PW, empty nonce, no attributes, empty
-# password. Used where the ESAPI path uses ESYS_TR.PASSWORD (owner hierarchy, the primary).
+# An empty password authorisation (Part 1, password authorizations): TPM_RS_PW, empty nonce, no
+# attributes, empty password. Used where the ESAPI path uses ESYS_TR.PASSWORD (owner hierarchy,
+# the primary).
 _PASSWORD_AUTH = struct.pack(">IHBH", _RS_PW, 0, 0, 0)
 
 
@@ -252,8 +253,8 @@ class TpmConnection:
     def _start_salted_session(self, primary: PrimaryKey, policy: bool) -> tuple[int, bytes, bytes]:
         """TPM2_StartAuthSession salted with the primary's ECC key, AES-128-CFB, SHA-256 (Part 3, 11.1)."""
         # The salt: an ephemeral ECDH with the primary's public point, fed to KDFe with label
-        # "SECRET" and both x-coordinates (Part 1, annex C.6.1 "ECC secret sharing for
-        # StartAuthSession"; 11.4.10.3). Only the TPM holding the primary's private key recovers it.
+        # "SECRET" and both x-coordinates (Part 1, 11.4.10.3 and annex C, ECC secret sharing with
+        # ECDH). Only the TPM holding the primary's private key recovers it.
         curve = ec.SECP256R1()
         ephemeral = ec.generate_private_key(curve)
         tpm_key = ec.EllipticCurvePublicNumbers(
@@ -277,7 +278,8 @@ class TpmConnection:
         _, reader = self._command(_ST_NO_SESSIONS, _CC_START_AUTH_SESSION, body)
         session = reader.u32()
         nonce_tpm = reader.tpm2b()
-        # Unbound: sessionKey = KDFa(authHash, salt, "ATH", nonceTPM, nonceCaller, 256) (Part 1, 19.6.8).
+        # Unbound: sessionKey = KDFa(authHash, salt, "ATH", nonceTPM, nonceCaller, 256) (Part 1, 19.6,
+        # sessionKey creation).
         return session, _kdfa(salt, b"ATH", nonce_tpm, nonce_caller, 256), nonce_tpm
 
     def _unseal_in_session(
@@ -285,12 +287,12 @@ class TpmConnection:
     ) -> bytearray:
         """TPM2_Unseal (Part 3, 12.7) authorised by `session`; returns the decrypted, authenticated secret."""
         # The sealed object's authValue is empty (enrolment), so the HMAC and CFB keys are the
-        # session key alone (Part 1, 19.6.10: sessionKey || authValue).
+        # session key alone (Part 1, 19.6, HMAC computation: the key is sessionKey || authValue).
         nonce_caller = secrets.token_bytes(_NONCE_SIZE)
         attributes = bytes([_ATTR_ENCRYPT])
         # cpHash = H(commandCode || Name(itemHandle) || parameters) (Part 1, 18.7); Unseal has none.
         cp_hash = hashlib.sha256(struct.pack(">I", _CC_UNSEAL) + sealed_name).digest()
-        # Command HMAC over cpHash || nonceNewer (caller) || nonceOlder (TPM) || attributes (Part 1, 19.6.10).
+        # Command HMAC over cpHash || nonceNewer (caller) || nonceOlder (TPM) || attributes (Part 1, 19.6).
         command_hmac = hmac.digest(session_key, cp_hash + nonce_caller + nonce_tpm + attributes, "sha256")
         auth = struct.pack(">I", session) + _tpm2b(nonce_caller) + attributes + _tpm2b(command_hmac)
         _, reader = self._command(_ST_SESSIONS, _CC_UNSEAL, struct.pack(">II", sealed, len(auth)) + auth)
@@ -301,7 +303,7 @@ class TpmConnection:
         if reader.at != len(reader.data):
             raise TpmIntegrityError("the TPM's Unseal response has trailing bytes (malformed)")
         # rpHash = H(responseCode || commandCode || parameters) (Part 1, 18.8); the response HMAC over
-        # rpHash || nonceNewer (TPM) || nonceOlder (caller) || attributes (Part 1, 19.6.16).
+        # rpHash || nonceNewer (TPM) || nonceOlder (caller) || attributes (Part 1, 19.6).
         rp_hash = hashlib.sha256(struct.pack(">II", 0, _CC_UNSEAL) + parameters).digest()
         expected = hmac.digest(session_key, rp_hash + response_nonce + nonce_caller + response_attributes, "sha256")
         if not hmac.compare_digest(expected, response_hmac):
@@ -345,7 +347,7 @@ def _ecc_point(area: _Reader) -> tuple[bytes, bytes]:
 
 
 def pcr_selection_bytes(pcrs: Sequence[int]) -> bytes:
-    """A marshalled TPML_PCR_SELECTION of `pcrs` (0..23) in the SHA-256 bank (Part 2, 10.6.2, 10.9.7)."""
+    """A marshalled TPML_PCR_SELECTION of `pcrs` (0..23) in the SHA-256 bank (Part 2, TPMS_PCR_SELECTION)."""
     bitmap = bytearray(3)
     for index in pcrs:
         bitmap[index // 8] |= 1 << (index % 8)

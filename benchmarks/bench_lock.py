@@ -24,6 +24,7 @@ def main() -> int:
     )
     parser.add_argument("--overhead-only", action="store_true", help="only the load-time and size rows")
     parser.add_argument("--no-efficientnet", action="store_true", help="leave EfficientNet-Lite0 out")
+    parser.add_argument("--no-mnist", action="store_true", help="leave the MNIST models out (no training)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "lock")
     args = parser.parse_args()
 
@@ -36,6 +37,7 @@ def main() -> int:
         synthetic_weights=args.synthetic_weights,
         overhead_only=args.overhead_only,
         efficientnet=not args.no_efficientnet,
+        mnist=not args.no_mnist,
     )
     paths = write_lock_report(bench, args.out, command=command)
     print(paths["md"].read_text())

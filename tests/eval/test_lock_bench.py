@@ -86,13 +86,15 @@ def test_overhead_rows_and_report_files(bench, tmp_path):
     for row in bench.overhead:
         assert 0 < row.unlock_s < row.lock_load_s and row.seal_load_s > 0 and row.seal_cpu_s > 0
         assert row.weights > 0 and row.lock_bytes > row.seal_bytes > 0  # measured from the files
-        assert row.kernel in ("sealed", "sealed-fresh-key", "numpy", "numba")
+        assert row.kernel in ("sealed", "sealed-fresh-key", "sealed-esapi", "numpy", "numba")
         assert (row.cold_numba_s is None) == (row.kernel != "numba")
         if row.kernel.startswith("sealed"):  # the default method: no codes, so no size target to miss
             assert row.lock_bytes <= 1.1 * row.seal_bytes, row
         else:  # uniform-shift's 8-byte codes (the control: the size check can fail)
             assert row.lock_bytes > 1.5 * row.seal_bytes, row
     assert {r.kernel for r in bench.overhead} >= {"sealed", "sealed-fresh-key"}
+    # The pre-round-6 TPM path, timed in the same run, where the devices are TPMs.
+    assert ("sealed-esapi" in {r.kernel for r in bench.overhead}) == (bench.devices == "swtpm")
     synthetic = next(r for r in bench.overhead if r.model.startswith("synthetic"))
     assert 290_000 <= synthetic.weights <= 310_000
     paths = write_lock_report(bench, tmp_path)
@@ -101,3 +103,23 @@ def test_overhead_rows_and_report_files(bench, tmp_path):
         assert len(list(csv.DictReader(handle))) == len(bench.accuracy)
     text = paths["md"].read_text()
     assert "refused: " in text and "| mnist-cnn | uniform-shift |" in text
+
+
+def test_overhead_only_without_mnist_trains_nothing():
+    import swtpm
+
+    from modelcloak.eval.lockbench import bench_lock
+
+    swtpm.require_swtpm()
+    quick = bench_lock(
+        repeats=1,
+        epochs=1,
+        efficientnet=False,
+        mnist=False,
+        overhead_only=True,
+        progress=False,
+        synthetic_weights=50_000,
+    )
+    assert quick.accuracy == [] and quick.ks == []
+    assert {r.model for r in quick.overhead} == {"synthetic-mlp-50k"}
+    assert {r.kernel for r in quick.overhead} >= {"sealed", "sealed-fresh-key", "sealed-esapi"}

@@ -179,13 +179,30 @@ def _count_tpm_calls(monkeypatch: pytest.MonkeyPatch, t, *names: str) -> dict[st
     return calls
 
 
+def _count_direct_commands(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, int]:
+    """Count the commands named in `names` that the direct unseal path (keys.tpm_direct) sends."""
+    from modelcloak.keys import tpm_direct
+
+    calls = {name: 0 for name in names}
+    for name in names:
+        original = getattr(tpm_direct.TpmConnection, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(tpm_direct.TpmConnection, name, counted)
+    return calls
+
+
 def test_later_unseals_reuse_saved_objects_and_still_refuse_a_cleared_tpm(
     start_tpm: StartTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     t = tpm_api()
     a = start_tpm(tmp_path / "tpm-a")
     t.enroll_device(tmp_path / "device", tcti=a.tcti)
-    calls = _count_tpm_calls(monkeypatch, t, "create_primary", "load", "context_load", "unseal")
+    calls = _count_direct_commands(monkeypatch, "create_primary", "load", "context_load", "unseal")
+    esys = _count_tpm_calls(monkeypatch, t, "create_primary", "unseal")
     provider = t.TpmDeviceKey(tmp_path / "device", tcti=a.tcti)
     key, spec = provider.new_key()
     assert calls == {"create_primary": 1, "load": 1, "context_load": 0, "unseal": 1}
@@ -193,12 +210,15 @@ def test_later_unseals_reuse_saved_objects_and_still_refuse_a_cleared_tpm(
     # A second load in this process: the TPM reloads its own saved contexts, and still unseals.
     assert raw(provider.key_for(spec)) == raw(key)
     assert calls == {"create_primary": 1, "load": 1, "context_load": 2, "unseal": 2}
+    assert esys == {"create_primary": 0, "unseal": 0}, "a load that succeeds needs no ESAPI"
 
-    # After TPM2_Clear the TPM refuses the saved contexts; the full path names the cause.
+    # After TPM2_Clear the TPM refuses the saved contexts and the re-created storage key is not the
+    # enrolled one; the ESAPI full path then names the cause.
     swtpm.clear_tpm(a.tcti)
     with pytest.raises(KeyProviderError, match="cleared since"):
         provider.key_for(spec)
-    assert calls["context_load"] == 3 and calls["create_primary"] == 2
+    assert calls["context_load"] == 3 and calls["create_primary"] == 2 and calls["unseal"] == 2
+    assert esys["create_primary"] == 1
 
 
 def test_saved_objects_are_refused_by_another_tpm_and_follow_the_files(
@@ -210,13 +230,13 @@ def test_saved_objects_are_refused_by_another_tpm_and_follow_the_files(
     t.enroll_device(tmp_path / "device", tcti=a.tcti)
     provider = t.TpmDeviceKey(tmp_path / "device", tcti=a.tcti)
     key, spec = provider.new_key()
-    calls = _count_tpm_calls(monkeypatch, t, "context_load", "create_primary")
+    calls = _count_direct_commands(monkeypatch, "context_load", "create_primary", "unseal")
 
     # The same provider, pointed at another TPM: B's TPM2_ContextLoad refuses A's contexts.
     provider.tcti = b.tcti
     with pytest.raises(KeyProviderError, match="is not the one .* was enrolled on"):
         provider.key_for(spec)
-    assert calls == {"context_load": 1, "create_primary": 1}
+    assert calls == {"context_load": 1, "create_primary": 1, "unseal": 0}
 
     # Back on A (after a fresh first unseal), a sealed.priv altered on disk is not hidden by the contexts.
     provider.tcti = a.tcti

@@ -17,6 +17,10 @@ keep the TPM's saved contexts of the primary and the sealed object after its fir
 later load sends ContextLoad twice instead of CreatePrimary and Load (the TPM only accepts its own
 contexts, and none after a clear); the salted session and the Unseal run every time.
 
+A load sends those commands itself (`modelcloak.keys.tpm_direct`, the session crypto in
+`cryptography`): ESAPI's libtss2 3.2 crypto cost 6-9 ms of CPU per load. ESAPI stays for
+enrolment and re-runs any unseal the TPM refused, so the refusal names its cause.
+
 `TpmDeviceKey` turns the unsealed secret into model keys (see `modelcloak.keys.device` for the
 derivation, the owner's export and the trust assumption). The TCTI (how to reach the TPM) is
 `tcti`, else $TPM2TOOLS_TCTI, else $TSS2_TCTI, else "device:/dev/tpmrm0" (the kernel's resource
@@ -34,7 +38,7 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -56,6 +60,14 @@ from modelcloak.keys.device import (
 )
 from modelcloak.keys.errors import KeyProviderError
 from modelcloak.keys.providers import KEY_SIZE
+from modelcloak.keys.tpm_direct import (
+    PrimaryKey,
+    TpmCommandError,
+    TpmConnection,
+    TpmIntegrityError,
+    object_name,
+    pcr_selection_bytes,
+)
 
 __all__ = ["DEFAULT_TCTI", "PRIMARY_TEMPLATE", "TpmDeviceKey", "default_tcti", "enroll_device", "tpm_available"]
 
@@ -149,6 +161,16 @@ def _create_primary(tss: ModuleType, ectx: Any) -> tuple[Any, bytes]:
     return handle, public.marshal()
 
 
+def _open_tcti(tss: ModuleType, tcti: str) -> Any:
+    """A bare TCTI connection (no ESAPI context) for `modelcloak.keys.tpm_direct`; close it after use."""
+    return tss.TCTILdr.parse(tcti)
+
+
+@functools.cache
+def _primary_template_bytes(tss: ModuleType) -> bytes:
+    return bytes(_primary_template(tss).marshal())
+
+
 def _device_id(primary_public: bytes) -> str:
     return hashlib.sha256(b"modelcloak/v1/tpm-device\0" + primary_public).hexdigest()
 
@@ -175,6 +197,17 @@ def _encrypted_session(tss: ModuleType, ectx: Any, primary: Any, session_type: A
     )
     ectx.trsess_set_attributes(session, attributes)
     return session
+
+
+def _flush_direct(tpm: TpmConnection, *handles: int | None) -> None:
+    # As `flush`: best effort, the original error matters more.
+    for handle in handles:
+        if handle is None:
+            continue
+        try:
+            tpm.flush(handle)
+        except Exception:
+            pass
 
 
 def pcr_selection(tss: ModuleType, pcrs: Sequence[int]) -> Any:
@@ -307,18 +340,13 @@ class _SavedObjects:
     """TPM2_ContextSave blobs of a loaded primary and sealed object, and the sealed files they came from."""
 
     blobs: tuple[bytes, bytes]
-    primary: Any  # TPMS_CONTEXT, encrypted and integrity-protected by the TPM
-    sealed: Any
+    primary: PrimaryKey  # its public point salts the session; its handle is the one at save time
+    primary_context: bytes  # marshalled TPMS_CONTEXT, encrypted and integrity-protected by the TPM
+    sealed_context: bytes
 
 
-def _save_objects(
-    tss: ModuleType, ectx: Any, blobs: tuple[bytes, bytes], primary: Any, sealed: Any
-) -> _SavedObjects | None:
-    """TPM2_ContextSave of both objects (they stay loaded); None if the TPM declines: only later loads are slower."""
-    try:
-        return _SavedObjects(blobs, ectx.context_save(primary), ectx.context_save(sealed))
-    except tss.TSS2_Exception:
-        return None
+class _NotTheEnrolledTpm(Exception):
+    """The direct path met a storage key other than the enrolled one; the ESAPI path names the cause."""
 
 
 class TpmDeviceKey(DeviceKeyBase):
@@ -326,8 +354,11 @@ class TpmDeviceKey(DeviceKeyBase):
 
     name: ClassVar[str] = "tpm"
 
-    def __init__(self, state_dir: str | Path, *, tcti: str | None = None) -> None:
+    def __init__(self, state_dir: str | Path, *, tcti: str | None = None, direct: bool = True) -> None:
+        """`direct=False` runs every unseal through ESAPI (libtss2's crypto): slower by ~6 ms of CPU,
+        kept for comparison and as a way round a TPM or TCTI the direct path does not suit."""
         self.state_dir = Path(state_dir)
+        self.direct = direct
         self._state = read_state(self.state_dir, "tpm")
         self.tcti = tcti or _environment_tcti() or self._recorded_tcti() or DEFAULT_TCTI
         if self._state.get("primary_template") != PRIMARY_TEMPLATE:
@@ -337,7 +368,7 @@ class TpmDeviceKey(DeviceKeyBase):
             )
         self._identity = identity_from_state(self._state)
         # TPM contexts of the primary and the sealed object, kept after the first unseal so later
-        # loads skip CreatePrimary and Load (see _reload_objects); in this process's memory only.
+        # loads skip CreatePrimary and Load (see _unseal_direct); in this process's memory only.
         self._saved: _SavedObjects | None = None
         # Importing tpm2-pytss costs ~50 ms of CPU; paid here, once, rather than inside the first load.
         # A missing install is reported when the TPM is first used, as before.
@@ -365,15 +396,81 @@ class TpmDeviceKey(DeviceKeyBase):
         if make_fingerprint("tpm", self._identity.device_id, hashlib.sha256(public_blob).digest()) != fingerprint:
             raise KeyProviderError(f"{SEALED_PUBLIC} in {self.state_dir} does not belong to enrolment {fingerprint}")
         blobs = (public_blob, private_blob)
+        try:
+            if not self.direct:
+                raise _NotTheEnrolledTpm()  # not a refusal: the caller asked for ESAPI
+            raw = self._unseal_direct(tss, blobs)
+        except TpmIntegrityError:
+            raise  # an altered response is refused, never retried quietly
+        except (TpmCommandError, _NotTheEnrolledTpm, tss.TSS2_Exception):
+            # A refusal (or no TPM at all): ESAPI's full path runs the same commands again and
+            # names the cause. Only refusals pay for it.
+            self._saved = None
+            raw = self._unseal_esys(tss, blobs)
+        secret = secret_buffer(KEY_SIZE)
+        try:
+            if len(raw) != KEY_SIZE:
+                secret.close()
+                raise KeyProviderError(f"the sealed device secret in {self.state_dir} has the wrong size")
+            secret.view()[:] = raw
+        finally:
+            raw[:] = bytes(len(raw))
+        return secret
+
+    def _unseal_direct(self, tss: ModuleType, blobs: tuple[bytes, bytes]) -> bytearray:
+        """The unseal through `modelcloak.keys.tpm_direct`: session crypto in `cryptography`, not libtss2.
+
+        Later loads of this key object reload the TPM's saved contexts of the primary and the
+        sealed object instead of CreatePrimary and Load. TPM2_ContextLoad checks a saved context's
+        integrity with a key derived from the owner hierarchy's proof value: only the TPM that saved
+        it accepts it, and not after TPM2_Clear (a new proof) or a TPM Reset. So a context that
+        loads is the same enrolled TPM the full path checked, and the Unseal still runs in the TPM
+        each time, under the same policy. Sealed files changed on disk since take the full path.
+        """
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
+        pcrs = self._identity.pcrs
+        with _open_tcti(tss, self.tcti) as tcti:
+            tpm = TpmConnection(tcti)
+            primary: PrimaryKey | None = None
+            sealed: int | None = None
+            fresh: _SavedObjects | None = None
+            try:
+                saved = self._saved
+                if saved is not None and saved.blobs == blobs:
+                    try:
+                        primary = replace(saved.primary, handle=tpm.context_load(saved.primary_context))
+                        sealed = tpm.context_load(saved.sealed_context)
+                    except TpmCommandError:
+                        self._saved = None  # not this TPM's contexts (any more): the full path decides
+                        _flush_direct(tpm, primary.handle if primary else None)
+                        primary = None
+                if primary is None:
+                    primary = tpm.create_primary(_primary_template_bytes(tss))
+                    if _device_id(primary.public) != self._identity.device_id:
+                        raise _NotTheEnrolledTpm()
+                    sealed = tpm.load(primary.handle, blobs[1], blobs[0])
+                    try:
+                        fresh = _SavedObjects(
+                            blobs, primary, tpm.context_save(primary.handle), tpm.context_save(sealed)
+                        )
+                    except TpmCommandError:
+                        fresh = None  # the TPM declined: only later loads are slower
+                assert sealed is not None
+                selection = pcr_selection_bytes(pcrs) if pcrs else None
+                raw = tpm.unseal(primary, sealed, object_name(blobs[0]), selection)
+                if fresh is not None:
+                    self._saved = fresh
+                return raw
+            finally:
+                _flush_direct(tpm, sealed, primary.handle if primary else None)
+
+    def _unseal_esys(self, tss: ModuleType, blobs: tuple[bytes, bytes]) -> bytearray:
+        """The full unseal through ESAPI: CreatePrimary, Load, salted session, Unseal; every refusal named."""
         pcrs = self._identity.pcrs
         with esapi(self.tcti) as ectx:
             primary = sealed = session = None
             try:
-                saved: _SavedObjects | None = None
-                primary, sealed = self._reload_objects(tss, ectx, blobs)
-                if primary is None:
-                    primary, sealed = self._load_objects(tss, ectx, blobs)
-                    saved = _save_objects(tss, ectx, blobs, primary, sealed)
+                primary, sealed = self._load_objects(tss, ectx, blobs)
                 if pcrs:
                     session = _encrypted_session(tss, ectx, primary, tss.TPM2_SE.POLICY, tss.TPMA_SESSION.ENCRYPT)
                     ectx.policy_pcr(session, tss.TPM2B_DIGEST(), pcr_selection(tss, pcrs))
@@ -387,43 +484,9 @@ class TpmDeviceKey(DeviceKeyBase):
                     if pcrs and exc.error in (tss.TPM2_RC.POLICY_FAIL, tss.TPM2_RC.PCR_CHANGED, tss.TPM2_RC.VALUE):
                         raise KeyProviderError(self._pcr_refusal(tss, ectx)) from None
                     raise KeyProviderError(f"the TPM refused to unseal the device secret ({exc})") from None
-                if saved is not None:
-                    self._saved = saved
             finally:
                 flush(ectx, session, sealed, primary)
-        secret = secret_buffer(KEY_SIZE)
-        raw = bytearray(bytes(data))
-        try:
-            if len(raw) != KEY_SIZE:
-                secret.close()
-                raise KeyProviderError(f"the sealed device secret in {self.state_dir} has the wrong size")
-            secret.view()[:] = raw
-        finally:
-            raw[:] = bytes(len(raw))
-        return secret
-
-    def _reload_objects(self, tss: ModuleType, ectx: Any, blobs: tuple[bytes, bytes]) -> tuple[Any, Any]:
-        """The primary and the sealed object from the contexts saved by an earlier unseal, or (None, None).
-
-        TPM2_ContextLoad checks the saved context's integrity with a key derived from the owner
-        hierarchy's proof value: only the TPM that saved it accepts it, and not after TPM2_Clear
-        (a new proof) or a TPM Reset. So a context that loads is the same enrolled TPM the full path
-        checked, and the unseal below still runs in the TPM each time, under the same policy.
-        Anything else (including sealed blobs changed on disk since) takes the full path, which
-        names the cause.
-        """
-        saved = self._saved
-        if saved is None or saved.blobs != blobs:
-            return None, None
-        primary = sealed = None
-        try:
-            primary = ectx.context_load(saved.primary)
-            sealed = ectx.context_load(saved.sealed)
-        except tss.TSS2_Exception:
-            flush(ectx, primary)
-            self._saved = None
-            return None, None
-        return primary, sealed
+        return bytearray(bytes(data))
 
     def _load_objects(self, tss: ModuleType, ectx: Any, blobs: tuple[bytes, bytes]) -> tuple[Any, Any]:
         """Re-create the storage primary, check it is the enrolled TPM's, and load the sealed object."""

@@ -173,6 +173,17 @@ def test_wrong_measurement_is_refused(world: World) -> None:
     assert world.release(measurements=MEASUREMENT)[:32] == world.model_key
 
 
+def test_a_refused_attempt_spends_its_nonce(world: World) -> None:
+    """A refused release spends its nonce (on PostgreSQL after the checks, on another connection), so the
+    same nonce cannot be tried again with other evidence. Control: a fresh nonce is granted."""
+    nonce = world.service.new_nonce(world.licence)[0]
+    with refused("measurement app is cd"):
+        world.release(nonce=nonce, measurements={"app": "cd" * 32})
+    with refused("nonce already used"):
+        world.release(nonce=nonce)
+    assert world.release()[:32] == world.model_key
+
+
 def test_licence_measurements_override_the_devices(world: World) -> None:
     licence = world.service.issue_licence("mnist", device_id="dev1", allow_sim=True, measurements={"app": "ef" * 32})
     with refused("expected efef"):

@@ -883,23 +883,28 @@ class OwnerService:
                     subject,
                     rows=(RowColumns(row, "l_", _LICENCES), device),
                 )
-            except RequestRefused:
-                # As on the transactional path: a refused attempt spends its nonce, not synced.
-                self._spend_refused(licence_id, nonce, expires_at, now)
-                raise
-            spent = connection.execute(
-                _SPEND_AND_AUDIT,
-                {
-                    "b_value": nonce.hex(),
-                    "b_lid": licence_id,
-                    "b_expires": expires_at,
-                    "b_now": now,
-                    "a_at": now_utc(),
-                    "a_detail": json.dumps(detail, default=str),
-                },
-            ).scalar_one()
-            if not spent:  # another request spent it between the read and now
-                raise RequestRefused("nonce already used: replayed request")
+            except RequestRefused as exc:
+                refusal: RequestRefused | None = exc
+            else:
+                refusal = None
+                spent = connection.execute(
+                    _SPEND_AND_AUDIT,
+                    {
+                        "b_value": nonce.hex(),
+                        "b_lid": licence_id,
+                        "b_expires": expires_at,
+                        "b_now": now,
+                        "a_at": now_utc(),
+                        "a_detail": json.dumps(detail, default=str),
+                    },
+                ).scalar_one()
+                if not spent:  # another request spent it between the read and now
+                    raise RequestRefused("nonce already used: replayed request")
+        if refusal is not None:
+            # As on the transactional path: a refused attempt spends its nonce, not synced. On another
+            # connection, after this one went back to the pool: a thread never holds two of them.
+            self._spend_refused(licence_id, nonce, expires_at, now)
+            raise refusal
         if self._sweep_due():
             with self.store.connection() as connection:
                 self._sweep_nonces(connection, now)

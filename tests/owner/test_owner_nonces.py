@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,44 @@ def test_a_release_cut_off_by_a_postgresql_crash_is_503_and_its_nonce_works_afte
                 body, _ = release_body(device, licence, used)
                 replay = client.post("/v1/release", json=body)
                 assert replay.status_code == 403 and "already used" in replay.json()["error"]
+        finally:
+            client.close()
+            store.close()
+
+
+@pytest.mark.slow
+def test_after_a_postgresql_restart_an_idle_backend_pings_its_pool_and_answers(tmp_path: Path, monkeypatch) -> None:
+    """Pooled connections idle over store.IDLE_PING_SECONDS are pinged before use (every checkout was,
+    with pool_pre_ping, at a round trip per release). After PostgreSQL restarts under an idle backend,
+    the ping finds the dead connection, the pool is replaced and the first release is granted. Control:
+    with the ping turned off (an idle limit no connection reaches), the same first release is a 503."""
+    from modelcloak.owner import store as store_module
+
+    idle = store_module.IDLE_PING_SECONDS + 0.2
+    with PostgresCluster(require_postgres()) as cluster:  # its own cluster: this test kills it
+        store = Store(cluster.new_database())
+        service = OwnerService(store, MasterKey(secrets.token_bytes(32)))
+        service.register_model("m", secrets.token_bytes(32))
+        device = SimDevice.create(tmp_path / "dev1.pem")
+        service.enroll_device("dev1", "sim", MEASUREMENT, identity=device.identity)
+        licence = service.issue_licence("m", device_id="dev1", allow_sim=True)
+        client = TestClient(create_app(service, rate=0), raise_server_exceptions=False)
+
+        def release_after_restart() -> int:
+            answer = client.post("/v1/nonce", json={"licence_id": licence})
+            body, _ = release_body(device, licence, base64.b64decode(answer.json()["nonce"]))
+            assert client.post("/v1/release", json=body).status_code == 200  # the pool holds live connections
+            cluster.kill9()
+            cluster.restart()
+            time.sleep(idle)  # the backend sat idle through it
+            answer = client.post("/v1/nonce", json={"licence_id": licence})
+            body, _ = release_body(device, licence, base64.b64decode(answer.json()["nonce"]))
+            return client.post("/v1/release", json=body).status_code
+
+        try:
+            assert release_after_restart() == 200
+            monkeypatch.setattr(store_module, "IDLE_PING_SECONDS", 3600.0)
+            assert release_after_restart() == 503
         finally:
             client.close()
             store.close()

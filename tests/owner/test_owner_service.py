@@ -112,6 +112,35 @@ def test_replayed_nonce_is_refused(world: World) -> None:
         world.release(nonce=nonce)
 
 
+def test_a_nonce_spent_while_its_release_is_checked_grants_nothing(world: World, monkeypatch) -> None:
+    """PostgreSQL releases read, check, then spend the nonce and write the grant's audit entry in one
+    statement (service._SPEND_AND_AUDIT). A concurrent request that spends the nonce in between (here:
+    while the evidence is being verified) must leave this release refused with no key and no "ok"
+    audit entry. Control: the same release without the interloper is granted and audited once."""
+    if world.service.store.dialect != "postgresql":
+        pytest.skip("SQLite releases hold the database's write lock from the spend on: no window to race")
+    verifier = world.service.registry.get("sim")
+    real_verify = verifier.verify
+    nonce = world.service.new_nonce(world.licence)[0]
+
+    def verify_after_an_interloper_spent_the_nonce(evidence: bytes, *, now: datetime):
+        with world.service.store.connection() as connection:
+            world.service._spend_nonce(connection, world.licence, nonce, now + timedelta(minutes=2), now)
+        return real_verify(evidence, now=now)
+
+    def grants() -> int:
+        return sum(1 for e in _audit(world) if e.event == "key.release" and e.outcome == "ok")
+
+    monkeypatch.setattr(verifier, "verify", verify_after_an_interloper_spent_the_nonce)
+    before = grants()
+    with refused("nonce already used"):
+        world.release(nonce=nonce)
+    assert grants() == before
+    monkeypatch.setattr(verifier, "verify", real_verify)
+    assert world.release()[:32] == world.model_key
+    assert grants() == before + 1
+
+
 def test_unknown_or_foreign_or_expired_nonce_is_refused(world: World) -> None:
     with refused("unknown nonce"):
         world.release(nonce=secrets.token_bytes(32))
@@ -142,6 +171,17 @@ def test_wrong_measurement_is_refused(world: World) -> None:
     with refused("measurement app is missing"):
         world.release(measurements={"other": "ab" * 32})
     assert world.release(measurements=MEASUREMENT)[:32] == world.model_key
+
+
+def test_a_refused_attempt_spends_its_nonce(world: World) -> None:
+    """A refused release spends its nonce (on PostgreSQL after the checks, on another connection), so the
+    same nonce cannot be tried again with other evidence. Control: a fresh nonce is granted."""
+    nonce = world.service.new_nonce(world.licence)[0]
+    with refused("measurement app is cd"):
+        world.release(nonce=nonce, measurements={"app": "cd" * 32})
+    with refused("nonce already used"):
+        world.release(nonce=nonce)
+    assert world.release()[:32] == world.model_key
 
 
 def test_licence_measurements_override_the_devices(world: World) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,12 +100,24 @@ def seal_row(tag_key: bytes, row: Licence | Device) -> None:
     row.row_tag = row_tag(tag_key, row)
 
 
+class RowColumns:
+    """One table's columns out of a joined Core row (labelled `prefix` + column name), read like a Core
+    row of that table: by attribute, and as a tuple of its values in column order."""
+
+    def __init__(self, row: Row, prefix: str, table: Any) -> None:
+        mapping = row._mapping
+        self.__dict__.update({column.name: mapping[prefix + column.name] for column in table.c})
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.__dict__.values())
+
+
 def check_row(tag_key: bytes, row: Any) -> None:
     """Refuse a row whose columns were changed by anything but the backend (or that was never tagged)."""
     # A Core row whose every column, tag included, equals one that passed under the same key passes
     # again (the tag is a function of exactly those values), so it is not recomputed: the key release
     # reads the same licence and device rows over and over.
-    memo = (tag_key, tuple(row)) if isinstance(row, Row) else None
+    memo = (tag_key, tuple(row)) if isinstance(row, Row | RowColumns) else None
     if memo is not None and memo in _verified:
         return
     what = f"licence {row.id}" if _table_of(row) == "licences" else f"device {row.id}"

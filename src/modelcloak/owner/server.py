@@ -67,7 +67,7 @@ def serve(
         service.refusals.record("http.refused", "(headers)", status=408, reason="header timeout", client=address)
         app.metrics.refusals.labels("other", "header_timeout").inc()
 
-    protocol = header_deadline_protocol(header_timeout, headers_late) if header_timeout > 0 else None
+    protocol = header_deadline_protocol(header_timeout, headers_late)
     if protocol is None and header_timeout > 0:
         _log.warning("httptools is not installed: request headers have no deadline (pip install httptools)")
     config = uvicorn.Config(

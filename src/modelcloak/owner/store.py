@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -43,7 +44,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -238,11 +239,43 @@ def make_engine(location: str | Path) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=16)
         _sqlite_discipline(engine)
     elif backend == "postgresql":
-        engine = create_engine(url, pool_size=16, max_overflow=8, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=16, max_overflow=8)
+        _ping_idle_connections(engine)
     else:
         raise OwnerError(f"database {backend!r} is not supported; use a SQLite file or a postgresql:// URL")
     event.listen(engine, "before_cursor_execute", _refuse_audit_rewrite, retval=False)
     return engine
+
+
+# A pooled PostgreSQL connection idle longer than this is pinged before use.
+IDLE_PING_SECONDS = 1.0
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """SQLAlchemy's pool_pre_ping, but only for connections idle more than IDLE_PING_SECONDS.
+
+    pool_pre_ping sends a `SELECT 1` on every checkout: a third of a key release's round trips on
+    PostgreSQL. A connection used within the last second needs no ping: if the server died since,
+    the statement fails, SQLAlchemy recognises the disconnect and invalidates the pool, and the
+    client gets 503 as it would for a crash mid-statement. After an outage seen by an idle backend
+    (the case pre-ping is for), a dead connection is still found here and the whole pool replaced
+    (InvalidatePoolError, what pre-ping raises), so the request gets a fresh connection."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return  # a fresh connection, or one in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                raise InvalidatePoolError() from error
+            raise
 
 
 def _sqlite_discipline(engine: Engine) -> None:
@@ -412,6 +445,17 @@ class Store:
                 failure = DatabaseUnavailable(f"database error: {_first_line(exc)}")
                 failure.retryable = getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
                 raise failure from None
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A Core connection on which every statement is its own transaction: no BEGIN and COMMIT round
+        trips. For the key release on PostgreSQL, whose grant is one statement (service._SPEND_AND_AUDIT)."""
+        with self._local_writer:
+            try:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                    yield connection
+            except OperationalError as exc:
+                raise DatabaseUnavailable(f"database error: {_first_line(exc)}") from None
 
     def audit_row(self, connection: Connection, event_name: str, subject: str, outcome: str, **detail: Any) -> None:
         """`audit` for a Core connection."""

@@ -1075,6 +1075,8 @@ class EnclaveClient:
                 if want is not None and array.dtype is not want and array.dtype != want:
                     crosses_kind = array.dtype.kind in "biu" and want.kind in "fc"  # ids or masks as floats
                     if crosses_kind or not np.can_cast(array.dtype, want, casting="same_kind"):
+                        if any(other.name not in feeds for other in info.inputs):
+                            break  # wrong names are reported first, whatever else is wrong
                         raise EnclaveError(f"input {spec.name!r} must be {want.name}, got {array.dtype.name}")
                     array = array.astype(want)
                 tensors.append((spec.name, array))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -587,6 +588,26 @@ def test_session_timeout_bounds_run(tmp_path: Path) -> None:
                 session.run(x)
         finally:
             os.kill(session.enclave.pid, signal.SIGCONT)
+
+
+def test_host_refuses_feeds_that_do_not_name_the_enclave_inputs(scores_enclave: EnclaveClient, reference) -> None:
+    """The per-call feed check (one pass over READY's inputs) refuses what the general check did:
+    a missing name, an extra name, a renamed input (same count), integers for a float input.
+    Control: the right name runs, as does a list or a float64 array (cast, same kind)."""
+    x = samples(5, 3)
+    served = scores_enclave.stats().requests_served
+    for feeds, words in [
+        ({}, "missing 'h'"),
+        ({"h": x, "extra": x}, "unknown 'extra'"),
+        ({"hh": x}, "missing 'h'; unknown 'hh'"),
+        ({"h": x.astype(np.int64)}, "input 'h' must be float32, got int64"),
+    ]:
+        with pytest.raises(EnclaveError, match=re.escape(words)):
+            scores_enclave.infer(feeds)
+    assert scores_enclave.stats().requests_served == served  # refused here, nothing was sent
+    expected = reference(x)
+    for value in (x, x.tolist(), x.astype(np.float64)):
+        np.testing.assert_allclose(scores_enclave.infer({"h": value})["logits"], expected, rtol=0, atol=1e-5)
 
 
 def test_several_threads_each_get_their_own_answer(scores_enclave: EnclaveClient, reference) -> None:

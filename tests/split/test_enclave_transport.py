@@ -193,6 +193,54 @@ def test_known_tensors_accept_no_damaged_request_the_general_path_refuses() -> N
     assert accepted > len(valid)  # the data bytes may change freely
 
 
+@pytest.mark.parametrize("empty", [0, 1, 2], ids=["first-empty", "last-empty", "both-empty"])
+def test_known_tensors_carry_empty_tensors_like_the_general_codec(empty: int) -> None:
+    """A zero-size tensor has no data part: its header travels with the next one (or last). The
+    bytes equal tensor_parts' and decode back; the decoder then refuses a trailing byte and a
+    missing one. Control: the same layout with data in both tensors takes the same paths."""
+    known = protocol.KnownTensors(_SPECS)
+    h = np.zeros((0, 4), np.float32) if empty in (0, 2) else np.ones((2, 4), np.float32)
+    ids = np.zeros((0,), np.int64) if empty in (1, 2) else np.arange(3, dtype=np.int64)
+    for tensors in ([("h", h), ("ids", ids)], [("h", np.ones((1, 4), np.float32)), ("ids", np.ones(1, np.int64))]):
+        parts = known.parts(tensors)
+        assert parts is not None
+        wire = b"".join(parts)
+        assert wire == b"".join(protocol.tensor_parts(tensors))
+        decoded = known.decode(bytearray(wire))
+        assert decoded is not None
+        assert [(a.dtype, a.shape) for a in decoded] == [(t.dtype, t.shape) for _, t in tensors]
+        assert known.decode(bytearray(wire + b"\x00")) is None
+        assert known.decode(bytearray(wire[:-1])) is None
+
+
+def test_known_tensors_of_no_tensors_accept_exactly_an_empty_list() -> None:
+    known = protocol.KnownTensors(())
+    assert known.parts([]) == [protocol.encode_tensors([])]
+    assert known.decode(bytearray(protocol.encode_tensors([]))) == []
+    assert known.decode(bytearray(b"\x00\x00\x00")) is None  # trailing byte
+    assert known.decode(bytearray(b"\x00\x01")) is None  # claims a tensor
+    assert known.parts([("h", np.ones(1, np.float32))]) is None
+
+
+def test_enclave_reply_path_sends_the_frame_send_would() -> None:
+    """send_parts (the reply path, lengths counted by the caller) writes the same bytes as send."""
+    host, enclave = socket.socketpair()
+    channel = Channel(enclave.fileno(), 1 << 24)
+    tensors = [("label", np.arange(5, dtype=np.int64))]
+    parts = protocol.tensor_parts(tensors)
+    try:
+        channel.send(MsgType.RESULT, 9, parts)
+        channel.send_parts(MsgType.RESULT, 9, parts, sum(map(len, parts)))
+        one = b"".join(protocol.frame_parts(MsgType.RESULT, 9, parts))
+        received = b""
+        while len(received) < 2 * len(one):
+            received += host.recv(65536)
+        assert received == one + one
+    finally:
+        host.close()
+        enclave.close()
+
+
 def test_enclave_channel_send_survives_partial_writes() -> None:
     host, enclave = socket.socketpair()
     enclave.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)

@@ -389,43 +389,52 @@ class KnownTensors:
     def __init__(self, specs: Sequence[TensorSpec]) -> None:
         self.names = [spec.name for spec in specs]
         self._count = _U16.pack(len(specs))
-        self._items: list[tuple[bytes, struct.Struct, np.dtype, tuple[tuple[int, int], ...]]] = []
+        # Per tensor: its header's fixed part (the first one led by the tensor count), the dims'
+        # struct, dtype, rank and (axis, size) of each fixed dim. Built once: a call only packs or
+        # compares; what differs from the general codec is the order of the checks, not which.
+        self._items: list[tuple[bytes, struct.Struct, np.dtype, int, tuple[tuple[int, int], ...]]] = []
         self.usable = len(specs) <= MAX_TENSORS and all(
             spec.dtype is not None and len(spec.shape) <= MAX_RANK for spec in specs
         )
         if not self.usable:
             return
-        for spec in specs:
+        for index, spec in enumerate(specs):
             assert spec.dtype is not None
             code = dtype_code(spec.dtype)
             prefix = _str16(spec.name) + _U8_PAIR.pack(code, len(spec.shape))
+            if index == 0:
+                prefix = self._count + prefix
             fixed = tuple((axis, dim) for axis, dim in enumerate(spec.shape) if dim is not None)
-            self._items.append((prefix, _DIMS[len(spec.shape)], DTYPE_BY_CODE[code], fixed))
+            self._items.append((prefix, _DIMS[len(spec.shape)], DTYPE_BY_CODE[code], len(spec.shape), fixed))
 
     def parts(self, tensors: Sequence[tuple[str, np.ndarray]]) -> list[bytes | memoryview] | None:
         """What `tensor_parts(tensors)` returns, or None if a tensor does not fit its spec."""
         if not self.usable or len(tensors) != len(self._items):
             return None
-        head = [self._count]
+        if not tensors:
+            return [self._count]
         parts: list[bytes | memoryview] = []
-        for (prefix, dims, dtype, fixed), expected, (name, array) in zip(self._items, self.names, tensors):
-            if (
-                name != expected
-                or type(array) is not np.ndarray
-                or array.dtype != dtype
-                or array.ndim != dims.size // 8
-                or not array.flags.c_contiguous
-                or any(array.shape[axis] != dim for axis, dim in fixed)
-            ):
+        pending = b""  # header bytes of zero-size tensors, sent with the next header
+        for (prefix, dims, dtype, rank, fixed), expected, (name, array) in zip(self._items, self.names, tensors):
+            if name != expected or type(array) is not np.ndarray:
                 return None
-            head.append(prefix)
-            head.append(dims.pack(*array.shape))
+            got = array.dtype
+            if (got is not dtype and got != dtype) or array.ndim != rank or not array.flags.c_contiguous:
+                return None
+            shape = array.shape
+            for axis, dim in fixed:
+                if shape[axis] != dim:
+                    return None
+            header = prefix + dims.pack(*shape)
+            if pending:
+                header, pending = pending + header, b""
             if array.nbytes:
-                parts.append(b"".join(head))
+                parts.append(header)
                 parts.append(memoryview(array).cast("B"))
-                head = []
-        if head:
-            parts.append(b"".join(head))
+            else:
+                pending = header
+        if pending:
+            parts.append(pending)
         return parts
 
     def decode(self, payload: bytes | bytearray | memoryview) -> list[np.ndarray] | None:
@@ -435,23 +444,27 @@ class KnownTensors:
         if isinstance(payload, memoryview):
             payload = payload.tobytes()
         size = len(payload)
-        if not payload.startswith(self._count):
-            return None
-        pos = 2
+        if not self._items:
+            return [] if payload == self._count else None
+        pos = 0
         arrays = []
-        for prefix, dims_format, dtype, fixed in self._items:
-            if not payload.startswith(prefix, pos) or pos + len(prefix) + dims_format.size > size:
+        for prefix, dims_format, dtype, _rank, fixed in self._items:
+            if not payload.startswith(prefix, pos):
                 return None
-            dims = dims_format.unpack_from(payload, pos + len(prefix))
-            pos += len(prefix) + dims_format.size
+            pos += len(prefix)
+            if pos + dims_format.size > size:
+                return None
+            dims = dims_format.unpack_from(payload, pos)
+            pos += dims_format.size
             for axis, dim in fixed:
                 if dims[axis] != dim:
                     return None
-            nbytes = math.prod(dims) * dtype.itemsize
+            count = math.prod(dims)
+            nbytes = count * dtype.itemsize
             if nbytes > size - pos:
                 return None
             try:
-                array = np.ndarray(dims, dtype, buffer=payload, offset=pos)
+                array = np.frombuffer(payload, dtype, count, pos).reshape(dims)
             except (TypeError, ValueError, OverflowError):  # dims numpy cannot represent
                 return None
             if not array.flags.aligned:

@@ -234,10 +234,22 @@ class Channel:
     ) -> None:
         """One frame; `payload` is a buffer or a list of buffers (protocol.tensor_parts) sent as they are."""
         parts: list[protocol.Buffer] = list(payload) if isinstance(payload, list) else [payload]
-        frame = protocol.frame_parts(msg_type, request_id, parts)
+        body = protocol.frame_length(parts) - protocol.FRAME_OVERHEAD
+        length = protocol.FRAME_OVERHEAD + body
+        if length > protocol.MAX_MAX_FRAME_BYTES:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"a frame of {length} bytes does not fit a u32 length")
+        self.send_parts(msg_type, request_id, parts, body)
+
+    def send_parts(self, msg_type: MsgType, request_id: int, parts: Sequence[protocol.Buffer], body: int) -> None:
+        """One frame of `parts`, whose lengths the caller has already added up to `body` (and checked
+        against the frame limit): the per-call reply path counts its parts once, not three times."""
+        frame: list[protocol.Buffer] = [
+            protocol.FRAME_HEADER.pack(protocol.FRAME_OVERHEAD + body, msg_type, request_id),
+            *parts,
+        ]
         if len(frame) <= _MAX_IOVECS:
             written = os.writev(self.fd, frame)
-            if written == protocol.HEADER_SIZE - protocol.FRAME_OVERHEAD + protocol.frame_length(parts):
+            if written == protocol.HEADER_SIZE + body:
                 return  # the usual case: the whole frame in one call
         else:
             written = 0
@@ -532,7 +544,9 @@ class EnclaveServer:
 
     def _dispatch(self, frame: _Frame) -> None:
         kind = frame.type
-        if kind == MsgType.PING:
+        if kind is MsgType.INFER and self._session is not None:  # the per-call case, tested first
+            self._infer(frame)
+        elif kind == MsgType.PING:
             self.channel.send(MsgType.PONG, frame.request_id, frame.payload)
         elif kind == MsgType.LOAD:
             self._load(frame)
@@ -801,7 +815,7 @@ class EnclaveServer:
             raise Refusal(ErrorCode.INFERENCE_FAILED, str(exc)) from None
         # Views of the result arrays: written, not copied.
         payload = self._reply.parts(results) or protocol.tensor_parts(results)
-        size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
+        size = sum(map(len, payload))
         if protocol.FRAME_OVERHEAD + size > self.channel.max_frame_bytes:
             raise Refusal(
                 ErrorCode.FRAME_TOO_LARGE,
@@ -817,7 +831,7 @@ class EnclaveServer:
             if blob is not None:
                 self.channel.send(MsgType.BUDGET_STATE, frame.request_id, blob)
         self._meter.record(samples)
-        self.channel.send(MsgType.RESULT, frame.request_id, payload)
+        self.channel.send_parts(MsgType.RESULT, frame.request_id, payload, size)
 
     def _stats(self, frame: _Frame) -> None:
         meter = self._meter

@@ -131,6 +131,9 @@ class EnclaveInfo:
         return [spec.name for spec in self.outputs]
 
 
+_ABSENT = object()  # a feed name not in the caller's mapping
+
+
 class _FramingLost(Exception):
     """The enclave reported a frame this host never sent: the stream is out of step."""
 
@@ -536,6 +539,21 @@ class _Connection:
             name = MsgType(pending.msg_type).name if pending.msg_type in protocol.ENCLAVE_TO_HOST else pending.msg_type
             raise EnclaveError(f"enclave sent a malformed frame: expected {expect.name}, got {name}")
         return pending.payload
+
+    def request_one(
+        self,
+        msg_type: MsgType,
+        parts: Sequence[protocol.Buffer],
+        body: int,
+        expect: MsgType,
+        timeout: float,
+        shown: float | None = None,
+    ) -> bytearray:
+        """`request` of one frame made of `parts`, whose lengths the caller has added up to `body`
+        (and checked against the frame limit): the per-call path counts them once."""
+        length = protocol.FRAME_OVERHEAD + body
+        pack = protocol.FRAME_HEADER.pack
+        return self.request(lambda rid: ([pack(length, msg_type, rid), *parts],), expect, timeout, shown)
 
     def _send(self, frames: Iterable[Sequence[protocol.Buffer]], deadline: float, timeout: float) -> None:
         """Send whole frames. Running out of time between frames leaves the stream in step (the
@@ -1045,7 +1063,24 @@ class EnclaveClient:
         conn, _ = self._wait_running(time.monotonic() + limit, limit, need_model=True)
         info = conn.info
         assert info is not None
-        if len(feeds) != len(info.inputs) or any(spec.name not in feeds for spec in info.inputs):
+        tensors = []
+        if len(feeds) == len(info.inputs):
+            for spec in info.inputs:
+                value = feeds.get(spec.name, _ABSENT)
+                if value is _ABSENT:
+                    break
+                # An ndarray of the declared dtype (the usual call) is taken as it is.
+                array = value if type(value) is np.ndarray else np.asarray(value)
+                want = spec.dtype
+                if want is not None and array.dtype is not want and array.dtype != want:
+                    crosses_kind = array.dtype.kind in "biu" and want.kind in "fc"  # ids or masks as floats
+                    if crosses_kind or not np.can_cast(array.dtype, want, casting="same_kind"):
+                        if any(other.name not in feeds for other in info.inputs):
+                            break  # wrong names are reported first, whatever else is wrong
+                        raise EnclaveError(f"input {spec.name!r} must be {want.name}, got {array.dtype.name}")
+                    array = array.astype(want)
+                tensors.append((spec.name, array))
+        if len(tensors) != len(info.inputs) or len(feeds) != len(info.inputs):
             names = set(info.input_names)
             missing = [n for n in info.input_names if n not in feeds]
             unknown = [n for n in feeds if n not in names]
@@ -1053,21 +1088,12 @@ class EnclaveClient:
                 [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
             )
             raise EnclaveError("inputs do not match the enclave's private part: " + "; ".join(parts))
-        tensors = []
-        for spec in info.inputs:
-            array = np.asarray(feeds[spec.name])
-            if spec.dtype is not None and array.dtype != spec.dtype:
-                crosses_kind = array.dtype.kind in "biu" and spec.dtype.kind in "fc"  # ids or masks as floats
-                if crosses_kind or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-                    raise EnclaveError(f"input {spec.name!r} must be {spec.dtype.name}, got {array.dtype.name}")
-                array = array.astype(spec.dtype)
-            tensors.append((spec.name, array))
         try:
             # Views of the arrays, sent with one gathered write: the tensor data is not copied here.
             payload = conn.request_layout.parts(tensors) or protocol.tensor_parts(tensors)
         except ProtocolError as exc:
             raise EnclaveError(f"cannot send these inputs to the enclave: {exc}") from None
-        size = protocol.frame_length(payload) - protocol.FRAME_OVERHEAD
+        size = sum(map(len, payload))
 
         def call(conn: _Connection, hello: protocol.Hello, remaining: float, limit: float) -> dict[str, np.ndarray]:
             if protocol.FRAME_OVERHEAD + size > hello.max_frame_bytes:
@@ -1075,9 +1101,7 @@ class EnclaveClient:
                     f"inputs of {size} bytes exceed the enclave's frame limit of {hello.max_frame_bytes}; "
                     "send smaller batches or start the enclave with a larger max_frame_bytes"
                 )
-            reply = conn.request(
-                lambda rid: [protocol.frame_parts(MsgType.INFER, rid, payload)], MsgType.RESULT, remaining, limit
-            )
+            reply = conn.request_one(MsgType.INFER, payload, size, MsgType.RESULT, remaining, limit)
             arrays = conn.result_layout.decode(reply)
             if arrays is not None:  # exactly what READY announced, in its order
                 return dict(zip(conn.result_layout.names, arrays))

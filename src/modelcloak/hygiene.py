@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import platform
@@ -82,6 +83,13 @@ def _libc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return lib
+
+
+@functools.cache
+def _process_libc() -> ctypes.CDLL | None:
+    """`_libc()` loaded once, for calls made once per tensor (`release_range`): each ctypes.CDLL
+    builds a class and dlopens, about as much CPU as the madvise itself."""
+    return _libc()
 
 
 def _round_up(size: int) -> int:
@@ -393,8 +401,10 @@ def release_range(address: int, length: int) -> int:
         return 0
     ctypes.memset(address, 0, length)
     start, end = _whole_pages(address, length)
-    libc = _libc() if _IS_LINUX else None
-    if end <= start or libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
+    if end <= start:
+        return 0  # no whole page inside: wiped, nothing to hand back
+    libc = _process_libc() if _IS_LINUX else None
+    if libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
         return 0
     if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED)) != 0:
         return 0

@@ -138,7 +138,7 @@ def _module_from(path: Path, name: str) -> Any:
 
 
 def _before_variants(folder: Path, revision: str, variants: dict[str, Any]) -> dict[str, Any]:
-    """"seal@REV" and "lock-tpm@REV": each load runs with REV's copy-watch and page release."""
+    """The variants "seal@REV" and "lock-tpm@REV": each load runs with REV's copy-watch and page release."""
     from modelcloak import hygiene
     from modelcloak.runtime import copywatch
 

@@ -76,20 +76,19 @@ class HygieneError(ModelcloakError):
     """A memory-hygiene measure could not be applied or a buffer was misused; the message says how."""
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library of this process, or None where ctypes cannot load it (then measures are off)."""
+    """The C library of this process, or None where ctypes cannot load it (then measures are off).
+
+    Loaded once: a load allocates a dozen buffers and releases a page range per tensor, and each
+    ctypes.CDLL builds a class and calls dlopen, about as much CPU as the call it was made for.
+    All calls pass ctypes-typed arguments; the one prototype set (`syscall` returns a long) suits every caller.
+    """
     try:
         lib = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     return lib
-
-
-@functools.cache
-def _process_libc() -> ctypes.CDLL | None:
-    """`_libc()` loaded once, for calls made once per tensor (`release_range`): each ctypes.CDLL
-    builds a class and dlopens, about as much CPU as the madvise itself."""
-    return _libc()
 
 
 def _round_up(size: int) -> int:
@@ -403,7 +402,7 @@ def release_range(address: int, length: int) -> int:
     start, end = _whole_pages(address, length)
     if end <= start:
         return 0  # no whole page inside: wiped, nothing to hand back
-    libc = _process_libc() if _IS_LINUX else None
+    libc = _libc() if _IS_LINUX else None
     if libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
         return 0
     if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED)) != 0:

@@ -11,8 +11,9 @@ and of the rest ("total-build": everything modelcloak does, including the device
 onnxruntime's build varies by several ms from load to load on a busy machine (its worker threads
 spin), so "total-build" is the steadier column for the lock's own cost. Needs swtpm.
 
-`--before REV` adds "seal@REV" and "lock-tpm@REV": the same loads with `runtime/copywatch.py` and
-`hygiene.release_range` taken from git revision REV, interleaved with the others (issue 19, round 6b).
+`--before REV` adds "seal@REV" and "lock-tpm@REV": the same loads with `runtime/copywatch.py`,
+`hygiene.release_range` and `hygiene._libc` taken from git revision REV, interleaved with the
+others (issue 19, round 6b).
 """
 
 from __future__ import annotations
@@ -143,16 +144,17 @@ def _before_variants(folder: Path, revision: str, variants: dict[str, Any]) -> d
     from modelcloak.runtime import copywatch
 
     old_watch = _module_from(folder / "runtime-copywatch.py", "copywatch_before").RegionRelease
-    old_release = _module_from(folder / "hygiene.py", "hygiene_before").release_range
+    old_hygiene = _module_from(folder / "hygiene.py", "hygiene_before")
+    old_release, old_libc = old_hygiene.release_range, old_hygiene._libc
 
     def with_before(make: Any) -> Any:
         def run() -> Any:
-            new_watch, new_release = copywatch.RegionRelease, hygiene.release_range
-            copywatch.RegionRelease, hygiene.release_range = old_watch, old_release
+            new_watch, new_release, new_libc = copywatch.RegionRelease, hygiene.release_range, hygiene._libc
+            copywatch.RegionRelease, hygiene.release_range, hygiene._libc = old_watch, old_release, old_libc
             try:
                 return make()
             finally:
-                copywatch.RegionRelease, hygiene.release_range = new_watch, new_release
+                copywatch.RegionRelease, hygiene.release_range, hygiene._libc = new_watch, new_release, new_libc
 
         return run
 

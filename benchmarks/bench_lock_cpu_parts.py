@@ -150,11 +150,11 @@ def _before_variants(folder: Path, revision: str, variants: dict[str, Any]) -> d
     def with_before(make: Any) -> Any:
         def run() -> Any:
             new_watch, new_release, new_libc = copywatch.RegionRelease, hygiene.release_range, hygiene._libc
-            copywatch.RegionRelease, hygiene.release_range, hygiene._libc = old_watch, old_release, old_libc
+            copywatch.RegionRelease, hygiene.release_range, hygiene._libc = old_watch, old_release, old_libc  # type: ignore[misc]
             try:
                 return make()
             finally:
-                copywatch.RegionRelease, hygiene.release_range, hygiene._libc = new_watch, new_release, new_libc
+                copywatch.RegionRelease, hygiene.release_range, hygiene._libc = new_watch, new_release, new_libc  # type: ignore[misc]
 
         return run
 

@@ -10,6 +10,10 @@ this process's CPU per load, of onnxruntime's session build (CPU of all threads 
 and of the rest ("total-build": everything modelcloak does, including the device-key thread).
 onnxruntime's build varies by several ms from load to load on a busy machine (its worker threads
 spin), so "total-build" is the steadier column for the lock's own cost. Needs swtpm.
+
+`--before REV` adds "seal@REV" and "lock-tpm@REV": the same loads with `runtime/copywatch.py`,
+`hygiene.release_range` and `hygiene._libc` taken from git revision REV, interleaved with the
+others (issue 19, round 6b).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 
-def prepare(folder: Path, repeats: int) -> None:
+def prepare(folder: Path, repeats: int, before: str | None = None) -> None:
     from modelcloak.eval.lockbench import _Devices, _efficientnet
     from modelcloak.keys import generate_key_file
     from modelcloak.keys.device import DeviceLockKey, SoftwareDeviceKey, enroll_software_device, write_lock_key_file
@@ -56,6 +60,13 @@ def prepare(folder: Path, repeats: int) -> None:
     protect(model, folder / "lock-soft.mcb", key=host, scheme="lock", lock=soft_sealed)
     spec = {"folder": str(folder), "key": str(host.path), "tpm": devices.a_spec(), "repeats": repeats}
     spec["soft"] = {"state": str(folder / "device-s"), "root": str(machine)}
+    if before:
+        spec["before"] = before
+        for name in ("runtime/copywatch.py", "hygiene.py"):
+            source = subprocess.run(
+                ["git", "show", f"{before}:src/modelcloak/{name}"], check=True, capture_output=True, text=True
+            )
+            (folder / name.replace("/", "-")).write_text(source.stdout)
     (folder / "spec.json").write_text(json.dumps(spec))
     try:
         subprocess.run([sys.executable, __file__, "--child", str(folder / "spec.json")], check=True)
@@ -93,6 +104,8 @@ def child(spec_path: Path) -> None:
         "lock-esapi": lambda: load(str(folder / "lock-tpm.mcb"), key=host, device_key=esapi),
         "lock-soft": lambda: load(str(folder / "lock-soft.mcb"), key=host, device_key=soft),
     }
+    if spec.get("before"):
+        variants.update(_before_variants(folder, spec["before"], variants))
     for make in variants.values():  # warm-up
         make().close()
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
@@ -107,25 +120,58 @@ def child(spec_path: Path) -> None:
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             session.close()
             samples[name].append((wall, cpu, build[0]))
-    print(f"{'variant':10s}  {'wall ms':>8s}  {'CPU ms':>8s}  {'build CPU':>9s}  {'total-build':>11s}")
+    print(f"{'variant':16s}  {'wall ms':>8s}  {'CPU ms':>8s}  {'build CPU':>9s}  {'total-build':>11s}")
     for name, runs in samples.items():
         wall = 1e3 * statistics.median(r[0] for r in runs)
         cpu = 1e3 * statistics.median(r[1] for r in runs)
         built = 1e3 * statistics.median(r[2] for r in runs)
         rest = 1e3 * statistics.median(r[1] - r[2] for r in runs)
-        print(f"{name:10s}  {wall:8.2f}  {cpu:8.2f}  {built:9.2f}  {rest:11.2f}   (n={len(runs)})")
+        print(f"{name:16s}  {wall:8.2f}  {cpu:8.2f}  {built:9.2f}  {rest:11.2f}   (n={len(runs)})")
+
+
+def _module_from(path: Path, name: str) -> Any:
+    import importlib.util
+
+    loaded = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loaded)  # type: ignore[arg-type]
+    loaded.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _before_variants(folder: Path, revision: str, variants: dict[str, Any]) -> dict[str, Any]:
+    """The variants "seal@REV" and "lock-tpm@REV": each load runs with REV's copy-watch and page release."""
+    from modelcloak import hygiene
+    from modelcloak.runtime import copywatch
+
+    old_watch = _module_from(folder / "runtime-copywatch.py", "copywatch_before").RegionRelease
+    old_hygiene = _module_from(folder / "hygiene.py", "hygiene_before")
+    old_release, old_libc = old_hygiene.release_range, old_hygiene._libc
+
+    def with_before(make: Any) -> Any:
+        def run() -> Any:
+            new_watch, new_release, new_libc = copywatch.RegionRelease, hygiene.release_range, hygiene._libc
+            copywatch.RegionRelease, hygiene.release_range, hygiene._libc = old_watch, old_release, old_libc  # type: ignore[misc]
+            try:
+                return make()
+            finally:
+                copywatch.RegionRelease, hygiene.release_range, hygiene._libc = new_watch, new_release, new_libc  # type: ignore[misc]
+
+        return run
+
+    return {f"{name}@{revision}": with_before(variants[name]) for name in ("seal", "lock-tpm")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--before", help="also time the loads with copywatch and release_range of this git revision")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child)
         return 0
     with tempfile.TemporaryDirectory(prefix="modelcloak-bench-lock-parts-") as folder:
-        prepare(Path(folder), args.repeats)
+        prepare(Path(folder), args.repeats, args.before)
     return 0
 
 

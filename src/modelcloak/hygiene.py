@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import platform
@@ -75,8 +76,14 @@ class HygieneError(ModelcloakError):
     """A memory-hygiene measure could not be applied or a buffer was misused; the message says how."""
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library of this process, or None where ctypes cannot load it (then measures are off)."""
+    """The C library of this process, or None where ctypes cannot load it (then measures are off).
+
+    Loaded once: a load allocates a dozen buffers and releases a page range per tensor, and each
+    ctypes.CDLL builds a class and calls dlopen, about as much CPU as the call it was made for.
+    All calls pass ctypes-typed arguments; the one prototype set (`syscall` returns a long) suits every caller.
+    """
     try:
         lib = ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -393,8 +400,10 @@ def release_range(address: int, length: int) -> int:
         return 0
     ctypes.memset(address, 0, length)
     start, end = _whole_pages(address, length)
+    if end <= start:
+        return 0  # no whole page inside: wiped, nothing to hand back
     libc = _libc() if _IS_LINUX else None
-    if end <= start or libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
+    if libc is None or not hasattr(libc, "madvise") or _MADV_DONTNEED is None:
         return 0
     if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED)) != 0:
         return 0

@@ -169,3 +169,24 @@ def test_runtime_lines_at_the_level_the_caller_asked_for_still_show(capfd):
             os.write(2, b"2026-12-03 [W:onnxruntime:, x.cc:1 f] a warning the caller asked to see\n")
     err = capfd.readouterr().err
     assert "a warning the caller asked to see" in err and "Replaced external initializer" not in err
+
+
+def test_regions_sharing_bytes_are_found_as_a_full_pairwise_check_finds_them():
+    # The reader looks up which regions share bytes once, not against every pending tensor per
+    # line (issue 19): the lookup must agree with the pairwise byte-overlap test it replaced.
+    from modelcloak.runtime.copywatch import _sharing
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        count = int(rng.integers(1, 12))
+        starts = rng.integers(0, 40, count)
+        regions = {f"t{i}": (int(s), int(s + rng.integers(0, 12))) for i, s in enumerate(starts)}
+        found = {name: sorted(others) for name, others in _sharing(regions).items()}
+        expected = {}
+        for name, (start, end) in regions.items():
+            others = sorted(o for o, (s, e) in regions.items() if o != name and start < e and s < end)
+            if others:
+                expected[name] = others
+        assert found == expected
+    assert _sharing({"a": (0, 10), "b": (10, 20), "c": (20, 20)}) == {}  # touching regions share nothing
+    assert _sharing({"a": (0, 10), "b": (9, 20)}) == {"a": ["b"], "b": ["a"]}

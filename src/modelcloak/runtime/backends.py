@@ -29,9 +29,11 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _weight_arrays(graph: onnx.ModelProto, weights: memoryview) -> tuple[list[str], list[np.ndarray]]:
+def _weight_arrays(
+    graph: onnx.ModelProto, weights: memoryview, records: list[tuple[onnx.TensorProto, int, int]] | None = None
+) -> tuple[list[str], list[np.ndarray]]:
     names, arrays = [], []
-    for tensor, offset, length in external_records(graph):
+    for tensor, offset, length in external_records(graph) if records is None else records:
         if offset + length > len(weights):
             raise SessionError(f"weight {tensor.name!r} lies outside the weights section")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -78,11 +80,12 @@ class OrtBackend:
                 setattr(options, name, value)
             else:
                 options.add_session_config_entry(name, str(value))
-        names, arrays = _weight_arrays(graph, weights)
+        records = external_records(graph)  # once: it parses every initializer's external_data entries
+        names, arrays = _weight_arrays(graph, weights, records)
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         if names:
             options.add_external_initializers(names, values)
-        regions = [(t.name, offset, length) for t, offset, length in external_records(graph)] if release else []
+        regions = [(t.name, offset, length) for t, offset, length in records] if release else []
         asked_severity = options.log_severity_level
         if regions:
             # The per-tensor "copied" lines are INFO; RegionRelease consumes them (copywatch.py).

@@ -53,6 +53,9 @@ class RegionRelease:
         self, regions: Iterable[tuple[str, int, int]], release: Callable[[int, int], int], *, show_from: int = 5
     ) -> None:
         self._regions = {name: (offset, offset + length) for name, offset, length in regions}
+        # Which regions share bytes with each one, found once: checking every pending tensor on each
+        # copied line made the reader's work grow with the square of the tensor count.
+        self._sharing = _sharing(self._regions)
         self._release = release
         self._show_from = show_from  # onnxruntime lines at this severity or above still reach stderr
         self._pending = set(self._regions)
@@ -153,12 +156,26 @@ class RegionRelease:
     def _release_ready(self) -> None:
         waiting = []
         for name in self._copied:
-            start, end = self._regions[name]
-            if any(start < self._regions[other][1] and self._regions[other][0] < end for other in self._pending):
+            if any(other in self._pending for other in self._sharing.get(name, ())):
                 waiting.append(name)  # shares bytes with a tensor onnxruntime has not copied yet
                 continue
+            start, end = self._regions[name]
             if (start, end) not in self._spans:  # wiping it again would fault the pages back in
                 self._spans.add((start, end))
                 self.released_bytes += self._release(start, end - start)
             self.released.append(name)
         self._copied = waiting
+
+
+def _sharing(regions: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """For each region name, the other names whose [start, end) shares at least one byte with it."""
+    ordered = sorted(regions.items(), key=lambda item: item[1])
+    sharing: dict[str, list[str]] = {}
+    for index, (name, (start, end)) in enumerate(ordered):
+        for other, (other_start, other_end) in ordered[index + 1 :]:
+            if other_start >= end:
+                break  # sorted by start: nothing further can begin inside this region
+            if start < other_end and other_start < end:
+                sharing.setdefault(name, []).append(other)
+                sharing.setdefault(other, []).append(name)
+    return sharing

@@ -112,13 +112,13 @@ def test_replayed_nonce_is_refused(world: World) -> None:
         world.release(nonce=nonce)
 
 
+# PostgreSQL only: SQLite releases hold the database's write lock from the spend on, so there is no window to race.
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_nonce_spent_while_its_release_is_checked_grants_nothing(world: World, monkeypatch) -> None:
     """PostgreSQL releases read, check, then spend the nonce and write the grant's audit entry in one
     statement (service._SPEND_AND_AUDIT). A concurrent request that spends the nonce in between (here:
     while the evidence is being verified) must leave this release refused with no key and no "ok"
     audit entry. Control: the same release without the interloper is granted and audited once."""
-    if world.service.store.dialect != "postgresql":
-        pytest.skip("SQLite releases hold the database's write lock from the spend on: no window to race")
     verifier = world.service.registry.get("sim")
     real_verify = verifier.verify
     nonce = world.service.new_nonce(world.licence)[0]

@@ -73,6 +73,17 @@ def plaintexts(path: Path, key_file) -> dict[str, bytearray]:
     return out
 
 
+def decrypted_weights(bundle: Bundle, key_file) -> bytearray:
+    """The weights section decrypted with no signature check of its own (the test checks around it)."""
+    master = key_file.key_for(bundle.manifest.key)
+    try:
+        out = bytearray(bundle.manifest.section("weights").size)
+        bundle.decrypt_section_into("weights", master.view(), memoryview(out))
+    finally:
+        master.close()
+    return out
+
+
 def forge(
     path: Path,
     key_file,
@@ -326,12 +337,7 @@ def test_streamed_check_refuses_a_forgery_and_stays_refused(tmp_path, mlp, key_f
         with Bundle.open(path) as bundle:
             assert bundle.verify_signature([public_bytes(owner)], streamed=True)
             assert bundle.verification_pending  # nothing verified yet: only the signer and trailer
-            master = key_file.key_for(bundle.manifest.key)
-            try:
-                out = bytearray(bundle.manifest.section("weights").size)
-                bundle.decrypt_section_into("weights", master.view(), memoryview(out))
-            finally:
-                master.close()
+            decrypted_weights(bundle, key_file)  # hashed on the side while it decrypts
             if genuine:
                 bundle.finish_verification()  # the graph section is hashed from the file here
                 assert not bundle.verification_pending
@@ -407,12 +413,7 @@ def test_a_file_changed_after_the_check_is_refused_when_streamed(tmp_path, mlp, 
                 os.dup2(swap, bundle._source._fd)  # same descriptor, other bytes from now on
             finally:
                 os.close(swap)
-            master = key_file.key_for(bundle.manifest.key)
-            try:
-                out = bytearray(bundle.manifest.section("weights").size)
-                bundle.decrypt_section_into("weights", master.view(), memoryview(out))
-            finally:
-                master.close()
+            out = decrypted_weights(bundle, key_file)
             assert out == expected  # the forged weights were decrypted in both versions
             if version == 2:
                 with pytest.raises(SignatureError, match="signature is invalid"):

@@ -246,7 +246,7 @@ def tensor_parts(tensors: Iterable[tuple[str, np.ndarray]]) -> list[bytes | memo
         head = _str16(name) + struct.pack(f">BB{array.ndim}Q", code, array.ndim, *array.shape)
         parts.append(head)
         if array.nbytes:
-            parts.append(memoryview(array).cast("B"))
+            parts.append(array.data.cast("B"))
     return parts
 
 
@@ -430,7 +430,7 @@ class KnownTensors:
                 header, pending = pending + header, b""
             if array.nbytes:
                 parts.append(header)
-                parts.append(memoryview(array).cast("B"))
+                parts.append(array.data.cast("B"))
             else:
                 pending = header
         if pending:
@@ -478,7 +478,7 @@ class KnownTensors:
 # Policy: u8 mode (1 label, 2 topk, 3 scores) | u32 k | u64 budget (NO_LIMIT = none) | f64 rate (0 = none)
 
 _MODES = {"label": 1, "topk": 2, "scores": 3}
-_COUNTER_CODES = {"session": 1, "sealed": 2, "tpm": 3}  # 0: not said
+_COUNTER_CODES: dict[str | None, int] = {"session": 1, "sealed": 2, "tpm": 3}  # 0: not said
 _POLICY = struct.Struct(">BIQd")
 
 

@@ -14,6 +14,7 @@ them; they are reported as measured, never clamped.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import statistics
 import tempfile
@@ -31,6 +32,7 @@ from modelcloak.keys import generate_key_file
 from modelcloak.model import load_model, signature
 from modelcloak.model.cut import candidate_cuts, split_model
 from modelcloak.protector import protect
+from modelcloak.runtime.session import SplitSession
 
 FIELDS = (
     "cut",
@@ -140,15 +142,17 @@ def bench_splits(
             with load(
                 bundle, key=host_key, threads=threads, enclave_key_file=enclave_key.path, enclave_threads=threads
             ) as session:
+                if not isinstance(session, SplitSession):
+                    raise ModelcloakError(f"{bundle} did not open as a split session")
                 for batch in batches:
                     feeds = _random_inputs(proto, batch)
                     crossing = session.boundary(feeds)
-                    timings = {
-                        "whole_ms": lambda f=feeds: whole.run(None, f),
-                        "public_ms": lambda f=feeds: session.boundary(f),
-                        "private_ms": lambda c=crossing, p=local_private: p.run(None, c),
-                        "enclave_call_ms": lambda c=crossing: session.enclave.infer(c),
-                        "total_ms": lambda f=feeds: session.run(f),
+                    timings: dict[str, Callable[[], Any]] = {
+                        "whole_ms": functools.partial(whole.run, None, feeds),
+                        "public_ms": functools.partial(session.boundary, feeds),
+                        "private_ms": functools.partial(local_private.run, None, crossing),
+                        "enclave_call_ms": functools.partial(session.enclave.infer, crossing),
+                        "total_ms": functools.partial(session.run, feeds),
                     }
                     times = _interleaved_ms(timings, repeats)
                     measured = {name: statistics.median(values) for name, values in times.items()}
@@ -243,7 +247,7 @@ def latency_figure(rows: list[dict[str, Any]], title: str) -> Any:
         axis.set_xticks(x, [f"{r['cut']} {_short(r['after_node'])}" for r in subset], rotation=90, fontsize=7)
         axis.set_xlabel("cut: index and last public node")
         axis.set_ylabel("median latency per call (ms)")
-        repeats = sorted({r.get("repeats") for r in subset if r.get("repeats")})
+        repeats = sorted({int(r["repeats"]) for r in subset if r.get("repeats")})
         shown = f", {repeats[0]} interleaved rounds, whiskers: interquartile range" if len(repeats) == 1 else ""
         axis.set_title(f"batch {batch}{shown}", fontsize=9)
         axis.legend(fontsize=7)
@@ -321,6 +325,6 @@ def interleaved_latency_ratios(
             shift = number % len(order) if order else 0
             whole_ms = _median_ms(lambda: whole.run(None, feeds), calls)
             for index in order[shift:] + order[:shift]:
-                split_ms = _median_ms(lambda s=sessions[index]: s.run(feeds), calls)
+                split_ms = _median_ms(functools.partial(sessions[index].run, feeds), calls)
                 ratios[index].append(split_ms / whole_ms)
     return ratios

@@ -81,7 +81,7 @@ class LockedGraph:
             padding = -position % _ALIGN
             if padding:
                 yield bytes(padding)
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
+            data = np.ascontiguousarray(array).data.cast("B")
             yield data
             position += padding + data.nbytes
 

@@ -122,7 +122,7 @@ def find_lock_site(model: torch.nn.Module) -> LockSite:
         return _graph_lock_site(model)
     nn = torch.nn
     linear_layers, pass_through = _linear_types(), _pass_types()
-    layers = list(model)
+    layers = list(model)  # type: ignore[call-overload]  # a flat nn.Sequential here (lockable)
     for i in range(len(layers) - 2):
         producer = layers[i]
         if not isinstance(producer, linear_layers) or not isinstance(layers[i + 1], nn.ReLU):
@@ -367,8 +367,10 @@ def _zero_channel_sum_parametrisation() -> torch.nn.Module:
     """A parametrisation module: the weight with its mean over input channels (dim 1) removed."""
     torch = _import_torch()
 
-    class ZeroChannelSum(torch.nn.Module):
-        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    module_base: Any = torch.nn.Module  # torch is a local here (optional extra)
+
+    class ZeroChannelSum(module_base):
+        def forward(self, weight: Any) -> Any:
             return _zero_channel_sum(weight)
 
     return ZeroChannelSum()
@@ -385,7 +387,7 @@ def _largest_activation(model: torch.nn.Module, layer: torch.nn.Module, x: np.nd
     torch = _import_torch()
     largest = [0.0]
 
-    def record(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+    def record(_module: Any, _inputs: Any, output: Any) -> None:
         largest[0] = max(largest[0], float(output.abs().max()))
 
     hook = layer.register_forward_hook(record)

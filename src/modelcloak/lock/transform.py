@@ -299,7 +299,7 @@ class _Keystream:
         encryptor = Cipher(self._algorithm, modes.CTR(counter.to_bytes(16, "big"))).encryptor()
         out = np.empty(nbytes + 15, dtype=np.uint8)
         zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
-        written = encryptor.update_into(zeros, out)
+        written = encryptor.update_into(zeros.data, out.data)
         return out[:written]
 
     def bytes_into(self, offset: int, nbytes: int, buffer: np.ndarray) -> np.ndarray:
@@ -308,7 +308,7 @@ class _Keystream:
         counter = (self._start + offset // 16) % (1 << 128)
         encryptor = Cipher(self._algorithm, modes.CTR(counter.to_bytes(16, "big"))).encryptor()
         zeros = _ZEROS[:nbytes] if nbytes <= _ZEROS.size else np.zeros(nbytes, dtype=np.uint8)
-        written = encryptor.update_into(zeros, buffer)
+        written = encryptor.update_into(zeros.data, buffer.data)
         return buffer[:written]
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from sqlalchemy import bindparam, delete, func, insert, literal, select, text, update
@@ -411,6 +411,19 @@ class GroupCommit:
                 slot[1]()
 
 
+class _ReleaseAsk(NamedTuple):
+    """What a device asked for in one key release, in `_grant`'s argument order (both release paths pass it on)."""
+
+    licence_id: str
+    device_id: str
+    instance_id: str
+    nonce: bytes
+    ephemeral_public_key: bytes
+    evidence_kind: str
+    evidence: bytes
+    subject: dict[str, str]
+
+
 class OwnerService:
     """The backend's rules over one store and one master key. `clock` is injectable for expiry tests."""
 
@@ -791,15 +804,15 @@ class OwnerService:
         check_id(device_id, "device id")
         check_id(instance_id, "instance id")
         subject = {"licence": licence_id, "device": device_id, "instance": instance_id, "kind": evidence_kind}
+        ask = _ReleaseAsk(
+            licence_id, device_id, instance_id, nonce, ephemeral_public_key, evidence_kind, evidence, subject
+        )
         try:
             now = self.clock()
             # Unknown, forged, foreign and expired nonces are refused by the nonce itself: no database.
             expires_at = check_nonce(self.master.nonce_key, licence_id, nonce, now)
             if self.store.dialect == "postgresql":
-                granted = self._release_in_two_statements(
-                    licence_id, device_id, instance_id, nonce, expires_at, now,
-                    ephemeral_public_key, evidence_kind, evidence, subject,
-                )  # fmt: skip
+                granted = self._release_in_two_statements(ask, expires_at, now)
                 if granted is not None:
                     return granted
             refusal: RequestRefused | None = None
@@ -811,17 +824,7 @@ class OwnerService:
                     refusal = RequestRefused("nonce already used: replayed request")
                 else:
                     try:
-                        release, detail = self._grant(
-                            connection,
-                            licence_id,
-                            device_id,
-                            instance_id,
-                            nonce,
-                            ephemeral_public_key,
-                            evidence_kind,
-                            evidence,
-                            subject,
-                        )
+                        release, detail = self._grant(connection, *ask)
                         self.store.audit_row(connection, "key.release", licence_id, "ok", **detail)
                     except RequestRefused as exc:
                         # Committed anyway, so a refused attempt cannot be retried with the same nonce. Nothing
@@ -841,27 +844,16 @@ class OwnerService:
             exc.audited = True
             raise
 
-    def _release_in_two_statements(
-        self,
-        licence_id: str,
-        device_id: str,
-        instance_id: str,
-        nonce: bytes,
-        expires_at: datetime,
-        now: datetime,
-        ephemeral_public_key: bytes,
-        evidence_kind: str,
-        evidence: bytes,
-        subject: dict[str, str],
-    ) -> Release | None:
+    def _release_in_two_statements(self, ask: _ReleaseAsk, expires_at: datetime, now: datetime) -> Release | None:
         """The key release on PostgreSQL without an explicit transaction: read (licence, device, nonce
         already spent?), check everything, then spend and audit in one statement that commits once (synced).
         Of two concurrent spends of one nonce, the second inserts nothing and so writes no audit row and
         grants nothing. None when the licence counts instance slots: taking a slot needs the licence row
         locked in the transaction that grants, so those releases take the transactional path."""
+        licence_id, nonce = ask.licence_id, ask.nonce
         with self.store.autocommit() as connection:
             row = connection.execute(
-                _RELEASE_READ, {"b_lid": licence_id, "b_did": device_id, "b_value": nonce.hex()}
+                _RELEASE_READ, {"b_lid": licence_id, "b_did": ask.device_id, "b_value": nonce.hex()}
             ).one_or_none()
             if row is not None and row.nonce_spent:
                 raise RequestRefused("nonce already used: replayed request")
@@ -871,18 +863,7 @@ class OwnerService:
                 if row is None:
                     raise RequestRefused(f"unknown licence {licence_id}", 404)
                 device = RowColumns(row, "d_", _DEVICES) if row.d_id is not None else None
-                release, detail = self._grant(
-                    connection,
-                    licence_id,
-                    device_id,
-                    instance_id,
-                    nonce,
-                    ephemeral_public_key,
-                    evidence_kind,
-                    evidence,
-                    subject,
-                    rows=(RowColumns(row, "l_", _LICENCES), device),
-                )
+                release, detail = self._grant(connection, *ask, rows=(RowColumns(row, "l_", _LICENCES), device))
             except RequestRefused as exc:
                 refusal: RequestRefused | None = exc
             else:

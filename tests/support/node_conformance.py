@@ -81,20 +81,28 @@ def plain(case: Any) -> list[Any] | None:
     return first if same(first, second) else None
 
 
-def sealed(case: Any, workdir: Path, key: Any) -> list[Any]:
+def sealed(case: Any, workdir: Path, key: Any, signer: Any = None) -> list[Any]:
+    """The case's outputs through a sealed bundle; with an Ed25519 `signer`, a signed one (format 2)
+    loaded with that signer as the only trusted one."""
+    from cryptography.hazmat.primitives import serialization
+
     from modelcloak.inference import load
     from modelcloak.protector import protect
 
     bundle = workdir / f"{case.name}.mcb"
-    protect(case.model, bundle, key=key)
+    protect(case.model, bundle, key=key, signer=signer)
+    trusted = []
+    if signer is not None:
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        trusted = [signer.public_key().public_bytes(*raw)]
     try:
-        with load(bundle, key=key) as session:
+        with load(bundle, key=key, trusted_signers=trusted) as session:
             return list(session.run(feeds_of(case)).values())
     finally:
         bundle.unlink(missing_ok=True)
 
 
-def compare(cases: list[Any], workdir: Path, key: Any) -> tuple[int, dict[str, str]]:
+def compare(cases: list[Any], workdir: Path, key: Any, signer: Any = None) -> tuple[int, dict[str, str]]:
     """(cases that counted, {case: what went wrong sealed})."""
     counted, failures = 0, {}
     for case in cases:
@@ -103,7 +111,7 @@ def compare(cases: list[Any], workdir: Path, key: Any) -> tuple[int, dict[str, s
             continue
         counted += 1
         try:
-            got = sealed(case, workdir, key)
+            got = sealed(case, workdir, key, signer)
         except Exception as exc:  # report every kind of failure by case name
             failures[case.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             continue
